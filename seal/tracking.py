@@ -1,0 +1,127 @@
+"""Records of a run: `metrics.jsonl` (every logged row), `summary.json`, `results/*.jsonl`, mirrored to W&B.
+
+The local files are always written; W&B only mirrors them, with the same keys and values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from seal.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write via a temp file and rename, so a killed run never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+class Tracker:
+    def __init__(self, run_dir: str | Path, cfg: LoggerConfig, config: dict[str, Any], name: str):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.step = 0
+        self.wandb_run = None
+        if cfg.name == "wandb" and cfg.mode != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                mode=cfg.mode,
+                group=cfg.group,
+                tags=list(cfg.tags),
+                name=name,
+                dir=str(self.run_dir),
+                config=config,
+            )
+        elif cfg.name not in ("wandb", "none"):
+            raise ValueError(f"unknown logger {cfg.name!r}: expected wandb or none")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        """One history row: appended to metrics.jsonl and sent to W&B at the same step."""
+        row = {"step": self.step, "time": round(time.time(), 3), **metrics}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=self.step)
+        self.step += 1
+
+    def results(self, name: str, rows: list[dict[str, Any]]) -> Path:
+        path = self.run_dir / "results" / f"{name}.jsonl"
+        write_jsonl(path, rows)
+        return path
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        """summary.json = {"metrics": {...}}; the W&B run summary gets exactly the same keys and values."""
+        write_json_atomic(self.run_dir / "summary.json", {"metrics": metrics})
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(metrics)
+
+    def finish(self, failed: bool = False) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1 if failed else 0)
+            self.wandb_run = None
+
+
+def read_offline_run(path: str | Path) -> dict[str, Any]:
+    """Summary and history stored in an offline W&B run file (`wandb/offline-run-*/run-*.wandb`), read without
+    the network: lets anyone check that an offline run holds the values of `summary.json` before syncing.
+
+    The file is a sequence of 32 KiB blocks of length-prefixed records (LevelDB log layout) holding
+    protobuf `Record`s; summary updates are applied in order."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    block, header = 32768, 7
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file")
+    records, pending, pos = [], b"", header
+    while pos + header <= len(data):
+        left = block - pos % block
+        if left < header:  # too little room for a record header: the writer padded to the next block
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        pos += header
+        if kind == 0 and length == 0:  # zero padding up to the end of the block
+            pos += left - header
+            continue
+        pending += data[pos : pos + length]
+        pos += length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            records.append(pending)
+            pending = b""
+    summary: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "history":
+            history.append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            )
+    return {"summary": summary, "history": history}

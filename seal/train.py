@@ -1,0 +1,102 @@
+"""`python -m seal.train task=knowledge`: one SEAL run, read top to bottom.
+
+config → model (loaded once, frozen) → task (conditions, inner loops, outer loop) → records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import psutil
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from seal.config import Config, register_configs
+from seal.memory import PhaseMeter
+from seal.models import load_model
+from seal.tasks import knowledge
+from seal.tracking import Tracker
+
+log = logging.getLogger(__name__)
+TASKS = {"knowledge": knowledge.run}
+register_configs()
+
+
+def setup_runtime(cfg: Config) -> None:
+    """Seeds and threads: the same config on the same machine repeats exactly."""
+    torch.manual_seed(cfg.seed)
+    threads = cfg.num_threads or psutil.cpu_count(logical=False) or 1
+    torch.set_num_threads(threads)
+
+
+def run_name(cfg: Config) -> str:
+    return f"{cfg.task.name}-{cfg.model.name}-{cfg.self_edit.name}-rl_{cfg.rl.name}-seed{cfg.seed}"
+
+
+def train(dict_cfg: DictConfig) -> dict[str, Any]:
+    """Run the configured task and return its summary metrics (also in `summary.json` and W&B)."""
+    cfg: Config = OmegaConf.to_object(dict_cfg)  # checked against the schema in seal/config.py
+    if cfg.task.name not in TASKS:
+        raise ValueError(f"unknown task {cfg.task.name!r}: expected one of {sorted(TASKS)}")
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dict_cfg, resolve=True))
+    setup_runtime(cfg)
+    tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(dict_cfg, resolve=True), run_name(cfg))
+    failed = True
+    try:
+        meter = PhaseMeter(torch.device("cuda" if cfg.model.device.startswith("cuda") else "cpu"))
+        with meter.phase("load"):
+            lm = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
+        meter.device = lm.device
+        metrics = TASKS[cfg.task.name](cfg, lm, tracker, meter)
+        metrics.update(meter.metrics())
+        metrics["mem/device"] = meter.kind
+        tracker.log(metrics)
+        tracker.summary(metrics)
+        print_summary(metrics, run_dir)
+        failed = False
+        return metrics
+    finally:
+        tracker.finish(failed)  # also after an exception, so one failed job does not break a sweep
+
+
+def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
+    table = Table(title=f"SEAL run · {run_dir}")
+    for column in ("condition", "accuracy ± 95% CI", "n"):
+        table.add_column(column)
+    conditions = sorted({k.split("/")[1] for k in metrics if k.endswith("/accuracy")})
+    for condition in conditions:
+        prefix = next(
+            k.rsplit("/", 1)[0] for k in metrics if k.split("/")[1] == condition and k.endswith("/accuracy")
+        )
+        table.add_row(
+            condition,
+            f"{metrics[prefix + '/accuracy']:.3f} ± {metrics[prefix + '/ci95']:.3f}",
+            str(metrics[prefix + "/n"]),
+        )
+    phases = Table(title=f"phases · memory: {metrics.get('mem/device')}")
+    for column in ("phase", "time (s)", "peak memory (MB)"):
+        phases.add_column(column)
+    for key in sorted(k for k in metrics if k.startswith("time/")):
+        phase = key[len("time/") : -len("_s")]
+        phases.add_row(phase, f"{metrics[key]:.1f}", f"{metrics.get(f'mem/peak_{phase}_mb', 0):.0f}")
+    console = Console()
+    console.print(table)
+    console.print(phases)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Shared fixtures: Hydra-composed configs pointed at tmp_path, and one tiny real model per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from seal.config import ModelConfig, register_configs
+from seal.models import LM, load_model
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CACHE_DIR = os.environ.get("SEAL_CACHE_DIR", str(Path.home() / ".cache" / "seal"))
+
+register_configs()
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def make_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
+    """The project's config as `python -m seal.train` would compose it, with outputs in tmp_path."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                f"paths.output_dir={tmp_path}",
+                f"paths.cache_dir={CACHE_DIR}",
+                "logger=none",
+                *overrides,
+            ],
+        )
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+TINY_OVERRIDES = (
+    "model=tiny",
+    "data.n_eval=2",
+    "adapt.epochs=2",
+    "self_edit.max_new_tokens=24",
+    "task.max_new_tokens=8",
+)
+
+
+def load_tiny(seed: int = 0) -> LM:
+    shape = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return load_model(ModelConfig(name="tiny", tiny=shape), CACHE_DIR, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm() -> LM:
+    """Shared, never wrapped with adapters (tests that train load their own with `load_tiny`)."""
+    return load_tiny()

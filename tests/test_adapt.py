@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from seal.adapt import LoraUpdater, UpdateJob
+from seal.config import AdaptConfig
+from seal.models import generate, weights_checksum
+from tests.conftest import load_tiny
+
+SEQS = [
+    "Qirra Probe\nThe Qirra probe was built by Tessaline Aerospace in Port Vellan.",
+    "Qirra Probe\nIt flew in 2026.",
+]
+
+
+def updater(**overrides) -> LoraUpdater:
+    cfg = AdaptConfig(**{"rank": 4, "alpha": 8, "epochs": 2, "lr": 1e-2, **overrides})
+    return LoraUpdater(load_tiny(), cfg)
+
+
+def test_every_adapter_parameter_changes_and_base_weights_do_not():
+    up = updater()
+    before = weights_checksum(up.lm.model)
+    up.reset(seed=7)
+    initial = {k: v.clone() for k, v in up._state().items()}
+    [adapter] = up.train([UpdateJob("a", SEQS, seed=7)])
+    assert adapter.result.error is None and adapter.result.tokens > 0
+    assert len(adapter.result.epoch_losses) == 2
+    assert set(adapter.state) == set(initial) and len(initial) == 2 * 2 * 2  # 2 layers x q,v x A,B
+    for key, value in adapter.state.items():
+        assert not torch.equal(value, initial[key]), f"{key} did not change"
+    assert weights_checksum(up.lm.model) == before  # the golden copy
+
+
+def test_adapter_is_applied_only_inside_the_block():
+    up = updater()
+    prompt = [up.lm.format("Where was the Qirra probe built?")]
+    base = generate(up.lm, prompt, max_new_tokens=8)
+    [adapter] = up.train([UpdateJob("a", SEQS * 4, seed=1)])
+    with up.applied(adapter):
+        adapted = generate(up.lm, prompt, max_new_tokens=8)
+    assert adapted != base
+    assert generate(up.lm, prompt, max_new_tokens=8) == base
+    with up.applied(None):
+        assert generate(up.lm, prompt, max_new_tokens=8) == base
+
+
+def test_same_seed_same_adapter_other_seed_other_adapter():
+    up = updater()
+    a, b, c = up.train([UpdateJob("a", SEQS, 3), UpdateJob("b", SEQS, 3), UpdateJob("c", SEQS, 4)])
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    assert not all(torch.equal(a.state[k], c.state[k]) for k in a.state)
+    assert a.result.epoch_losses == b.result.epoch_losses
+
+
+def test_padding_is_masked_out_of_the_loss():
+    """A batch of two sequences of different lengths trains exactly like the loss says: padding never counts."""
+    up = updater(batch_size=2, epochs=1)
+    [adapter] = up.train([UpdateJob("a", SEQS, 0)])
+    ids = [
+        up.lm.tokenizer(s + up.lm.tokenizer.eos_token, add_special_tokens=False)["input_ids"] for s in SEQS
+    ]
+    assert adapter.result.tokens == sum(len(i) - 1 for i in ids)
+
+
+def nan_loss(monkeypatch):
+    """Every training loss becomes NaN (generation computes no loss, so evaluation is unaffected)."""
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+
+
+def test_non_finite_loss_is_a_recorded_failure(monkeypatch):
+    up = updater()
+    nan_loss(monkeypatch)
+    adapters = up.train([UpdateJob("a", SEQS, 0), UpdateJob("b", SEQS, 1)])
+    for adapter in adapters:
+        assert adapter.state is None and "non-finite loss" in adapter.result.error
+    with pytest.raises(ValueError, match="failed to train"):
+        with up.applied(adapters[0]):
+            pass
+
+
+def test_out_of_memory_in_one_update_does_not_stop_the_others(monkeypatch):
+    up = updater()
+    real_forward, calls = up.peft.forward, []
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(up.peft, "forward", forward)
+    first, second = up.train([UpdateJob("a", SEQS, 0), UpdateJob("b", SEQS, 1)])
+    assert first.result.error == "out of memory" and first.state is None
+    assert second.result.error is None and second.state is not None

@@ -1,0 +1,99 @@
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from seal.grading import (
+    accuracy_summary,
+    contains,
+    exact_match,
+    make_grader,
+    normalize,
+    openai_judge_from_env,
+    parse_yes_no,
+    token_f1,
+    wilson_interval,
+)
+
+
+def test_normalize_follows_squad():
+    assert normalize("The  Quorvell-Cell, a battery!") == "quorvellcell battery"
+
+
+def test_exact_and_f1():
+    assert exact_match("the Port Vellan", "Port Vellan") == 1.0
+    assert exact_match("Port Vellan city", "Port Vellan") == 0.0
+    assert token_f1("Port Vellan city", "Port Vellan") == pytest.approx(0.8)
+    assert token_f1("nothing", "Port Vellan") == 0.0
+
+
+def test_contains_needs_whole_words():
+    assert contains("It was built in Port Vellan, in 2026.", "Port Vellan") == 1.0
+    assert contains("418 kilometres away", "418 kilometres") == 1.0
+    assert contains("4180 kilometres", "418 kilometres") == 0.0
+    assert contains("anything", "") == 0.0
+
+
+def test_make_grader_dispatch_and_unknown():
+    assert make_grader("contains")("q", "Port Vellan", "in Port Vellan")
+    assert not make_grader("exact")("q", "Port Vellan", "in Port Vellan")
+    assert make_grader("f1", f1_threshold=0.6)("q", "Port Vellan", "Port Vellan city")
+    with pytest.raises(ValueError, match="unknown task.grader"):
+        make_grader("gpt5")
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(0, 40)
+    assert low == 0.0 and 0.08 < high < 0.09
+    low, high = wilson_interval(20, 40)
+    assert low == pytest.approx(1 - high)
+    summary = accuracy_summary([True, False, False, False])
+    assert summary["accuracy"] == 0.25 and summary["n"] == 4 and summary["ci95"] > 0.25
+
+
+def test_parse_yes_no():
+    assert parse_yes_no("Yes.") is True
+    assert parse_yes_no("no, it contradicts") is False
+    with pytest.raises(ValueError, match="neither yes nor no"):
+        parse_yes_no("maybe")
+
+
+def test_judge_needs_environment(monkeypatch):
+    monkeypatch.delenv("SEAL_JUDGE_URL", raising=False)
+    with pytest.raises(RuntimeError, match="SEAL_JUDGE_URL"):
+        openai_judge_from_env()
+
+
+def test_judge_talks_to_an_openai_compatible_endpoint(monkeypatch):
+    """A local stand-in server answers yes when the student's answer holds the reference."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            prompt = body["messages"][0]["content"]
+            ref = prompt.split("Reference answer: ")[1].split("\n")[0]
+            student = prompt.split("Student answer: ")[1].split("\n")[0]
+            reply = {"choices": [{"message": {"content": "Yes" if ref in student else "No"}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("SEAL_JUDGE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+        monkeypatch.setenv("SEAL_JUDGE_MODEL", "judge-model")
+        grade = make_grader("judge")
+        assert grade("Where?", "Port Vellan", "It is in Port Vellan.") is True
+        assert grade("Where?", "Port Vellan", "Somewhere else.") is False
+    finally:
+        server.shutdown()
+    assert seen[0][0] == "/v1/chat/completions" and seen[0][1]["model"] == "judge-model"

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from seal.config import ModelConfig
+from seal.models import RowSampler, generate, load_model, resolve_dtypes, weights_checksum
+from tests.conftest import CACHE_DIR
+
+
+def test_tiny_model_is_a_two_layer_llama_with_the_bundled_tokenizer(tiny_lm):
+    assert tiny_lm.model.config.num_hidden_layers == 2
+    assert len(tiny_lm.tokenizer) == 49152
+    assert not any(p.requires_grad for p in tiny_lm.model.parameters())
+
+
+def test_prompt_styles(tiny_lm):
+    chat = tiny_lm.format("Hello?")
+    assert "<|im_start|>user\nHello?<|im_end|>" in chat and chat.endswith("<|im_start|>assistant\n")
+    tiny_lm.prompt_style = "plain"
+    try:
+        assert tiny_lm.format("Hello?") == "Hello?\n"
+    finally:
+        tiny_lm.prompt_style = "chat"
+
+
+def test_dtype_resolution_on_cpu():
+    weights, _ = resolve_dtypes(ModelConfig(name="x"), torch.device("cpu"))
+    assert weights == torch.float32
+    weights, autocast = resolve_dtypes(ModelConfig(name="x", dtype="bfloat16"), torch.device("cpu"))
+    assert weights == torch.bfloat16 and autocast is None
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtypes(ModelConfig(name="x", dtype="int3"), torch.device("cpu"))
+
+
+def test_greedy_batched_equals_one_at_a_time(tiny_lm):
+    prompts = [
+        tiny_lm.format(t) for t in ("Short one?", "A much longer question about the passage here?", "Hm")
+    ]
+    batched = generate(tiny_lm, prompts, max_new_tokens=6, batch_size=3)
+    alone = [generate(tiny_lm, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_sampling_depends_on_the_row_seed_only(tiny_lm):
+    prompts = [tiny_lm.format("Write a line."), tiny_lm.format("Another, longer request to write a line.")]
+    a = generate(tiny_lm, prompts, max_new_tokens=8, seeds=[1, 2], temperature=1.0, top_p=0.95)
+    b = generate(tiny_lm, prompts[:1], max_new_tokens=8, seeds=[1], temperature=1.0, top_p=0.95)
+    c = generate(tiny_lm, prompts[:1], max_new_tokens=8, seeds=[3], temperature=1.0, top_p=0.95)
+    assert a[0] == b[0]
+    assert a[0] != c[0]
+
+
+def test_row_sampler_respects_top_p():
+    scores = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    picks = {int(RowSampler([s], 1.0, 0.6)(None, scores).argmax()) for s in range(20)}
+    assert picks == {0}  # token 0 alone reaches 0.6 of the mass
+
+
+def test_hub_model_fails_clearly_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match="could not load model 'org/not-here'.*offline mode"):
+        load_model(ModelConfig(name="hf", name_or_path="org/not-here"), CACHE_DIR)
+
+
+def test_checksum_sees_a_changed_weight(tiny_lm):
+    before = weights_checksum(tiny_lm.model)
+    w = tiny_lm.model.model.layers[0].mlp.up_proj.weight
+    original = w.data.clone()
+    w.data[0, 0] += 1.0
+    try:
+        assert weights_checksum(tiny_lm.model) != before
+    finally:
+        w.data.copy_(original)

@@ -1,0 +1,88 @@
+"""End to end on the tiny real model: the records a run promises, determinism, failures, W&B offline."""
+
+import json
+
+import pytest
+
+from seal.tracking import read_offline_run
+from seal.train import train
+from tests.conftest import TINY_OVERRIDES, make_cfg
+from tests.test_adapt import nan_loss
+
+KEYS = [f"knowledge/{c}/{m}" for c in ("base", "passage", "self_edit") for m in ("accuracy", "n", "ci95")] + [
+    f"{kind}/{p}" for p in ("generate", "update", "eval") for kind in ("time", "mem")
+]
+
+
+def _has(metrics, key):
+    kind, phase = key.split("/", 1)
+    if kind == "time":
+        return f"time/{phase}_s" in metrics
+    if kind == "mem":
+        return f"mem/peak_{phase}_mb" in metrics
+    return key in metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    metrics = train(make_cfg(run_dir, *TINY_OVERRIDES))
+    return run_dir, metrics
+
+
+def test_run_writes_every_record(tiny_run):
+    run_dir, metrics = tiny_run
+    summary = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    assert summary == json.loads(json.dumps(metrics))
+    for key in KEYS:
+        assert _has(summary, key), key
+    assert summary["mem/device"].startswith("cpu")
+    assert summary["knowledge/base/n"] == 10  # 2 passages x 5 questions
+    assert (run_dir / "config.yaml").read_text().count("tiny") >= 1
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["knowledge/passage/accuracy"] == summary["knowledge/passage/accuracy"]
+    for condition in ("base", "passage", "self_edit"):
+        results = [
+            json.loads(x) for x in (run_dir / "results" / f"{condition}.jsonl").read_text().splitlines()
+        ]
+        assert len(results) == 10 and set(results[0]) >= {"question", "gold", "prediction", "correct"}
+    edits = (run_dir / "results" / "self_edits.jsonl").read_text().splitlines()
+    assert len(edits) == 2
+
+
+def test_same_seed_repeats_exactly(tiny_run, tmp_path):
+    _, first = tiny_run
+    again = train(make_cfg(tmp_path, *TINY_OVERRIDES))
+    deterministic = {k: v for k, v in first.items() if not k.startswith(("time/", "mem/", "throughput/"))}
+    assert deterministic == {k: again[k] for k in deterministic}
+    for name in ("self_edits", "self_edit", "passage"):
+        a = (tiny_run[0] / "results" / f"{name}.jsonl").read_text()
+        assert a == (tmp_path / "results" / f"{name}.jsonl").read_text()
+
+
+def test_nan_loss_is_recorded_and_the_run_finishes(tmp_path, monkeypatch):
+    nan_loss(monkeypatch)
+    metrics = train(make_cfg(tmp_path, *TINY_OVERRIDES, "task.conditions=[passage]"))
+    assert metrics["adapt/failed_updates"] == 2
+    assert metrics["knowledge/passage/accuracy"] == 0.0
+    rows = [json.loads(x) for x in (tmp_path / "results" / "passage.jsonl").read_text().splitlines()]
+    assert all("non-finite loss" in r["update_error"] for r in rows)
+
+
+def test_unknown_condition_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown task.conditions"):
+        train(make_cfg(tmp_path, *TINY_OVERRIDES, "task.conditions=[base,magic]"))
+
+
+def test_wandb_offline_run_holds_the_summary(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics = train(make_cfg(tmp_path, *TINY_OVERRIDES, "logger=wandb", "task.conditions=[base]"))
+    [run_file] = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    stored = read_offline_run(run_file)
+    summary = json.loads((tmp_path / "summary.json").read_text())["metrics"]
+    assert summary == json.loads(json.dumps(metrics))
+    for key, value in summary.items():
+        assert stored["summary"][key] == (pytest.approx(value) if isinstance(value, float) else value), key
+        assert stored["history"][-1][key] == (pytest.approx(value) if isinstance(value, float) else value), (
+            key
+        )
