@@ -49,7 +49,8 @@ def contains(prediction: str, gold: str) -> float:
 Judge = Callable[[str, str, str], bool]
 
 JUDGE_PROMPT = (
-    "You grade answers to a quiz.\nQuestion: {question}\nReference answer: {gold}\nStudent answer: {prediction}\n"
+    "You grade answers to a quiz.\nQuestion: {question}\nReference answer: {gold}\n"
+    "Student answer: {prediction}\n"
     "Does the student answer fully convey the reference answer without contradicting it? Reply yes or no."
 )
 

