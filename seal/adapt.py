@@ -13,13 +13,14 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 from seal.config import AdaptConfig
-from seal.models import LM
+from seal.models import LM, generate
 
 ADAPTER = "inner"
 
@@ -45,6 +46,16 @@ class TrainedAdapter:
     key: str
     result: UpdateResult
     state: dict[str, torch.Tensor] | None  # LoRA weights on CPU; None when the update failed
+
+
+class Updater(Protocol):
+    """What tasks need of an inner loop; `LoraUpdater` and `seal.multilora.MultiLoraUpdater` provide it."""
+
+    def train(self, jobs: list[UpdateJob]) -> list[TrainedAdapter]: ...
+
+    def generate(
+        self, prompts: list[str], adapters: list[TrainedAdapter | None], **kwargs: Any
+    ) -> list[str]: ...
 
 
 class UpdateFailed(RuntimeError):
@@ -77,16 +88,27 @@ class LoraUpdater:
         if adapter is None:
             yield
             return
-        if adapter.state is None:
-            raise ValueError(
-                f"adapter {adapter.key!r} failed to train ({adapter.result.error}); nothing to apply"
-            )
+        check_applicable([adapter])
         set_peft_model_state_dict(self.peft, adapter.state, adapter_name=ADAPTER)
         self._enable(True)
         try:
             yield
         finally:
             self._enable(False)
+
+    def generate(self, prompts: list[str], adapters: list[TrainedAdapter | None], **kwargs: Any) -> list[str]:
+        """`seal.models.generate` with adapters[i] applied to prompt i, one adapter at a time."""
+        check_applicable(adapters)
+        outputs: list[str] = [""] * len(prompts)
+        groups: dict[int, list[int]] = {}
+        for i, adapter in enumerate(adapters):
+            groups.setdefault(id(adapter), []).append(i)
+        for idx in groups.values():
+            with self.applied(adapters[idx[0]]):
+                texts = generate(self.lm, [prompts[i] for i in idx], **kwargs)
+            for i, text in zip(idx, texts, strict=True):
+                outputs[i] = text
+        return outputs
 
     def train(self, jobs: list[UpdateJob]) -> list[TrainedAdapter]:
         """One adapter per job. A failed update (non-finite loss, out of memory) is recorded in its result and
@@ -127,7 +149,9 @@ class LoraUpdater:
                 losses = []
                 for step in range(0, len(order), cfg.batch_size):
                     ids, mask = collate([batches[i] for i in order[step : step + cfg.batch_size]], lm)
-                    labels = ids.masked_fill(mask == 0, -100)  # padding never counts in the loss
+                    # Padding never counts in the loss. (The original code padded every sequence to 2,048
+                    # tokens and left the pads in the loss, which silently shrank the gradient.)
+                    labels = ids.masked_fill(mask == 0, -100)
                     with lm.autocast():
                         loss = self.peft(input_ids=ids, attention_mask=mask, labels=labels).loss
                     if not math.isfinite(loss.item()):
@@ -150,6 +174,22 @@ class LoraUpdater:
             optimizer.zero_grad(set_to_none=True)
         result.seconds = time.perf_counter() - start
         return result
+
+
+def check_applicable(adapters: list[TrainedAdapter | None]) -> None:
+    for adapter in adapters:
+        if adapter is not None and adapter.state is None:
+            raise ValueError(
+                f"adapter {adapter.key!r} failed to train ({adapter.result.error}); nothing to apply"
+            )
+
+
+def make_updater(lm: LM, cfg: AdaptConfig) -> Updater:
+    """The batched multi-adapter updater (default), or PEFT one adapter at a time (adapt.batch_adapters=false:
+    the reference path, and the fallback where K adapters do not fit in memory)."""
+    from seal.multilora import MultiLoraUpdater  # it builds on this module's types
+
+    return MultiLoraUpdater(lm, cfg, cfg.max_adapters) if cfg.batch_adapters else LoraUpdater(lm, cfg)
 
 
 def tokenize(lm: LM, sequences: list[str], max_length: int) -> list[list[int]]:

@@ -82,7 +82,10 @@ class AdaptConfig:
     rank: int = 32
     alpha: int = 64
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # All projections (see conf/adapt/lora.yaml for why; the paper adapted q/v of a 7B model).
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     lr: float = 1e-3
     epochs: int = 10
     batch_size: int = 1
@@ -90,6 +93,10 @@ class AdaptConfig:
     weight_decay: float = 0.0
     # The passage always joins the self-edit's training sequences (as in the paper).
     include_passage: bool = True
+    # Train (and evaluate) up to `max_adapters` adapters together in one forward/backward per step; the
+    # result equals training each alone. false: PEFT, one adapter at a time (the reference path).
+    batch_adapters: bool = True
+    max_adapters: int = 8
 
 
 @dataclass

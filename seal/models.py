@@ -10,10 +10,12 @@ import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -215,22 +217,30 @@ def generate(
     seeds: list[int] | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    stop_at_newline: bool = False,
+    desc: str | None = None,
+    batches: Callable[[list[int]], Iterable[list[int]]] | None = None,
+    context: Callable[[list[int]], contextlib.AbstractContextManager] | None = None,
 ) -> list[str]:
     """Completions of already-formatted prompts. Greedy when `seeds` is None, else sampled with one seed per
-    prompt. Prompts are sorted by length so each batch wastes little compute on padding."""
+    prompt. Prompts are sorted by length so each batch wastes little compute on padding.
+    `batches` may cut the sorted order differently (default: runs of `batch_size`), and `context(rows)` is
+    entered around each batch (the multi-adapter updater routes each row to its adapter there)."""
     tok = lm.tokenizer
     tok.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    groups = (
+        list(batches(order))
+        if batches
+        else [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    )
+    for idx in tqdm(groups, desc=desc, disable=desc is None, leave=False):
         batch = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(lm.device)
         processors = LogitsProcessorList()
         if seeds is not None:
             processors.append(RowSampler([seeds[i] for i in idx], temperature, top_p))
-        with lm.autocast():
+        with context(idx) if context else contextlib.nullcontext(), lm.autocast():
             out = lm.model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
@@ -243,6 +253,5 @@ def generate(
                 top_k=None,
             )
         for row, i in enumerate(idx):
-            text = tok.decode(out[row, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-            outputs[i] = text.split("\n")[0].strip() if stop_at_newline else text
+            outputs[i] = tok.decode(out[row, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     return outputs

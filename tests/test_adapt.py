@@ -25,7 +25,8 @@ def test_every_adapter_parameter_changes_and_base_weights_do_not():
     [adapter] = up.train([UpdateJob("a", SEQS, seed=7)])
     assert adapter.result.error is None and adapter.result.tokens > 0
     assert len(adapter.result.epoch_losses) == 2
-    assert set(adapter.state) == set(initial) and len(initial) == 2 * 2 * 2  # 2 layers x q,v x A,B
+    # 2 layers x 7 projections x (A, B)
+    assert set(adapter.state) == set(initial) and len(initial) == 2 * len(up.cfg.target_modules) * 2 == 28
     for key, value in adapter.state.items():
         assert not torch.equal(value, initial[key]), f"{key} did not change"
     assert weights_checksum(up.lm.model) == before  # the golden copy
@@ -33,7 +34,7 @@ def test_every_adapter_parameter_changes_and_base_weights_do_not():
 
 def test_adapter_is_applied_only_inside_the_block():
     up = updater()
-    prompt = [up.lm.format("Where was the Qirra probe built?")]
+    prompt = ["Qirra Probe\nThe Qirra probe was"]  # plain text: the random tiny model prints only newlines in chat
     base = generate(up.lm, prompt, max_new_tokens=8)
     [adapter] = up.train([UpdateJob("a", SEQS * 4, seed=1)])
     with up.applied(adapter):

@@ -14,13 +14,14 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from seal.adapt import LoraUpdater, UpdateJob
+from seal.adapt import TrainedAdapter, UpdateJob, Updater, make_updater
 from seal.config import Config, DataConfig, SelfEditConfig, TaskConfig
 from seal.grading import accuracy_summary, make_grader
 from seal.memory import PhaseMeter
@@ -167,10 +168,23 @@ def question_prompts(lm: LM, task: TaskConfig, passage: Passage) -> list[str]:
     ]
 
 
-def answer(lm: LM, task: TaskConfig, passages: list[Passage]) -> list[list[str]]:
-    """Greedy answers to every question of `passages`, in one batched generation."""
+def answer(
+    lm: LM,
+    task: TaskConfig,
+    passages: list[Passage],
+    desc: str | None = None,
+    updater: Updater | None = None,
+    adapters: list[TrainedAdapter] | None = None,
+) -> list[list[str]]:
+    """Greedy answers to every question of `passages` in one batched generation; with `adapters`, passage
+    i's questions are answered by base + adapters[i]."""
     prompts = [p for passage in passages for p in question_prompts(lm, task, passage)]
-    flat = generate(lm, prompts, max_new_tokens=task.max_new_tokens, batch_size=task.eval_batch_size)
+    kwargs = {"max_new_tokens": task.max_new_tokens, "batch_size": task.eval_batch_size, "desc": desc}
+    if adapters is None:
+        flat = generate(lm, prompts, **kwargs)
+    else:
+        rows = [a for a, passage in zip(adapters, passages, strict=True) for _ in passage.questions]
+        flat = updater.generate(prompts, rows, **kwargs)
     out, at = [], 0
     for passage in passages:
         out.append(flat[at : at + len(passage.questions)])
@@ -188,6 +202,7 @@ def write_self_edits(lm: LM, cfg: SelfEditConfig, passages: list[Passage], seeds
         seeds=seeds,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
+        desc="self-edits",
     )
 
 
@@ -234,7 +249,9 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
 
     if "base" in conditions:
         with meter.phase("eval"):
-            for passage, answers in zip(passages, answer(lm, cfg.task, passages), strict=True):
+            for passage, answers in zip(
+                passages, answer(lm, cfg.task, passages, "base answers"), strict=True
+            ):
                 rows["base"] += graded_rows("base", passage, answers, grade)
 
     edits: list[str | None] = [None] * len(passages)
@@ -246,57 +263,75 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
             "self_edits", [{"title": p.title, "self_edit": e} for p, e in zip(passages, edits, strict=True)]
         )
 
-    updated = [c for c in conditions if c != "base"]
-    losses: dict[str, list[float]] = {c: [] for c in updated}
-    tokens, failures = 0, 0
-    updater = LoraUpdater(lm, cfg.adapt) if updated else None
-    loop_start = time.perf_counter()
-    for passage, edit in tqdm(
-        list(zip(passages, edits, strict=True)) if updated else [], desc="update + eval"
-    ):
-        jobs = [
-            UpdateJob(
-                key=condition,
-                sequences=training_sequences(
-                    passage.title,
-                    passage.context,
-                    edit if condition == "self_edit" else None,
-                    cfg.self_edit.split,
-                    include_passage=cfg.adapt.include_passage or condition == "passage",
-                ),
-                seed=derive_seed(cfg.seed, "adapter", 0, passage.title, condition),
-            )
-            for condition in updated
-        ]
-        with meter.phase("update"):
-            adapters = updater.train(jobs)
-        with meter.phase("eval"):
-            for adapter in adapters:
-                result = adapter.result
-                tokens += result.tokens
-                if result.error:
-                    failures += 1
-                    log.warning("update %s on %r failed: %s", adapter.key, passage.title, result.error)
-                    rows[adapter.key] += graded_rows(adapter.key, passage, None, grade, result.error)
-                    continue
-                losses[adapter.key].append(result.epoch_losses[-1])
-                with updater.applied(adapter):
-                    answers = answer(lm, cfg.task, [passage])[0]
-                rows[adapter.key] += graded_rows(adapter.key, passage, answers, grade)
-
     metrics: dict[str, Any] = {}
+    updated = [c for c in conditions if c != "base"]
+    if updated:
+        inner_rows, metrics = inner_loops(cfg, lm, passages, edits, updated, grade, meter)
+        rows.update(inner_rows)
     for condition in conditions:
         tracker.results(condition, rows[condition])
         summary = accuracy_summary([r["correct"] for r in rows[condition]])
         for key in ("accuracy", "n", "ci95"):
             metrics[f"knowledge/{condition}/{key}"] = summary[key]
-    for condition, values in losses.items():
-        if values:
-            metrics[f"adapt/{condition}/final_loss"] = sum(values) / len(values)
-    if updated:
-        n_updates = len(passages) * len(updated)
-        metrics["adapt/failed_updates"] = failures
-        metrics["throughput/update_tokens_per_s"] = tokens / max(meter.seconds["update"], 1e-9)
-        # An inner loop = one update and the evaluation of its adapter.
-        metrics["throughput/self_edits_per_hour"] = 3600 * n_updates / (time.perf_counter() - loop_start)
     return metrics
+
+
+def update_job(cfg: Config, passage: Passage, edit: str | None, condition: str) -> UpdateJob:
+    """The update of one condition on one passage: `passage` trains on the passage alone, `self_edit` on the
+    passage plus the self-edit's items. The seed depends on (run seed, round, passage, condition) only."""
+    return UpdateJob(
+        key=condition,
+        sequences=training_sequences(
+            passage.title,
+            passage.context,
+            edit if condition == "self_edit" else None,
+            cfg.self_edit.split,
+            include_passage=cfg.adapt.include_passage or condition == "passage",
+        ),
+        seed=derive_seed(cfg.seed, "adapter", 0, passage.title, condition),
+    )
+
+
+def inner_loops(
+    cfg: Config,
+    lm: LM,
+    passages: list[Passage],
+    edits: list[str | None],
+    conditions: list[str],
+    grade: Callable[[str, str, str], bool],
+    meter: PhaseMeter,
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Update and evaluate every (passage, condition), `adapt.max_adapters` adapters at a time: one batched
+    training pass, then one generation call for all their questions. Returns graded rows and inner-loop
+    metrics. A failed update is recorded (its questions count as wrong) and the others go on."""
+    updater = make_updater(lm, cfg.adapt)
+    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in conditions}
+    losses: dict[str, list[float]] = {c: [] for c in conditions}
+    tokens, failures = 0, 0
+    per_chunk = max(1, cfg.adapt.max_adapters // len(conditions))
+    pairs = list(zip(passages, edits, strict=True))
+    start = time.perf_counter()
+    for at in tqdm(range(0, len(pairs), per_chunk), desc="update + eval"):
+        todo = [(passage, edit, c) for passage, edit in pairs[at : at + per_chunk] for c in conditions]
+        with meter.phase("update"):
+            adapters = updater.train([update_job(cfg, passage, edit, c) for passage, edit, c in todo])
+        trained = [(p, a) for (p, _, _), a in zip(todo, adapters, strict=True) if a.result.error is None]
+        with meter.phase("eval"):
+            answers = answer(lm, cfg.task, [p for p, _ in trained], None, updater, [a for _, a in trained])
+        answers_of = {id(a): ans for (_, a), ans in zip(trained, answers, strict=True)}
+        for (passage, _, condition), adapter in zip(todo, adapters, strict=True):
+            tokens += adapter.result.tokens
+            if adapter.result.error:
+                failures += 1
+                log.warning("update %s on %r failed: %s", condition, passage.title, adapter.result.error)
+            else:
+                losses[condition].append(adapter.result.epoch_losses[-1])
+            answered = answers_of.get(id(adapter))
+            rows[condition] += graded_rows(condition, passage, answered, grade, adapter.result.error)
+    seconds = time.perf_counter() - start
+    metrics: dict[str, Any] = {f"adapt/{c}/final_loss": sum(v) / len(v) for c, v in losses.items() if v}
+    metrics["adapt/failed_updates"] = failures
+    metrics["throughput/update_tokens_per_s"] = tokens / max(meter.seconds["update"], 1e-9)
+    # An inner loop = one update and the evaluation of its adapter.
+    metrics["throughput/self_edits_per_hour"] = 3600 * len(pairs) * len(conditions) / seconds
+    return rows, metrics

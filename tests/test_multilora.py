@@ -1,0 +1,140 @@
+"""MultiLoraUpdater must be a drop-in, faster LoraUpdater: the same adapters, the same generations."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from seal import multilora
+from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob
+from seal.config import AdaptConfig
+from seal.models import LM, generate, weights_checksum
+from seal.multilora import MultiLoraUpdater
+from tests.conftest import load_tiny
+
+CFG = dict(rank=4, alpha=8, epochs=3, lr=1e-2, batch_size=2)
+SEQS = [
+    "Qirra Probe\nThe Qirra probe was built by Tessaline Aerospace in Port Vellan.",
+    "It flew in 2026.",
+    "Corvane Sodium Cell\nThe cell stores energy in molten sodium and was designed in Lurith.",
+    "Port Vellan is a harbour town.",
+    "Tessaline Aerospace makes probes.",
+]
+# Different numbers of sequences, so the jobs run out of steps at different points of the batched loop.
+JOBS = [UpdateJob("one", SEQS[:1], 1), UpdateJob("three", SEQS[1:4], 2), UpdateJob("five", SEQS, 3)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matrices are too small to split across threads: on a busy 2-core machine waiting
+    for the second thread made these tests 20 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_fp32() -> LM:
+    """The tiny model in float32 without autocast wherever it runs (a GPU would default to bf16), so that
+    batched and one-at-a-time training can be compared to 1e-4."""
+    lm = load_tiny()
+    lm.model.float()
+    return dataclasses.replace(lm, autocast_dtype=None)
+
+
+@pytest.fixture(scope="module")
+def sequential() -> tuple[LoraUpdater, list[TrainedAdapter]]:
+    """The reference: PEFT, one job at a time. Tests only read it (`applied` restores the model)."""
+    updater = LoraUpdater(tiny_fp32(), AdaptConfig(**CFG))
+    return updater, updater.train(JOBS)
+
+
+def batched(capacity: int = 3) -> MultiLoraUpdater:
+    return MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG), capacity)
+
+
+def assert_same_adapter(got: TrainedAdapter, want: TrainedAdapter) -> None:
+    assert got.key == want.key and got.result.error is None and want.result.error is None
+    assert set(got.state) == set(want.state)
+    for key, value in want.state.items():
+        torch.testing.assert_close(got.state[key], value, atol=1e-4, rtol=0, msg=key)
+    assert got.result.epoch_losses == pytest.approx(want.result.epoch_losses, abs=1e-4)
+    assert got.result.tokens == want.result.tokens
+
+
+def test_batched_training_equals_training_each_job_alone(sequential):
+    _, alone = sequential
+    adapters = batched().train(JOBS)
+    assert len(adapters) == len(JOBS)
+    for got, want in zip(adapters, alone, strict=True):
+        assert_same_adapter(got, want)
+    assert all(len(a.result.epoch_losses) == CFG["epochs"] for a in adapters)
+
+
+def test_jobs_beyond_capacity_go_in_chunks_and_out_of_memory_fails_only_its_chunk(sequential, monkeypatch):
+    _, alone = sequential
+    updater = batched(capacity=2)
+    real_forward, calls = updater.lm.model.forward, []
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(updater.lm.model, "forward", forward)
+    one, three, five = updater.train(JOBS)
+    for failed in (one, three):
+        assert failed.result.error == "out of memory" and failed.state is None
+    assert_same_adapter(five, alone[2])
+
+
+def test_base_weights_and_base_outputs_do_not_change():
+    lm = tiny_fp32()
+    ids = lm.tokenizer(SEQS[0], return_tensors="pt")["input_ids"].to(lm.device)
+    before_sum, before_logits = weights_checksum(lm.model), lm.model(input_ids=ids).logits
+    updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), capacity=3)
+    updater.train(JOBS)
+    assert weights_checksum(lm.model) == before_sum  # adapter parameters are named lora_*, so excluded
+    assert all(not p.requires_grad for n, p in lm.model.named_parameters() if "lora_" not in n)
+    assert torch.equal(lm.model(input_ids=ids).logits, before_logits)  # outside generate/train: no adapter
+
+
+def test_each_row_generates_with_its_own_adapter(sequential):
+    reference, _ = sequential
+    updater = batched()
+    _, three, five = updater.train(JOBS)  # ("one" trains too little to change these greedy outputs)
+    # Plain text of different lengths: generation sorts the prompts, and each row's adapter must follow it.
+    prompts = ["The Qirra probe was built by", "Port Vellan is a", "The Corvane Sodium Cell stores energy in"]
+    adapters = [three, None, five]
+    # The reference applies the same weights through PEFT (same state-dict keys), one prompt at a time.
+    expected = []
+    for prompt, adapter in zip(prompts, adapters, strict=True):
+        with reference.applied(adapter):
+            expected += generate(reference.lm, [prompt], max_new_tokens=8)
+    with reference.applied(three):
+        assert generate(reference.lm, prompts[1:2], max_new_tokens=8) != expected[1]  # adapters matter
+    assert updater.generate(prompts, adapters, max_new_tokens=8) == expected
+    assert updater.generate(prompts, adapters, max_new_tokens=8, batch_size=2) == expected
+
+
+def test_non_finite_loss_in_one_job_leaves_the_others_untouched(sequential, monkeypatch):
+    _, alone = sequential
+    real, calls = multilora.adapter_losses, []
+
+    def poisoned(*args):
+        losses = real(*args)
+        calls.append(1)
+        if len(calls) == 4:  # step 3: "one" is done, "three" and "five" are in their second epoch
+            return losses + torch.tensor([0.0, 0.0, float("nan")])
+        return losses
+
+    monkeypatch.setattr(multilora, "adapter_losses", poisoned)
+    updater = batched()
+    one, three, five = updater.train(JOBS)
+    assert five.state is None and "non-finite loss nan at epoch 1, step 0" in five.result.error
+    assert len(five.result.epoch_losses) == 1
+    assert_same_adapter(one, alone[0])
+    assert_same_adapter(three, alone[1])
+    with pytest.raises(ValueError, match="failed to train"):
+        updater.generate(["x"], [five], max_new_tokens=1)
