@@ -60,7 +60,8 @@ class TaskConfig:
     # Closed-book question prompt. The title is the topic (the paper prefixes questions with it).
     question_template: str = "Topic: {title}\nQuestion: {question}\nAnswer briefly."
     max_new_tokens: int = 64
-    eval_batch_size: int = 16
+    # Decoding on a CPU is bound by reading the weights once per step, so large batches are nearly free.
+    eval_batch_size: int = 64
 
 
 @dataclass
@@ -93,8 +94,9 @@ class AdaptConfig:
     weight_decay: float = 0.0
     # The passage always joins the self-edit's training sequences (as in the paper).
     include_passage: bool = True
-    # Train (and evaluate) up to `max_adapters` adapters together in one forward/backward per step; the
-    # result equals training each alone. false: PEFT, one adapter at a time (the reference path).
+    # true: train (and evaluate) up to `max_adapters` adapters together, one packed forward/backward per
+    # step (seal/multilora.py; equal to training each alone, tested). false: PEFT, one adapter at a time
+    # (the reference path; less memory).
     batch_adapters: bool = True
     max_adapters: int = 8
 

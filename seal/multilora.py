@@ -1,13 +1,18 @@
 """The inner loop, batched: K LoRA adapters trained together in one forward/backward per step.
 
 SEAL trains one throw-away adapter per self-edit, and each is small: training them one after another leaves
-the accelerator mostly idle. Here every targeted linear layer holds K adapter slots side by side, and each row
-of a batch says which slot it uses, so K jobs share every forward and backward pass. Each adapter's loss is
-the mean over its own tokens and the total is their sum, so each adapter gets exactly the gradient it would
+the accelerator mostly idle. Here every targeted linear layer holds K adapter slots side by side, and each
+token of a batch says which slot it uses, so K jobs share every forward and backward pass. Each adapter's loss
+is the mean over its own tokens and the total is their sum, so each adapter gets exactly the gradient it would
 get alone; a masked AdamW then updates only the slots that had a batch. The result matches
 `seal.adapt.LoraUpdater` job for job (same initialisation, data order and optimiser), up to float rounding.
 
-The same per-row slots let one `generate` call serve prompts that each need a different adapter.
+A step's rows are packed end to end rather than padded to the longest: SEAL mixes a ~200-token passage with
+~20-token self-edit lines, so padding every row to the passage's length would spend most of the compute on
+padding. A block-diagonal causal mask and positions that restart at 0 for each row keep every row's
+activations exactly what they would be alone.
+
+The same slots, given per row, let one `generate` call serve prompts that each need a different adapter.
 Adapter weights use PEFT's state-dict keys, so adapters from either updater can be applied by the other.
 """
 
@@ -24,41 +29,53 @@ from typing import Any
 import torch
 from torch import nn
 
-from seal.adapt import TrainedAdapter, UpdateJob, UpdateResult, check_applicable, collate, tokenize
+from seal.adapt import TrainedAdapter, UpdateJob, UpdateResult, check_applicable, tokenize
 from seal.config import AdaptConfig
 from seal.models import LM, generate
 
 PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its state-dict keys
+# Attention implementations that take a custom 4D mask: sdpa as booleans (True: may attend), eager as an
+# additive float mask. Flash attention takes no such mask.
+PACKABLE_ATTENTION = ("sdpa", "eager")
+NO_TARGET = -100  # a packed token with nothing to predict (its row's last token, padding)
 
 
-class AdapterRows:
-    """Which adapter slot each row of the next forward pass uses; one instance is shared by all the
-    MultiLoraLinear layers of a model, so the owner sets it once per forward."""
+class AdapterRouting:
+    """Which adapter slot each row, or each token, of the next forward pass uses. One instance is shared by
+    all the MultiLoraLinear layers of a model, so the owner sets it once per forward and the sorting below
+    is done once, not once per layer."""
 
     def __init__(self) -> None:
-        self.slots: torch.Tensor | None = None  # slot of each adapted row; None: no row is adapted
-        self.index: torch.Tensor | None = None  # which rows are adapted; None: every row
+        self.per_token = False  # True: `index` counts tokens of the flattened batch; False: rows
+        self.index: torch.Tensor | None = None  # adapted rows or tokens, grouped by slot; None: none adapted
+        self.slots: list[int] = []  # the slots present, in the order of their groups in `index`
+        self.counts: list[int] = []  # how many of `index` each of those slots has
 
     def set(self, ids: torch.Tensor | None) -> None:
-        """`ids[i]` is row i's slot, -1 for the base model alone; None: every row uses the base model."""
-        self.slots = self.index = None
+        """`ids` of shape [batch] gives each row's slot, [batch, length] each token's; -1 is the base model
+        alone, and None means every row uses the base model."""
+        self.index, self.slots, self.counts = None, [], []
         if ids is None:
             return
-        adapted = ids >= 0
-        if bool(adapted.all()):
-            self.slots = ids
-        elif bool(adapted.any()):
-            self.index = adapted.nonzero().squeeze(1)
-            self.slots = ids[self.index]
+        self.per_token = ids.dim() == 2
+        flat = ids.flatten()
+        adapted = (flat >= 0).nonzero().squeeze(1)
+        if adapted.numel() == 0:
+            return
+        self.index = adapted[flat[adapted].argsort(stable=True)]
+        slots, counts = torch.unique_consecutive(flat[self.index], return_counts=True)
+        self.slots, self.counts = slots.tolist(), counts.tolist()
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen linear layer plus `capacity` LoRA adapters; row i of the input goes through the adapter of
-    its slot: base(x) + scaling * B[slot] A[slot] x, as PEFT computes one adapter."""
+    """A frozen linear layer plus `capacity` LoRA adapters; each routed row or token of the input goes
+    through the adapter of its slot: base(x) + scaling * B[slot] A[slot] x, as PEFT computes one adapter.
+    The routed inputs are gathered slot by slot, so each slot is one plain matmul with its own A and B and
+    no per-row or per-token copy of the weights is ever made."""
 
-    def __init__(self, base: nn.Linear, capacity: int, cfg: AdaptConfig, rows: AdapterRows):
+    def __init__(self, base: nn.Linear, capacity: int, cfg: AdaptConfig, routing: AdapterRouting):
         super().__init__()
-        self.base_layer, self.rows = base, rows
+        self.base_layer, self.routing = base, routing
         device = base.weight.device
         # float32 whatever the base dtype, as PEFT keeps adapters (its autocast_adapter_dtype default).
         self.lora_A = nn.Parameter(torch.zeros(capacity, cfg.rank, base.in_features, device=device))
@@ -68,34 +85,117 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        slots, index = self.rows.slots, self.rows.index
-        if slots is None:
+        routing = self.routing
+        if routing.index is None:
             return result
-        picked = x if index is None else x.index_select(0, index)
-        flat = self.dropout(picked.reshape(picked.shape[0], -1, picked.shape[-1]).to(self.lora_A.dtype))
-        hidden = torch.bmm(flat, self.lora_A[slots].transpose(1, 2))
-        delta = (torch.bmm(hidden, self.lora_B[slots].transpose(1, 2)) * self.scaling).reshape(
-            *picked.shape[:-1], -1
+        # Dim 0 of these views is what the routing indexes: tokens of the flattened batch, or whole rows.
+        inputs = x.flatten(0, -2) if routing.per_token else x
+        outputs = result.flatten(0, -2) if routing.per_token else result
+        picked = self.dropout(inputs.index_select(0, routing.index).to(self.lora_A.dtype))
+        groups = zip(routing.slots, picked.split(routing.counts), strict=True)
+        delta = torch.cat([part @ self.lora_A[s].T @ self.lora_B[s].T for s, part in groups]) * self.scaling
+        out = outputs.to(torch.promote_types(result.dtype, delta.dtype)).index_add(0, routing.index, delta)
+        return out.view(result.shape).to(result.dtype)
+
+
+def pack(lengths: list[int], pack_length: int) -> list[list[int]]:
+    """The indices of `lengths` in bins of at most `pack_length` tokens. Every bin is then padded to the
+    fullest one, so a plan costs (bins x fullest bin) tokens: few bins are not enough, they must also be
+    evenly filled. First-fit decreasing finds few bins but leaves the last ones nearly empty; spreading the
+    rows, longest first, each onto the emptiest of the fewest bins that hold them balances them but may
+    need a bin more. Both are tried and the cheaper plan is kept."""
+    if any(n > pack_length for n in lengths):
+        raise ValueError(f"a row of {max(lengths)} tokens does not fit in pack_length={pack_length}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    first_fit: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        b = next((b for b, left in enumerate(room) if left >= lengths[i]), len(first_fit))
+        if b == len(first_fit):
+            first_fit.append([])
+            room.append(pack_length)
+        first_fit[b].append(i)
+        room[b] -= lengths[i]
+    plans = [first_fit]
+    for count in range(max(1, -(-sum(lengths) // pack_length)), len(lengths) + 1):
+        spread: list[list[int]] = [[] for _ in range(count)]
+        loads = [0] * count
+        for i in order:
+            b = loads.index(min(loads))
+            spread[b].append(i)
+            loads[b] += lengths[i]
+        if max(loads) <= pack_length:  # true at the latest with one row a bin
+            plans.append(spread)
+            break
+
+    def cost(bins: list[list[int]]) -> tuple[int, int]:
+        return len(bins) * max((sum(lengths[i] for i in members) for members in bins), default=0), len(bins)
+
+    return min(plans, key=cost)
+
+
+@dataclass
+class PackedBatch:
+    """A step's rows laid end to end in a few sequences of equal length, padded only at their ends."""
+
+    ids: torch.Tensor  # [P, T] token ids
+    positions: torch.Tensor  # [P, T] each token's position in its own row, so RoPE sees the row alone
+    slots: torch.Tensor  # [P, T] each token's adapter slot; -1 for padding, which needs no adapter
+    targets: torch.Tensor  # [P, T] the next token of the same row; NO_TARGET after a row's last token
+    attention_mask: torch.Tensor  # [P, 1, T, T] causal within a row, nothing across rows
+
+
+def pack_rows(rows: list[list[int]], row_slots: list[int], lm: LM, pack_length: int) -> PackedBatch:
+    """Pack `rows` (row i trains slot row_slots[i]) into sequences of at most max(pack_length, longest row)
+    tokens, in the attention-mask format of `lm`'s attention implementation."""
+    lengths = [len(row) for row in rows]
+    bins = pack(lengths, max(pack_length, *lengths))
+    width = max(sum(lengths[i] for i in members) for members in bins)
+    pad = lm.tokenizer.pad_token_id
+    ids = [[pad] * width for _ in bins]
+    positions = [[0] * width for _ in bins]
+    slots = [[-1] * width for _ in bins]
+    targets = [[NO_TARGET] * width for _ in bins]
+    segments = [[-1] * width for _ in bins]  # which row each token belongs to; padding is a segment too
+    for p, members in enumerate(bins):
+        start = 0
+        for i in members:
+            end = start + lengths[i]
+            ids[p][start:end] = rows[i]
+            positions[p][start:end] = range(lengths[i])
+            slots[p][start:end] = [row_slots[i]] * lengths[i]
+            targets[p][start : end - 1] = rows[i][1:]  # the last token predicts nothing, not the next row
+            segments[p][start:end] = [i] * lengths[i]
+            start = end
+    device = lm.device
+    segment = torch.tensor(segments, device=device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    # Padding attends to earlier padding, so no query row is fully masked (that would give NaN in sdpa).
+    allowed = ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1)
+    mask = allowed
+    if lm.model.config._attn_implementation == "eager":  # eager adds the mask to the attention scores
+        dtype = lm.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
         )
-        if index is None:
-            out = result + delta
-        else:
-            out = result.to(torch.promote_types(result.dtype, delta.dtype)).index_add(0, index, delta)
-        return out.to(result.dtype)
+    return PackedBatch(
+        ids=torch.tensor(ids, device=device),
+        positions=torch.tensor(positions, device=device),
+        slots=torch.tensor(slots, device=device),
+        targets=torch.tensor(targets, device=device),
+        attention_mask=mask,
+    )
 
 
 def adapter_losses(
-    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor, capacity: int
+    logits: torch.Tensor, targets: torch.Tensor, slots: torch.Tensor, capacity: int
 ) -> torch.Tensor:
-    """Per slot, the mean next-token cross-entropy over that slot's rows' real tokens (NaN for a slot with no
-    token, as PEFT's mean over nothing). Slots without rows get NaN too; callers only read their own."""
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    per_token = nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
-    )
-    row_sums = per_token.view(targets.shape).sum(1)
-    sums = row_sums.new_zeros(capacity).index_add(0, slots, row_sums)
-    counts = row_sums.new_zeros(capacity).index_add(0, slots, mask[:, 1:].sum(1).to(row_sums.dtype))
+    """Per slot, the mean next-token cross-entropy over that slot's tokens that have a target (NaN for a slot
+    with none, as PEFT's mean over nothing). Slots without rows get NaN too; callers only read their own."""
+    keep = (targets != NO_TARGET).nonzero(as_tuple=True)
+    per_token = nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+    sums = per_token.new_zeros(capacity).index_add(0, slots[keep], per_token)
+    counts = torch.bincount(slots[keep], minlength=capacity).to(sums.dtype)
     return sums / counts
 
 
@@ -159,13 +259,22 @@ class _Step:
 
 
 class MultiLoraUpdater:
-    def __init__(self, lm: LM, cfg: AdaptConfig, capacity: int):
+    def __init__(self, lm: LM, cfg: AdaptConfig, capacity: int, pack_length: int = 512):
         """Replace the `cfg.target_modules` linear layers of `lm.model` in place with `capacity`-slot
-        MultiLoraLinear layers. The base weights are frozen and never change."""
+        MultiLoraLinear layers. The base weights are frozen and never change.
+
+        Training packs each step's rows into sequences of `pack_length` tokens (or the longest row, if
+        longer): long enough for a passage and many self-edit lines, short enough that the masked-out part
+        of each sequence's attention stays a small fraction of the step's compute."""
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
-        self.lm, self.cfg, self.capacity = lm, cfg, capacity
-        self.rows = AdapterRows()
+        attention = lm.model.config._attn_implementation
+        if attention not in PACKABLE_ATTENTION:
+            raise ValueError(
+                f"packed training needs model.attn_implementation in {PACKABLE_ATTENTION}, got {attention!r}"
+            )
+        self.lm, self.cfg, self.capacity, self.pack_length = lm, cfg, capacity, pack_length
+        self.routing = AdapterRouting()
         targets = [
             (name, module)
             for name, module in lm.model.named_modules()
@@ -176,19 +285,20 @@ class MultiLoraUpdater:
         self.layers: list[tuple[str, MultiLoraLinear]] = []
         for name, module in targets:  # named_modules order, which is also the order PEFT initialises in
             parent_name, _, child = name.rpartition(".")
-            layer = MultiLoraLinear(module.requires_grad_(False), capacity, cfg, self.rows)
+            layer = MultiLoraLinear(module.requires_grad_(False), capacity, cfg, self.routing)
             setattr(lm.model.get_submodule(parent_name), child, layer)
             self.layers.append((name, layer))
         self.params = [p for _, layer in self.layers for p in (layer.lora_A, layer.lora_B)]
 
     @contextlib.contextmanager
     def _adapted(self, ids: torch.Tensor) -> Iterator[None]:
-        """Inside this block row i of the model's input uses slot ids[i]; outside it, the base model alone."""
-        self.rows.set(ids)
+        """Inside this block the model's input is routed by `ids` (see AdapterRouting.set); outside it, the
+        base model alone."""
+        self.routing.set(ids)
         try:
             yield
         finally:
-            self.rows.set(None)
+            self.routing.set(None)
 
     def train(self, jobs: list[UpdateJob]) -> list[TrainedAdapter]:
         """One adapter per job, `capacity` jobs trained at a time. A failed update (non-finite loss, out of
@@ -241,11 +351,15 @@ class MultiLoraUpdater:
                     break
                 rows = [row for k in slots for row in plans[k][s].rows]
                 row_slots = [k for k in slots for _ in plans[k][s].rows]
-                ids, mask = collate(rows, lm)
-                slot_ids = torch.tensor(row_slots, device=lm.device)
-                with self._adapted(slot_ids), lm.autocast():
-                    logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                losses = adapter_losses(logits, ids, mask, slot_ids, self.capacity)
+                batch = pack_rows(rows, row_slots, lm, self.pack_length)
+                with self._adapted(batch.slots), lm.autocast():
+                    logits = lm.model(
+                        input_ids=batch.ids,
+                        attention_mask=batch.attention_mask,
+                        position_ids=batch.positions,
+                        use_cache=False,
+                    ).logits
+                losses = adapter_losses(logits, batch.targets, batch.slots, self.capacity)
                 values = losses.tolist()
                 trained = []
                 for k in slots:
@@ -259,10 +373,8 @@ class MultiLoraUpdater:
                     losses[trained].sum().backward()
                     optimizer.step(trained)
                     optimizer.zero_grad()
-                row_tokens = mask[:, 1:].sum(1).tolist()
                 for k in trained:
-                    mine = [t for t, slot in zip(row_tokens, row_slots, strict=True) if slot == k]
-                    results[k].tokens += sum(mine)
+                    results[k].tokens += sum(len(row) - 1 for row in plans[k][s].rows)  # tokens with a target
                     epoch_losses[k].append(values[k])
                     if plans[k][s].ends_epoch:
                         results[k].epoch_losses.append(sum(epoch_losses[k]) / len(epoch_losses[k]))

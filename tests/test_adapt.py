@@ -34,7 +34,9 @@ def test_every_adapter_parameter_changes_and_base_weights_do_not():
 
 def test_adapter_is_applied_only_inside_the_block():
     up = updater()
-    prompt = ["Qirra Probe\nThe Qirra probe was"]  # plain text: the random tiny model prints only newlines in chat
+    prompt = [
+        "Qirra Probe\nThe Qirra probe was"
+    ]  # plain text: the random tiny model prints only newlines in chat
     base = generate(up.lm, prompt, max_new_tokens=8)
     [adapter] = up.train([UpdateJob("a", SEQS * 4, seed=1)])
     with up.applied(adapter):

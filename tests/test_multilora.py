@@ -1,15 +1,16 @@
 """MultiLoraUpdater must be a drop-in, faster LoraUpdater: the same adapters, the same generations."""
 
 import dataclasses
+import random
 
 import pytest
 import torch
 
 from seal import multilora
-from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob
+from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, tokenize
 from seal.config import AdaptConfig
 from seal.models import LM, generate, weights_checksum
-from seal.multilora import MultiLoraUpdater
+from seal.multilora import MultiLoraUpdater, pack, pack_rows
 from tests.conftest import load_tiny
 
 CFG = dict(rank=4, alpha=8, epochs=3, lr=1e-2, batch_size=2)
@@ -22,6 +23,14 @@ SEQS = [
 ]
 # Different numbers of sequences, so the jobs run out of steps at different points of the batched loop.
 JOBS = [UpdateJob("one", SEQS[:1], 1), UpdateJob("three", SEQS[1:4], 2), UpdateJob("five", SEQS, 3)]
+# SEAL's shape of step: a passage (cut to exactly MIXED_CFG's max_length of 150 tokens) beside short lines.
+MIXED_CFG = dict(CFG, max_length=150)
+MIXED_JOBS = [
+    UpdateJob("passage", [" ".join(SEQS * 3)], 4),
+    UpdateJob("lines a", [SEQS[1], SEQS[3]], 5),
+    UpdateJob("lines b", [SEQS[4], SEQS[1]], 6),
+    UpdateJob("lines c", [SEQS[3], SEQS[4]], 7),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,6 +56,12 @@ def sequential() -> tuple[LoraUpdater, list[TrainedAdapter]]:
     """The reference: PEFT, one job at a time. Tests only read it (`applied` restores the model)."""
     updater = LoraUpdater(tiny_fp32(), AdaptConfig(**CFG))
     return updater, updater.train(JOBS)
+
+
+@pytest.fixture(scope="module")
+def sequential_mixed() -> list[TrainedAdapter]:
+    """The PEFT reference for MIXED_JOBS."""
+    return LoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG)).train(MIXED_JOBS)
 
 
 def batched(capacity: int = 3) -> MultiLoraUpdater:
@@ -138,3 +153,71 @@ def test_non_finite_loss_in_one_job_leaves_the_others_untouched(sequential, monk
     assert_same_adapter(three, alone[1])
     with pytest.raises(ValueError, match="failed to train"):
         updater.generate(["x"], [five], max_new_tokens=1)
+
+
+def loads(lengths: list[int], pack_length: int) -> list[int]:
+    """The tokens in each bin of pack's plan."""
+    return [sum(lengths[i] for i in members) for members in pack(lengths, pack_length)]
+
+
+def test_pack_places_every_row_once_within_pack_length_and_fills_bins_evenly():
+    rng = random.Random(0)
+    for _ in range(50):
+        pack_length = rng.randint(20, 300)
+        lengths = [rng.randint(1, pack_length) for _ in range(rng.randint(1, 40))]
+        bins = pack(lengths, pack_length)
+        assert sorted(i for members in bins for i in members) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in members) <= pack_length for members in bins)
+    # Two passages and six lines, as SEAL's steps mix them: first fit alone would fill one sequence with
+    # 500 tokens and leave 20 in the other, then pad that one to 500.
+    assert loads([200, 20, 20, 200, 20, 20, 20, 20], 512) == [260, 260]
+    assert loads([5, 5, 4, 3, 3], 10) == [10, 10]  # here spreading needs 3 bins; first fit is kept
+    assert loads([150, 10, 9, 8, 10, 9, 8], 512) == [204]
+    assert pack([], 10) == []
+    with pytest.raises(ValueError, match="does not fit"):
+        pack([5, 30], 20)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_row_gets_the_logits_it_gets_alone(attention):
+    """transformers passes a 4D mask through as given (sdpa: booleans, eager: added to the scores); with
+    positions restarting at 0 no row sees another, padding included."""
+    lm = tiny_fp32()
+    lm.model.set_attn_implementation(attention)
+    rows = tokenize(lm, SEQS, max_length=512)
+    batch = pack_rows(rows, [0] * len(rows), lm, pack_length=40)  # several sequences, some padded
+    assert batch.ids.shape[0] > 1 and bool((batch.slots < 0).any())
+    packed = lm.model(input_ids=batch.ids, attention_mask=batch.attention_mask, position_ids=batch.positions)
+    for row in rows:
+        alone = lm.model(input_ids=torch.tensor([row])).logits[0]
+        # Each row lies whole in one packed sequence, starting where its ids appear at position 0.
+        p, start = next(
+            (p, t)
+            for p in range(batch.ids.shape[0])
+            for t in range(batch.ids.shape[1] - len(row) + 1)
+            if batch.ids[p, t : t + len(row)].tolist() == row and batch.positions[p, t] == 0
+        )
+        torch.testing.assert_close(packed.logits[p, start : start + len(row)], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pack_length", [512, 160])
+def test_rows_of_very_different_lengths_pack_tightly_and_train_as_alone(sequential_mixed, pack_length):
+    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG), capacity=4, pack_length=pack_length)
+    real_forward, packed = updater.lm.model.forward, []
+
+    def forward(*args, **kwargs):
+        packed.append(kwargs["input_ids"].numel())
+        return real_forward(*args, **kwargs)
+
+    updater.lm.model.forward = forward
+    adapters = updater.train(MIXED_JOBS)
+    for got, want in zip(adapters, sequential_mixed, strict=True):
+        assert_same_adapter(got, want)
+    # Every job has one step per epoch, so each forward holds all jobs' sequences.
+    lengths = [len(r) for job in MIXED_JOBS for r in tokenize(updater.lm, job.sequences, 150)]
+    assert max(lengths) == 150 and sorted(lengths)[-2] < 12
+    assert len(packed) == CFG["epochs"]
+    padded = len(lengths) * max(lengths)  # what padding every row to the longest costs: 7 x 150
+    if pack_length == 512:
+        assert packed == [sum(lengths)] * CFG["epochs"]  # one sequence: no padding at all
+    assert all(tokens <= 2 * 160 < padded / 3 for tokens in packed)

@@ -86,3 +86,22 @@ def test_wandb_offline_run_holds_the_summary(tmp_path, monkeypatch):
         assert stored["history"][-1][key] == (pytest.approx(value) if isinstance(value, float) else value), (
             key
         )
+
+
+def test_batched_and_one_at_a_time_runs_agree(tiny_run, tmp_path):
+    """adapt.batch_adapters=false (PEFT, one adapter at a time) reproduces the batched default's results."""
+    run_dir, batched = tiny_run
+    sequential = train(make_cfg(tmp_path, *TINY_OVERRIDES, "adapt.batch_adapters=false"))
+    for condition in ("passage", "self_edit"):
+        assert sequential[f"knowledge/{condition}/accuracy"] == batched[f"knowledge/{condition}/accuracy"]
+        loss = sequential[f"adapt/{condition}/final_loss"]
+        assert loss == pytest.approx(batched[f"adapt/{condition}/final_loss"], abs=1e-3)
+        a = [
+            json.loads(x)["prediction"]
+            for x in (run_dir / "results" / f"{condition}.jsonl").read_text().splitlines()
+        ]
+        b = [
+            json.loads(x)["prediction"]
+            for x in (tmp_path / "results" / f"{condition}.jsonl").read_text().splitlines()
+        ]
+        assert a == b
