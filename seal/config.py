@@ -53,7 +53,6 @@ class DataConfig:
 @dataclass
 class TaskConfig:
     name: str = "knowledge"
-    mode: str = "single"  # single passage per update (the paper's main setting)
     conditions: list[str] = field(default_factory=lambda: ["base", "passage", "self_edit"])
     grader: str = "contains"  # contains | exact | f1 | judge
     f1_threshold: float = 0.5  # an f1 answer counts as correct at or above this
@@ -75,7 +74,6 @@ class SelfEditConfig:
     top_p: float = 0.95
     max_new_tokens: int = 256
     batch_size: int = 8
-    source: str = "model"  # model: the model writes its own self-edits
 
 
 @dataclass
@@ -104,7 +102,6 @@ class AdaptConfig:
 @dataclass
 class RLConfig:
     name: str = "none"
-    rounds: int = 0
 
 
 @dataclass

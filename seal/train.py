@@ -71,13 +71,10 @@ def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
     table = Table(title=f"SEAL run · {run_dir}")
     for column in ("condition", "accuracy ± 95% CI", "n"):
         table.add_column(column)
-    conditions = sorted({k.split("/")[1] for k in metrics if k.endswith("/accuracy")})
-    for condition in conditions:
-        prefix = next(
-            k.rsplit("/", 1)[0] for k in metrics if k.split("/")[1] == condition and k.endswith("/accuracy")
-        )
+    for key in [k for k in metrics if k.endswith("/accuracy")]:
+        prefix = key[: -len("/accuracy")]  # e.g. knowledge/passage
         table.add_row(
-            condition,
+            prefix.split("/", 1)[1],
             f"{metrics[prefix + '/accuracy']:.3f} ± {metrics[prefix + '/ci95']:.3f}",
             str(metrics[prefix + "/n"]),
         )

@@ -317,7 +317,9 @@ def inner_loops(
             adapters = updater.train([update_job(cfg, passage, edit, c) for passage, edit, c in todo])
         trained = [(p, a) for (p, _, _), a in zip(todo, adapters, strict=True) if a.result.error is None]
         with meter.phase("eval"):
-            answers = answer(lm, cfg.task, [p for p, _ in trained], None, updater, [a for _, a in trained])
+            answers = answer(
+                lm, cfg.task, [p for p, _ in trained], updater=updater, adapters=[a for _, a in trained]
+            )
         answers_of = {id(a): ans for (_, a), ans in zip(trained, answers, strict=True)}
         for (passage, _, condition), adapter in zip(todo, adapters, strict=True):
             tokens += adapter.result.tokens
