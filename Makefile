@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.seal-installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS      ?=
 
-.PHONY: help setup run test lint clean
+.PHONY: help setup run test bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ run: $(STAMP)  ## a knowledge-incorporation run on the bundled model (extra Hydr
 
 test: $(STAMP)  ## the whole test suite on CPU (includes the slow smoke test on the real model)
 	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)  ## the inner loop, naive reference vs ours, on the bundled model (benchmarks/README.md)
+	$(PY) -m seal.bench $(ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check seal tests

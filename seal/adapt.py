@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from tqdm import tqdm
 
 from seal.config import AdaptConfig
 from seal.models import LM, generate
@@ -51,7 +52,7 @@ class TrainedAdapter:
 class Updater(Protocol):
     """What tasks need of an inner loop; `LoraUpdater` and `seal.multilora.MultiLoraUpdater` provide it."""
 
-    def train(self, jobs: list[UpdateJob]) -> list[TrainedAdapter]: ...
+    def train(self, jobs: list[UpdateJob], progress: str | None = None) -> list[TrainedAdapter]: ...
 
     def generate(
         self, prompts: list[str], adapters: list[TrainedAdapter | None], **kwargs: Any
@@ -110,11 +111,11 @@ class LoraUpdater:
                 outputs[i] = text
         return outputs
 
-    def train(self, jobs: list[UpdateJob]) -> list[TrainedAdapter]:
+    def train(self, jobs: list[UpdateJob], progress: str | None = None) -> list[TrainedAdapter]:
         """One adapter per job. A failed update (non-finite loss, out of memory) is recorded in its result and
         carries no weights; the other jobs go on."""
         adapters = []
-        for job in jobs:
+        for job in tqdm(jobs, desc=progress, disable=progress is None, leave=False):
             result = self._train_one(job)
             state = None
             if result.error is None:
@@ -187,9 +188,9 @@ def check_applicable(adapters: list[TrainedAdapter | None]) -> None:
 def make_updater(lm: LM, cfg: AdaptConfig) -> Updater:
     """The batched multi-adapter updater (default), or PEFT one adapter at a time (adapt.batch_adapters=false:
     the reference path, and the fallback where K adapters do not fit in memory)."""
-    from seal.multilora import MultiLoraUpdater  # it builds on this module's types
+    from seal.multilora import MultiLoraUpdater, fit_capacity  # it builds on this module's types
 
-    return MultiLoraUpdater(lm, cfg, cfg.max_adapters) if cfg.batch_adapters else LoraUpdater(lm, cfg)
+    return MultiLoraUpdater(lm, cfg, fit_capacity(lm, cfg)) if cfg.batch_adapters else LoraUpdater(lm, cfg)
 
 
 def tokenize(lm: LM, sequences: list[str], max_length: int) -> list[list[int]]:

@@ -97,6 +97,10 @@ class AdaptConfig:
     # (the reference path; less memory).
     batch_adapters: bool = True
     max_adapters: int = 8
+    # Fewer adapters train together when their estimated memory (seal.multilora.slot_bytes) exceeds this
+    # budget; 0 = auto: 90 % of the free GPU memory, or 80 % of the available RAM on CPU. A step that still
+    # runs out of GPU memory halves the adapters and retries.
+    memory_budget_mb: float = 0
 
 
 @dataclass

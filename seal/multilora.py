@@ -1,16 +1,17 @@
 """The inner loop, batched: K LoRA adapters trained together in one forward/backward per step.
 
 SEAL trains one throw-away adapter per self-edit, and each is small: training them one after another leaves
-the accelerator mostly idle. Here every targeted linear layer holds K adapter slots side by side, and each
-token of a batch says which slot it uses, so K jobs share every forward and backward pass. Each adapter's loss
-is the mean over its own tokens and the total is their sum, so each adapter gets exactly the gradient it would
-get alone; a masked AdamW then updates only the slots that had a batch. The result matches
-`seal.adapt.LoraUpdater` job for job (same initialisation, data order and optimiser), up to float rounding.
+the hardware mostly idle. Here every targeted linear layer holds K adapter slots side by side, and each token
+of a batch says which slot it uses, so K jobs share every forward and backward pass. Each adapter's loss is
+the mean over its own tokens and the total is their sum, so each adapter gets exactly the gradient it would
+get alone, and each slot has its own AdamW. The result matches `seal.adapt.LoraUpdater` job for job (same
+initialisation, data order and optimiser), up to float rounding. When a job ends, its slot takes the next.
 
 A step's rows are packed end to end rather than padded to the longest: SEAL mixes a ~200-token passage with
 ~20-token self-edit lines, so padding every row to the passage's length would spend most of the compute on
 padding. A block-diagonal causal mask and positions that restart at 0 for each row keep every row's
-activations exactly what they would be alone.
+activations exactly what they would be alone. The loss goes through the output projection a chunk of tokens
+at a time, so the full logits (50k per token) are never held for the whole step.
 
 The same slots, given per row, let one `generate` call serve prompts that each need a different adapter.
 Adapter weights use PEFT's state-dict keys, so adapters from either updater can be applied by the other.
@@ -19,15 +20,19 @@ Adapter weights use PEFT's state-dict keys, so adapters from either updater can 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from seal.adapt import TrainedAdapter, UpdateJob, UpdateResult, check_applicable, tokenize
 from seal.config import AdaptConfig
@@ -37,65 +42,69 @@ PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its 
 # Attention implementations that take a custom 4D mask: sdpa as booleans (True: may attend), eager as an
 # additive float mask. Flash attention takes no such mask.
 PACKABLE_ATTENTION = ("sdpa", "eager")
+log = logging.getLogger(__name__)
+MB = 1024 * 1024
 NO_TARGET = -100  # a packed token with nothing to predict (its row's last token, padding)
 
 
 class AdapterRouting:
-    """Which adapter slot each row, or each token, of the next forward pass uses. One instance is shared by
-    all the MultiLoraLinear layers of a model, so the owner sets it once per forward and the sorting below
-    is done once, not once per layer."""
+    """Which adapter slot each row, or each token, of the next forward pass uses, as runs of consecutive rows
+    or tokens with the same slot. One instance is shared by all the MultiLoraLinear layers of a model, so the
+    owner sets it once per forward and the runs are found once, not once per layer. Callers lay their input
+    out so that each slot's rows or tokens are consecutive (a packed row is; generation batches are sorted by
+    adapter), so there are about as many runs as slots, and no token is gathered or scattered."""
 
     def __init__(self) -> None:
-        self.per_token = False  # True: `index` counts tokens of the flattened batch; False: rows
-        self.index: torch.Tensor | None = None  # adapted rows or tokens, grouped by slot; None: none adapted
-        self.slots: list[int] = []  # the slots present, in the order of their groups in `index`
-        self.counts: list[int] = []  # how many of `index` each of those slots has
+        self.per_token = False  # True: runs count tokens of the flattened batch; False: rows
+        self.runs: list[tuple[int, int]] = []  # (slot, length); slot -1 is the base model alone
 
     def set(self, ids: torch.Tensor | None) -> None:
         """`ids` of shape [batch] gives each row's slot, [batch, length] each token's; -1 is the base model
         alone, and None means every row uses the base model."""
-        self.index, self.slots, self.counts = None, [], []
-        if ids is None:
+        self.runs = []
+        if ids is None or bool((ids < 0).all()):
             return
         self.per_token = ids.dim() == 2
-        flat = ids.flatten()
-        adapted = (flat >= 0).nonzero().squeeze(1)
-        if adapted.numel() == 0:
-            return
-        self.index = adapted[flat[adapted].argsort(stable=True)]
-        slots, counts = torch.unique_consecutive(flat[self.index], return_counts=True)
-        self.slots, self.counts = slots.tolist(), counts.tolist()
+        slots, counts = torch.unique_consecutive(ids.flatten(), return_counts=True)
+        self.runs = list(zip(slots.tolist(), counts.tolist(), strict=True))
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen linear layer plus `capacity` LoRA adapters; each routed row or token of the input goes
-    through the adapter of its slot: base(x) + scaling * B[slot] A[slot] x, as PEFT computes one adapter.
-    The routed inputs are gathered slot by slot, so each slot is one plain matmul with its own A and B and
-    no per-row or per-token copy of the weights is ever made."""
+    """A frozen linear layer plus `capacity` LoRA adapters; each run of routed rows or tokens goes through
+    the adapter of its slot: base(x) + scaling * B[slot] A[slot] x, as PEFT computes one adapter. Each slot
+    has its own parameters, so a backward pass makes gradients only for the slots it used."""
 
     def __init__(self, base: nn.Linear, capacity: int, cfg: AdaptConfig, routing: AdapterRouting):
         super().__init__()
         self.base_layer, self.routing = base, routing
-        device = base.weight.device
+        device, out_features = base.weight.device, base.out_features
         # float32 whatever the base dtype, as PEFT keeps adapters (its autocast_adapter_dtype default).
-        self.lora_A = nn.Parameter(torch.zeros(capacity, cfg.rank, base.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(capacity, base.out_features, cfg.rank, device=device))
+        self.lora_A = nn.ParameterList(
+            nn.Parameter(torch.zeros(cfg.rank, base.in_features, device=device)) for _ in range(capacity)
+        )
+        self.lora_B = nn.ParameterList(
+            nn.Parameter(torch.zeros(out_features, cfg.rank, device=device)) for _ in range(capacity)
+        )
         self.scaling = cfg.alpha / cfg.rank
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         routing = self.routing
-        if routing.index is None:
+        if not routing.runs:
             return result
-        # Dim 0 of these views is what the routing indexes: tokens of the flattened batch, or whole rows.
+        # Dim 0 of this view is what the runs count: tokens of the flattened batch, or whole rows.
         inputs = x.flatten(0, -2) if routing.per_token else x
-        outputs = result.flatten(0, -2) if routing.per_token else result
-        picked = self.dropout(inputs.index_select(0, routing.index).to(self.lora_A.dtype))
-        groups = zip(routing.slots, picked.split(routing.counts), strict=True)
-        delta = torch.cat([part @ self.lora_A[s].T @ self.lora_B[s].T for s, part in groups]) * self.scaling
-        out = outputs.to(torch.promote_types(result.dtype, delta.dtype)).index_add(0, routing.index, delta)
-        return out.view(result.shape).to(result.dtype)
+        counts = [n for _, n in routing.runs]
+        deltas = []
+        for (slot, _), part in zip(routing.runs, inputs.split(counts), strict=True):
+            if slot < 0:
+                deltas.append(part.new_zeros(*part.shape[:-1], result.shape[-1]))
+            else:
+                part = self.dropout(part.to(self.lora_A[slot].dtype))
+                deltas.append(part @ self.lora_A[slot].T @ self.lora_B[slot].T)
+        delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas)) * self.scaling
+        return (result + delta.view(*result.shape[:-1], -1)).to(result.dtype)
 
 
 def pack(lengths: list[int], pack_length: int) -> list[list[int]]:
@@ -159,7 +168,7 @@ def pack_rows(rows: list[list[int]], row_slots: list[int], lm: LM, pack_length: 
     segments = [[-1] * width for _ in bins]  # which row each token belongs to; padding is a segment too
     for p, members in enumerate(bins):
         start = 0
-        for i in members:
+        for i in sorted(members, key=lambda i: row_slots[i]):  # a slot's rows side by side: one run
             end = start + lengths[i]
             ids[p][start:end] = rows[i]
             positions[p][start:end] = range(lengths[i])
@@ -187,65 +196,59 @@ def pack_rows(rows: list[list[int]], row_slots: list[int], lm: LM, pack_length: 
     )
 
 
-def adapter_losses(
-    logits: torch.Tensor, targets: torch.Tensor, slots: torch.Tensor, capacity: int
-) -> torch.Tensor:
-    """Per slot, the mean next-token cross-entropy over that slot's tokens that have a target (NaN for a slot
-    with none, as PEFT's mean over nothing). Slots without rows get NaN too; callers only read their own."""
-    keep = (targets != NO_TARGET).nonzero(as_tuple=True)
-    per_token = nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
-    sums = per_token.new_zeros(capacity).index_add(0, slots[keep], per_token)
-    counts = torch.bincount(slots[keep], minlength=capacity).to(sums.dtype)
+class TokenLosses(torch.autograd.Function):
+    """Next-token cross-entropy of each row of `hidden` through a frozen output projection `weight`, a chunk
+    of tokens at a time, so the [tokens, vocabulary] logits (50k wide for SmolLM2) never exist whole.
+    The loss's gradient with respect to `hidden`, (softmax - onehot) @ weight, is computed in the same pass
+    and scaled in backward by each token's incoming gradient: the same FLOPs as autograd, a fraction of the
+    memory. A token whose incoming gradient is zero gets exactly zero, even if its loss is not finite."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        grads = torch.empty_like(hidden)
+        for start in range(0, len(hidden), chunk):
+            part = slice(start, start + chunk)
+            logits = (hidden[part] @ weight.T).float()
+            target = targets[part]
+            log_z = logits.logsumexp(-1)
+            losses[part] = log_z - logits.gather(1, target[:, None]).squeeze(1)
+            probs = logits.sub_(log_z[:, None]).exp_()
+            probs[torch.arange(len(target), device=probs.device), target] -= 1
+            grads[part] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grads)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        (grads,) = ctx.saved_tensors
+        scale = grad_losses[:, None].to(grads.dtype)
+        return torch.where(scale != 0, grads * scale, 0), None, None, None
+
+
+def token_losses(lm: LM, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Cross-entropy per token of `hidden` [tokens, width] against `targets` [tokens]: chunked through the
+    frozen bias-free output projection of plain causal LMs, through the model's own head otherwise."""
+    head = lm.model.get_output_embeddings()
+    config = lm.model.config
+    plain = (
+        isinstance(head, nn.Linear)
+        and head.bias is None
+        and not head.weight.requires_grad
+        and getattr(config, "final_logit_softcapping", None) is None
+        and getattr(config, "logit_scale", None) is None
+    )
+    if plain:
+        return TokenLosses.apply(hidden, head.weight, targets, chunk)
+    return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def adapter_losses(losses: torch.Tensor, slots: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Per slot, the mean of its tokens' losses (NaN for a slot with none, as PEFT's mean over nothing).
+    Slots without rows get NaN too; callers only read their own."""
+    sums = losses.new_zeros(capacity).index_add(0, slots, losses)
+    counts = torch.bincount(slots, minlength=capacity).to(sums.dtype)
     return sums / counts
-
-
-class MaskedAdamW:
-    """torch.optim.AdamW's update (same formula and order of operations) over stacked [K, ...] parameters,
-    applied only to the slots named at each step. Each slot keeps its own step count, so an adapter that had
-    no batch, or failed, does not move and its moments do not drift."""
-
-    def __init__(
-        self,
-        params: list[nn.Parameter],
-        lr: float,
-        weight_decay: float,
-        betas: tuple[float, float] = (0.9, 0.999),  # torch.optim.AdamW's defaults, as LoraUpdater uses
-        eps: float = 1e-8,
-    ):
-        self.params, self.lr, self.weight_decay, self.betas, self.eps = params, lr, weight_decay, betas, eps
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.steps = [0] * params[0].shape[0]
-
-    @torch.no_grad()
-    def step(self, slots: list[int]) -> None:
-        by_step: dict[int, list[int]] = {}
-        for slot in slots:
-            self.steps[slot] += 1
-            by_step.setdefault(self.steps[slot], []).append(slot)
-        beta1, beta2 = self.betas
-        for step, group in by_step.items():
-            index = torch.tensor(group, device=self.params[0].device)
-            step_size = self.lr / (1 - beta1**step)
-            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-            moments = zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True)
-            for param, exp_avg_all, exp_avg_sq_all in moments:
-                value, grad = param.index_select(0, index), param.grad.index_select(0, index)
-                exp_avg = exp_avg_all.index_select(0, index)
-                exp_avg_sq = exp_avg_sq_all.index_select(0, index)
-                if self.weight_decay != 0:
-                    value.mul_(1 - self.lr * self.weight_decay)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-                value.addcdiv_(exp_avg, denom, value=-step_size)
-                param.index_copy_(0, index, value)
-                exp_avg_all.index_copy_(0, index, exp_avg)
-                exp_avg_sq_all.index_copy_(0, index, exp_avg_sq)
-
-    def zero_grad(self) -> None:
-        for param in self.params:
-            param.grad = None
 
 
 @dataclass
@@ -256,6 +259,19 @@ class _Step:
     offset: int  # index of the step's first sequence in the epoch's shuffled order (LoraUpdater's `step`)
     rows: list[list[int]]
     ends_epoch: bool
+
+
+@dataclass
+class _Running:
+    """A job training in a slot."""
+
+    index: int  # the job's position in the list given to `train`
+    plan: list[_Step]
+    optimizer: torch.optim.Optimizer
+    result: UpdateResult
+    started: float
+    done: int = 0  # steps taken
+    losses: list[float] = field(default_factory=list)  # this epoch's step losses
 
 
 class MultiLoraUpdater:
@@ -274,6 +290,7 @@ class MultiLoraUpdater:
                 f"packed training needs model.attn_implementation in {PACKABLE_ATTENTION}, got {attention!r}"
             )
         self.lm, self.cfg, self.capacity, self.pack_length = lm, cfg, capacity, pack_length
+        self.slots_in_use = capacity  # halved when a step runs out of memory
         self.routing = AdapterRouting()
         targets = [
             (name, module)
@@ -288,7 +305,9 @@ class MultiLoraUpdater:
             layer = MultiLoraLinear(module.requires_grad_(False), capacity, cfg, self.routing)
             setattr(lm.model.get_submodule(parent_name), child, layer)
             self.layers.append((name, layer))
-        self.params = [p for _, layer in self.layers for p in (layer.lora_A, layer.lora_B)]
+
+    def slot_parameters(self, slot: int) -> list[nn.Parameter]:
+        return [p for _, layer in self.layers for p in (layer.lora_A[slot], layer.lora_B[slot])]
 
     @contextlib.contextmanager
     def _adapted(self, ids: torch.Tensor) -> Iterator[None]:
@@ -299,14 +318,6 @@ class MultiLoraUpdater:
             yield
         finally:
             self.routing.set(None)
-
-    def train(self, jobs: list[UpdateJob]) -> list[TrainedAdapter]:
-        """One adapter per job, `capacity` jobs trained at a time. A failed update (non-finite loss, out of
-        memory) is recorded in its result and carries no weights; the other jobs go on."""
-        adapters: list[TrainedAdapter] = []
-        for start in range(0, len(jobs), self.capacity):
-            adapters += self._train_chunk(jobs[start : start + self.capacity])
-        return adapters
 
     def _plan(self, job: UpdateJob) -> list[_Step]:
         """The job's steps in the order LoraUpdater takes them: same tokens, same shuffles, same batches."""
@@ -322,77 +333,115 @@ class MultiLoraUpdater:
                 steps.append(_Step(epoch, offset, rows, ends_epoch=offset + cfg.batch_size >= len(order)))
         return steps
 
-    @torch.no_grad()
-    def _reset(self, jobs: list[UpdateJob]) -> None:
-        """Slot k gets the adapter LoraUpdater.reset(jobs[k].seed) makes: PEFT's init, layer by layer."""
-        for slot, job in enumerate(jobs):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(job.seed)
-                for _, layer in self.layers:
-                    nn.init.kaiming_uniform_(layer.lora_A.data[slot], a=math.sqrt(5))
-                    layer.lora_B.data[slot].zero_()
+    def _start(self, slot: int, index: int, job: UpdateJob) -> _Running:
+        """Slot `slot` gets the adapter LoraUpdater.reset(job.seed) makes (PEFT's init, layer by layer) and a
+        fresh AdamW, as LoraUpdater gives each job."""
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(job.seed)
+            for _, layer in self.layers:
+                nn.init.kaiming_uniform_(layer.lora_A[slot], a=math.sqrt(5))
+                layer.lora_B[slot].zero_()
+        params = self.slot_parameters(slot)
+        for param in params:
+            param.grad = None
+        # foreach: one fused update over the slot's ~400 small tensors (the same arithmetic as LoraUpdater's).
+        optimizer = torch.optim.AdamW(
+            params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, foreach=True
+        )
+        return _Running(index, self._plan(job), optimizer, UpdateResult(job.key), time.perf_counter())
 
-    def _train_chunk(self, jobs: list[UpdateJob]) -> list[TrainedAdapter]:
-        lm = self.lm
-        start = time.perf_counter()
-        results = [UpdateResult(job.key) for job in jobs]
-        plans = [self._plan(job) for job in jobs]
-        for result, plan in zip(results, plans, strict=True):
-            if not plan:
-                result.error = "no training sequences"
-        self._reset(jobs)
-        optimizer = MaskedAdamW(self.params, self.cfg.lr, self.cfg.weight_decay)
-        epoch_losses: list[list[float]] = [[] for _ in jobs]
-        lm.model.train()
+    def train(self, jobs: list[UpdateJob], progress: str | None = None) -> list[TrainedAdapter]:
+        """One adapter per job. Up to `capacity` jobs train together, one packed forward/backward per step;
+        when a job ends its slot takes the next job, so the slots stay busy. A failed update (non-finite
+        loss) is recorded in its result and carries no weights; the other jobs go on. A step that runs out
+        of memory halves the slots in use and restarts the jobs that were in it; with one slot left, the job
+        fails with "out of memory"."""
+        adapters: list[TrainedAdapter | None] = [None] * len(jobs)
+        queue = deque(range(len(jobs)))
+        running: dict[int, _Running] = {}  # slot -> job
+        bar = tqdm(total=len(jobs), desc=progress, disable=progress is None, leave=False)
+
+        def finish(slot: int, error: str | None = None) -> None:
+            job = running.pop(slot)
+            job.result.error = error
+            job.result.seconds = time.perf_counter() - job.started
+            state = None if error else self._state(slot)
+            adapters[job.index] = TrainedAdapter(jobs[job.index].key, job.result, state)
+            bar.update()
+
+        self.lm.model.train()
         try:
-            for s in range(max(len(plan) for plan in plans)):
-                slots = [k for k in range(len(jobs)) if results[k].error is None and s < len(plans[k])]
-                if not slots:
-                    break
-                rows = [row for k in slots for row in plans[k][s].rows]
-                row_slots = [k for k in slots for _ in plans[k][s].rows]
-                batch = pack_rows(rows, row_slots, lm, self.pack_length)
-                with self._adapted(batch.slots), lm.autocast():
-                    logits = lm.model(
-                        input_ids=batch.ids,
-                        attention_mask=batch.attention_mask,
-                        position_ids=batch.positions,
-                        use_cache=False,
-                    ).logits
-                losses = adapter_losses(logits, batch.targets, batch.slots, self.capacity)
-                values = losses.tolist()
-                trained = []
-                for k in slots:
-                    if math.isfinite(values[k]):
-                        trained.append(k)
-                    else:
-                        at = plans[k][s]
-                        error = f"non-finite loss {values[k]} at epoch {at.epoch}, step {at.offset}"
-                        results[k].error = error
-                if trained:
-                    losses[trained].sum().backward()
-                    optimizer.step(trained)
-                    optimizer.zero_grad()
-                for k in trained:
-                    results[k].tokens += sum(len(row) - 1 for row in plans[k][s].rows)  # tokens with a target
-                    epoch_losses[k].append(values[k])
-                    if plans[k][s].ends_epoch:
-                        results[k].epoch_losses.append(sum(epoch_losses[k]) / len(epoch_losses[k]))
-                        epoch_losses[k] = []
-        except torch.OutOfMemoryError:
-            for result in results:
-                result.error = "out of memory"
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            while queue or running:
+                for slot in range(self.slots_in_use):
+                    if slot not in running and queue:
+                        index = queue.popleft()
+                        running[slot] = self._start(slot, index, jobs[index])
+                        if not running[slot].plan:
+                            finish(slot, "no training sequences")
+                if not running:
+                    continue
+                try:
+                    self._step(running, finish)
+                except torch.OutOfMemoryError:
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    if len(running) == 1:
+                        finish(next(iter(running)), "out of memory")
+                        continue
+                    self.slots_in_use = max(1, min(self.slots_in_use, len(running)) // 2)
+                    log.warning("out of memory with %d adapters: now %d", len(running), self.slots_in_use)
+                    queue.extendleft(sorted((job.index for job in running.values()), reverse=True))
+                    running.clear()
         finally:
-            lm.model.eval()
-            optimizer.zero_grad()
-        seconds = time.perf_counter() - start
-        adapters = []
-        for slot, (job, result) in enumerate(zip(jobs, results, strict=True)):
-            result.seconds = seconds
-            adapters.append(TrainedAdapter(job.key, result, None if result.error else self._state(slot)))
+            self.lm.model.eval()
+            for slot in range(self.capacity):
+                for param in self.slot_parameters(slot):
+                    param.grad = None
+            bar.close()
         return adapters
+
+    def _step(self, running: dict[int, _Running], finish: Callable[..., None]) -> None:
+        """One optimiser step of every running job, in one packed forward/backward."""
+        lm = self.lm
+        while running:
+            slots = sorted(running)
+            steps = {k: running[k].plan[running[k].done] for k in slots}
+            rows = [row for k in slots for row in steps[k].rows]
+            batch = pack_rows(rows, [k for k in slots for _ in steps[k].rows], lm, self.pack_length)
+            keep = batch.targets != NO_TARGET
+            with self._adapted(batch.slots), lm.autocast():
+                hidden = lm.model.base_model(
+                    input_ids=batch.ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.positions,
+                    use_cache=False,
+                ).last_hidden_state
+                losses = adapter_losses(
+                    token_losses(lm, hidden[keep], batch.targets[keep]), batch.slots[keep], self.capacity
+                )
+            values = losses.tolist()
+            failed = [k for k in slots if not math.isfinite(values[k])]
+            for k in failed:
+                at = steps[k]
+                finish(k, f"non-finite loss {values[k]} at epoch {at.epoch}, step {at.offset}")
+            if failed:
+                # The failed rows' activations may hold NaN, and 0 x NaN is NaN in attention's backward:
+                # the others' step is computed again without them.
+                continue
+            losses[slots].sum().backward()
+            for k in slots:
+                job = running[k]
+                job.optimizer.step()
+                job.optimizer.zero_grad(set_to_none=True)
+                job.result.tokens += sum(len(row) - 1 for row in steps[k].rows)  # tokens with a target
+                job.losses.append(values[k])
+                if steps[k].ends_epoch:
+                    job.result.epoch_losses.append(sum(job.losses) / len(job.losses))
+                    job.losses = []
+                job.done += 1
+                if job.done == len(job.plan):
+                    finish(k)
+            return
 
     def _state(self, slot: int) -> dict[str, torch.Tensor]:
         """The slot's weights on CPU under PEFT's keys, so LoraUpdater.applied accepts them too."""
@@ -446,20 +495,65 @@ class MultiLoraUpdater:
     def _generation_batches(
         self, order: list[int], adapters: list[TrainedAdapter | None], batch_size: int
     ) -> Iterator[list[int]]:
-        """Consecutive runs of `order`, each at most `batch_size` prompts and `capacity` distinct adapters."""
+        """Consecutive runs of `order`, each at most `batch_size` prompts and `capacity` distinct adapters,
+        with each adapter's prompts side by side (one routing run per adapter)."""
+
+        def grouped(batch: list[int]) -> list[int]:
+            rank: dict[int, int] = {}
+            for i in batch:
+                rank.setdefault(id(adapters[i]), len(rank))
+            return sorted(batch, key=lambda i: rank[id(adapters[i])])
+
         batch: list[int] = []
         distinct: set[int] = set()
         for i in order:
             adapter = adapters[i]
             new = adapter is not None and id(adapter) not in distinct
             if batch and (len(batch) == batch_size or (new and len(distinct) == self.capacity)):
-                yield batch
+                yield grouped(batch)
                 batch, distinct = [], set()
             batch.append(i)
             if adapter is not None:
                 distinct.add(id(adapter))
         if batch:
-            yield batch
+            yield grouped(batch)
+
+
+def slot_bytes(lm: LM, cfg: AdaptConfig) -> int:
+    """Estimated memory one more adapter slot needs while training: its float32 weights, gradients and two
+    AdamW moments, plus the activations kept for backward for one step's rows (batch_size rows of
+    max_length tokens). Per token and layer a Llama-style block keeps about 10 hidden-size and 3
+    intermediate-size vectors (inputs of the projections and norms, attention and MLP products)."""
+    config = lm.model.config
+    adapter = sum(
+        cfg.rank * (module.in_features + module.out_features)
+        for name, module in lm.model.named_modules()
+        if isinstance(module, nn.Linear) and _is_target(name, cfg.target_modules)
+    )
+    width = getattr(config, "intermediate_size", 4 * config.hidden_size)
+    per_token = config.num_hidden_layers * (10 * config.hidden_size + 3 * width) * lm.model.dtype.itemsize
+    return 4 * 4 * adapter + cfg.batch_size * cfg.max_length * per_token
+
+
+def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
+    """`cfg.max_adapters`, or fewer if that many would not fit in `cfg.memory_budget_mb` (0: auto)."""
+    budget = cfg.memory_budget_mb * MB
+    if budget <= 0:
+        if lm.device.type == "cuda":
+            budget = 0.9 * torch.cuda.mem_get_info(lm.device)[0]
+        else:
+            budget = 0.8 * psutil.virtual_memory().available
+    per_slot = slot_bytes(lm, cfg)
+    capacity = max(1, min(cfg.max_adapters, int(budget // per_slot)))
+    if capacity < cfg.max_adapters:
+        log.info(
+            "%d adapters at a time, not %d: about %.0f MB each, budget %.0f MB",
+            capacity,
+            cfg.max_adapters,
+            per_slot / MB,
+            budget / MB,
+        )
+    return capacity
 
 
 def _is_target(name: str, targets: list[str]) -> bool:

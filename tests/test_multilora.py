@@ -86,10 +86,36 @@ def test_batched_training_equals_training_each_job_alone(sequential):
     assert all(len(a.result.epoch_losses) == CFG["epochs"] for a in adapters)
 
 
-def test_jobs_beyond_capacity_go_in_chunks_and_out_of_memory_fails_only_its_chunk(sequential, monkeypatch):
+def test_jobs_beyond_capacity_wait_for_a_free_slot(sequential):
     _, alone = sequential
-    updater = batched(capacity=2)
-    real_forward, calls = updater.lm.model.forward, []
+    for got, want in zip(batched(capacity=2).train(JOBS), alone, strict=True):
+        assert_same_adapter(got, want)
+
+
+def test_out_of_memory_halves_the_slots_and_restarts_their_jobs(sequential, monkeypatch):
+    _, alone = sequential
+    updater = batched(capacity=3)
+    decoder = updater.lm.model.base_model
+    real_forward, slots_seen = decoder.forward, []
+
+    def forward(*args, **kwargs):
+        slots_seen.append(len(updater.routing.runs))
+        if len({s for s, _ in updater.routing.runs if s >= 0}) > 1:  # more than one adapter "does not fit"
+            raise torch.OutOfMemoryError("simulated")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", forward)
+    adapters = updater.train(JOBS)
+    assert updater.slots_in_use == 1 and slots_seen[0] == 3
+    for got, want in zip(adapters, alone, strict=True):
+        assert_same_adapter(got, want)
+
+
+def test_out_of_memory_with_one_slot_fails_that_job_only(sequential, monkeypatch):
+    _, alone = sequential
+    updater = batched(capacity=1)
+    decoder = updater.lm.model.base_model
+    real_forward, calls = decoder.forward, []
 
     def forward(*args, **kwargs):
         calls.append(1)
@@ -97,10 +123,10 @@ def test_jobs_beyond_capacity_go_in_chunks_and_out_of_memory_fails_only_its_chun
             raise torch.OutOfMemoryError("simulated")
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(updater.lm.model, "forward", forward)
+    monkeypatch.setattr(decoder, "forward", forward)
     one, three, five = updater.train(JOBS)
-    for failed in (one, three):
-        assert failed.result.error == "out of memory" and failed.state is None
+    assert one.result.error == "out of memory" and one.state is None
+    assert_same_adapter(three, alone[1])
     assert_same_adapter(five, alone[2])
 
 
@@ -203,13 +229,14 @@ def test_a_packed_row_gets_the_logits_it_gets_alone(attention):
 @pytest.mark.parametrize("pack_length", [512, 160])
 def test_rows_of_very_different_lengths_pack_tightly_and_train_as_alone(sequential_mixed, pack_length):
     updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG), capacity=4, pack_length=pack_length)
-    real_forward, packed = updater.lm.model.forward, []
+    decoder = updater.lm.model.base_model
+    real_forward, packed = decoder.forward, []
 
     def forward(*args, **kwargs):
         packed.append(kwargs["input_ids"].numel())
         return real_forward(*args, **kwargs)
 
-    updater.lm.model.forward = forward
+    decoder.forward = forward
     adapters = updater.train(MIXED_JOBS)
     for got, want in zip(adapters, sequential_mixed, strict=True):
         assert_same_adapter(got, want)
@@ -221,3 +248,15 @@ def test_rows_of_very_different_lengths_pack_tightly_and_train_as_alone(sequenti
     if pack_length == 512:
         assert packed == [sum(lengths)] * CFG["epochs"]  # one sequence: no padding at all
     assert all(tokens <= 2 * 160 < padded / 3 for tokens in packed)
+
+
+def test_capacity_fits_the_memory_budget():
+    lm = tiny_fp32()
+    cfg = AdaptConfig(**CFG, max_adapters=6)
+    per_slot = multilora.slot_bytes(lm, cfg)
+    assert per_slot > 0
+    fit = lambda mb: multilora.fit_capacity(lm, dataclasses.replace(cfg, memory_budget_mb=mb))  # noqa: E731
+    assert fit(1e6) == 6  # plenty: max_adapters
+    assert fit(2.5 * per_slot / multilora.MB) == 2
+    assert fit(1e-6) == 1  # never fewer than one
+    assert 1 <= multilora.fit_capacity(lm, cfg) <= 6  # auto: from the available memory

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from seal.adapt import TrainedAdapter, UpdateJob, Updater, make_updater
 from seal.config import Config, DataConfig, SelfEditConfig, TaskConfig
 from seal.grading import accuracy_summary, make_grader
@@ -301,24 +299,33 @@ def inner_loops(
     grade: Callable[[str, str, str], bool],
     meter: PhaseMeter,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """Update and evaluate every (passage, condition), `adapt.max_adapters` adapters at a time: one batched
-    training pass, then one generation call for all their questions. Returns graded rows and inner-loop
+    """Update and evaluate every (passage, condition): a chunk of jobs trained together (`adapt.max_adapters`
+    at a time), then one generation call for all their questions. Returns graded rows and inner-loop
     metrics. A failed update is recorded (its questions count as wrong) and the others go on."""
     updater = make_updater(lm, cfg.adapt)
     rows: dict[str, list[dict[str, Any]]] = {c: [] for c in conditions}
     losses: dict[str, list[float]] = {c: [] for c in conditions}
     tokens, failures = 0, 0
-    per_chunk = max(1, cfg.adapt.max_adapters // len(conditions))
+    # Adapters wait on the CPU between their update and their evaluation: a chunk of 4 x max_adapters jobs
+    # keeps the slots busy (a finished job's slot takes the next) without holding every adapter at once.
+    per_chunk = max(1, 4 * cfg.adapt.max_adapters // len(conditions))
     pairs = list(zip(passages, edits, strict=True))
     start = time.perf_counter()
-    for at in tqdm(range(0, len(pairs), per_chunk), desc="update + eval"):
+    for at in range(0, len(pairs), per_chunk):
         todo = [(passage, edit, c) for passage, edit in pairs[at : at + per_chunk] for c in conditions]
+        done = f"{at + len(todo) // len(conditions)}/{len(pairs)} passages"
         with meter.phase("update"):
-            adapters = updater.train([update_job(cfg, passage, edit, c) for passage, edit, c in todo])
+            jobs = [update_job(cfg, passage, edit, c) for passage, edit, c in todo]
+            adapters = updater.train(jobs, progress=f"updates ({done})")
         trained = [(p, a) for (p, _, _), a in zip(todo, adapters, strict=True) if a.result.error is None]
         with meter.phase("eval"):
             answers = answer(
-                lm, cfg.task, [p for p, _ in trained], updater=updater, adapters=[a for _, a in trained]
+                lm,
+                cfg.task,
+                [p for p, _ in trained],
+                desc=f"answers ({done})",
+                updater=updater,
+                adapters=[a for _, a in trained],
             )
         answers_of = {id(a): ans for (_, a), ans in zip(trained, answers, strict=True)}
         for (passage, _, condition), adapter in zip(todo, adapters, strict=True):

@@ -1,0 +1,362 @@
+"""`make bench` (`python -m seal.bench`): the inner loop, a naive reference against ours, on the same work.
+
+The work: K self-edits written by the model for a few passages; each is one inner loop, a LoRA update on the
+passage plus the self-edit, then the closed-book evaluation of that passage's questions.
+
+- naive: how the original code runs it. For every self-edit a fresh model is loaded and wrapped with PEFT,
+  trained in fp32 with a plain loop over padded batches, then asked the questions on its own.
+- ours: the configured updater (`adapt.batch_adapters`, autocast where the hardware has fast bf16): all K
+  adapters trained in one packed forward/backward per step, all their questions in one generation call.
+
+Both run in this process, one after the other, with the same jobs (sequences, seeds, epochs). Peak memory of
+one adapter against K adapters is measured in fresh child processes, so neither sees the other's heap.
+Results are printed and written to `bench.results_dir` as JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import hydra
+import psutil
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, Updater, make_updater
+from seal.config import Config
+from seal.grading import make_grader
+from seal.memory import PhaseMeter
+from seal.models import LM, load_model
+from seal.self_edit import training_sequences
+from seal.tasks.knowledge import Passage, answer, derive_seed, load_passages, write_self_edits
+from seal.train import setup_runtime
+
+log = logging.getLogger(__name__)
+# Update FLOPs per trained token. A matmul costs 2 FLOPs per weight per token forward; the base weights are
+# frozen, so backward computes the activations' gradient (2 more) but not the weights': 4 per weight. The
+# LoRA matrices and attention scores are left out, so the figure slightly undercounts the work done.
+FLOP_FORMULA = "update FLOPs = 4 x {params:,} matmul weights (output projection included) x trained tokens"
+
+
+@dataclass
+class BenchConfig:
+    passages: int = 2  # evaluation passages of the task's data
+    self_edits_per_passage: int = 2  # K = passages x self_edits_per_passage
+    memory_probe: bool = True  # peak memory of 1 vs K adapters, each in a fresh child process
+    probe_epochs: int = 1  # the probes' epochs: peak memory is reached in the first
+    peak_matmul_size: int = 4096  # largest square matmul tried when measuring the peak FLOP/s
+    results_dir: str = "benchmarks/results"
+
+
+@dataclass
+class BenchRunConfig(Config):
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+ConfigStore.instance().store(name="seal_bench_schema", node=BenchRunConfig)
+
+
+# ---------------------------------------------------------------- the machine
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, size: int, seconds: float = 1.0) -> float:
+    """Achieved FLOP/s of square matmuls in `dtype`, doubling from 256 up to `size` while one takes under
+    0.2 s (a dtype the hardware only emulates is measured small instead of for minutes); the best rate."""
+    best, n = 0.0, 256
+    while n <= size:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b  # warm-up (kernel selection, first-touch allocation)
+        took, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            _sync(device)
+            start = time.perf_counter()
+            a @ b
+            _sync(device)
+            took = time.perf_counter() - start
+            best = max(best, 2 * n**3 / took)
+        if took > 0.2:
+            break
+        n *= 2
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_parameters(lm: LM) -> int:
+    """Weights that multiply every token: the base model's linear layers, the output projection included."""
+    return sum(
+        module.weight.numel()
+        for name, module in lm.model.named_modules()
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name
+    )
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": psutil.cpu_count(logical=False),
+        "threads": torch.get_num_threads(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+# ---------------------------------------------------------------- the work
+
+
+def bench_jobs(cfg: Config, lm: LM) -> tuple[list[Passage], list[UpdateJob]]:
+    """The passages and one update job per self-edit (K = passages x self_edits_per_passage)."""
+    passages = load_passages(replace(cfg.data, n_eval=cfg.bench.passages, n_train=0)).eval
+    per = cfg.bench.self_edits_per_passage
+    owners = [p for p in passages for _ in range(per)]
+    seeds = [derive_seed(cfg.seed, "bench", p.title, i % per) for i, p in enumerate(owners)]
+    edits = write_self_edits(lm, cfg.self_edit, owners, seeds)
+    jobs = [
+        UpdateJob(
+            key=f"{p.title}#{i % per}",
+            sequences=training_sequences(
+                p.title, p.context, edit, cfg.self_edit.split, include_passage=cfg.adapt.include_passage
+            ),
+            seed=derive_seed(cfg.seed, "bench-adapter", p.title, i % per),
+        )
+        for i, (p, edit) in enumerate(zip(owners, edits, strict=True))
+    ]
+    return owners, jobs
+
+
+def correct_counts(cfg: Config, owners: list[Passage], answers: list[list[str]]) -> list[int]:
+    grade = make_grader(cfg.task.grader, cfg.task.f1_threshold)
+    return [
+        sum(grade(q.question, q.answer, a) for q, a in zip(p.questions, ans, strict=True))
+        for p, ans in zip(owners, answers, strict=True)
+    ]
+
+
+def run_naive(cfg: Config, owners: list[Passage], jobs: list[UpdateJob]) -> dict[str, Any]:
+    """A fresh fp32 PEFT model per self-edit, trained alone, then asked its questions alone."""
+    meter = PhaseMeter(torch.device("cpu"))
+    model_cfg = replace(cfg.model, autocast=False, dtype="float32")
+    answers: list[list[str]] = []
+    adapters: list[TrainedAdapter] = []
+    for passage, job in zip(owners, jobs, strict=True):
+        with meter.phase("load"):
+            lm = load_model(model_cfg, cfg.paths.cache_dir, seed=cfg.seed)
+            updater = LoraUpdater(lm, cfg.adapt)
+        meter.device = lm.device
+        with meter.phase("update"):
+            adapters += updater.train([job])
+        with meter.phase("eval"):
+            answers += answer(lm, cfg.task, [passage], updater=updater, adapters=adapters[-1:])
+        del lm, updater
+    return summarise("naive", cfg, owners, adapters, answers, meter)
+
+
+def run_ours(cfg: Config, lm: LM, owners: list[Passage], jobs: list[UpdateJob]) -> dict[str, Any]:
+    """The configured updater: all jobs in as few batched passes as `adapt.max_adapters` allows."""
+    meter = PhaseMeter(lm.device)
+    with meter.phase("load"):
+        updater: Updater = make_updater(lm, cfg.adapt)
+    with meter.phase("update"):
+        adapters = updater.train(jobs)
+    with meter.phase("eval"):
+        answers = answer(lm, cfg.task, owners, updater=updater, adapters=adapters)
+    return summarise("ours", cfg, owners, adapters, answers, meter)
+
+
+def summarise(
+    name: str,
+    cfg: Config,
+    owners: list[Passage],
+    adapters: list[TrainedAdapter],
+    answers: list[list[str]],
+    meter: PhaseMeter,
+) -> dict[str, Any]:
+    failed = [a.key for a in adapters if a.result.error]
+    if failed:
+        raise RuntimeError(f"{name}: updates failed, the comparison would be meaningless: {failed}")
+    seconds = sum(meter.seconds.values())
+    tokens = sum(a.result.tokens for a in adapters)
+    correct = correct_counts(cfg, owners, answers)
+    questions = sum(len(p.questions) for p in owners)
+    return {
+        "self_edits": len(adapters),
+        "seconds": {phase: round(s, 2) for phase, s in meter.seconds.items()},
+        "self_edits_per_hour": 3600 * len(adapters) / seconds,
+        "update_tokens": tokens,
+        "update_tokens_per_s": tokens / meter.seconds["update"],
+        "peak_mb": {phase: round(mb, 1) for phase, mb in meter.peak_mb.items()},
+        "final_losses": [round(a.result.epoch_losses[-1], 4) for a in adapters],
+        "correct": correct,
+        "accuracy": sum(correct) / questions,
+        "answers": answers,
+    }
+
+
+# ---------------------------------------------------------------- memory of 1 vs K adapters
+
+
+def memory_probe(dict_cfg: dict[str, Any], jobs: list[UpdateJob]) -> dict[str, Any]:
+    """In a child process: load the model, train `jobs` together once, return the update's peak memory."""
+    cfg: BenchRunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchRunConfig), dict_cfg))
+    setup_runtime(cfg)
+    lm = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
+    meter = PhaseMeter(lm.device)
+    updater = make_updater(lm, replace(cfg.adapt, epochs=cfg.bench.probe_epochs, max_adapters=len(jobs)))
+    with meter.phase("idle"):
+        pass
+    with meter.phase("update"):
+        adapters = updater.train(jobs)
+    errors = [a.result.error for a in adapters if a.result.error]
+    if errors:
+        raise RuntimeError(f"memory probe with {len(jobs)} adapters failed: {errors}")
+    return {"baseline_mb": meter.peak_mb["idle"], "peak_mb": meter.peak_mb["update"]}
+
+
+def probe(dict_cfg: DictConfig, jobs: list[UpdateJob]) -> dict[str, Any]:
+    """`memory_probe` in a fresh process (its errors are raised here)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(memory_probe, OmegaConf.to_container(dict_cfg, resolve=True), jobs).result()
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def bench(dict_cfg: DictConfig) -> dict[str, Any]:
+    cfg: BenchRunConfig = OmegaConf.to_object(dict_cfg)
+    setup_runtime(cfg)
+    lm = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
+    device = lm.device
+    peaks = {
+        str(dtype).removeprefix("torch."): matmul_peak(dtype, device, cfg.bench.peak_matmul_size)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    params = matmul_parameters(lm)
+    log.info("writing %d x %d self-edits", cfg.bench.passages, cfg.bench.self_edits_per_passage)
+    owners, jobs = bench_jobs(cfg, lm)
+    log.info("ours: %d adapters, batch_adapters=%s", len(jobs), cfg.adapt.batch_adapters)
+    ours = run_ours(cfg, lm, owners, jobs)
+    log.info("naive reference: %d fresh PEFT models", len(jobs))
+    naive = run_naive(cfg, owners, jobs)
+    for result in (naive, ours):
+        flops = 4 * params * result["update_tokens_per_s"]
+        result["update_flops_per_s"] = flops
+        result["mfu"] = {dtype: flops / peak for dtype, peak in peaks.items()}
+    memory = None
+    if cfg.bench.memory_probe:
+        one, many = probe(dict_cfg, jobs[:1]), probe(dict_cfg, jobs)
+        memory = {"1": one, str(len(jobs)): many, "ratio": many["peak_mb"] / one["peak_mb"]}
+    record = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "model": cfg.model.name,
+        "device": str(device),
+        "autocast": str(lm.autocast_dtype),
+        "k": len(jobs),
+        "epochs": cfg.adapt.epochs,
+        "matmul_peak_flops_per_s": peaks,
+        "flop_formula": FLOP_FORMULA.format(params=params),
+        "naive": naive,
+        "ours": ours,
+        "speedup_self_edits_per_hour": ours["self_edits_per_hour"] / naive["self_edits_per_hour"],
+        "same_answers": sum(
+            a == b
+            for x, y in zip(naive["answers"], ours["answers"], strict=True)
+            for a, b in zip(x, y, strict=True)
+        ),
+        "questions": sum(len(p.questions) for p in owners),
+        "memory": memory,
+        "config": OmegaConf.to_container(dict_cfg, resolve=True),
+    }
+    out = Path(cfg.bench.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    path = out / f"{stamp}_{cfg.model.name}_{device.type}.json"
+    path.write_text(json.dumps(record, indent=2))
+    report(record, path)
+    return record
+
+
+def report(record: dict[str, Any], path: Path) -> None:
+    console = Console()
+    peaks = record["matmul_peak_flops_per_s"]
+    console.print(
+        f"[bold]{record['machine']['cpu']}[/] · {record['machine'].get('gpu', 'no GPU')} · "
+        f"{record['machine']['threads']} threads · autocast {record['autocast']}"
+    )
+    console.print(
+        "measured matmul peak: " + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in peaks.items())
+    )
+    console.print(record["flop_formula"])
+    table = Table(title=f"inner loop: {record['k']} self-edits, {record['epochs']} epochs")
+    table.add_column("")
+    table.add_column("naive")
+    table.add_column("ours")
+    table.add_column("ours / naive")
+    naive, ours = record["naive"], record["ours"]
+
+    def row(label: str, a: float, b: float, fmt: str, ratio: bool = True) -> None:
+        table.add_row(label, format(a, fmt), format(b, fmt), f"{b / a:.2f}x" if ratio and a else "")
+
+    row("self-edits per hour", naive["self_edits_per_hour"], ours["self_edits_per_hour"], ".1f")
+    row("update tokens/s", naive["update_tokens_per_s"], ours["update_tokens_per_s"], ".1f")
+    row("update GFLOP/s", naive["update_flops_per_s"] / 1e9, ours["update_flops_per_s"] / 1e9, ".1f")
+    for dtype in peaks:
+        row(f"MFU vs {dtype} peak", naive["mfu"][dtype], ours["mfu"][dtype], ".1%", ratio=False)
+    for phase in ("load", "update", "eval"):
+        row(f"{phase} s", naive["seconds"].get(phase, 0), ours["seconds"].get(phase, 0), ".1f")
+    row("peak memory, update (MB)", naive["peak_mb"]["update"], ours["peak_mb"]["update"], ".0f")
+    row("accuracy (questions right)", naive["accuracy"], ours["accuracy"], ".3f", ratio=False)
+    console.print(table)
+    console.print(
+        f"same answer to {record['same_answers']}/{record['questions']} questions; "
+        f"correct per self-edit: naive {naive['correct']}, ours {ours['correct']}"
+    )
+    memory = record["memory"]
+    if memory:
+        k = str(record["k"])
+        console.print(
+            f"peak memory of one update pass (fresh process): 1 adapter {memory['1']['peak_mb']:.0f} MB, "
+            f"{k} adapters {memory[k]['peak_mb']:.0f} MB, ratio {memory['ratio']:.2f} "
+            f"(model loaded, idle: {memory['1']['baseline_mb']:.0f} MB)"
+        )
+    console.print(f"written to {path}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    bench(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""`python -m seal.bench` on the tiny model: both methods run the same jobs; the record holds the figures."""
+
+import json
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from seal.bench import FLOP_FORMULA, bench
+from tests.conftest import CACHE_DIR, CONF_DIR
+
+
+def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="bench",
+            overrides=[
+                "model=tiny",
+                f"paths.output_dir={tmp_path}",
+                f"paths.cache_dir={CACHE_DIR}",
+                f"bench.results_dir={tmp_path / 'results'}",
+                "bench.passages=1",
+                "bench.self_edits_per_passage=2",
+                "bench.peak_matmul_size=256",
+                "adapt.epochs=2",
+                "self_edit.max_new_tokens=24",
+                "task.max_new_tokens=8",
+                "model.autocast=false",  # fp32 on any device: naive and ours then answer alike
+            ],
+        )
+    OmegaConf.set_struct(cfg, True)
+    record = bench(cfg)
+    [path] = (tmp_path / "results").glob("*.json")
+    assert json.loads(path.read_text())["ours"]["update_tokens"] == record["ours"]["update_tokens"]
+    naive, ours = record["naive"], record["ours"]
+    assert record["k"] == naive["self_edits"] == ours["self_edits"] == 2
+    # The same jobs: the same trained tokens, and (fp32, same seeds) the same losses and answers.
+    assert naive["update_tokens"] == ours["update_tokens"] > 0
+    assert naive["final_losses"] == [round(x, 4) for x in naive["final_losses"]]
+    for a, b in zip(naive["final_losses"], ours["final_losses"], strict=True):
+        assert abs(a - b) < 1e-3
+    assert record["same_answers"] == record["questions"] == 10
+    assert set(record["matmul_peak_flops_per_s"]) == {"float32", "bfloat16"}
+    assert all(v > 0 for v in record["matmul_peak_flops_per_s"].values())
+    params = int(record["flop_formula"].split(" x ")[1].split()[0].replace(",", ""))
+    assert record["flop_formula"] == FLOP_FORMULA.format(params=params)
+    assert ours["update_flops_per_s"] == 4 * params * ours["update_tokens_per_s"]
+    assert record["speedup_self_edits_per_hour"] > 0
+    memory = record["memory"]
+    assert memory["1"]["peak_mb"] > memory["1"]["baseline_mb"] > 0
+    assert memory["ratio"] == memory["2"]["peak_mb"] / memory["1"]["peak_mb"]
