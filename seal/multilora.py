@@ -495,28 +495,27 @@ class MultiLoraUpdater:
     def _generation_batches(
         self, order: list[int], adapters: list[TrainedAdapter | None], batch_size: int
     ) -> Iterator[list[int]]:
-        """Consecutive runs of `order`, each at most `batch_size` prompts and `capacity` distinct adapters,
-        with each adapter's prompts side by side (one routing run per adapter)."""
+        """`order` cut into batches of at most `batch_size` prompts and `capacity` distinct adapters, each
+        adapter's prompts side by side (one routing run per adapter)."""
 
-        def grouped(batch: list[int]) -> list[int]:
-            rank: dict[int, int] = {}
-            for i in batch:
-                rank.setdefault(id(adapters[i]), len(rank))
-            return sorted(batch, key=lambda i: rank[id(adapters[i])])
-
+        # Each adapter's prompts together (keeping the length order within them), so that a batch is cut
+        # for a new adapter only once `capacity` adapters are in it.
+        rank: dict[int, int] = {}
+        for i in order:
+            rank.setdefault(id(adapters[i]), len(rank))
         batch: list[int] = []
         distinct: set[int] = set()
-        for i in order:
+        for i in sorted(order, key=lambda i: rank[id(adapters[i])]):
             adapter = adapters[i]
             new = adapter is not None and id(adapter) not in distinct
             if batch and (len(batch) == batch_size or (new and len(distinct) == self.capacity)):
-                yield grouped(batch)
+                yield batch
                 batch, distinct = [], set()
             batch.append(i)
             if adapter is not None:
                 distinct.add(id(adapter))
         if batch:
-            yield grouped(batch)
+            yield batch
 
 
 def slot_bytes(lm: LM, cfg: AdaptConfig) -> int:

@@ -260,3 +260,17 @@ def test_capacity_fits_the_memory_budget():
     assert fit(2.5 * per_slot / multilora.MB) == 2
     assert fit(1e-6) == 1  # never fewer than one
     assert 1 <= multilora.fit_capacity(lm, cfg) <= 6  # auto: from the available memory
+
+
+def test_generation_batches_hold_capacity_adapters_each_with_their_prompts_together():
+    updater = batched(capacity=2)
+    made = [TrainedAdapter(str(k), None, {}) for k in range(4)]
+    adapters = [made[i % 4] for i in range(12)] + [None, None]  # interleaved, as a length sort leaves them
+    batches = list(updater._generation_batches(list(range(14)), adapters, batch_size=64))
+    assert sorted(i for b in batches for i in b) == list(range(14))
+    assert len(batches) == 2  # 4 adapters at 2 per batch; the base rows need no slot
+    for batch in batches:
+        keys = [None if adapters[i] is None else adapters[i].key for i in batch]
+        assert len({k for k in keys if k is not None}) <= 2
+        runs = [k for j, k in enumerate(keys) if j == 0 or keys[j - 1] != k]
+        assert len(runs) == len(set(runs))  # one run per adapter
