@@ -231,7 +231,7 @@ def memory_probe(dict_cfg: dict[str, Any], jobs: list[UpdateJob]) -> dict[str, A
     lm = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
     meter = PhaseMeter(lm.device)
     updater = make_updater(lm, replace(cfg.adapt, epochs=cfg.bench.probe_epochs, max_adapters=len(jobs)))
-    with meter.phase("idle"):
+    with meter.phase("idle"):  # the model and K empty slots, before training: RSS on CPU, allocated on CUDA
         pass
     with meter.phase("update"):
         adapters = updater.train(jobs)

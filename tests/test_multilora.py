@@ -92,21 +92,29 @@ def test_jobs_beyond_capacity_wait_for_a_free_slot(sequential):
         assert_same_adapter(got, want)
 
 
-def test_out_of_memory_halves_the_slots_and_restarts_their_jobs(sequential, monkeypatch):
-    _, alone = sequential
-    updater = batched(capacity=3)
+def simulate_out_of_memory(monkeypatch, updater: MultiLoraUpdater, fail) -> list[int]:
+    """The decoder's forward raises OutOfMemoryError when fail(call number, adapters in the step) holds.
+    Returns the adapters of each call so far."""
     decoder = updater.lm.model.base_model
-    real_forward, slots_seen = decoder.forward, []
+    real_forward, calls = decoder.forward, []
 
     def forward(*args, **kwargs):
-        slots_seen.append(len(updater.routing.runs))
-        if len({s for s, _ in updater.routing.runs if s >= 0}) > 1:  # more than one adapter "does not fit"
+        calls.append(len({slot for slot, _ in updater.routing.runs if slot >= 0}))
+        if fail(len(calls), calls[-1]):
             raise torch.OutOfMemoryError("simulated")
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(decoder, "forward", forward)
+    return calls
+
+
+def test_out_of_memory_halves_the_slots_and_restarts_their_jobs(sequential, monkeypatch):
+    _, alone = sequential
+    updater = batched(capacity=3)
+    # More than one adapter in a step "does not fit".
+    adapters_seen = simulate_out_of_memory(monkeypatch, updater, lambda call, adapters: adapters > 1)
     adapters = updater.train(JOBS)
-    assert updater.slots_in_use == 1 and slots_seen[0] == 3
+    assert updater.slots_in_use == 1 and adapters_seen[0] == 3
     for got, want in zip(adapters, alone, strict=True):
         assert_same_adapter(got, want)
 
@@ -114,16 +122,7 @@ def test_out_of_memory_halves_the_slots_and_restarts_their_jobs(sequential, monk
 def test_out_of_memory_with_one_slot_fails_that_job_only(sequential, monkeypatch):
     _, alone = sequential
     updater = batched(capacity=1)
-    decoder = updater.lm.model.base_model
-    real_forward, calls = decoder.forward, []
-
-    def forward(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("simulated")
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(decoder, "forward", forward)
+    simulate_out_of_memory(monkeypatch, updater, lambda call, adapters: call == 1)
     one, three, five = updater.train(JOBS)
     assert one.result.error == "out of memory" and one.state is None
     assert_same_adapter(three, alone[1])
