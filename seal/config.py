@@ -53,6 +53,9 @@ class DataConfig:
 @dataclass
 class TaskConfig:
     name: str = "knowledge"
+    # single: every evaluation passage gets its own update (the paper's main setting) | cpt: one adapter on
+    # the union of all passages (+ self-edits) | continual: passages edited in sequence, merged after each.
+    mode: str = "single"
     conditions: list[str] = field(default_factory=lambda: ["base", "passage", "self_edit"])
     grader: str = "contains"  # contains | exact | f1 | judge
     f1_threshold: float = 0.5  # an f1 answer counts as correct at or above this

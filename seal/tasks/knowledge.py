@@ -230,6 +230,10 @@ def graded_rows(
 
 def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, Any]:
     """Evaluate every configured condition on the evaluation passages; return the summary metrics."""
+    if cfg.task.mode != "single":
+        from seal.tasks import knowledge_modes  # cpt and continual build on this module's pieces
+
+        return knowledge_modes.run(cfg, lm, tracker, meter)
     conditions = list(cfg.task.conditions)
     unknown = sorted(set(conditions) - set(CONDITIONS))
     if unknown:
