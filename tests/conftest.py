@@ -16,6 +16,9 @@ from seal.models import LM, load_model
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CACHE_DIR = os.environ.get("SEAL_CACHE_DIR", str(Path.home() / ".cache" / "seal"))
+# `SEAL_TEST_DEVICE=cuda pytest` runs the same tests on a GPU, in fp32 without autocast so that the
+# equivalence tolerances keep their meaning.
+DEVICE = os.environ.get("SEAL_TEST_DEVICE", "cpu")
 
 register_configs()
 torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -43,6 +46,9 @@ TINY_OVERRIDES = (
     "adapt.epochs=2",
     "self_edit.max_new_tokens=24",
     "task.max_new_tokens=8",
+    f"model.device={DEVICE}",
+    "model.dtype=float32",
+    "model.autocast=false",
 )
 
 
@@ -54,7 +60,8 @@ def load_tiny(seed: int = 0) -> LM:
         num_attention_heads=4,
         num_key_value_heads=2,
     )
-    return load_model(ModelConfig(name="tiny", tiny=shape), CACHE_DIR, seed=seed)
+    model_cfg = ModelConfig(name="tiny", tiny=shape, device=DEVICE, dtype="float32", autocast=False)
+    return load_model(model_cfg, CACHE_DIR, seed=seed)
 
 
 @pytest.fixture(scope="session")

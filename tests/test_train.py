@@ -7,7 +7,7 @@ import pytest
 from seal import multilora
 from seal.tracking import read_offline_run
 from seal.train import train
-from tests.conftest import TINY_OVERRIDES, make_cfg
+from tests.conftest import DEVICE, TINY_OVERRIDES, make_cfg
 
 KEYS = [f"knowledge/{c}/{m}" for c in ("base", "passage", "self_edit") for m in ("accuracy", "n", "ci95")] + [
     f"{kind}/{p}" for p in ("generate", "update", "eval") for kind in ("time", "mem")
@@ -36,7 +36,7 @@ def test_run_writes_every_record(tiny_run):
     assert summary == json.loads(json.dumps(metrics))
     for key in KEYS:
         assert _has(summary, key), key
-    assert summary["mem/device"].startswith("cpu")
+    assert summary["mem/device"].startswith(DEVICE)
     assert summary["knowledge/base/n"] == 10  # 2 passages x 5 questions
     assert (run_dir / "config.yaml").read_text().count("tiny") >= 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
