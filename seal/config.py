@@ -139,6 +139,9 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
+    # CUDA: deterministic kernels (torch.use_deterministic_algorithms), so one seed repeats exactly there
+    # too, at some cost in speed. CPU kernels here are deterministic already.
+    deterministic: bool = True
     # Threads for CPU matmuls; 0 = one per physical core.
     num_threads: int = 0
 

@@ -31,6 +31,11 @@ register_configs()
 def setup_runtime(cfg: Config) -> None:
     """Seeds and threads: the same config on the same machine repeats exactly."""
     torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        # cuBLAS needs a fixed workspace for repeatable results; read when its first handle is made.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an op without a deterministic CUDA kernel warns (naming itself) instead of failing.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     threads = cfg.num_threads or psutil.cpu_count(logical=False) or 1
     torch.set_num_threads(threads)
 
