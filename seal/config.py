@@ -77,6 +77,10 @@ class SelfEditConfig:
     top_p: float = 0.95
     max_new_tokens: int = 256
     batch_size: int = 8
+    # model: the model writes its self-edits | file: read them from `path` (JSONL of {"title", "self_edit"}),
+    # e.g. written by a larger model; reported as the `external` condition.
+    source: str = "model"
+    path: str | None = None
 
 
 @dataclass
@@ -107,8 +111,38 @@ class AdaptConfig:
 
 
 @dataclass
+class SFTConfig:
+    """The generator's fine-tuning on kept self-edits (paper: LoRA rank 64, alpha 128, lr 3e-4, 2 epochs)."""
+
+    rank: int = 64
+    alpha: int = 128
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    lr: float = 3e-4
+    epochs: int = 2
+    batch_size: int = 4
+    max_length: int = 1024  # prompt + self-edit tokens
+
+
+@dataclass
 class RLConfig:
-    name: str = "none"
+    name: str = "none"  # none | rest_em
+    rounds: int = 2
+    # Training passages per round, different each round: round k takes data's training passages
+    # [(k-1)*n, k*n), wrapping around when there are fewer than rounds x n.
+    passages_per_round: int = 4
+    samples: int = 3  # K self-edits sampled per passage (self_edit.temperature / top_p)
+    repeats: int = 1  # inner loops per self-edit, each with its own adapter seed; the reward is their mean
+    # accuracy: post-update accuracy on the passage's questions | gain: minus the `passage` baseline's
+    reward: str = "accuracy"
+    # null: keep the best of K whenever its reward is above 0 | a number: also require it to beat the passage
+    # baseline's accuracy by this margin (runs the baseline inner loop)
+    accept_margin: float | None = None
+    # updated: the model whose inner loops are rewarded is the fine-tuned generator itself (the paper's
+    # choice, and ours) | golden: inner loops start from the original weights; only the generator learns
+    learner: str = "updated"
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 @dataclass
@@ -139,6 +173,9 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
+    # auto: a run directory that already holds rounds/ continues from them (same W&B run, finished inner
+    # loops reused) | never: such a directory is an error (choose another hydra.run.dir)
+    resume: str = "auto"
     # CUDA: deterministic kernels (torch.use_deterministic_algorithms), so one seed repeats exactly there
     # too, at some cost in speed. CPU kernels here are deterministic already.
     deterministic: bool = True

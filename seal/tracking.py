@@ -33,11 +33,25 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 class Tracker:
-    def __init__(self, run_dir: str | Path, cfg: LoggerConfig, config: dict[str, Any], name: str):
+    def __init__(
+        self, run_dir: str | Path, cfg: LoggerConfig, config: dict[str, Any], name: str, resume: bool = False
+    ):
+        """`resume`: the run directory holds an interrupted run; history continues after its last row and
+        W&B resumes the same run (its id is kept in `wandb_run_id`)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.step = 0
+        if resume and self.metrics_path.exists():
+            self.step = len(self.rows())
+        else:
+            self.metrics_path.unlink(missing_ok=True)
+        id_path = self.run_dir / "wandb_run_id"
+        if resume and id_path.exists():
+            self.run_id = id_path.read_text().strip()
+        else:
+            self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+            id_path.write_text(self.run_id + "\n")
         self.wandb_run = None
         if cfg.name == "wandb" and cfg.mode != "disabled":
             import wandb
@@ -51,9 +65,26 @@ class Tracker:
                 name=name,
                 dir=str(self.run_dir),
                 config=config,
+                id=self.run_id,
+                resume="allow",
             )
         elif cfg.name not in ("wandb", "none"):
             raise ValueError(f"unknown logger {cfg.name!r}: expected wandb or none")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The history rows written so far (a line cut short by a kill is skipped)."""
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: skipping a truncated line", self.metrics_path)
+        return rows
+
+    def has_row(self, key: str, value: Any) -> bool:
+        return any(row.get(key) == value for row in self.rows())
 
     def log(self, metrics: dict[str, Any]) -> None:
         """One history row: appended to metrics.jsonl and sent to W&B at the same step."""

@@ -40,6 +40,39 @@ def setup_runtime(cfg: Config) -> None:
     torch.set_num_threads(threads)
 
 
+# What may change when a stopped run is continued: where things go and how they are logged, and the number
+# of RL rounds (a finished run can be extended).
+RESUMABLE_CHANGES = ("paths", "logger", "resume", "num_threads", "hydra")
+
+
+def check_resume(cfg: Config, run_dir: Path, config: dict[str, Any]) -> bool:
+    """True when `run_dir` holds a stopped (or finished) run to continue: cached inner loops and finished
+    rounds are read back. Only a run of the same configuration may be continued."""
+    if cfg.resume not in ("auto", "never"):
+        raise ValueError(f"unknown resume {cfg.resume!r}: expected auto or never")
+    if not (run_dir / "rounds").is_dir():
+        return False
+    if cfg.resume == "never":
+        raise ValueError(
+            f"{run_dir} holds an earlier run; continue it with resume=auto or choose another directory"
+        )
+
+    def relevant(c: dict[str, Any]) -> dict[str, Any]:
+        c = {k: v for k, v in c.items() if k not in RESUMABLE_CHANGES}
+        c["rl"] = {k: v for k, v in c.get("rl", {}).items() if k != "rounds"}
+        return c
+
+    before = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    if relevant(before) != relevant(config):
+        changed = sorted(k for k in relevant(config) if relevant(before).get(k) != relevant(config).get(k))
+        raise ValueError(
+            f"{run_dir} holds a run with another configuration (differs in {changed}); "
+            "choose another hydra.run.dir"
+        )
+    log.info("resuming the run in %s", run_dir)
+    return True
+
+
 def run_name(cfg: Config) -> str:
     return f"{cfg.task.name}-{cfg.model.name}-{cfg.self_edit.name}-rl_{cfg.rl.name}-seed{cfg.seed}"
 
@@ -51,9 +84,11 @@ def train(dict_cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"unknown task {cfg.task.name!r}: expected one of {sorted(TASKS)}")
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(dict_cfg, resolve=True)
+    resume = check_resume(cfg, run_dir, config)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dict_cfg, resolve=True))
     setup_runtime(cfg)
-    tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(dict_cfg, resolve=True), run_name(cfg))
+    tracker = Tracker(run_dir, cfg.logger, config, run_name(cfg), resume=resume)
     failed = True
     try:
         meter = PhaseMeter(torch.device("cuda" if cfg.model.device.startswith("cuda") else "cpu"))

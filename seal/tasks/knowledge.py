@@ -13,8 +13,8 @@ import importlib.resources
 import json
 import logging
 import random
+import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from seal.adapt import TrainedAdapter, UpdateJob, Updater, make_updater
 from seal.config import Config, DataConfig, SelfEditConfig, TaskConfig
 from seal.grading import accuracy_summary, make_grader
 from seal.memory import PhaseMeter
-from seal.models import LM, generate
+from seal.models import LM, generate, load_model
+from seal.rl import RoundStore, apply_adapter, copy_base_weights, rng_state, select, set_rng_state, sft_merge
 from seal.self_edit import self_edit_prompt, training_sequences
 from seal.tracking import Tracker
 
@@ -225,11 +226,171 @@ def graded_rows(
     return rows
 
 
+def read_external_edits(path: str | None, passages: list[Passage]) -> list[str]:
+    """Self-edits written elsewhere (`self_edit.source=file`): JSONL rows {"title", "self_edit"}, one per
+    evaluation passage, matched by title."""
+    if not path:
+        raise DataError("self_edit.source=file needs self_edit.path=FILE (JSONL of title and self_edit)")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"{file}: no such self-edit file (self_edit.path)")
+    by_title: dict[str, str] = {}
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{file}: line {n}: invalid JSON: {err.msg}") from err
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("title", "self_edit")):
+            raise DataError(f'{file}: line {n}: expected {{"title": str, "self_edit": str}}')
+        by_title[row["title"].strip()] = row["self_edit"]
+    missing = [p.title for p in passages if p.title not in by_title]
+    if missing:
+        raise DataError(f"{file}: no self-edit for the evaluation passages {missing}")
+    return [by_title[p.title] for p in passages]
+
+
+# ---------------------------------------------------------------- inner loops
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """One update and the evaluation of its adapter on its passage's questions."""
+
+    passage: Passage
+    condition: str  # passage (the passage alone) | self_edit | external (the passage plus `edit`)
+    edit: str | None
+    key: tuple  # (round, title, condition[, sample, repeat]): seeds the adapter and names the cached result
+
+
+def update_job(
+    cfg: Config, passage: Passage, edit: str | None, condition: str, key: tuple | None = None
+) -> UpdateJob:
+    """The update of one condition on one passage: `passage` trains on the passage alone, the others on the
+    passage plus the self-edit's items. The seed depends on the key only (default: round 0, passage,
+    condition), so a result does not depend on what else ran."""
+    return UpdateJob(
+        key=condition,
+        sequences=training_sequences(
+            passage.title,
+            passage.context,
+            edit if condition != "passage" else None,
+            cfg.self_edit.split,
+            include_passage=cfg.adapt.include_passage or condition == "passage",
+        ),
+        seed=derive_seed(cfg.seed, "adapter", *(key or (0, passage.title, condition))),
+    )
+
+
+class InnerLoops:
+    """Runs inner loops in chunks of `4 x adapt.max_adapters` jobs: the chunk's updates together (a finished
+    job's slot takes the next), then one generation call for all their questions. Each chunk's outcome is
+    cached in the round's directory, so a resumed run reads finished chunks back instead of recomputing them
+    (a chunk is recomputed whole, with the same company, so its numbers repeat exactly)."""
+
+    def __init__(self, cfg: Config, lm: LM, meter: PhaseMeter, store: RoundStore):
+        self.cfg, self.lm, self.meter, self.store = cfg, lm, meter, store
+        self.updater = make_updater(lm, cfg.adapt)
+        self.tokens, self.computed, self.seconds = 0, 0, 0.0
+
+    def run(self, loops: list[InnerLoop], round_: int, phase: str, desc: str) -> list[dict[str, Any]]:
+        """One outcome per loop: {key, title, condition, answers (None if the update failed), loss, tokens,
+        error}. A failed update (non-finite loss, out of memory) is recorded and the others go on."""
+        per_chunk = max(1, 4 * self.cfg.adapt.max_adapters)
+        outcomes: list[dict[str, Any]] = []
+        for index, at in enumerate(range(0, len(loops), per_chunk)):
+            chunk = loops[at : at + per_chunk]
+            keys = [list(loop.key) for loop in chunk]
+            cached = self.store.cached_chunk(round_, phase, index, keys)
+            if cached is None:
+                cached = self._compute(chunk, f"{desc} ({at + len(chunk)}/{len(loops)})")
+                self.store.cache_chunk(round_, phase, index, keys, cached)
+            outcomes += cached
+        return outcomes
+
+    def _compute(self, chunk: list[InnerLoop], desc: str) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        with self.meter.phase("update"):
+            jobs = [update_job(self.cfg, x.passage, x.edit, x.condition, x.key) for x in chunk]
+            adapters = self.updater.train(jobs, progress=f"updates {desc}")
+        trained = [(x, a) for x, a in zip(chunk, adapters, strict=True) if a.result.error is None]
+        with self.meter.phase("eval"):
+            answers = answer(
+                self.lm,
+                self.cfg.task,
+                [x.passage for x, _ in trained],
+                desc=f"answers {desc}",
+                updater=self.updater,
+                adapters=[a for _, a in trained],
+            )
+        answers_of = {id(a): ans for (_, a), ans in zip(trained, answers, strict=True)}
+        outcomes = []
+        for loop, adapter in zip(chunk, adapters, strict=True):
+            result = adapter.result
+            if result.error:
+                log.warning("update %s on %r failed: %s", loop.condition, loop.passage.title, result.error)
+            outcomes.append(
+                {
+                    "key": list(loop.key),
+                    "title": loop.passage.title,
+                    "condition": loop.condition,
+                    "answers": answers_of.get(id(adapter)),
+                    "loss": result.epoch_losses[-1] if result.error is None else None,
+                    "tokens": result.tokens,
+                    "error": result.error,
+                }
+            )
+            self.tokens += result.tokens
+        self.computed += len(chunk)
+        self.seconds += time.perf_counter() - start
+        return outcomes
+
+    def throughput(self) -> dict[str, float]:
+        """Of the inner loops computed in this process (not those read back from the cache)."""
+        if not self.computed:
+            return {}
+        return {
+            "throughput/update_tokens_per_s": self.tokens / max(self.meter.seconds["update"], 1e-9),
+            # An inner loop = one update and the evaluation of its adapter.
+            "throughput/self_edits_per_hour": 3600 * self.computed / self.seconds,
+        }
+
+
+def outcome_rows(loop: InnerLoop, outcome: dict[str, Any], grade) -> list[dict[str, Any]]:
+    return graded_rows(loop.condition, loop.passage, outcome["answers"], grade, outcome["error"])
+
+
+def accuracy_of(rows: list[dict[str, Any]]) -> float:
+    return sum(r["correct"] for r in rows) / len(rows) if rows else 0.0
+
+
+def condition_metrics(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    summary = accuracy_summary([r["correct"] for r in rows])
+    return {f"knowledge/{name}/{key}": summary[key] for key in ("accuracy", "n", "ci95")}
+
+
+def cached_self_edits(
+    store: RoundStore, round_: int, name: str, lm: LM, cfg: SelfEditConfig, passages: list[Passage], seeds
+) -> list[str]:
+    """`write_self_edits`, saved in the round's directory and read back on resume."""
+    saved = store.read(round_, name)
+    if saved is not None and [r["seed"] for r in saved] == list(seeds):
+        return [r["self_edit"] for r in saved]
+    edits = write_self_edits(lm, cfg, passages, seeds)
+    rows = [
+        {"title": p.title, "seed": s, "self_edit": e} for p, s, e in zip(passages, seeds, edits, strict=True)
+    ]
+    store.write(round_, name, rows)
+    return edits
+
+
 # ---------------------------------------------------------------- the run
 
 
 def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, Any]:
-    """Evaluate every configured condition on the evaluation passages; return the summary metrics."""
+    """Evaluate every configured condition on the evaluation passages (round 0); with `rl=rest_em`, then run
+    the outer loop's rounds and evaluate the trained generator's self-edits (condition `seal`)."""
     if cfg.task.mode != "single":
         from seal.tasks import knowledge_modes  # cpt and continual build on this module's pieces
 
@@ -238,113 +399,215 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
     unknown = sorted(set(conditions) - set(CONDITIONS))
     if unknown:
         raise ValueError(f"unknown task.conditions {unknown}: expected some of {list(CONDITIONS)}")
-    passages = load_passages(cfg.data).eval
+    if cfg.rl.name not in ("none", "rest_em"):
+        raise ValueError(f"unknown rl {cfg.rl.name!r}: expected none or rest_em")
+    if cfg.self_edit.source not in ("model", "file"):
+        raise ValueError(f"unknown self_edit.source {cfg.self_edit.source!r}: expected model or file")
+    rl = cfg.rl.name == "rest_em"
+    if rl and ("self_edit" not in conditions or cfg.self_edit.source != "model"):
+        raise ValueError(
+            "rl=rest_em trains the model's own self-edits: needs the self_edit condition and "
+            "self_edit.source=model"
+        )
+    split = load_passages(cfg.data)
+    passages = split.eval
     if not passages:
         raise DataError("no evaluation passages (data.n_eval=0 or an empty file)")
+    if rl and not split.train:
+        raise DataError("rl=rest_em needs training passages (data.n_train > 0)")
     log.info(
         "knowledge: %d evaluation passages, %d questions",
         len(passages),
         sum(len(p.questions) for p in passages),
     )
+    store = RoundStore(tracker.run_dir)
     grade = make_grader(cfg.task.grader, cfg.task.f1_threshold)
-    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in conditions}
+    # The generator writes self-edits; the learner (lm) is updated by the inner loops. Before RL they are
+    # the same weights; ReST-EM fine-tunes a copy, the generator (by default copied into the learner too).
+    generator = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed) if rl else lm
+    loops = InnerLoops(cfg, lm, meter, store)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    metrics: dict[str, Any] = {}
 
     if "base" in conditions:
         with meter.phase("eval"):
-            for passage, answers in zip(
-                passages, answer(lm, cfg.task, passages, "base answers"), strict=True
-            ):
-                rows["base"] += graded_rows("base", passage, answers, grade)
+            answers = answer(lm, cfg.task, passages, "base answers")
+        rows["base"] = [
+            r for p, a in zip(passages, answers, strict=True) for r in graded_rows("base", p, a, grade)
+        ]
 
+    label = "external" if cfg.self_edit.source == "file" else "self_edit"
     edits: list[str | None] = [None] * len(passages)
     if "self_edit" in conditions:
-        seeds = [derive_seed(cfg.seed, "self_edit", 0, p.title, 0) for p in passages]
-        with meter.phase("generate"):
-            edits = write_self_edits(lm, cfg.self_edit, passages, seeds)
+        if label == "external":
+            edits = read_external_edits(cfg.self_edit.path, passages)
+        else:
+            seeds = [derive_seed(cfg.seed, "self_edit", 0, p.title, 0) for p in passages]
+            with meter.phase("generate"):
+                edits = cached_self_edits(
+                    store, 0, "eval_self_edits.json", generator, cfg.self_edit, passages, seeds
+                )
         tracker.results(
-            "self_edits", [{"title": p.title, "self_edit": e} for p, e in zip(passages, edits, strict=True)]
+            "self_edits" if label == "self_edit" else "external_edits",
+            [{"title": p.title, "self_edit": e} for p, e in zip(passages, edits, strict=True)],
         )
-
-    metrics: dict[str, Any] = {}
     updated = [c for c in conditions if c != "base"]
-    if updated:
-        inner_rows, metrics = inner_loops(cfg, lm, passages, edits, updated, grade, meter)
-        rows.update(inner_rows)
-    for condition in conditions:
-        tracker.results(condition, rows[condition])
-        summary = accuracy_summary([r["correct"] for r in rows[condition]])
-        for key in ("accuracy", "n", "ci95"):
-            metrics[f"knowledge/{condition}/{key}"] = summary[key]
+    todo = [
+        InnerLoop(p, label if c == "self_edit" else c, e if c == "self_edit" else None, (0, p.title, c))
+        for p, e in zip(passages, edits, strict=True)
+        for c in updated
+    ]
+    outcomes = loops.run(todo, 0, "eval", "round 0")
+    for loop, outcome in zip(todo, outcomes, strict=True):
+        rows.setdefault(loop.condition, []).extend(outcome_rows(loop, outcome, grade))
+    for name in (c for c in dict.fromkeys([*conditions, label]) if c in rows):
+        tracker.results(name, rows[name])
+        metrics.update(condition_metrics(name, rows[name]))
+    losses: dict[str, list[float]] = {}
+    for outcome in outcomes:
+        if outcome["loss"] is not None:
+            losses.setdefault(outcome["condition"], []).append(outcome["loss"])
+    metrics.update({f"adapt/{c}/final_loss": sum(v) / len(v) for c, v in losses.items()})
+    metrics["adapt/failed_updates"] = sum(o["error"] is not None for o in outcomes)
+
+    if rl:
+        metrics["rl/round_0/eval_accuracy"] = metrics["knowledge/self_edit/accuracy"]
+        log_round(tracker, 0, {"rl/eval_accuracy": metrics["rl/round_0/eval_accuracy"]})
+        seal_rows: list[dict[str, Any]] = []
+        for k in range(1, cfg.rl.rounds + 1):
+            round_metrics, seal_rows = rest_em_round(
+                k, cfg, lm, generator, loops, store, split, grade, tracker
+            )
+            metrics.update(round_metrics)
+        if seal_rows:
+            tracker.results("seal", seal_rows)
+            metrics.update(condition_metrics("seal", seal_rows))
+        if store.reused:
+            log.info("resumed: %d inner loops read back from %s", store.reused, store.root)
+            tracker.log({"resume/reused_inner_loops": store.reused})
+    metrics.update(loops.throughput())
     return metrics
 
 
-def update_job(cfg: Config, passage: Passage, edit: str | None, condition: str) -> UpdateJob:
-    """The update of one condition on one passage: `passage` trains on the passage alone, `self_edit` on the
-    passage plus the self-edit's items. The seed depends on (run seed, round, passage, condition) only."""
-    return UpdateJob(
-        key=condition,
-        sequences=training_sequences(
-            passage.title,
-            passage.context,
-            edit if condition == "self_edit" else None,
-            cfg.self_edit.split,
-            include_passage=cfg.adapt.include_passage or condition == "passage",
-        ),
-        seed=derive_seed(cfg.seed, "adapter", 0, passage.title, condition),
-    )
+# ---------------------------------------------------------------- the outer loop
 
 
-def inner_loops(
+def round_passages(train: list[Passage], k: int, n: int) -> list[Passage]:
+    """Round k's training passages: [(k-1)*n, k*n) of the training split, wrapping around."""
+    return [train[((k - 1) * n + j) % len(train)] for j in range(min(n, len(train)))]
+
+
+def log_round(tracker: Tracker, k: int, row: dict[str, Any]) -> None:
+    """A history row for round k (the RL curve), unless a run that was stopped and resumed logged it."""
+    if not tracker.has_row("rl/round", k):
+        tracker.log({"rl/round": k, **row})
+
+
+def rest_em_round(
+    k: int,
     cfg: Config,
-    lm: LM,
-    passages: list[Passage],
-    edits: list[str | None],
-    conditions: list[str],
-    grade: Callable[[str, str, str], bool],
-    meter: PhaseMeter,
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """Update and evaluate every (passage, condition): a chunk of jobs trained together (`adapt.max_adapters`
-    at a time), then one generation call for all their questions. Returns graded rows and inner-loop
-    metrics. A failed update is recorded (its questions count as wrong) and the others go on."""
-    updater = make_updater(lm, cfg.adapt)
-    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in conditions}
-    losses: dict[str, list[float]] = {c: [] for c in conditions}
-    tokens, failures = 0, 0
-    # Adapters wait on the CPU between their update and their evaluation: a chunk of 4 x max_adapters jobs
-    # keeps the slots busy (a finished job's slot takes the next) without holding every adapter at once.
-    per_chunk = max(1, 4 * cfg.adapt.max_adapters // len(conditions))
-    pairs = list(zip(passages, edits, strict=True))
-    start = time.perf_counter()
-    for at in range(0, len(pairs), per_chunk):
-        todo = [(passage, edit, c) for passage, edit in pairs[at : at + per_chunk] for c in conditions]
-        done = f"{at + len(todo) // len(conditions)}/{len(pairs)} passages"
-        with meter.phase("update"):
-            jobs = [update_job(cfg, passage, edit, c) for passage, edit, c in todo]
-            adapters = updater.train(jobs, progress=f"updates ({done})")
-        trained = [(p, a) for (p, _, _), a in zip(todo, adapters, strict=True) if a.result.error is None]
-        with meter.phase("eval"):
-            answers = answer(
-                lm,
-                cfg.task,
-                [p for p, _ in trained],
-                desc=f"answers ({done})",
-                updater=updater,
-                adapters=[a for _, a in trained],
-            )
-        answers_of = {id(a): ans for (_, a), ans in zip(trained, answers, strict=True)}
-        for (passage, _, condition), adapter in zip(todo, adapters, strict=True):
-            tokens += adapter.result.tokens
-            if adapter.result.error:
-                failures += 1
-                log.warning("update %s on %r failed: %s", condition, passage.title, adapter.result.error)
-            else:
-                losses[condition].append(adapter.result.epoch_losses[-1])
-            answered = answers_of.get(id(adapter))
-            rows[condition] += graded_rows(condition, passage, answered, grade, adapter.result.error)
-    seconds = time.perf_counter() - start
-    metrics: dict[str, Any] = {f"adapt/{c}/final_loss": sum(v) / len(v) for c, v in losses.items() if v}
-    metrics["adapt/failed_updates"] = failures
-    metrics["throughput/update_tokens_per_s"] = tokens / max(meter.seconds["update"], 1e-9)
-    # An inner loop = one update and the evaluation of its adapter.
-    metrics["throughput/self_edits_per_hour"] = 3600 * len(pairs) * len(conditions) / seconds
-    return rows, metrics
+    learner: LM,
+    generator: LM,
+    loops: InnerLoops,
+    store: RoundStore,
+    split: Split,
+    grade,
+    tracker: Tracker,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Round k of ReST-EM: K self-edits per training passage, rewarded by their inner loops; the best kept;
+    the generator fine-tuned on them and merged; then the new generator's self-edits evaluated on the
+    evaluation passages. A finished round (its state.json) is replayed from disk instead."""
+    rl, prefix = cfg.rl, f"rl/round_{k}"
+    state = store.finished(k)
+    if state is not None:
+        adapter = store.load_adapter(k)
+        if adapter is not None:
+            apply_adapter(generator, adapter, rl.sft)
+        if rl.learner == "updated":
+            copy_base_weights(learner.model, generator.model)
+        set_rng_state(state["rng"])
+        store.reused += state["inner_loops"]
+        log_round(tracker, k, state["row"])
+        return state["metrics"], store.read(k, "eval_rows.json")
+
+    train = round_passages(split.train, k, rl.passages_per_round)
+    owners = [p for p in train for _ in range(rl.samples)]
+    seeds = [derive_seed(cfg.seed, "self_edit", k, p.title, s) for p in train for s in range(rl.samples)]
+    edits = cached_self_edits(store, k, "train_self_edits.json", generator, cfg.self_edit, owners, seeds)
+    todo = [
+        InnerLoop(p, "self_edit", edits[i * rl.samples + s], (k, p.title, "self_edit", s, r))
+        for i, p in enumerate(train)
+        for s in range(rl.samples)
+        for r in range(rl.repeats)
+    ]
+    if rl.reward == "gain" or rl.accept_margin is not None:
+        todo += [InnerLoop(p, "passage", None, (k, p.title, "passage")) for p in train]
+    outcomes = loops.run(todo, k, "train", f"round {k} rewards")
+    inner_loops = len(todo)
+    accuracy = {
+        tuple(o["key"]): accuracy_of(outcome_rows(x, o, grade)) for x, o in zip(todo, outcomes, strict=True)
+    }
+    baselines = [accuracy.get((k, p.title, "passage"), 0.0) for p in train]
+    rewards = [
+        [
+            statistics.fmean(accuracy[(k, p.title, "self_edit", s, r)] for r in range(rl.repeats))
+            - (baselines[i] if rl.reward == "gain" else 0.0)
+            for s in range(rl.samples)
+        ]
+        for i, p in enumerate(train)
+    ]
+    chosen = select(rewards, baselines if rl.accept_margin is not None else None, rl)
+    prompts = [generator.format(self_edit_prompt(cfg.self_edit.prompt, p.title, p.context)) for p in train]
+    examples = [(prompts[i], edits[i * rl.samples + s]) for i, s in enumerate(chosen.kept) if s is not None]
+    errors: dict[tuple, list[str]] = {}
+    for loop, outcome in zip(todo, outcomes, strict=True):
+        if outcome["error"]:  # a failed inner loop scores 0; its reason stays on record
+            errors.setdefault(loop.key[1:4], []).append(outcome["error"])
+    store.write(
+        k,
+        "rewards.json",
+        [
+            {
+                "title": p.title,
+                "sample": s,
+                "reward": rewards[i][s],
+                "kept": chosen.kept[i] == s,
+                "errors": errors.get((p.title, "self_edit", s), []),
+            }
+            for i, p in enumerate(train)
+            for s in range(rl.samples)
+        ],
+    )
+    store.write(k, "sft_data.json", [{"prompt": a, "completion": b} for a, b in examples])
+    diagnostics = dict(chosen.diagnostics)
+    diagnostics["self_edit_tokens_mean"] = statistics.fmean(
+        len(generator.tokenizer(e, add_special_tokens=False)["input_ids"]) for e in edits
+    )
+    diagnostics["failed_inner_loops"] = sum(o["error"] is not None for o in outcomes)
+    if examples:
+        adapter, diagnostics["sft_loss"] = sft_merge(
+            generator, examples, rl.sft, derive_seed(cfg.seed, "sft", k)
+        )
+        store.save_adapter(k, adapter)
+    else:
+        log.warning("round %d: no self-edit was accepted; the generator is unchanged", k)
+    if rl.learner == "updated":
+        copy_base_weights(learner.model, generator.model)
+
+    passages = split.eval
+    seeds = [derive_seed(cfg.seed, "self_edit", k, p.title, 0) for p in passages]
+    edits = cached_self_edits(store, k, "eval_self_edits.json", generator, cfg.self_edit, passages, seeds)
+    todo = [InnerLoop(p, "seal", e, (k, p.title, "self_edit")) for p, e in zip(passages, edits, strict=True)]
+    outcomes = loops.run(todo, k, "eval", f"round {k} evaluation")
+    inner_loops += len(todo)
+    eval_rows = [r for x, o in zip(todo, outcomes, strict=True) for r in outcome_rows(x, o, grade)]
+    store.write(k, "eval_rows.json", eval_rows)
+    summary = accuracy_summary([r["correct"] for r in eval_rows])
+    metrics = {f"{prefix}/eval_accuracy": summary["accuracy"], f"{prefix}/eval_ci95": summary["ci95"]}
+    metrics.update({f"{prefix}/{name}": value for name, value in diagnostics.items()})
+    row = {"rl/eval_accuracy": summary["accuracy"], **{f"rl/{n}": v for n, v in diagnostics.items()}}
+    log.info("round %d: eval accuracy %.3f, %s", k, summary["accuracy"], diagnostics)
+    log_round(tracker, k, row)
+    state = {"round": k, "metrics": metrics, "row": row, "inner_loops": inner_loops, "rng": rng_state()}
+    store.finish(k, {**state, "wandb_run_id": tracker.run_id})
+    return metrics, eval_rows

@@ -1,0 +1,224 @@
+"""ReST-EM, the outer loop (SEAL section 3): sample self-edits, reward each by its inner loop, keep the best,
+fine-tune the generator on what was kept, merge, repeat.
+
+This module holds the task-independent pieces:
+  select        best-of-K per item, with the acceptance rule, and the round's reward diagnostics
+  sft_merge     LoRA SFT of the generator on (prompt -> kept self-edit), loss on the completion only, merged
+  RoundStore    `rounds/round_<k>/` on disk: atomic files, a `latest` pointer, and the inner-loop cache
+                that lets a killed run resume without recomputing finished inner loops
+The task (seal/tasks/knowledge.py) decides what an item, a self-edit and a reward are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from seal.adapt import collate
+from seal.config import RLConfig, SFTConfig
+from seal.models import LM
+from seal.tracking import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- selection
+
+
+@dataclass
+class Selection:
+    kept: list[int | None]  # per item: the index of the kept sample, or None when none was accepted
+    diagnostics: dict[str, float]
+
+
+def select(rewards: list[list[float]], baselines: list[float] | None, cfg: RLConfig) -> Selection:
+    """Best of K per item (the first on ties). It is kept when its reward is above zero (rejection sampling
+    keeps successes only) and, with `rl.accept_margin` set, when its accuracy beats the item's `passage`
+    baseline by that margin. `rewards[i][s]` is item i's sample s; with `rl.reward=gain` the baseline was
+    already subtracted, so the margin applies to the reward itself."""
+    kept: list[int | None] = []
+    for i, row in enumerate(rewards):
+        best = max(range(len(row)), key=lambda s: (row[s], -s))
+        accept = row[best] > 0
+        if cfg.accept_margin is not None:
+            over = row[best] if cfg.reward == "gain" else row[best] - baselines[i]
+            accept = accept and over >= cfg.accept_margin
+        kept.append(best if accept else None)
+    flat = [r for row in rewards for r in row]
+    diagnostics = {
+        "reward_mean": statistics.fmean(flat),
+        "reward_std": statistics.pstdev(flat),
+        # How much the K samples of one item differ: with no spread there is nothing to select.
+        "reward_spread_mean": statistics.fmean(max(row) - min(row) for row in rewards),
+        "all_tied_share": statistics.fmean(float(max(row) == min(row)) for row in rewards),
+        "acceptance_rate": statistics.fmean(k is not None for k in kept),
+    }
+    return Selection(kept, diagnostics)
+
+
+# ---------------------------------------------------------------- SFT of the generator
+
+
+def _lora(cfg: SFTConfig) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=0.0,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def _sft_rows(lm: LM, examples: list[tuple[str, str]], max_length: int) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + completion + EOS, number of prompt tokens) per example."""
+    tok = lm.tokenizer
+    rows = []
+    for prompt, completion in examples:
+        head = tok(prompt, add_special_tokens=False)["input_ids"]
+        tail = tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"]
+        rows.append(((head + tail)[:max_length], len(head)))
+    return rows
+
+
+def sft_merge(
+    generator: LM, examples: list[tuple[str, str]], cfg: SFTConfig, seed: int
+) -> tuple[dict, float]:
+    """Fine-tune a fresh LoRA adapter of `generator` on (formatted prompt, completion) pairs, the loss on the
+    completion tokens only, then merge it into the generator's weights. Returns the adapter's weights (CPU;
+    `apply_adapter` merges them again on resume) and the last epoch's mean loss."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft = get_peft_model(generator.model, _lora(cfg))
+    params = [p for n, p in peft.named_parameters() if "lora_" in n]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rows = _sft_rows(generator, examples, cfg.max_length)
+    order_rng = random.Random(seed)
+    epoch_loss = math.nan
+    peft.train()
+    try:
+        for epoch in range(cfg.epochs):
+            order = list(range(len(rows)))
+            order_rng.shuffle(order)
+            losses = []
+            for at in range(0, len(order), cfg.batch_size):
+                batch = [rows[i] for i in order[at : at + cfg.batch_size]]
+                ids, mask = collate([r for r, _ in batch], generator)
+                labels = ids.masked_fill(mask == 0, -100)
+                for row, (_, prompt_len) in enumerate(batch):
+                    labels[row, :prompt_len] = -100  # the prompt is given, not learned
+                with generator.autocast():
+                    loss = peft(input_ids=ids, attention_mask=mask, labels=labels).loss
+                if not math.isfinite(loss.item()):
+                    raise RuntimeError(
+                        f"SFT of the generator: non-finite loss {loss.item()} at epoch {epoch}"
+                    )
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+            epoch_loss = sum(losses) / len(losses)
+    finally:
+        peft.eval()
+    state = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft).items()}
+    generator.model = peft.merge_and_unload().eval().requires_grad_(False)
+    return state, epoch_loss
+
+
+def apply_adapter(generator: LM, state: dict[str, torch.Tensor], cfg: SFTConfig) -> None:
+    """Merge a saved SFT adapter into the generator: the same weights `sft_merge` left, recomputed."""
+    peft = get_peft_model(generator.model, _lora(cfg))
+    set_peft_model_state_dict(peft, state)
+    generator.model = peft.merge_and_unload().eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def copy_base_weights(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Give `target` (possibly wrapped with adapters: PEFT or seal.multilora) the weights of `source` (a
+    plain model of the same architecture). Adapter parameters are left as they are."""
+    weights = dict(source.named_parameters())
+    for name, param in target.named_parameters():
+        if "lora_" in name:
+            continue
+        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if plain not in weights:
+            raise KeyError(f"no weight {plain!r} in the generator to copy into the learner's {name!r}")
+        param.copy_(weights[plain])
+
+
+# ---------------------------------------------------------------- rounds on disk
+
+
+class RoundStore:
+    """`rounds/round_<k>/` of a run directory. Every file is written atomically (temp file + rename); a
+    round is finished when its `state.json` exists, and `latest` (written last) names the last finished
+    round. Inner-loop results are cached per chunk of jobs, keyed by the jobs' keys."""
+
+    def __init__(self, run_dir: Path):
+        self.root = Path(run_dir) / "rounds"
+        self.reused = 0  # inner loops read back from the cache in this process
+
+    def dir(self, k: int) -> Path:
+        return self.root / f"round_{k}"
+
+    def exists(self) -> bool:
+        return self.root.is_dir() and any(self.root.iterdir())
+
+    def read(self, k: int, name: str) -> Any | None:
+        path = self.dir(k) / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write(self, k: int, name: str, payload: Any) -> None:
+        write_json_atomic(self.dir(k) / name, payload)
+
+    def finished(self, k: int) -> dict[str, Any] | None:
+        return self.read(k, "state.json")
+
+    def finish(self, k: int, state: dict[str, Any]) -> None:
+        self.write(k, "state.json", state)
+        tmp = self.root / ".latest.tmp"
+        tmp.write_text(f"round_{k}\n")
+        tmp.replace(self.root / "latest")
+
+    def save_adapter(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        path = self.dir(k) / "generator_adapter.safetensors"
+        tmp = path.with_name(".generator_adapter.safetensors.tmp")
+        save_file({n: t.contiguous() for n, t in state.items()}, str(tmp))
+        tmp.replace(path)
+
+    def load_adapter(self, k: int) -> dict[str, torch.Tensor] | None:
+        path = self.dir(k) / "generator_adapter.safetensors"
+        return load_file(str(path)) if path.is_file() else None
+
+    def cached_chunk(self, k: int, phase: str, index: int, keys: list[Any]) -> list[dict] | None:
+        entry = self.read(k, f"{phase}/chunk_{index:04d}.json")
+        if entry is None or entry["keys"] != json.loads(json.dumps(keys)):
+            return None
+        self.reused += len(entry["outcomes"])
+        return entry["outcomes"]
+
+    def cache_chunk(self, k: int, phase: str, index: int, keys: list[Any], outcomes: list[dict]) -> None:
+        self.write(k, f"{phase}/chunk_{index:04d}.json", {"keys": keys, "outcomes": outcomes})
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's and torch's global RNG states, as JSON (every piece of work seeds itself; these are saved so
+    that anything outside that rule also continues where it stopped)."""
+    return {"python": repr(random.getstate()), "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    version, internal, gauss = ast.literal_eval(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))

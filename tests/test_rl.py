@@ -1,0 +1,197 @@
+"""ReST-EM on the tiny real model: selection, the generator's SFT and merge, the rounds on disk, and resuming a
+run killed with SIGKILL in the middle of round 2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from seal.adapt import collate
+from seal.config import AdaptConfig, RLConfig, SFTConfig
+from seal.multilora import MultiLoraUpdater
+from seal.rl import apply_adapter, copy_base_weights, select, sft_merge
+from seal.tasks.knowledge import DataError, embedded_corpus
+from seal.train import train
+from tests.conftest import CACHE_DIR, TINY_OVERRIDES, load_tiny, make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+RL_OVERRIDES = (
+    "rl=rest_em",
+    "rl.rounds=2",
+    "rl.passages_per_round=2",
+    "rl.samples=3",
+    "rl.sft.epochs=1",
+    "data.n_train=4",
+    "adapt.max_adapters=1",  # chunks of 4 inner loops: round 2's rewards take two chunks
+)
+
+
+def test_select_keeps_the_first_best_sample_above_zero_and_reports_the_spread():
+    rewards = [[0.2, 0.6, 0.6], [0.0, 0.0, 0.0], [0.4, 0.2, 0.0]]
+    chosen = select(rewards, None, RLConfig(name="rest_em"))
+    assert chosen.kept == [1, None, 0]  # a tie goes to the first; all-zero rewards keep nothing
+    d = chosen.diagnostics
+    assert d["acceptance_rate"] == pytest.approx(2 / 3)
+    assert d["all_tied_share"] == pytest.approx(1 / 3)
+    assert d["reward_spread_mean"] == pytest.approx((0.4 + 0.0 + 0.4) / 3)
+    assert d["reward_mean"] == pytest.approx(2.0 / 9)
+    margin = RLConfig(name="rest_em", accept_margin=0.3)
+    assert select(rewards, [0.2, 0.0, 0.2], margin).kept == [1, None, None]  # 0.4 - 0.2 < 0.3
+    gain = RLConfig(name="rest_em", accept_margin=0.3, reward="gain")
+    assert select(rewards, [0.2, 0.0, 0.2], gain).kept == [1, None, 0]  # gains are compared as they are
+
+
+def _completion_nll(lm, prompt: str, completion: str) -> float:
+    tok = lm.tokenizer
+    head = tok(prompt, add_special_tokens=False)["input_ids"]
+    tail = tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"]
+    ids, mask = collate([head + tail], lm)
+    labels = ids.clone()
+    labels[0, : len(head)] = -100
+    with torch.no_grad():
+        return lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+
+
+def test_sft_merge_learns_the_completion_and_a_saved_adapter_merges_to_the_same_weights():
+    generator, replay = load_tiny(), load_tiny()
+    examples = [
+        ("Write about the Corvane cell.\n", "The Corvane cell stores sodium."),
+        ("Say hi.\n", "hi there"),
+    ]
+    before = _completion_nll(generator, *examples[0])
+    cfg = SFTConfig(rank=8, alpha=16, lr=1e-2, epochs=8, batch_size=2)
+    state, loss = sft_merge(generator, examples, cfg, seed=3)
+    assert torch.isfinite(torch.tensor(loss)) and len(state) == 2 * 2 * 7  # 2 layers x 7 projections x A, B
+    assert _completion_nll(generator, *examples[0]) < before - 0.5
+    assert not any("lora_" in n for n, _ in generator.model.named_parameters())  # merged, unwrapped
+    apply_adapter(replay, state, cfg)
+    for (name, a), (_, b) in zip(
+        generator.model.named_parameters(), replay.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_copy_base_weights_reaches_the_layers_wrapped_for_the_inner_loop():
+    source, target = load_tiny(seed=1), load_tiny(seed=2)
+    MultiLoraUpdater(target, AdaptConfig(rank=4, alpha=8), capacity=2)
+    copy_base_weights(target.model, source.model)
+    layer = target.model.model.layers[1].self_attn.q_proj
+    assert torch.equal(layer.base_layer.weight, source.model.model.layers[1].self_attn.q_proj.weight)
+    assert torch.equal(target.model.lm_head.weight, source.model.lm_head.weight)
+
+
+@pytest.fixture(scope="module")
+def rl_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("rl")
+    return run_dir, train(make_cfg(run_dir, *TINY_OVERRIDES, *RL_OVERRIDES))
+
+
+def test_rest_em_run_writes_the_curve_the_seal_condition_and_the_rounds(rl_run):
+    run_dir, metrics = rl_run
+    assert metrics["rl/round_0/eval_accuracy"] == metrics["knowledge/self_edit/accuracy"]
+    assert metrics["knowledge/seal/accuracy"] == metrics["rl/round_2/eval_accuracy"]
+    assert metrics["knowledge/seal/n"] == metrics["knowledge/self_edit/n"] == 10
+    for k in (1, 2):
+        for name in ("reward_mean", "reward_std", "reward_spread_mean", "all_tied_share", "acceptance_rate"):
+            assert 0 <= metrics[f"rl/round_{k}/{name}"] <= 1, name
+        assert metrics[f"rl/round_{k}/self_edit_tokens_mean"] > 0
+        rewards = json.loads((run_dir / f"rounds/round_{k}/rewards.json").read_text())
+        assert len(rewards) == 2 * 3
+        assert metrics[f"rl/round_{k}/reward_mean"] == pytest.approx(sum(r["reward"] for r in rewards) / 6)
+        kept = sum(r["kept"] for r in rewards)
+        sft = json.loads((run_dir / f"rounds/round_{k}/sft_data.json").read_text())
+        assert len(sft) == kept == round(2 * metrics[f"rl/round_{k}/acceptance_rate"])
+        assert (run_dir / f"rounds/round_{k}/generator_adapter.safetensors").exists() == (kept > 0)
+        assert json.loads((run_dir / f"rounds/round_{k}/state.json").read_text())["round"] == k
+    # Round 2 trains on passages that round 1 did not see.
+    titles = [
+        {r["title"] for r in json.loads((run_dir / f"rounds/round_{k}/rewards.json").read_text())}
+        for k in (1, 2)
+    ]
+    assert not titles[0] & titles[1]
+    assert (run_dir / "rounds/latest").read_text().strip() == "round_2"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = {r["rl/round"]: r["rl/eval_accuracy"] for r in rows if "rl/round" in r}
+    assert curve == {k: metrics[f"rl/round_{k}/eval_accuracy"] for k in (0, 1, 2)}
+    seal_rows = [json.loads(line) for line in (run_dir / "results/seal.jsonl").read_text().splitlines()]
+    assert sum(r["correct"] for r in seal_rows) / len(seal_rows) == metrics["knowledge/seal/accuracy"]
+
+
+def test_a_run_dir_with_another_config_is_not_resumed(rl_run):
+    run_dir, _ = rl_run
+    with pytest.raises(ValueError, match="another configuration"):
+        train(make_cfg(run_dir, *TINY_OVERRIDES, *RL_OVERRIDES, "rl.samples=2"))
+    with pytest.raises(ValueError, match="resume=auto"):
+        train(make_cfg(run_dir, *TINY_OVERRIDES, *RL_OVERRIDES, "resume=never"))
+
+
+def test_self_edits_from_a_file_are_the_external_condition(tmp_path):
+    passages = embedded_corpus().eval[:2]
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("".join(json.dumps({"title": p.title, "self_edit": p.context}) + "\n" for p in passages))
+    run_dir = tmp_path / "run"
+    metrics = train(make_cfg(run_dir, *TINY_OVERRIDES, "self_edit.source=file", f"self_edit.path={edits}"))
+    assert metrics["knowledge/external/n"] == 10 and "knowledge/self_edit/accuracy" not in metrics
+    written = [
+        json.loads(line) for line in (run_dir / "results/external_edits.jsonl").read_text().splitlines()
+    ]
+    assert [r["self_edit"] for r in written] == [p.context for p in passages]
+    edits.write_text(json.dumps({"title": passages[0].title, "self_edit": "x"}) + "\n")
+    with pytest.raises(DataError, match="no self-edit for the evaluation passages"):
+        train(
+            make_cfg(tmp_path / "run2", *TINY_OVERRIDES, "self_edit.source=file", f"self_edit.path={edits}")
+        )
+
+
+def _command(run_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "seal.train",
+        *TINY_OVERRIDES,
+        *RL_OVERRIDES,
+        "logger.mode=offline",
+        f"paths.cache_dir={CACHE_DIR}",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def _summary(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "summary.json").read_text())["metrics"]
+    return {k: v for k, v in metrics.items() if not k.startswith(("time/", "mem/", "throughput/"))}
+
+
+def test_a_run_killed_in_round_2_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "WANDB_SILENT": "true", "SEAL_OUTPUT_ROOT": str(tmp_path)}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_command(whole), check=True, cwd=ROOT, env=env, capture_output=True)
+
+    proc = subprocess.Popen(
+        _command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    first_chunk = killed / "rounds/round_2/train/chunk_0000.json"
+    while not first_chunk.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the kill: " + proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists() and not (killed / "rounds/round_2/state.json").exists()
+    run_id = (killed / "wandb_run_id").read_text()
+
+    resumed = subprocess.run(_command(killed), check=True, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert _summary(killed) == _summary(whole)
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    [reused] = [r["resume/reused_inner_loops"] for r in rows if "resume/reused_inner_loops" in r]
+    round_1 = json.loads((killed / "rounds/round_1/state.json").read_text())["inner_loops"]
+    # Round 0's 4 inner loops, all of round 1's, and at least round 2's first chunk of 4.
+    assert reused >= 4 + round_1 + 4 and f"{reused} inner loops read back" in resumed.stdout + resumed.stderr
+    assert [r["rl/round"] for r in rows if "rl/round" in r] == [0, 1, 2]  # no round logged twice
+    assert (killed / "wandb_run_id").read_text() == run_id
+    offline = sorted(p.name for p in (killed / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(run_id.strip()) for name in offline)
