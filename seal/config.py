@@ -40,8 +40,8 @@ class DataConfig:
     # `auto` means `file` when `path` is set, else `embedded`.
     source: str = "auto"
     path: str | None = None
-    n_train: int = 8
-    n_eval: int = 8
+    n_train: int = 4  # rl=rest_em: rounds x rl.passages_per_round are used
+    n_eval: int = 6
     # Files and the Hub are shuffled with Python's random.seed(shuffle_seed) before splitting: eval passages
     # first, then train passages (SEAL's rule: seed 42, first 200 = evaluation set). The embedded corpus has a
     # fixed split and is not shuffled.
@@ -131,7 +131,7 @@ class RLConfig:
     rounds: int = 2
     # Training passages per round, different each round: round k takes data's training passages
     # [(k-1)*n, k*n), wrapping around when there are fewer than rounds x n.
-    passages_per_round: int = 4
+    passages_per_round: int = 2
     samples: int = 3  # K self-edits sampled per passage (self_edit.temperature / top_p)
     repeats: int = 1  # inner loops per self-edit, each with its own adapter seed; the reward is their mean
     # accuracy: post-update accuracy on the passage's questions | gain: minus the `passage` baseline's

@@ -43,6 +43,7 @@ def make_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
 
 TINY_OVERRIDES = (
     "model=tiny",
+    "rl=none",  # tests of the outer loop (tests/test_rl.py) swap this for rl=rest_em
     "data.n_eval=2",
     "adapt.epochs=2",
     "self_edit.max_new_tokens=24",

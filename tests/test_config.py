@@ -13,7 +13,8 @@ GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in Path(CONF_DI
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_into_the_schema(tmp_path, group, option):
-    cfg = make_cfg(tmp_path, f"{group}={option}")
+    # experiment presets are not in the defaults list: they are added with +experiment=NAME
+    cfg = make_cfg(tmp_path, f"{'+' if group == 'experiment' else ''}{group}={option}")
     if group == "model" and option == "hf":
         cfg.model.name_or_path = "org/name"  # the only mandatory value of a group
     typed = OmegaConf.to_object(cfg)
@@ -23,7 +24,7 @@ def test_every_option_composes_into_the_schema(tmp_path, group, option):
 def test_default_composition(tmp_path):
     cfg = make_cfg(tmp_path)
     assert cfg.model.name == "smollm2_135m" and cfg.task.name == "knowledge"
-    assert cfg.self_edit.name == "implications" and cfg.rl.name == "none"
+    assert cfg.self_edit.name == "implications" and cfg.rl.name == "rest_em"
     assert cfg.adapt.rank == 32 and cfg.adapt.alpha == 64 and cfg.adapt.lr == pytest.approx(1e-3)
     assert list(cfg.task.conditions) == ["base", "passage", "self_edit"]
 

@@ -21,6 +21,7 @@ from seal.train import train
 from tests.conftest import CACHE_DIR, TINY_OVERRIDES, load_tiny, make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = tuple(o for o in TINY_OVERRIDES if not o.startswith("rl="))
 RL_OVERRIDES = (
     "rl=rest_em",
     "rl.rounds=2",
@@ -89,7 +90,7 @@ def test_copy_base_weights_reaches_the_layers_wrapped_for_the_inner_loop():
 @pytest.fixture(scope="module")
 def rl_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("rl")
-    return run_dir, train(make_cfg(run_dir, *TINY_OVERRIDES, *RL_OVERRIDES))
+    return run_dir, train(make_cfg(run_dir, *TINY, *RL_OVERRIDES))
 
 
 def test_rest_em_run_writes_the_curve_the_seal_condition_and_the_rounds(rl_run):
@@ -126,9 +127,9 @@ def test_rest_em_run_writes_the_curve_the_seal_condition_and_the_rounds(rl_run):
 def test_a_run_dir_with_another_config_is_not_resumed(rl_run):
     run_dir, _ = rl_run
     with pytest.raises(ValueError, match="another configuration"):
-        train(make_cfg(run_dir, *TINY_OVERRIDES, *RL_OVERRIDES, "rl.samples=2"))
+        train(make_cfg(run_dir, *TINY, *RL_OVERRIDES, "rl.samples=2"))
     with pytest.raises(ValueError, match="resume=auto"):
-        train(make_cfg(run_dir, *TINY_OVERRIDES, *RL_OVERRIDES, "resume=never"))
+        train(make_cfg(run_dir, *TINY, *RL_OVERRIDES, "resume=never"))
 
 
 def test_self_edits_from_a_file_are_the_external_condition(tmp_path):
@@ -154,7 +155,7 @@ def _command(run_dir: Path) -> list[str]:
         sys.executable,
         "-m",
         "seal.train",
-        *TINY_OVERRIDES,
+        *TINY,
         *RL_OVERRIDES,
         "logger.mode=offline",
         f"paths.cache_dir={CACHE_DIR}",

@@ -12,6 +12,7 @@ from tests.conftest import make_cfg
 def test_smollm2_one_passage_end_to_end(tmp_path):
     cfg = make_cfg(
         tmp_path,
+        "rl=none",  # the outer loop is tested on the tiny model (tests/test_rl.py) and in experiments/
         "data.n_eval=1",
         "self_edit.max_new_tokens=96",
         "adapt.epochs=3",
