@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seal import multilora
 from seal.adapt import collate
 from seal.config import AdaptConfig, RLConfig, SFTConfig
 from seal.multilora import MultiLoraUpdater
@@ -122,6 +123,18 @@ def test_rest_em_run_writes_the_curve_the_seal_condition_and_the_rounds(rl_run):
     assert curve == {k: metrics[f"rl/round_{k}/eval_accuracy"] for k in (0, 1, 2)}
     seal_rows = [json.loads(line) for line in (run_dir / "results/seal.jsonl").read_text().splitlines()]
     assert sum(r["correct"] for r in seal_rows) / len(seal_rows) == metrics["knowledge/seal/accuracy"]
+
+
+def test_failed_inner_loops_score_zero_with_their_reason_and_the_round_goes_on(tmp_path, monkeypatch):
+    real = multilora.token_losses
+    monkeypatch.setattr(multilora, "token_losses", lambda *a, **k: real(*a, **k) * float("nan"))
+    metrics = train(make_cfg(tmp_path, *TINY, *RL_OVERRIDES, "rl.rounds=1", "task.conditions=[self_edit]"))
+    assert metrics["rl/round_1/failed_inner_loops"] == 2 * 3
+    assert metrics["rl/round_1/acceptance_rate"] == 0 and "rl/round_1/sft_loss" not in metrics
+    assert not (tmp_path / "rounds/round_1/generator_adapter.safetensors").exists()
+    rewards = json.loads((tmp_path / "rounds/round_1/rewards.json").read_text())
+    assert all(r["reward"] == 0 and "non-finite loss" in r["errors"][0] for r in rewards)
+    assert metrics["knowledge/seal/accuracy"] == 0 and metrics["rl/round_1/eval_accuracy"] == 0
 
 
 def test_a_run_dir_with_another_config_is_not_resumed(rl_run):
