@@ -126,6 +126,21 @@ class LoraUpdater:
     def _state(self) -> dict[str, torch.Tensor]:
         return get_peft_model_state_dict(self.peft, adapter_name=ADAPTER)
 
+    @torch.no_grad()
+    def merge(self, adapter: TrainedAdapter) -> None:
+        """Add `adapter` into the base weights for good (W += alpha/rank * B A in every adapted layer): the
+        model alone then computes what base + adapter computed. Afterwards the base is no longer the golden
+        copy; later adapters train on top of the merged model."""
+        check_applicable([adapter])
+        for name, layer in self.peft.named_modules():
+            if isinstance(layer, LoraLayer):
+                merge_lora(
+                    layer.get_base_layer().weight,
+                    adapter.state[f"{name}.lora_A.weight"],
+                    adapter.state[f"{name}.lora_B.weight"],
+                    layer.scaling[ADAPTER],
+                )
+
     def reset(self, seed: int) -> None:
         """A fresh adapter: A random from `seed`, B zero (so training starts from the base model)."""
         with torch.random.fork_rng(devices=[]):
@@ -183,6 +198,12 @@ def check_applicable(adapters: list[TrainedAdapter | None]) -> None:
             raise ValueError(
                 f"adapter {adapter.key!r} failed to train ({adapter.result.error}); nothing to apply"
             )
+
+
+def merge_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """weight += scaling * b @ a in place, summed in float32 and rounded once to the weight's dtype."""
+    delta = scaling * (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32))
+    weight.copy_(weight.float() + delta)
 
 
 def make_updater(lm: LM, cfg: AdaptConfig) -> Updater:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seal.adapt import TrainedAdapter, UpdateJob, UpdateResult, check_applicable, tokenize
+from seal.adapt import TrainedAdapter, UpdateJob, UpdateResult, check_applicable, merge_lora, tokenize
 from seal.config import AdaptConfig
 from seal.models import LM, generate
 
@@ -456,6 +456,20 @@ class MultiLoraUpdater:
         for name, layer in self.layers:
             layer.lora_A[slot].copy_(adapter.state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             layer.lora_B[slot].copy_(adapter.state[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+
+    @torch.no_grad()
+    def merge(self, adapter: TrainedAdapter) -> None:
+        """Add `adapter` into the base weights for good (W += alpha/rank * B A in every adapted layer): the
+        model alone then computes what base + adapter computed, and later adapters train on top of it. This
+        is the one method that changes the base weights."""
+        check_applicable([adapter])
+        for name, layer in self.layers:
+            merge_lora(
+                layer.base_layer.weight,
+                adapter.state[f"{PEFT_PREFIX}{name}.lora_A.weight"],
+                adapter.state[f"{PEFT_PREFIX}{name}.lora_B.weight"],
+                layer.scaling,
+            )
 
     def generate(
         self,

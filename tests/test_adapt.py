@@ -1,5 +1,6 @@
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 
 from seal.adapt import LoraUpdater, UpdateJob
 from seal.config import AdaptConfig
@@ -96,3 +97,25 @@ def test_out_of_memory_in_one_update_does_not_stop_the_others(monkeypatch):
     first, second = up.train([UpdateJob("a", SEQS, 0), UpdateJob("b", SEQS, 1)])
     assert first.result.error == "out of memory" and first.state is None
     assert second.result.error is None and second.state is not None
+
+
+def test_merge_adds_scaled_lora_product_to_base_weights_and_keeps_the_adapted_logits():
+    up = updater()
+    [adapter] = up.train([UpdateJob("a", SEQS * 4, seed=1)])
+    ids = up.lm.tokenizer(SEQS[0], return_tensors="pt")["input_ids"].to(up.lm.device)
+    layers = {name: m for name, m in up.peft.named_modules() if isinstance(m, LoraLayer)}
+    before = {name: m.get_base_layer().weight.detach().clone() for name, m in layers.items()}
+    with torch.no_grad():
+        base = up.lm.model(input_ids=ids).logits
+        with up.applied(adapter):
+            adapted = up.lm.model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)  # the adapter matters
+    up.merge(adapter)
+    scaling = up.cfg.alpha / up.cfg.rank  # 2, so a merge that forgot the scaling fails
+    for name, layer in layers.items():
+        a, b = (adapter.state[f"{name}.lora_{x}.weight"].to(up.lm.device) for x in "AB")
+        change = layer.get_base_layer().weight.detach() - before[name]
+        torch.testing.assert_close(change, scaling * b @ a, atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        merged = up.lm.model(input_ids=ids).logits  # the model alone: adapters are off outside `applied`
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)

@@ -273,3 +273,29 @@ def test_generation_batches_hold_capacity_adapters_each_with_their_prompts_toget
         assert len({k for k in keys if k is not None}) <= 2
         runs = [k for j, k in enumerate(keys) if j == 0 or keys[j - 1] != k]
         assert len(runs) == len(set(runs))  # one run per adapter
+
+
+def test_merge_adds_scaled_lora_product_to_base_weights_and_keeps_the_adapted_logits():
+    lm = tiny_fp32()
+    updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), capacity=2)
+    _, three, _ = updater.train(JOBS)
+    ids = lm.tokenizer(SEQS[0], return_tensors="pt")["input_ids"].to(lm.device)
+    before = {name: layer.base_layer.weight.detach().clone() for name, layer in updater.layers}
+    with torch.no_grad():
+        base = lm.model(input_ids=ids).logits
+        updater._load(1, three)
+        with updater._adapted(torch.tensor([1], device=lm.device)):
+            adapted = lm.model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)  # the adapter matters
+    updater.merge(three)
+    scaling = CFG["alpha"] / CFG["rank"]  # 2, so a merge that forgot the scaling fails
+    for name, layer in updater.layers:
+        a, b = (three.state[f"{multilora.PEFT_PREFIX}{name}.lora_{x}.weight"].to(lm.device) for x in "AB")
+        change = layer.base_layer.weight.detach() - before[name]
+        torch.testing.assert_close(change, scaling * b @ a, atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        merged = lm.model(input_ids=ids).logits  # no routing: the base layers alone
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)
+    failed = TrainedAdapter("failed", three.result, None)
+    with pytest.raises(ValueError, match="failed to train"):
+        updater.merge(failed)
