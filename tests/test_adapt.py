@@ -22,7 +22,7 @@ def test_every_adapter_parameter_changes_and_base_weights_do_not():
     up = updater()
     before = weights_checksum(up.lm.model)
     up.reset(seed=7)
-    initial = {k: v.clone() for k, v in up._state().items()}
+    initial = {k: v.detach().cpu().clone() for k, v in up._state().items()}
     [adapter] = up.train([UpdateJob("a", SEQS, seed=7)])
     assert adapter.result.error is None and adapter.result.tokens > 0
     assert len(adapter.result.epoch_losses) == 2

@@ -166,7 +166,7 @@ def test_non_finite_loss_in_one_job_leaves_the_others_untouched(sequential, monk
         losses = real(*args)
         calls.append(1)
         if len(calls) == 4:  # step 3: "one" is done, "three" and "five" are in their second epoch
-            return losses + torch.tensor([0.0, 0.0, float("nan")])
+            return losses + torch.tensor([0.0, 0.0, float("nan")], device=losses.device)
         return losses
 
     monkeypatch.setattr(multilora, "adapter_losses", poisoned)
@@ -214,7 +214,7 @@ def test_a_packed_row_gets_the_logits_it_gets_alone(attention):
     assert batch.ids.shape[0] > 1 and bool((batch.slots < 0).any())
     packed = lm.model(input_ids=batch.ids, attention_mask=batch.attention_mask, position_ids=batch.positions)
     for row in rows:
-        alone = lm.model(input_ids=torch.tensor([row])).logits[0]
+        alone = lm.model(input_ids=torch.tensor([row], device=lm.device)).logits[0]
         # Each row lies whole in one packed sequence, starting where its ids appear at position 0.
         p, start = next(
             (p, t)

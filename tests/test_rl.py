@@ -1,5 +1,5 @@
-"""ReST-EM on the tiny real model: selection, the generator's SFT and merge, the rounds on disk, and resuming a
-run killed with SIGKILL in the middle of round 2."""
+"""ReST-EM on the tiny real model: selection, the generator's SFT and merge, the rounds on disk, and
+resuming a run killed with SIGKILL in the middle of round 2."""
 
 import json
 import os
