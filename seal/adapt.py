@@ -1,7 +1,8 @@
 """The inner loop: one fresh LoRA adapter per self-edit, trained on its sequences, evaluated, then dropped.
 
 `LoraUpdater` wraps the frozen model with PEFT once. Each job re-initialises the adapter from its own seed and
-trains it; its weights are kept on the CPU and applied again for evaluation. The base weights never change.
+trains it; its weights are kept on the CPU and applied again for evaluation. The base weights change only
+when `merge` is called (the continual mode) or the outer loop copies in the fine-tuned generator.
 `train` takes a batch of jobs so that a batched multi-adapter implementation can replace the loop inside it.
 """
 

@@ -277,7 +277,8 @@ class _Running:
 class MultiLoraUpdater:
     def __init__(self, lm: LM, cfg: AdaptConfig, capacity: int, pack_length: int = 512):
         """Replace the `cfg.target_modules` linear layers of `lm.model` in place with `capacity`-slot
-        MultiLoraLinear layers. The base weights are frozen and never change.
+        MultiLoraLinear layers. The base weights are frozen; only `merge` and the outer loop
+        (`seal.rl.copy_base_weights`) change them.
 
         Training packs each step's rows into sequences of `pack_length` tokens (or the longest row, if
         longer): long enough for a passage and many self-edit lines, short enough that the masked-out part
