@@ -13,6 +13,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+# Every linear projection of a Llama-style block: where LoRA adapters go by default.
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclass
 class ModelConfig:
@@ -89,9 +92,7 @@ class AdaptConfig:
     alpha: int = 64
     dropout: float = 0.0
     # All projections (see conf/adapt/lora.yaml for why; the paper adapted q/v of a 7B model).
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     lr: float = 1e-3
     epochs: int = 10
     batch_size: int = 1
@@ -116,9 +117,7 @@ class SFTConfig:
 
     rank: int = 64
     alpha: int = 128
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     lr: float = 3e-4
     epochs: int = 2
     batch_size: int = 4
