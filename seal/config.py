@@ -44,7 +44,7 @@ class DataConfig:
     source: str = "auto"
     path: str | None = None
     n_train: int = 4  # rl=rest_em: rounds x rl.passages_per_round are used
-    n_eval: int = 6
+    n_eval: int = 5
     # Files and the Hub are shuffled with Python's random.seed(shuffle_seed) before splitting: eval passages
     # first, then train passages (SEAL's rule: seed 42, first 200 = evaluation set). The embedded corpus has a
     # fixed split and is not shuffled.

@@ -472,6 +472,7 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
 
     if rl:
         metrics["rl/round_0/eval_accuracy"] = metrics["knowledge/self_edit/accuracy"]
+        metrics["rl/round_0/eval_ci95"] = metrics["knowledge/self_edit/ci95"]
         log_round(tracker, 0, {"rl/eval_accuracy": metrics["rl/round_0/eval_accuracy"]})
         seal_rows: list[dict[str, Any]] = []
         for k in range(1, cfg.rl.rounds + 1):
@@ -533,7 +534,8 @@ def rest_em_round(
     train = round_passages(split.train, k, rl.passages_per_round)
     owners = [p for p in train for _ in range(rl.samples)]
     seeds = [derive_seed(cfg.seed, "self_edit", k, p.title, s) for p in train for s in range(rl.samples)]
-    edits = cached_self_edits(store, k, "train_self_edits.json", generator, cfg.self_edit, owners, seeds)
+    with loops.meter.phase("generate"):
+        edits = cached_self_edits(store, k, "train_self_edits.json", generator, cfg.self_edit, owners, seeds)
     todo = [
         InnerLoop(p, "self_edit", edits[i * rl.samples + s], (k, p.title, "self_edit", s, r))
         for i, p in enumerate(train)
@@ -585,9 +587,10 @@ def rest_em_round(
     )
     diagnostics["failed_inner_loops"] = sum(o["error"] is not None for o in outcomes)
     if examples:
-        adapter, diagnostics["sft_loss"] = sft_merge(
-            generator, examples, rl.sft, derive_seed(cfg.seed, "sft", k)
-        )
+        with loops.meter.phase("sft"):
+            adapter, diagnostics["sft_loss"] = sft_merge(
+                generator, examples, rl.sft, derive_seed(cfg.seed, "sft", k)
+            )
         store.save_adapter(k, adapter)
     else:
         log.warning("round %d: no self-edit was accepted; the generator is unchanged", k)
@@ -596,7 +599,8 @@ def rest_em_round(
 
     passages = split.eval
     seeds = [derive_seed(cfg.seed, "self_edit", k, p.title, 0) for p in passages]
-    edits = cached_self_edits(store, k, "eval_self_edits.json", generator, cfg.self_edit, passages, seeds)
+    with loops.meter.phase("generate"):
+        edits = cached_self_edits(store, k, "eval_self_edits.json", generator, cfg.self_edit, passages, seeds)
     todo = [InnerLoop(p, "seal", e, (k, p.title, "self_edit")) for p, e in zip(passages, edits, strict=True)]
     outcomes = loops.run(todo, k, "eval", f"round {k} evaluation")
     inner_loops += len(todo)
