@@ -586,6 +586,8 @@ def rest_em_round(
         len(generator.tokenizer(e, add_special_tokens=False)["input_ids"]) for e in edits
     )
     diagnostics["failed_inner_loops"] = sum(o["error"] is not None for o in outcomes)
+    if rl.reward == "gain" or rl.accept_margin is not None:
+        diagnostics["passage_baseline_mean"] = statistics.fmean(baselines)
     if examples:
         with loops.meter.phase("sft"):
             adapter, diagnostics["sft_loss"] = sft_merge(
