@@ -17,6 +17,7 @@ from seal.adapt import collate
 from seal.config import AdaptConfig, RLConfig, SFTConfig
 from seal.multilora import MultiLoraUpdater
 from seal.rl import apply_adapter, copy_base_weights, select, sft_merge
+from seal.tasks import knowledge
 from seal.tasks.knowledge import DataError, embedded_corpus
 from seal.train import train
 from tests.conftest import CACHE_DIR, TINY_OVERRIDES, load_tiny, make_cfg
@@ -135,6 +136,25 @@ def test_failed_inner_loops_score_zero_with_their_reason_and_the_round_goes_on(t
     rewards = json.loads((tmp_path / "rounds/round_1/rewards.json").read_text())
     assert all(r["reward"] == 0 and "non-finite loss" in r["errors"][0] for r in rewards)
     assert metrics["knowledge/seal/accuracy"] == 0 and metrics["rl/round_1/eval_accuracy"] == 0
+
+
+def test_gain_reward_runs_the_passage_baseline_and_subtracts_it(tmp_path, monkeypatch):
+    # The tiny model answers nothing right; a grader that accepts every third answer gives rewards to select.
+    calls = []
+    monkeypatch.setattr(
+        knowledge, "make_grader", lambda *a: lambda q, g, p: calls.append(1) or len(calls) % 3 == 0
+    )
+    metrics = train(make_cfg(tmp_path, *TINY, *RL_OVERRIDES, "rl.rounds=1", "+experiment=rl_gain"))
+    rewards = json.loads((tmp_path / "rounds/round_1/rewards.json").read_text())
+    chunks = [json.loads(p.read_text()) for p in sorted((tmp_path / "rounds/round_1/train").glob("chunk_*"))]
+    outcomes = [o for c in chunks for o in c["outcomes"]]
+    assert sum(o["condition"] == "passage" for o in outcomes) == 2  # one baseline per training passage
+    assert 0 <= metrics["rl/round_1/passage_baseline_mean"] <= 1
+    assert metrics["rl/round_1/reward_mean"] == pytest.approx(
+        sum(r["reward"] for r in rewards) / len(rewards)
+    )
+    assert all(r["kept"] <= (r["reward"] > 0) for r in rewards)  # only positive gains are kept
+    assert any(r["reward"] < 0 for r in rewards) or any(r["reward"] > 0 for r in rewards)
 
 
 def test_a_run_dir_with_another_config_is_not_resumed(rl_run):
