@@ -56,18 +56,27 @@ class Tracker:
         if cfg.name == "wandb" and cfg.mode != "disabled":
             import wandb
 
-            self.wandb_run = wandb.init(
-                project=cfg.project,
-                entity=cfg.entity,
-                mode=cfg.mode,
-                group=cfg.group,
-                tags=list(cfg.tags),
-                name=name,
-                dir=str(self.run_dir),
-                config=config,
-                id=self.run_id,
-                resume="allow",
-            )
+            # After a kill -9 the old run's W&B service can hold its id for a few seconds more: retry.
+            for attempt in range(60):
+                try:
+                    self.wandb_run = wandb.init(
+                        project=cfg.project,
+                        entity=cfg.entity,
+                        mode=cfg.mode,
+                        group=cfg.group,
+                        tags=list(cfg.tags),
+                        name=name,
+                        dir=str(self.run_dir),
+                        config=config,
+                        id=self.run_id,
+                        resume="allow",
+                    )
+                    break
+                except Exception as err:
+                    if "in use" not in str(err) or attempt == 59:
+                        raise
+                    log.info("W&B run %s is still held by the stopped run; retrying", self.run_id)
+                    time.sleep(1)
         elif cfg.name not in ("wandb", "none"):
             raise ValueError(f"unknown logger {cfg.name!r}: expected wandb or none")
 
