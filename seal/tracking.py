@@ -56,27 +56,22 @@ class Tracker:
         if cfg.name == "wandb" and cfg.mode != "disabled":
             import wandb
 
-            # After a kill -9 the old run's W&B service can hold its id for a few seconds more: retry.
-            for attempt in range(60):
-                try:
-                    self.wandb_run = wandb.init(
-                        project=cfg.project,
-                        entity=cfg.entity,
-                        mode=cfg.mode,
-                        group=cfg.group,
-                        tags=list(cfg.tags),
-                        name=name,
-                        dir=str(self.run_dir),
-                        config=config,
-                        id=self.run_id,
-                        resume="allow",
-                    )
-                    break
-                except Exception as err:
-                    if "in use" not in str(err) or attempt == 59:
-                        raise
-                    log.info("W&B run %s is still held by the stopped run; retrying", self.run_id)
-                    time.sleep(1)
+            # A process started by another W&B process inherits its service (WANDB_SERVICE). A run killed
+            # there leaves its id open in that still-living service, and resuming it fails with "run ID
+            # ... is in use". Each run therefore starts its own service, which dies with it.
+            os.environ.pop("WANDB_SERVICE", None)
+            self.wandb_run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                mode=cfg.mode,
+                group=cfg.group,
+                tags=list(cfg.tags),
+                name=name,
+                dir=str(self.run_dir),
+                config=config,
+                id=self.run_id,
+                resume="allow",
+            )
         elif cfg.name not in ("wandb", "none"):
             raise ValueError(f"unknown logger {cfg.name!r}: expected wandb or none")
 
