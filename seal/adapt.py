@@ -12,7 +12,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraLayer
 from tqdm import tqdm
 
 from seal.config import AdaptConfig
-from seal.models import LM, generate
+from seal.models import LM, continuation_logprobs, generate
 
 ADAPTER = "inner"
 
@@ -58,6 +58,14 @@ class Updater(Protocol):
     def generate(
         self, prompts: list[str], adapters: list[TrainedAdapter | None], **kwargs: Any
     ) -> list[str]: ...
+
+    def score(
+        self,
+        prompts: list[str],
+        continuations: list[str],
+        adapters: list[TrainedAdapter | None],
+        **kwargs: Any,
+    ) -> list[tuple[float, int]]: ...
 
 
 class UpdateFailed(RuntimeError):
@@ -100,16 +108,34 @@ class LoraUpdater:
 
     def generate(self, prompts: list[str], adapters: list[TrainedAdapter | None], **kwargs: Any) -> list[str]:
         """`seal.models.generate` with adapters[i] applied to prompt i, one adapter at a time."""
+        return self._per_adapter(adapters, lambda idx: generate(self.lm, [prompts[i] for i in idx], **kwargs))
+
+    def score(
+        self,
+        prompts: list[str],
+        continuations: list[str],
+        adapters: list[TrainedAdapter | None],
+        **kwargs: Any,
+    ) -> list[tuple[float, int]]:
+        """`seal.models.continuation_logprobs` with adapters[i] applied to pair i, one adapter at a time."""
+        return self._per_adapter(
+            adapters,
+            lambda idx: continuation_logprobs(
+                self.lm, [prompts[i] for i in idx], [continuations[i] for i in idx], **kwargs
+            ),
+        )
+
+    def _per_adapter(self, adapters: list[TrainedAdapter | None], run: Callable[[list[int]], list]) -> list:
+        """`run(rows)` once per distinct adapter, on the rows that use it, with that adapter applied."""
         check_applicable(adapters)
-        outputs: list[str] = [""] * len(prompts)
+        outputs: list = [None] * len(adapters)
         groups: dict[int, list[int]] = {}
         for i, adapter in enumerate(adapters):
             groups.setdefault(id(adapter), []).append(i)
         for idx in groups.values():
             with self.applied(adapters[idx[0]]):
-                texts = generate(self.lm, [prompts[i] for i in idx], **kwargs)
-            for i, text in zip(idx, texts, strict=True):
-                outputs[i] = text
+                for i, value in zip(idx, run(idx), strict=True):
+                    outputs[i] = value
         return outputs
 
     def train(self, jobs: list[UpdateJob], progress: str | None = None) -> list[TrainedAdapter]:

@@ -125,6 +125,17 @@ class SFTConfig:
 
 
 @dataclass
+class RewardConfig:
+    # accuracy: post-update accuracy on the passage's questions | gain: minus the `passage` baseline's
+    kind: str = "accuracy"
+    # Forgetting guard (beyond SEAL; both need the reasoning probe): every rewarded update is also probed.
+    # reward -= forgetting_penalty * max(0, the learner's reasoning accuracy - the adapted model's)
+    forgetting_penalty: float = 0.0
+    # A self-edit whose update drops reasoning accuracy by more than this is never kept (null: no limit).
+    max_reasoning_drop: float | None = None
+
+
+@dataclass
 class RLConfig:
     name: str = "none"  # none | rest_em
     rounds: int = 2
@@ -133,8 +144,7 @@ class RLConfig:
     passages_per_round: int = 2
     samples: int = 3  # K self-edits sampled per passage (self_edit.temperature / top_p)
     repeats: int = 1  # inner loops per self-edit, each with its own adapter seed; the reward is their mean
-    # accuracy: post-update accuracy on the passage's questions | gain: minus the `passage` baseline's
-    reward: str = "accuracy"
+    reward: RewardConfig = field(default_factory=RewardConfig)
     # null: keep the best of K whenever its reward is above 0 | a number: also require it to beat the passage
     # baseline's accuracy by this margin (runs the baseline inner loop)
     accept_margin: float | None = None
@@ -142,6 +152,25 @@ class RLConfig:
     # choice, and ours) | golden: inner loops start from the original weights; only the generator learns
     learner: str = "updated"
     sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass
+class ReasoningConfig:
+    """The reasoning probe (seal/reasoning.py) and the prior-knowledge check (seal/forgetting.py): what an
+    update costs the model beyond the facts it learns."""
+
+    name: str = "builtin"
+    source: str = "builtin"  # builtin: a suite generated from `seed` | bigbench: `paths` | none: no probe
+    paths: list[str] = field(default_factory=list)  # BIG-bench JSON task files
+    # builtin: items of each of the six kinds | bigbench: a seeded sample of this many per file (0 = all)
+    per_task: int = 8
+    seed: int = 1234  # fixed apart from the run's seed, so every run is measured on the same items
+    normalize: bool = False  # true: compare choices by their mean log-probability per token
+    batch_size: int = 32
+    # How many of round 0's self-edit updates are also probed (a seeded sample of the evaluation passages).
+    after_update: int = 2
+    # Re-ask, after those updates, the general-knowledge questions the base model answers right.
+    prior_knowledge: bool = True
 
 
 @dataclass
@@ -169,6 +198,7 @@ class Config:
     self_edit: SelfEditConfig = field(default_factory=SelfEditConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0

@@ -255,3 +255,47 @@ def generate(
         for row, i in enumerate(idx):
             outputs[i] = tok.decode(out[row, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     return outputs
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    lm: LM,
+    prompts: list[str],
+    continuations: list[str],
+    *,
+    batch_size: int = 16,
+    batches: Callable[[list[int]], Iterable[list[int]]] | None = None,
+    context: Callable[[list[int]], contextlib.AbstractContextManager] | None = None,
+) -> list[tuple[float, int]]:
+    """For each pair, the summed log-probability of the continuation's tokens after its prompt, and how many
+    tokens it has. Prompt and continuation are tokenised apart and joined, so the continuation's tokens are
+    the same whatever the prompt. `batches` and `context` work as in `generate`."""
+    tok = lm.tokenizer
+    rows = [
+        (tok(p, add_special_tokens=False)["input_ids"], tok(c, add_special_tokens=False)["input_ids"])
+        for p, c in zip(prompts, continuations, strict=True)
+    ]
+    for i, (prompt, cont) in enumerate(rows):
+        if not prompt or not cont:
+            raise ValueError(f"pair {i} ({prompts[i]!r}, {continuations[i]!r}): both parts need a token")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    groups = (
+        list(batches(order))
+        if batches
+        else [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    )
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    for idx in groups:
+        seqs = [rows[i][0] + rows[i][1] for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs], device=lm.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=lm.device)
+        with context(idx) if context else contextlib.nullcontext(), lm.autocast():
+            logits = lm.model(input_ids=ids, attention_mask=mask).logits
+        for row, i in enumerate(idx):
+            start, n = len(rows[i][0]), len(rows[i][1])
+            # The token at position t is predicted by the logits at t - 1.
+            logp = torch.log_softmax(logits[row, start - 1 : start + n - 1].float(), dim=-1)
+            target = ids[row, start : start + n]
+            out[i] = (float(logp.gather(1, target[:, None]).sum()), n)
+    return out

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from seal.adapt import TrainedAdapter, UpdateJob, UpdateResult, check_applicable, merge_lora, tokenize
 from seal.config import AdaptConfig
-from seal.models import LM, generate
+from seal.models import LM, continuation_logprobs, generate
 
 PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its state-dict keys
 # Attention implementations that take a custom 4D mask: sdpa as booleans (True: may attend), eager as an
@@ -481,10 +481,37 @@ class MultiLoraUpdater:
         **kwargs: Any,
     ) -> list[str]:
         """As `seal.models.generate`, but prompt i is completed by base + adapters[i] (None: the base
-        model), so prompts for different adapters share batches. A batch holds at most `capacity` distinct
-        adapters."""
-        if len(adapters) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        model), so prompts for different adapters share batches."""
+        return generate(
+            self.lm,
+            prompts,
+            batch_size=batch_size,
+            **self._routed(adapters, len(prompts), batch_size),
+            **kwargs,
+        )
+
+    def score(
+        self,
+        prompts: list[str],
+        continuations: list[str],
+        adapters: list[TrainedAdapter | None],
+        *,
+        batch_size: int = 16,
+    ) -> list[tuple[float, int]]:
+        """As `seal.models.continuation_logprobs`, with pair i scored by base + adapters[i]."""
+        return continuation_logprobs(
+            self.lm,
+            prompts,
+            continuations,
+            batch_size=batch_size,
+            **self._routed(adapters, len(prompts), batch_size),
+        )
+
+    def _routed(self, adapters: list[TrainedAdapter | None], n: int, batch_size: int) -> dict[str, Callable]:
+        """`batches` and `context` for the batched calls of seal.models on `n` rows: a batch holds at most
+        `capacity` distinct adapters, each loaded into a slot; each row is routed to its adapter's slot."""
+        if len(adapters) != n:
+            raise ValueError(f"{n} rows but {len(adapters)} adapters")
         check_applicable(adapters)
 
         def route(idx: list[int]) -> contextlib.AbstractContextManager:
@@ -498,14 +525,10 @@ class MultiLoraUpdater:
                 ids.append(-1 if adapter is None else slot_of[id(adapter)])
             return self._adapted(torch.tensor(ids, device=self.lm.device))
 
-        return generate(
-            self.lm,
-            prompts,
-            batch_size=batch_size,
-            batches=lambda order: self._generation_batches(order, adapters, batch_size),
-            context=route,
-            **kwargs,
-        )
+        return {
+            "batches": lambda order: self._generation_batches(order, adapters, batch_size),
+            "context": route,
+        }
 
     def _generation_batches(
         self, order: list[int], adapters: list[TrainedAdapter | None], batch_size: int

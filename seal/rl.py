@@ -41,17 +41,27 @@ class Selection:
     diagnostics: dict[str, float]
 
 
-def select(rewards: list[list[float]], baselines: list[float] | None, cfg: RLConfig) -> Selection:
+def select(
+    rewards: list[list[float]],
+    baselines: list[float] | None,
+    cfg: RLConfig,
+    eligible: list[list[bool]] | None = None,
+) -> Selection:
     """Best of K per item (the first on ties). It is kept when its reward is above zero (rejection sampling
     keeps successes only) and, with `rl.accept_margin` set, when its accuracy beats the item's `passage`
-    baseline by that margin. `rewards[i][s]` is item i's sample s; with `rl.reward=gain` the baseline was
-    already subtracted, so the margin applies to the reward itself."""
+    baseline by that margin. `rewards[i][s]` is item i's sample s; with `rl.reward.kind=gain` the baseline
+    was already subtracted, so the margin applies to the reward itself. A sample marked not `eligible` (the
+    forgetting guard rejected it) is never kept."""
     kept: list[int | None] = []
     for i, row in enumerate(rewards):
-        best = max(range(len(row)), key=lambda s: (row[s], -s))
+        candidates = [s for s in range(len(row)) if eligible is None or eligible[i][s]]
+        if not candidates:
+            kept.append(None)
+            continue
+        best = max(candidates, key=lambda s: (row[s], -s))
         accept = row[best] > 0
         if cfg.accept_margin is not None:
-            over = row[best] if cfg.reward == "gain" else row[best] - baselines[i]
+            over = row[best] if cfg.reward.kind == "gain" else row[best] - baselines[i]
             accept = accept and over >= cfg.accept_margin
         kept.append(best if accept else None)
     flat = [r for row in rewards for r in row]
@@ -63,6 +73,8 @@ def select(rewards: list[list[float]], baselines: list[float] | None, cfg: RLCon
         "all_tied_share": statistics.fmean(float(max(row) == min(row)) for row in rewards),
         "acceptance_rate": statistics.fmean(k is not None for k in kept),
     }
+    if eligible is not None:
+        diagnostics["rejected_for_forgetting"] = sum(not ok for row in eligible for ok in row)
     return Selection(kept, diagnostics)
 
 

@@ -14,12 +14,11 @@ import hydra
 import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.table import Table
 
 from seal.config import Config, register_configs
 from seal.memory import PhaseMeter
 from seal.models import load_model
+from seal.report import report
 from seal.tasks import knowledge
 from seal.tracking import Tracker
 
@@ -100,33 +99,11 @@ def train(dict_cfg: DictConfig) -> dict[str, Any]:
         metrics["mem/device"] = meter.kind
         tracker.log(metrics)
         tracker.summary(metrics)
-        print_summary(metrics, run_dir)
+        report(metrics, run_dir)
         failed = False
         return metrics
     finally:
         tracker.finish(failed)  # also after an exception, so one failed job does not break a sweep
-
-
-def print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
-    table = Table(title=f"SEAL run · {run_dir}")
-    for column in ("condition", "accuracy ± 95% CI", "n"):
-        table.add_column(column)
-    for key in [k for k in metrics if k.endswith("/accuracy")]:
-        prefix = key[: -len("/accuracy")]  # e.g. knowledge/passage
-        table.add_row(
-            prefix.split("/", 1)[1],
-            f"{metrics[prefix + '/accuracy']:.3f} ± {metrics[prefix + '/ci95']:.3f}",
-            str(metrics[prefix + "/n"]),
-        )
-    phases = Table(title=f"phases · memory: {metrics.get('mem/device')}")
-    for column in ("phase", "time (s)", "peak memory (MB)"):
-        phases.add_column(column)
-    for key in sorted(k for k in metrics if k.startswith("time/")):
-        phase = key[len("time/") : -len("_s")]
-        phases.add_row(phase, f"{metrics[key]:.1f}", f"{metrics.get(f'mem/peak_{phase}_mb', 0):.0f}")
-    console = Console()
-    console.print(table)
-    console.print(phases)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

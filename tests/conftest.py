@@ -51,6 +51,7 @@ TINY_OVERRIDES = (
     f"model.device={DEVICE}",
     "model.dtype=float32",
     "model.autocast=false",
+    "reasoning.per_task=2",  # 12 items: the probe's code, not its precision
 )
 
 

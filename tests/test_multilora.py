@@ -9,7 +9,7 @@ import torch
 from seal import multilora
 from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, tokenize
 from seal.config import AdaptConfig
-from seal.models import LM, generate, weights_checksum
+from seal.models import LM, continuation_logprobs, generate, weights_checksum
 from seal.multilora import MultiLoraUpdater, pack, pack_rows
 from tests.conftest import load_tiny
 
@@ -299,3 +299,20 @@ def test_merge_adds_scaled_lora_product_to_base_weights_and_keeps_the_adapted_lo
     failed = TrainedAdapter("failed", three.result, None)
     with pytest.raises(ValueError, match="failed to train"):
         updater.merge(failed)
+
+
+def test_each_row_scores_with_its_own_adapter(sequential):
+    reference, adapters = sequential
+    prompts = ["The Qirra probe was built by", "Port Vellan is a", "The Corvane Sodium Cell stores energy in"]
+    conts = [" Tessaline Aerospace", " harbour town", " molten sodium"]
+    rows = [adapters[1], None, adapters[2]]
+    expected = []
+    for prompt, cont, adapter in zip(prompts, conts, rows, strict=True):
+        with reference.applied(adapter):
+            expected += continuation_logprobs(reference.lm, [prompt], [cont])
+    with reference.applied(adapters[2]):
+        assert continuation_logprobs(reference.lm, prompts[:1], conts[:1]) != expected[:1]  # adapters matter
+    updater = batched()
+    for got in (updater.score(prompts, conts, rows), reference.score(prompts, conts, rows, batch_size=2)):
+        assert [n for _, n in got] == [n for _, n in expected]
+        assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], abs=1e-4)

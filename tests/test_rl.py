@@ -14,7 +14,7 @@ import torch
 
 from seal import multilora
 from seal.adapt import collate
-from seal.config import AdaptConfig, RLConfig, SFTConfig
+from seal.config import AdaptConfig, RewardConfig, RLConfig, SFTConfig
 from seal.multilora import MultiLoraUpdater
 from seal.rl import apply_adapter, copy_base_weights, select, sft_merge
 from seal.tasks import knowledge
@@ -46,7 +46,7 @@ def test_select_keeps_the_first_best_sample_above_zero_and_reports_the_spread():
     assert d["reward_mean"] == pytest.approx(2.0 / 9)
     margin = RLConfig(name="rest_em", accept_margin=0.3)
     assert select(rewards, [0.2, 0.0, 0.2], margin).kept == [1, None, None]  # 0.4 - 0.2 < 0.3
-    gain = RLConfig(name="rest_em", accept_margin=0.3, reward="gain")
+    gain = RLConfig(name="rest_em", accept_margin=0.3, reward=RewardConfig(kind="gain"))
     assert select(rewards, [0.2, 0.0, 0.2], gain).kept == [1, None, 0]  # gains are compared as they are
 
 
@@ -155,6 +155,54 @@ def test_gain_reward_runs_the_passage_baseline_and_subtracts_it(tmp_path, monkey
     )
     assert all(r["kept"] <= (r["reward"] > 0) for r in rewards)  # only positive gains are kept
     assert any(r["reward"] < 0 for r in rewards) or any(r["reward"] > 0 for r in rewards)
+
+
+def test_select_never_keeps_a_sample_the_forgetting_guard_rejected():
+    rewards = [[0.2, 0.6, 0.6], [0.4, 0.2, 0.0]]
+    eligible = [[True, False, True], [False, False, False]]
+    chosen = select(rewards, None, RLConfig(name="rest_em"), eligible)
+    assert chosen.kept == [2, None] and chosen.diagnostics["rejected_for_forgetting"] == 4
+
+
+def _forgetting_run(tmp_path, monkeypatch, *overrides):
+    calls = []  # a grader that accepts every third answer, so that rewards differ
+    monkeypatch.setattr(
+        knowledge, "make_grader", lambda *a: lambda q, g, p: calls.append(1) or len(calls) % 3 == 0
+    )
+    metrics = train(make_cfg(tmp_path, *TINY, *RL_OVERRIDES, "rl.rounds=1", *overrides))
+    rewards = json.loads((tmp_path / "rounds/round_1/rewards.json").read_text())
+    chunks = [json.loads(p.read_text()) for p in sorted((tmp_path / "rounds/round_1/train").glob("chunk_*"))]
+    return metrics, rewards, [o for c in chunks for o in c["outcomes"]]
+
+
+def test_forgetting_penalty_subtracts_the_reasoning_drop_of_each_update(tmp_path, monkeypatch):
+    metrics, rewards, outcomes = _forgetting_run(tmp_path, monkeypatch, "rl.reward.forgetting_penalty=2.0")
+    before = metrics["reasoning/before/accuracy"]  # round 1's learner is the unchanged model
+    by_sample = {(o["title"], o["key"][3]): o for o in outcomes}
+    for r in rewards:
+        o = by_sample[(r["title"], r["sample"])]
+        drop = before - sum(o["probe"]["reasoning"]) / len(o["probe"]["reasoning"])
+        assert r["reasoning_drop"] == pytest.approx(drop)
+        # What is left after adding the penalty back is an accuracy: k of the passage's questions.
+        accuracy, questions = r["reward"] + 2.0 * max(0.0, drop), len(o["answers"])
+        assert 0 <= accuracy <= 1 and accuracy * questions == pytest.approx(round(accuracy * questions))
+    assert any(r["reasoning_drop"] != 0 for r in rewards)  # the updates did move reasoning accuracy
+    assert metrics["rl/round_1/reasoning_drop_mean"] == pytest.approx(
+        sum(r["reasoning_drop"] for r in rewards) / len(rewards)
+    )
+    assert "reasoning/round_1/accuracy" in metrics
+
+
+def test_max_reasoning_drop_rejects_self_edits_and_counts_them(tmp_path, monkeypatch):
+    # No update can raise reasoning accuracy by a whole 1.0, so a limit of -1 rejects every self-edit.
+    metrics, rewards, _ = _forgetting_run(tmp_path, monkeypatch, "rl.reward.max_reasoning_drop=-1.0")
+    assert metrics["rl/round_1/rejected_for_forgetting"] == len(rewards) == 2 * 3
+    assert metrics["rl/round_1/acceptance_rate"] == 0 and not any(r["kept"] for r in rewards)
+
+
+def test_the_forgetting_guard_needs_the_probe(tmp_path):
+    with pytest.raises(ValueError, match="need the reasoning probe"):
+        train(make_cfg(tmp_path, *TINY, *RL_OVERRIDES, "reasoning=none", "rl.reward.forgetting_penalty=1"))
 
 
 def test_a_run_dir_with_another_config_is_not_resumed(rl_run):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from seal import multilora
+from seal.tasks import knowledge
 from seal.tracking import read_offline_run
 from seal.train import train
 from tests.conftest import DEVICE, TINY_OVERRIDES, make_cfg
@@ -106,3 +107,40 @@ def test_batched_and_one_at_a_time_runs_agree(tiny_run, tmp_path):
             for x in (tmp_path / "results" / f"{condition}.jsonl").read_text().splitlines()
         ]
         assert a == b
+
+
+def test_run_measures_reasoning_and_prior_knowledge_before_and_after_and_reports_them(tmp_path, monkeypatch):
+    # The tiny model knows no general knowledge; a grader that accepts every other answer gives it some.
+    calls = []
+    monkeypatch.setattr(
+        knowledge, "make_grader", lambda *a: lambda q, g, p: calls.append(1) or len(calls) % 2 == 0
+    )
+    metrics = train(make_cfg(tmp_path, *TINY_OVERRIDES, "reasoning.after_update=2"))
+    rows = [json.loads(x) for x in (tmp_path / "results" / "reasoning.jsonl").read_text().splitlines()]
+    before, after = rows[0], rows[1:]
+    assert before["model"] == "before" and len(after) == 2 and {r["model"] for r in after} == {"after_update"}
+    assert metrics["reasoning/before/n"] == len(before["reasoning"]) == 6 * 2  # reasoning.per_task=2 in tests
+    assert metrics["reasoning/before/accuracy"] == sum(before["reasoning"]) / 12
+    flags = [ok for r in after for ok in r["reasoning"]]
+    assert metrics["reasoning/after_update/accuracy"] == sum(flags) / len(flags)
+    assert metrics["reasoning/forgetting"] == pytest.approx(
+        metrics["reasoning/before/accuracy"] - metrics["reasoning/after_update/accuracy"]
+    )
+    assert 0 < metrics["reasoning/before/chance"] < 1
+    known = before["prior_known"]
+    assert metrics["retention/prior_known"] == len(known) > 0 and metrics["retention/prior_asked"] == 40
+    prior = [ok for r in after for ok in r["prior"]]
+    assert len(prior) == 2 * len(known) and metrics["retention/prior_knowledge"] == sum(prior) / len(prior)
+    report = (tmp_path / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| measure"))
+    assert "| before | after update |" in header
+    row = next(line for line in report.splitlines() if line.startswith("| reasoning accuracy"))
+    assert f"{metrics['reasoning/before/accuracy']:.3f}" in row
+    assert f"{metrics['reasoning/after_update/accuracy']:.3f}" in row
+    assert f"{metrics['retention/prior_knowledge']:.3f}" in report
+
+
+def test_reasoning_none_leaves_the_probe_out(tmp_path):
+    metrics = train(make_cfg(tmp_path, *TINY_OVERRIDES, "reasoning=none"))
+    assert not [k for k in metrics if k.startswith(("reasoning/", "retention/"))]
+    assert "what the updates cost" not in (tmp_path / "report.md").read_text()

@@ -21,6 +21,7 @@ from typing import Any
 
 from seal.adapt import TrainedAdapter, UpdateJob, Updater, make_updater
 from seal.config import Config, DataConfig, SelfEditConfig, TaskConfig
+from seal.forgetting import Probe
 from seal.grading import accuracy_summary, make_grader
 from seal.memory import PhaseMeter
 from seal.models import LM, generate, load_model
@@ -262,6 +263,7 @@ class InnerLoop:
     condition: str  # passage (the passage alone) | self_edit | external (the passage plus `edit`)
     edit: str | None
     key: tuple  # (round, title, condition[, sample, repeat]): seeds the adapter and names the cached result
+    probe: bool = False  # also measure the adapted model's reasoning and prior knowledge (seal/forgetting.py)
 
 
 def update_job(
@@ -289,14 +291,15 @@ class InnerLoops:
     cached in the round's directory, so a resumed run reads finished chunks back instead of recomputing them
     (a chunk is recomputed whole, with the same company, so its numbers repeat exactly)."""
 
-    def __init__(self, cfg: Config, lm: LM, meter: PhaseMeter, store: RoundStore):
-        self.cfg, self.lm, self.meter, self.store = cfg, lm, meter, store
+    def __init__(self, cfg: Config, lm: LM, meter: PhaseMeter, store: RoundStore, probe: Probe | None):
+        self.cfg, self.lm, self.meter, self.store, self.probe = cfg, lm, meter, store, probe
         self.updater = make_updater(lm, cfg.adapt)
         self.tokens, self.computed, self.seconds = 0, 0, 0.0
 
     def run(self, loops: list[InnerLoop], round_: int, phase: str, desc: str) -> list[dict[str, Any]]:
         """One outcome per loop: {key, title, condition, answers (None if the update failed), loss, tokens,
-        error}. A failed update (non-finite loss, out of memory) is recorded and the others go on."""
+        error, probe (the forgetting probe's results for a probed loop, else None)}. A failed update
+        (non-finite loss, out of memory) is recorded and the others go on."""
         per_chunk = max(1, 4 * self.cfg.adapt.max_adapters)
         outcomes: list[dict[str, Any]] = []
         for index, at in enumerate(range(0, len(loops), per_chunk)):
@@ -325,6 +328,12 @@ class InnerLoops:
                 adapters=[a for _, a in trained],
             )
         answers_of = {id(a): ans for (_, a), ans in zip(trained, answers, strict=True)}
+        probed = [a for x, a in trained if x.probe and self.probe is not None]
+        probe_of = {}
+        if probed:
+            with self.meter.phase("reasoning"):
+                measured = self.probe.measure(self.lm, self.updater, probed)
+            probe_of = {id(a): m for a, m in zip(probed, measured, strict=True)}
         outcomes = []
         for loop, adapter in zip(chunk, adapters, strict=True):
             result = adapter.result
@@ -339,6 +348,7 @@ class InnerLoops:
                     "loss": result.epoch_losses[-1] if result.error is None else None,
                     "tokens": result.tokens,
                     "error": result.error,
+                    "probe": probe_of.get(id(adapter)),
                 }
             )
             self.tokens += result.tokens
@@ -404,6 +414,12 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
     if cfg.self_edit.source not in ("model", "file"):
         raise ValueError(f"unknown self_edit.source {cfg.self_edit.source!r}: expected model or file")
     rl = cfg.rl.name == "rest_em"
+    reward = cfg.rl.reward
+    guard = rl and (reward.forgetting_penalty > 0 or reward.max_reasoning_drop is not None)
+    if guard and cfg.reasoning.source == "none":
+        raise ValueError(
+            "rl.reward.forgetting_penalty and max_reasoning_drop need the reasoning probe (reasoning)"
+        )
     if rl and ("self_edit" not in conditions or cfg.self_edit.source != "model"):
         raise ValueError(
             "rl=rest_em trains the model's own self-edits: needs the self_edit condition and "
@@ -425,9 +441,15 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
     # The generator writes self-edits; the learner (lm) is updated by the inner loops. Before RL they are
     # the same weights; ReST-EM fine-tunes a copy, the generator (by default copied into the learner too).
     generator = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed) if rl else lm
-    loops = InnerLoops(cfg, lm, meter, store)
     rows: dict[str, list[dict[str, Any]]] = {}
     metrics: dict[str, Any] = {}
+    probe = None
+    if cfg.reasoning.source != "none":
+        probe = Probe(cfg, lm, grade)
+        with meter.phase("reasoning"):
+            before = probe.before()
+        metrics.update(probe.reasoning_metrics("reasoning/before", [before]))
+    loops = InnerLoops(cfg, lm, meter, store, probe)
 
     if "base" in conditions:
         with meter.phase("eval"):
@@ -452,12 +474,45 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
             [{"title": p.title, "self_edit": e} for p, e in zip(passages, edits, strict=True)],
         )
     updated = [c for c in conditions if c != "base"]
+    # The forgetting probe measures a seeded sample of the self-edit updates (the passage ones without those).
+    probed_condition = "self_edit" if "self_edit" in updated else "passage"
+    n_probed = min(cfg.reasoning.after_update, len(passages)) if probe else 0
+    probed = {p.title for p in random.Random(derive_seed(cfg.seed, "probe")).sample(passages, n_probed)}
     todo = [
-        InnerLoop(p, label if c == "self_edit" else c, e if c == "self_edit" else None, (0, p.title, c))
+        InnerLoop(
+            p,
+            label if c == "self_edit" else c,
+            e if c == "self_edit" else None,
+            (0, p.title, c),
+            probe=c == probed_condition and p.title in probed,
+        )
         for p, e in zip(passages, edits, strict=True)
         for c in updated
     ]
     outcomes = loops.run(todo, 0, "eval", "round 0")
+    if probe:
+        after = [o["probe"] for o in outcomes if o["probe"] is not None]
+        tracker.results(
+            "reasoning",
+            [
+                {
+                    "model": "before",
+                    "reasoning": before["reasoning"],
+                    "prior_known": [q.question for q in probe.known],
+                }
+            ]
+            + [
+                {"model": "after_update", "title": o["title"], **o["probe"]}
+                for o in outcomes
+                if o["probe"] is not None
+            ],
+        )
+        if after:
+            metrics.update(probe.reasoning_metrics("reasoning/after_update", after))
+            metrics["reasoning/forgetting"] = (
+                metrics["reasoning/before/accuracy"] - metrics["reasoning/after_update/accuracy"]
+            )
+        metrics.update(probe.retention_metrics(after))
     for loop, outcome in zip(todo, outcomes, strict=True):
         rows.setdefault(loop.condition, []).extend(outcome_rows(loop, outcome, grade))
     for name in (c for c in dict.fromkeys([*conditions, label]) if c in rows):
@@ -475,11 +530,15 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         metrics["rl/round_0/eval_ci95"] = metrics["knowledge/self_edit/ci95"]
         log_round(tracker, 0, {"rl/eval_accuracy": metrics["rl/round_0/eval_accuracy"]})
         seal_rows: list[dict[str, Any]] = []
+        # The reasoning accuracy of the model the inner loops update: what the forgetting guard compares to.
+        learner_reasoning = metrics.get("reasoning/before/accuracy")
         for k in range(1, cfg.rl.rounds + 1):
             round_metrics, seal_rows = rest_em_round(
-                k, cfg, lm, generator, loops, store, split, grade, tracker
+                k, cfg, generator, loops, split, grade, tracker, learner_reasoning
             )
             metrics.update(round_metrics)
+            if cfg.rl.learner == "updated" and probe:
+                learner_reasoning = round_metrics[f"reasoning/round_{k}/accuracy"]
         if seal_rows:
             tracker.results("seal", seal_rows)
             metrics.update(condition_metrics("seal", seal_rows))
@@ -507,18 +566,20 @@ def log_round(tracker: Tracker, k: int, row: dict[str, Any]) -> None:
 def rest_em_round(
     k: int,
     cfg: Config,
-    learner: LM,
     generator: LM,
     loops: InnerLoops,
-    store: RoundStore,
     split: Split,
     grade,
     tracker: Tracker,
+    learner_reasoning: float | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Round k of ReST-EM: K self-edits per training passage, rewarded by their inner loops; the best kept;
-    the generator fine-tuned on them and merged; then the new generator's self-edits evaluated on the
-    evaluation passages. A finished round (its state.json) is replayed from disk instead."""
-    rl, prefix = cfg.rl, f"rl/round_{k}"
+    """Round k of ReST-EM: K self-edits per training passage, rewarded by their inner loops (less the
+    forgetting penalty, when set); the best kept; the generator fine-tuned on them and merged, and its
+    reasoning measured; then the new generator's self-edits evaluated on the evaluation passages. A finished
+    round (its state.json) is replayed from disk instead."""
+    rl, prefix, reward = cfg.rl, f"rl/round_{k}", cfg.rl.reward
+    learner, store, probe = loops.lm, loops.store, loops.probe
+    guard = reward.forgetting_penalty > 0 or reward.max_reasoning_drop is not None
     state = store.finished(k)
     if state is not None:
         adapter = store.load_adapter(k)
@@ -537,28 +598,43 @@ def rest_em_round(
     with loops.meter.phase("generate"):
         edits = cached_self_edits(store, k, "train_self_edits.json", generator, cfg.self_edit, owners, seeds)
     todo = [
-        InnerLoop(p, "self_edit", edits[i * rl.samples + s], (k, p.title, "self_edit", s, r))
+        InnerLoop(p, "self_edit", edits[i * rl.samples + s], (k, p.title, "self_edit", s, r), probe=guard)
         for i, p in enumerate(train)
         for s in range(rl.samples)
         for r in range(rl.repeats)
     ]
-    if rl.reward == "gain" or rl.accept_margin is not None:
+    if reward.kind == "gain" or rl.accept_margin is not None:
         todo += [InnerLoop(p, "passage", None, (k, p.title, "passage")) for p in train]
     outcomes = loops.run(todo, k, "train", f"round {k} rewards")
     inner_loops = len(todo)
     accuracy = {
         tuple(o["key"]): accuracy_of(outcome_rows(x, o, grade)) for x, o in zip(todo, outcomes, strict=True)
     }
+    # How much each update lowered the learner's reasoning accuracy (0 for a failed update: nothing changed).
+    drop = {
+        tuple(o["key"]): learner_reasoning - statistics.fmean(o["probe"]["reasoning"]) if o["probe"] else 0.0
+        for o in outcomes
+        if guard
+    }
     baselines = [accuracy.get((k, p.title, "passage"), 0.0) for p in train]
+
+    def mean_over_repeats(values: dict[tuple, float], title: str, s: int) -> float:
+        return statistics.fmean(values.get((k, title, "self_edit", s, r), 0.0) for r in range(rl.repeats))
+
+    drops = [[mean_over_repeats(drop, p.title, s) for s in range(rl.samples)] for p in train]
     rewards = [
         [
-            statistics.fmean(accuracy[(k, p.title, "self_edit", s, r)] for r in range(rl.repeats))
-            - (baselines[i] if rl.reward == "gain" else 0.0)
+            mean_over_repeats(accuracy, p.title, s)
+            - (baselines[i] if reward.kind == "gain" else 0.0)
+            - reward.forgetting_penalty * max(0.0, drops[i][s])
             for s in range(rl.samples)
         ]
         for i, p in enumerate(train)
     ]
-    chosen = select(rewards, baselines if rl.accept_margin is not None else None, rl)
+    eligible = None
+    if reward.max_reasoning_drop is not None:
+        eligible = [[d <= reward.max_reasoning_drop for d in row] for row in drops]
+    chosen = select(rewards, baselines if rl.accept_margin is not None else None, rl, eligible)
     prompts = [generator.format(self_edit_prompt(cfg.self_edit.prompt, p.title, p.context)) for p in train]
     examples = [(prompts[i], edits[i * rl.samples + s]) for i, s in enumerate(chosen.kept) if s is not None]
     errors: dict[tuple, list[str]] = {}
@@ -574,6 +650,7 @@ def rest_em_round(
                 "sample": s,
                 "reward": rewards[i][s],
                 "kept": chosen.kept[i] == s,
+                **({"reasoning_drop": drops[i][s]} if guard else {}),
                 "errors": errors.get((p.title, "self_edit", s), []),
             }
             for i, p in enumerate(train)
@@ -586,7 +663,9 @@ def rest_em_round(
         len(generator.tokenizer(e, add_special_tokens=False)["input_ids"]) for e in edits
     )
     diagnostics["failed_inner_loops"] = sum(o["error"] is not None for o in outcomes)
-    if rl.reward == "gain" or rl.accept_margin is not None:
+    if guard:
+        diagnostics["reasoning_drop_mean"] = statistics.fmean(d for row in drops for d in row)
+    if reward.kind == "gain" or rl.accept_margin is not None:
         diagnostics["passage_baseline_mean"] = statistics.fmean(baselines)
     if examples:
         with loops.meter.phase("sft"):
@@ -598,6 +677,10 @@ def rest_em_round(
         log.warning("round %d: no self-edit was accepted; the generator is unchanged", k)
     if rl.learner == "updated":
         copy_base_weights(learner.model, generator.model)
+    reasoning: dict[str, float] = {}
+    if probe:
+        with loops.meter.phase("reasoning"):
+            reasoning = probe.reasoning_metrics(f"reasoning/round_{k}", probe.measure(generator, prior=False))
 
     passages = split.eval
     seeds = [derive_seed(cfg.seed, "self_edit", k, p.title, 0) for p in passages]
@@ -611,7 +694,10 @@ def rest_em_round(
     summary = accuracy_summary([r["correct"] for r in eval_rows])
     metrics = {f"{prefix}/eval_accuracy": summary["accuracy"], f"{prefix}/eval_ci95": summary["ci95"]}
     metrics.update({f"{prefix}/{name}": value for name, value in diagnostics.items()})
+    metrics.update(reasoning)
     row = {"rl/eval_accuracy": summary["accuracy"], **{f"rl/{n}": v for n, v in diagnostics.items()}}
+    if reasoning:
+        row["rl/reasoning_accuracy"] = reasoning[f"reasoning/round_{k}/accuracy"]
     log.info("round %d: eval accuracy %.3f, %s", k, summary["accuracy"], diagnostics)
     log_round(tracker, k, row)
     state = {"round": k, "metrics": metrics, "row": row, "inner_loops": inner_loops, "rng": rng_state()}

@@ -1,0 +1,113 @@
+"""What an update costs: reasoning accuracy and prior knowledge, measured before and after.
+
+SEAL measures only whether a model learnt the new passage. `Probe` also measures, on the same model with or
+without an adapter,
+  reasoning  the multiple-choice suite of seal/reasoning.py (log-likelihood scoring)
+  prior      general-knowledge questions (seal/data/general_knowledge.json) that the model answered right
+             before any update, asked again: the share still answered right is `retention/prior_knowledge`
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from seal.adapt import TrainedAdapter, Updater
+from seal.config import Config
+from seal.grading import accuracy_summary
+from seal.models import LM, continuation_logprobs, generate
+from seal.reasoning import Item, ScoreFn, evaluate, load_items, summary
+
+PRIOR_MAX_NEW_TOKENS = 16  # the answers are a word or two
+
+
+@dataclass(frozen=True)
+class Known:
+    topic: str
+    question: str
+    answers: tuple[str, ...]  # any of them counts
+
+
+def general_knowledge() -> list[Known]:
+    doc = json.loads((importlib.resources.files("seal") / "data" / "general_knowledge.json").read_text())
+    return [Known(d["topic"], d["question"], tuple(d["answers"])) for d in doc]
+
+
+class Probe:
+    def __init__(self, cfg: Config, lm: LM, grade):
+        """`lm`: the model before any update; `grade`: the knowledge task's grader."""
+        self.cfg, self.lm, self.grade = cfg, lm, grade
+        self.items: list[Item] = load_items(cfg.reasoning)
+        self.questions = general_knowledge() if cfg.reasoning.prior_knowledge else []
+        self.known: list[Known] = []  # set by `before`: the questions the unchanged model answers right
+
+    def before(self) -> dict[str, Any]:
+        """Measure the model before any update; remember which prior-knowledge questions it knows."""
+        [result] = self.measure(self.lm)
+        graded = self._graded(self.lm, self.questions, None, None)
+        self.known = [q for q, ok in zip(self.questions, graded, strict=True) if ok]
+        return result
+
+    def measure(
+        self,
+        lm: LM,
+        updater: Updater | None = None,
+        adapters: list[TrainedAdapter] | None = None,
+        prior: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Per adapter, applied to `lm` through `updater` (no adapters: `lm` as it is): {"reasoning": [right?]
+        per item, "prior": [still right?] per known question (empty when not `prior`)}."""
+        out = []
+        for adapter in adapters or [None]:
+            reasoning = evaluate(self.items, self._scorer(lm, updater, adapter), self.cfg.reasoning.normalize)
+            known = self._graded(lm, self.known, updater, adapter) if prior else []
+            out.append({"reasoning": reasoning, "prior": known})
+        return out
+
+    def _scorer(self, lm: LM, updater: Updater | None, adapter: TrainedAdapter | None) -> ScoreFn:
+        size = self.cfg.reasoning.batch_size
+        if adapter is None:
+            return lambda p, c: continuation_logprobs(lm, p, c, batch_size=size)
+        return lambda p, c: updater.score(p, c, [adapter] * len(p), batch_size=size)
+
+    def _graded(
+        self, lm: LM, questions: list[Known], updater: Updater | None, adapter: TrainedAdapter | None
+    ) -> list[bool]:
+        if not questions:
+            return []
+        task = self.cfg.task
+        prompts = [
+            lm.format(task.question_template.format(title=q.topic, question=q.question)) for q in questions
+        ]
+        kwargs = {"max_new_tokens": PRIOR_MAX_NEW_TOKENS, "batch_size": task.eval_batch_size}
+        if adapter is None:
+            answers = generate(lm, prompts, **kwargs)
+        else:
+            answers = updater.generate(prompts, [adapter] * len(prompts), **kwargs)
+        return [
+            any(self.grade(q.question, gold, a) for gold in q.answers)
+            for q, a in zip(questions, answers, strict=True)
+        ]
+
+    def reasoning_metrics(self, prefix: str, results: list[dict[str, Any]]) -> dict[str, float]:
+        """`prefix`/accuracy, n, ci95 and chance, pooled over the measured models."""
+        flags = [ok for r in results for ok in r["reasoning"]]
+        s = summary(self.items * len(results), flags)
+        return {f"{prefix}/{k}": s[k] for k in ("accuracy", "n", "ci95", "chance")}
+
+    def retention_metrics(self, results: list[dict[str, Any]]) -> dict[str, float]:
+        """retention/prior_knowledge: the share of the known questions still answered right, pooled over
+        the measured adapters (absent when the model knew none of them)."""
+        metrics: dict[str, float] = {
+            "retention/prior_known": len(self.known),
+            "retention/prior_asked": len(self.questions),
+        }
+        flags = [ok for r in results for ok in r["prior"]]
+        if flags:
+            s = accuracy_summary(flags)
+            metrics.update(
+                {"retention/prior_knowledge": s["accuracy"], "retention/prior_knowledge_ci95": s["ci95"]}
+            )
+        return metrics
