@@ -266,6 +266,7 @@ def continuation_logprobs(
     batch_size: int = 16,
     batches: Callable[[list[int]], Iterable[list[int]]] | None = None,
     context: Callable[[list[int]], contextlib.AbstractContextManager] | None = None,
+    desc: str | None = None,
 ) -> list[tuple[float, int]]:
     """For each pair, the summed log-probability of the continuation's tokens after its prompt, and how many
     tokens it has. Prompt and continuation are tokenised apart and joined, so the continuation's tokens are
@@ -285,7 +286,7 @@ def continuation_logprobs(
         else [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     )
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    for idx in groups:
+    for idx in tqdm(groups, desc=desc, disable=desc is None, leave=False):
         seqs = [rows[i][0] + rows[i][1] for i in idx]
         width = max(len(s) for s in seqs)
         ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs], device=lm.device)

@@ -6,7 +6,8 @@ item's prompt (optionally per token), the highest wins. No generation and no par
   builtin   a suite generated here from a seed (six kinds of small reasoning problems with computed answers)
   bigbench  BIG-bench JSON tasks (`examples[].input`, `examples[].target_scores`)
 
-`python -m seal.reasoning FILE... [model=...] [reasoning.per_task=N]` scores a model on BIG-bench files.
+`python -m seal.reasoning FILE... [model=...] [reasoning.per_task=N]` scores a model on BIG-bench files (a
+seeded sample of 50 examples per file; reasoning.per_task=0 takes them all).
 """
 
 from __future__ import annotations
@@ -252,6 +253,11 @@ def summary(items: list[Item], correct: list[bool]) -> dict[str, float]:
 # ---------------------------------------------------------------- command line
 
 
+USAGE = """usage: python -m seal.reasoning FILE... [Hydra overrides, e.g. model=tiny reasoning.per_task=0]
+Scores the model (default: the bundled SmolLM2) on BIG-bench JSON task files: accuracy, n, 95 % interval and
+chance level per file. reasoning.per_task=N: a seeded sample of N examples per file (default 50, 0 = all)."""
+
+
 def main(argv: list[str]) -> int:
     """`python -m seal.reasoning FILE... [hydra overrides]`: accuracy, n, interval and chance per file."""
     from hydra import compose, initialize_config_dir
@@ -266,28 +272,34 @@ def main(argv: list[str]) -> int:
     files = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
     if not files or any(f in ("-h", "--help") for f in files):
-        print(__doc__.strip().splitlines()[-1].strip())
+        print(USAGE)
         return 2
     register_configs()
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg: Config = OmegaConf.to_object(
-            compose(config_name="config", overrides=["paths.output_dir=.", "logger=none", *overrides])
+            # conf/reasoning/bigbench.yaml: a seeded sample of 50 examples per file (reasoning.per_task)
+            compose(
+                config_name="config",
+                overrides=["paths.output_dir=.", "logger=none", "reasoning=bigbench", *overrides],
+            )
         )
     setup_runtime(cfg)
     per_file = [(f, load_bigbench(f, cfg.reasoning.per_task, cfg.reasoning.seed)) for f in files]
     lm = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
     size = cfg.reasoning.batch_size
-    scorer: ScoreFn = lambda p, c: continuation_logprobs(lm, p, c, batch_size=size)  # noqa: E731
     table = Table(
         title=f"{cfg.model.name} · {'per-token' if cfg.reasoning.normalize else 'total'} log-likelihood"
     )
-    for column in ("task file", "accuracy", "n", "95% interval", "chance"):
+    table.add_column("task file", no_wrap=True, min_width=max(len(Path(f).name) for f in files))
+    for column in ("accuracy", "n", "95% interval", "chance"):
         table.add_column(column)
     for file, items in per_file:
+        name = Path(file).name
+        scorer: ScoreFn = lambda p, c: continuation_logprobs(lm, p, c, batch_size=size, desc=name)  # noqa: E731,B023
         s = summary(items, evaluate(items, scorer, cfg.reasoning.normalize))
         table.add_row(
-            Path(file).name,
+            name,
             f"{s['accuracy']:.3f}",
             str(s["n"]),
             f"[{s['ci95_low']:.3f}, {s['ci95_high']:.3f}]",
