@@ -75,7 +75,8 @@ def cost_table(metrics: dict[str, Any]) -> Rows | None:
         *["–" for _ in rounds],
         "",
     ]
-    title = "what the updates cost (after update: a sample of round 0's self-edit adapters)"
+    # After update: a sample of round 0's adapters; in task.mode=continual, the model after all its edits.
+    title = "what the updates cost: reasoning and prior knowledge before and after"
     if "reasoning/forgetting" in metrics:
         title += f" · forgetting = {metrics['reasoning/forgetting']:+.3f}"
     return title, header, [reasoning, prior]

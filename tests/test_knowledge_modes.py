@@ -145,6 +145,15 @@ def test_retention_matrix_agrees_with_the_graded_rows(continual_run):
     assert [h["continual/first_passage_accuracy"] for h in history[:-1]] == [row[0] for row in matrix]
 
 
+def test_continual_measures_reasoning_before_the_first_edit_and_after_the_last(continual_run):
+    _, metrics, _ = continual_run
+    assert metrics["reasoning/before/n"] == metrics["reasoning/after_update/n"] == 12  # per_task=2, 6 kinds
+    assert metrics["reasoning/forgetting"] == pytest.approx(
+        metrics["reasoning/before/accuracy"] - metrics["reasoning/after_update/accuracy"]
+    )
+    assert metrics["retention/prior_asked"] == 40 and "retention/prior_known" in metrics
+
+
 def test_retention_heatmap_is_a_png_and_goes_to_wandb(continual_run):
     run_dir, _, _ = continual_run
     png = run_dir / "retention.png"

@@ -192,11 +192,15 @@ def answer(
     return out
 
 
+def self_edit_prompts(lm: LM, cfg: SelfEditConfig, passages: list[Passage]) -> list[str]:
+    """What the generator reads to write a self-edit (also the prompt of its SFT examples)."""
+    return [lm.format(self_edit_prompt(cfg.prompt, p.title, p.context)) for p in passages]
+
+
 def write_self_edits(lm: LM, cfg: SelfEditConfig, passages: list[Passage], seeds: list[int]) -> list[str]:
-    prompts = [lm.format(self_edit_prompt(cfg.prompt, p.title, p.context)) for p in passages]
     return generate(
         lm,
-        prompts,
+        self_edit_prompts(lm, cfg, passages),
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         seeds=seeds,
@@ -635,7 +639,7 @@ def rest_em_round(
     if reward.max_reasoning_drop is not None:
         eligible = [[d <= reward.max_reasoning_drop for d in row] for row in drops]
     chosen = select(rewards, baselines if rl.accept_margin is not None else None, rl, eligible)
-    prompts = [generator.format(self_edit_prompt(cfg.self_edit.prompt, p.title, p.context)) for p in train]
+    prompts = self_edit_prompts(generator, cfg.self_edit, train)
     examples = [(prompts[i], edits[i * rl.samples + s]) for i, s in enumerate(chosen.kept) if s is not None]
     errors: dict[tuple, list[str]] = {}
     for loop, outcome in zip(todo, outcomes, strict=True):

@@ -18,6 +18,7 @@ from typing import Any
 
 from seal.adapt import UpdateJob, UpdateResult, make_updater
 from seal.config import Config
+from seal.forgetting import Probe
 from seal.grading import accuracy_summary, make_grader
 from seal.memory import PhaseMeter
 from seal.models import LM
@@ -180,7 +181,8 @@ def run_continual(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> d
     `passage`; each update is single mode's update of that passage, trained on the model as it is after
     the earlier merges. With `self_edit`, each self-edit is written by that same current model, as a
     deployed self-adapting model would write it. Before any edit and after each, every passage's questions
-    are answered by the model alone.
+    are answered by the model alone. The reasoning probe and the prior-knowledge questions measure the model
+    before the first edit and after the last.
 
     Records: results/retention.json (the matrix and its summary), results/continual.jsonl (every graded
     question, with `after_edits`), results/self_edits.jsonl, retention.png, and results/base.jsonl with the
@@ -195,6 +197,10 @@ def run_continual(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> d
     if len(updated) > 1:
         log.info("continual: editing with %s only (%s is not run in this mode)", condition, updated[0])
     grade = make_grader(cfg.task.grader, cfg.task.f1_threshold)
+    probe = Probe(cfg, lm, grade) if cfg.reasoning.source != "none" else None
+    if probe:
+        with meter.phase("reasoning"):
+            before = probe.before()
     updater = make_updater(lm, cfg.adapt)
     matrix: list[list[float]] = []
     rows: list[dict[str, Any]] = []
@@ -249,6 +255,15 @@ def run_continual(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> d
     metrics.update(update_metrics(results, meter))
     summary = retention_summary(matrix)
     metrics.update({f"retention/{key}": value for key, value in summary.items()})
+    if probe:  # after_update: after the whole sequence of merged edits
+        with meter.phase("reasoning"):
+            after = probe.measure(lm)
+        metrics.update(probe.reasoning_metrics("reasoning/before", [before]))
+        metrics.update(probe.reasoning_metrics("reasoning/after_update", after))
+        metrics["reasoning/forgetting"] = (
+            metrics["reasoning/before/accuracy"] - metrics["reasoning/after_update/accuracy"]
+        )
+        metrics.update(probe.retention_metrics(after))
     write_json_atomic(
         tracker.run_dir / "results" / "retention.json",
         {
