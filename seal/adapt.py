@@ -32,6 +32,22 @@ class UpdateJob:
     key: str  # names the job in records, e.g. "passage/Corvane Sodium Cell"
     sequences: list[str]
     seed: int
+    # Read but not learnt: prefixes[i] comes before sequences[i] without a loss (a prompt, so that only its
+    # completion is learnt). None: every token of every sequence is learnt.
+    prefixes: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One training sequence as token ids; tokens from `learn_from` on have a loss (token 0 never does:
+    nothing predicts it)."""
+
+    ids: list[int]
+    learn_from: int = 1
+
+    @property
+    def targets(self) -> int:
+        return max(0, len(self.ids) - self.learn_from)
 
 
 @dataclass
@@ -181,7 +197,7 @@ class LoraUpdater:
         start = time.perf_counter()
         self.reset(job.seed)
         optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        batches = tokenize(lm, job.sequences, cfg.max_length)
+        batches = tokenize(lm, job.sequences, cfg.max_length, job.prefixes)
         order_rng = random.Random(job.seed)
         self._enable(True)
         self.peft.train()
@@ -191,10 +207,14 @@ class LoraUpdater:
                 order_rng.shuffle(order)
                 losses = []
                 for step in range(0, len(order), cfg.batch_size):
-                    ids, mask = collate([batches[i] for i in order[step : step + cfg.batch_size]], lm)
+                    rows = [batches[i] for i in order[step : step + cfg.batch_size]]
+                    ids, mask = collate([r.ids for r in rows], lm)
                     # Padding never counts in the loss. (The original code padded every sequence to 2,048
-                    # tokens and left the pads in the loss, which silently shrank the gradient.)
+                    # tokens and left the pads in the loss, which silently shrank the gradient.) Neither
+                    # does a prefix.
                     labels = ids.masked_fill(mask == 0, -100)
+                    for i, r in enumerate(rows):
+                        labels[i, : r.learn_from] = -100
                     with lm.autocast():
                         loss = self.peft(input_ids=ids, attention_mask=mask, labels=labels).loss
                     if not math.isfinite(loss.item()):
@@ -203,7 +223,7 @@ class LoraUpdater:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     losses.append(loss.item())
-                    result.tokens += int(mask[:, 1:].sum())
+                    result.tokens += sum(r.targets for r in rows)
                 result.epoch_losses.append(sum(losses) / len(losses))
         except UpdateFailed as err:
             result.error = str(err)
@@ -241,11 +261,15 @@ def make_updater(lm: LM, cfg: AdaptConfig) -> Updater:
     return MultiLoraUpdater(lm, cfg, fit_capacity(lm, cfg)) if cfg.batch_adapters else LoraUpdater(lm, cfg)
 
 
-def tokenize(lm: LM, sequences: list[str], max_length: int) -> list[list[int]]:
-    """Token ids of each training sequence, ending with EOS so the model also learns where text ends."""
+def tokenize(lm: LM, sequences: list[str], max_length: int, prefixes: list[str] | None = None) -> list[Row]:
+    """Each training sequence as a row, ending with EOS so the model also learns where text ends; with
+    `prefixes`, each row starts with its prefix's tokens, which have no loss. Rows are cut at `max_length`."""
     tok = lm.tokenizer
     encoded = tok([s + tok.eos_token for s in sequences], add_special_tokens=False)["input_ids"]
-    return [ids[:max_length] for ids in encoded]
+    if prefixes is None:
+        return [Row(ids[:max_length]) for ids in encoded]
+    heads = tok(list(prefixes), add_special_tokens=False)["input_ids"]
+    return [Row((h + ids)[:max_length], max(1, len(h))) for h, ids in zip(heads, encoded, strict=True)]
 
 
 def collate(rows: list[list[int]], lm: LM) -> tuple[torch.Tensor, torch.Tensor]:

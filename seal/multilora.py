@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seal.adapt import TrainedAdapter, UpdateJob, UpdateResult, check_applicable, merge_lora, tokenize
+from seal.adapt import Row, TrainedAdapter, UpdateJob, UpdateResult, check_applicable, merge_lora, tokenize
 from seal.config import AdaptConfig
 from seal.models import LM, continuation_logprobs, generate
 
@@ -154,10 +154,10 @@ class PackedBatch:
     attention_mask: torch.Tensor  # [P, 1, T, T] causal within a row, nothing across rows
 
 
-def pack_rows(rows: list[list[int]], row_slots: list[int], lm: LM, pack_length: int) -> PackedBatch:
+def pack_rows(rows: list[Row], row_slots: list[int], lm: LM, pack_length: int) -> PackedBatch:
     """Pack `rows` (row i trains slot row_slots[i]) into sequences of at most max(pack_length, longest row)
     tokens, in the attention-mask format of `lm`'s attention implementation."""
-    lengths = [len(row) for row in rows]
+    lengths = [len(row.ids) for row in rows]
     bins = pack(lengths, max(pack_length, *lengths))
     width = max(sum(lengths[i] for i in members) for members in bins)
     pad = lm.tokenizer.pad_token_id
@@ -170,10 +170,13 @@ def pack_rows(rows: list[list[int]], row_slots: list[int], lm: LM, pack_length: 
         start = 0
         for i in sorted(members, key=lambda i: row_slots[i]):  # a slot's rows side by side: one run
             end = start + lengths[i]
-            ids[p][start:end] = rows[i]
+            ids[p][start:end] = rows[i].ids
             positions[p][start:end] = range(lengths[i])
             slots[p][start:end] = [row_slots[i]] * lengths[i]
-            targets[p][start : end - 1] = rows[i][1:]  # the last token predicts nothing, not the next row
+            # Token t predicts token t + 1 of its row, from the first learnt one on; the last predicts nothing
+            # (not the next row's first).
+            learn = rows[i].learn_from
+            targets[p][start + learn - 1 : end - 1] = rows[i].ids[learn:]
             segments[p][start:end] = [i] * lengths[i]
             start = end
     device = lm.device
@@ -257,7 +260,7 @@ class _Step:
 
     epoch: int
     offset: int  # index of the step's first sequence in the epoch's shuffled order (LoraUpdater's `step`)
-    rows: list[list[int]]
+    rows: list[Row]
     ends_epoch: bool
 
 
@@ -323,7 +326,7 @@ class MultiLoraUpdater:
     def _plan(self, job: UpdateJob) -> list[_Step]:
         """The job's steps in the order LoraUpdater takes them: same tokens, same shuffles, same batches."""
         cfg = self.cfg
-        sequences = tokenize(self.lm, job.sequences, cfg.max_length)
+        sequences = tokenize(self.lm, job.sequences, cfg.max_length, job.prefixes)
         order_rng = random.Random(job.seed)
         steps = []
         for epoch in range(cfg.epochs):
@@ -434,7 +437,7 @@ class MultiLoraUpdater:
                 job = running[k]
                 job.optimizer.step()
                 job.optimizer.zero_grad(set_to_none=True)
-                job.result.tokens += sum(len(row) - 1 for row in steps[k].rows)  # tokens with a target
+                job.result.tokens += sum(row.targets for row in steps[k].rows)
                 job.losses.append(values[k])
                 if steps[k].ends_epoch:
                     job.result.epoch_losses.append(sum(job.losses) / len(job.losses))

@@ -213,7 +213,7 @@ def test_a_packed_row_gets_the_logits_it_gets_alone(attention):
     batch = pack_rows(rows, [0] * len(rows), lm, pack_length=40)  # several sequences, some padded
     assert batch.ids.shape[0] > 1 and bool((batch.slots < 0).any())
     packed = lm.model(input_ids=batch.ids, attention_mask=batch.attention_mask, position_ids=batch.positions)
-    for row in rows:
+    for row in (r.ids for r in rows):
         alone = lm.model(input_ids=torch.tensor([row], device=lm.device)).logits[0]
         # Each row lies whole in one packed sequence, starting where its ids appear at position 0.
         p, start = next(
@@ -240,7 +240,7 @@ def test_rows_of_very_different_lengths_pack_tightly_and_train_as_alone(sequenti
     for got, want in zip(adapters, sequential_mixed, strict=True):
         assert_same_adapter(got, want)
     # Every job has one step per epoch, so each forward holds all jobs' sequences.
-    lengths = [len(r) for job in MIXED_JOBS for r in tokenize(updater.lm, job.sequences, 150)]
+    lengths = [len(r.ids) for job in MIXED_JOBS for r in tokenize(updater.lm, job.sequences, 150)]
     assert max(lengths) == 150 and sorted(lengths)[-2] < 12
     assert len(packed) == CFG["epochs"]
     padded = len(lengths) * max(lengths)  # what padding every row to the longest costs: 7 x 150
@@ -316,3 +316,18 @@ def test_each_row_scores_with_its_own_adapter(sequential):
     for got in (updater.score(prompts, conts, rows), reference.score(prompts, conts, rows, batch_size=2)):
         assert [n for _, n in got] == [n for _, n in expected]
         assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], abs=1e-4)
+
+
+def test_prefixes_are_read_but_not_learnt_in_both_paths():
+    prefixed = [UpdateJob("prompted", SEQS[1:3], 8, prefixes=["Question: when?\nAnswer:", "Tell me:"])]
+    want = LoraUpdater(tiny_fp32(), AdaptConfig(**CFG)).train(prefixed)[0]
+    got = batched().train(prefixed)[0]
+    assert_same_adapter(got, want)
+    lm = tiny_fp32()
+    rows = tokenize(lm, SEQS[1:3], 512, prefixes=["Question: when?\nAnswer:", "Tell me:"])
+    plain = tokenize(lm, SEQS[1:3], 512)
+    assert [r.ids[r.learn_from :] for r in rows] == [r.ids for r in plain]  # the sequences follow whole
+    # Only the sequences' tokens are learnt: EOS included, the first token too (the prefix predicts it).
+    assert want.result.tokens == CFG["epochs"] * sum(len(r.ids) for r in plain)
+    alone = LoraUpdater(tiny_fp32(), AdaptConfig(**CFG)).train([UpdateJob("plain", SEQS[1:3], 8)])[0]
+    assert alone.result.epoch_losses != want.result.epoch_losses

@@ -144,3 +144,23 @@ def test_reasoning_none_leaves_the_probe_out(tmp_path):
     metrics = train(make_cfg(tmp_path, *TINY_OVERRIDES, "reasoning=none"))
     assert not [k for k in metrics if k.startswith(("reasoning/", "retention/"))]
     assert "what the updates cost" not in (tmp_path / "report.md").read_text()
+
+
+def test_reasoning_from_bigbench_files_in_a_run(tmp_path):
+    task = {
+        "name": "parity",
+        "examples": [
+            {"input": f"Is {n} even?", "target_scores": {"yes": int(n % 2 == 0), "no": int(n % 2 == 1)}}
+            for n in range(7)
+        ],
+    }
+    path = tmp_path / "parity.json"
+    path.write_text(json.dumps(task))
+    overrides = (
+        "reasoning=bigbench",
+        f"reasoning.paths=[{path}]",
+        "reasoning.per_task=5",
+        "task.conditions=[base]",
+    )
+    metrics = train(make_cfg(tmp_path / "run", *TINY_OVERRIDES, *overrides))
+    assert metrics["reasoning/before/n"] == 5 and metrics["reasoning/before/chance"] == 0.5
