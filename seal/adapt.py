@@ -35,6 +35,12 @@ class UpdateJob:
     # Read but not learnt: prefixes[i] comes before sequences[i] without a loss (a prompt, so that only its
     # completion is learnt). None: every token of every sequence is learnt.
     prefixes: list[str] | None = None
+    # This job's own learning rate and epochs (a few-shot self-edit picks them); None: adapt.lr, adapt.epochs.
+    lr: float | None = None
+    epochs: int | None = None
+
+    def settings(self, cfg: AdaptConfig) -> tuple[float, int]:
+        return (cfg.lr if self.lr is None else self.lr), (cfg.epochs if self.epochs is None else self.epochs)
 
 
 @dataclass(frozen=True)
@@ -196,13 +202,14 @@ class LoraUpdater:
         result = UpdateResult(job.key)
         start = time.perf_counter()
         self.reset(job.seed)
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        lr, epochs = job.settings(cfg)
+        optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=cfg.weight_decay)
         batches = tokenize(lm, job.sequences, cfg.max_length, job.prefixes)
         order_rng = random.Random(job.seed)
         self._enable(True)
         self.peft.train()
         try:
-            for epoch in range(cfg.epochs):
+            for epoch in range(epochs):
                 order = list(range(len(batches)))
                 order_rng.shuffle(order)
                 losses = []

@@ -329,7 +329,7 @@ class MultiLoraUpdater:
         sequences = tokenize(self.lm, job.sequences, cfg.max_length, job.prefixes)
         order_rng = random.Random(job.seed)
         steps = []
-        for epoch in range(cfg.epochs):
+        for epoch in range(job.settings(cfg)[1]):
             order = list(range(len(sequences)))
             order_rng.shuffle(order)
             for offset in range(0, len(order), cfg.batch_size):
@@ -350,7 +350,7 @@ class MultiLoraUpdater:
             param.grad = None
         # foreach: one fused update over the slot's ~400 small tensors (the same arithmetic as LoraUpdater's).
         optimizer = torch.optim.AdamW(
-            params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, foreach=True
+            params, lr=job.settings(self.cfg)[0], weight_decay=self.cfg.weight_decay, foreach=True
         )
         return _Running(index, self._plan(job), optimizer, UpdateResult(job.key), time.perf_counter())
 

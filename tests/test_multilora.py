@@ -319,15 +319,21 @@ def test_each_row_scores_with_its_own_adapter(sequential):
 
 
 def test_prefixes_are_read_but_not_learnt_in_both_paths():
-    prefixed = [UpdateJob("prompted", SEQS[1:3], 8, prefixes=["Question: when?\nAnswer:", "Tell me:"])]
-    want = LoraUpdater(tiny_fp32(), AdaptConfig(**CFG)).train(prefixed)[0]
-    got = batched().train(prefixed)[0]
+    prefixes = ["Question: when?\nAnswer:", "Tell me:"]
+    # With its own learning rate and epochs, beside a job with the defaults.
+    prefixed = [UpdateJob("prompted", SEQS[1:3], 8, prefixes=prefixes, lr=5e-3, epochs=2), JOBS[1]]
+    want, want_default = LoraUpdater(tiny_fp32(), AdaptConfig(**CFG)).train(prefixed)
+    got, got_default = batched().train(prefixed)
     assert_same_adapter(got, want)
+    assert_same_adapter(got_default, want_default)
+    assert len(want.result.epoch_losses) == 2 and len(want_default.result.epoch_losses) == CFG["epochs"]
     lm = tiny_fp32()
     rows = tokenize(lm, SEQS[1:3], 512, prefixes=["Question: when?\nAnswer:", "Tell me:"])
     plain = tokenize(lm, SEQS[1:3], 512)
     assert [r.ids[r.learn_from :] for r in rows] == [r.ids for r in plain]  # the sequences follow whole
     # Only the sequences' tokens are learnt: EOS included, the first token too (the prefix predicts it).
-    assert want.result.tokens == CFG["epochs"] * sum(len(r.ids) for r in plain)
-    alone = LoraUpdater(tiny_fp32(), AdaptConfig(**CFG)).train([UpdateJob("plain", SEQS[1:3], 8)])[0]
+    assert want.result.tokens == 2 * sum(len(r.ids) for r in plain)
+    alone = LoraUpdater(tiny_fp32(), AdaptConfig(**CFG)).train(
+        [UpdateJob("plain", SEQS[1:3], 8, lr=5e-3, epochs=2)]
+    )[0]
     assert alone.result.epoch_losses != want.result.epoch_losses
