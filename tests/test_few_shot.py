@@ -90,6 +90,7 @@ def test_a_few_shot_run_writes_every_condition(few_shot_run):
     # The tiny random model writes no JSON: every self-edit is a recorded failure after 3 tries.
     edits = [r for r in records if r["condition"] == "self_edit"]
     assert all(r["tries"] == 3 and r["error"].startswith("no valid configuration in 3 tries") for r in edits)
+    assert all(len(r["rejected"]) == 3 for r in edits)
     assert metrics["few_shot/self_edit/failed"] == 2 and metrics["few_shot/self_edit/valid_config_rate"] == 0
     assert "few-shot: ARC tasks solved" in (run_dir / "report.md").read_text()
     assert metrics["time/update_s"] > 0 and "mem/peak_update_mb" in metrics

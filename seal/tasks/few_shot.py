@@ -314,6 +314,7 @@ class Attempts:
                 "config": dataclasses.asdict(s.config) if s.config else None,
                 "self_edit": s.replies[-1] if s.replies else None,
                 "tries": len(s.replies),
+                "rejected": s.errors,  # why each rejected reply was rejected
                 "error": error,
                 "top2": [[grid_text(g) for g in c[:2]] for c in ranked or []],
                 "answers": [grid_text(p.output) for p in task.test],
