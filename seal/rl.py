@@ -24,7 +24,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from seal.adapt import collate
+from seal.adapt import collate, tokenize
 from seal.config import RLConfig, SFTConfig
 from seal.models import LM
 from seal.tracking import write_json_atomic
@@ -91,17 +91,6 @@ def _lora(cfg: SFTConfig) -> LoraConfig:
     )
 
 
-def _sft_rows(lm: LM, examples: list[tuple[str, str]], max_length: int) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + completion + EOS, number of prompt tokens) per example."""
-    tok = lm.tokenizer
-    rows = []
-    for prompt, completion in examples:
-        head = tok(prompt, add_special_tokens=False)["input_ids"]
-        tail = tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"]
-        rows.append(((head + tail)[:max_length], len(head)))
-    return rows
-
-
 def sft_merge(
     generator: LM, examples: list[tuple[str, str]], cfg: SFTConfig, seed: int
 ) -> tuple[dict, float]:
@@ -113,7 +102,8 @@ def sft_merge(
         peft = get_peft_model(generator.model, _lora(cfg))
     params = [p for n, p in peft.named_parameters() if "lora_" in n]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    rows = _sft_rows(generator, examples, cfg.max_length)
+    # The prompt is read, not learnt: the loss is on the completion (and its EOS) only.
+    rows = tokenize(generator, [c for _, c in examples], cfg.max_length, prefixes=[p for p, _ in examples])
     order_rng = random.Random(seed)
     epoch_loss = math.nan
     peft.train()
@@ -124,10 +114,10 @@ def sft_merge(
             losses = []
             for at in range(0, len(order), cfg.batch_size):
                 batch = [rows[i] for i in order[at : at + cfg.batch_size]]
-                ids, mask = collate([r for r, _ in batch], generator)
+                ids, mask = collate([r.ids for r in batch], generator)
                 labels = ids.masked_fill(mask == 0, -100)
-                for row, (_, prompt_len) in enumerate(batch):
-                    labels[row, :prompt_len] = -100  # the prompt is given, not learned
+                for row, r in enumerate(batch):
+                    labels[row, : r.learn_from] = -100
                 with generator.autocast():
                     loss = peft(input_ids=ids, attention_mask=mask, labels=labels).loss
                 if not math.isfinite(loss.item()):
