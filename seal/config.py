@@ -90,6 +90,9 @@ class ArcConfig:
     colour_permutations: int = 1  # per leave-out example
     max_steps: int = 375  # cost filter: a configuration needing more optimiser steps is not run (a failure)
     views: int = 7  # inference under this many of seal.arc.VIEWS (identity first), voted
+    # constrained: each value of the JSON reply is drawn from the model's probabilities of the allowed values,
+    # so every reply is valid | free: sampled text, parsed, resampled when invalid (the paper's way)
+    decoding: str = "constrained"
     max_tries: int = 3  # a self-edit whose JSON does not parse is resampled this many times at most
     temperature: float = 0.8  # self-edit sampling
     fixed: FixedTTTConfig = field(default_factory=FixedTTTConfig)

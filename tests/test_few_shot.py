@@ -1,13 +1,25 @@
-"""The few-shot self-edit: the prompt shows the demonstrations, and the model's JSON configuration is parsed
-strictly, resampled a bounded number of times, and recorded when it never parses."""
+"""The few-shot self-edit: the prompt shows the demonstrations; the model's JSON configuration is either
+written under constraints (valid by construction, each value drawn from the model's probabilities) or free,
+parsed strictly, resampled a bounded number of times, and recorded when it never parses."""
 
+import dataclasses
 import json
+import random
 
 import pytest
 
 from seal.arc import easy_tasks, grid_text
+from seal.models import continuation_logprobs
 from seal.tasks import few_shot
-from seal.tasks.few_shot import ConfigError, TTTConfig, parse_config, sample_configs, self_edit_prompt
+from seal.tasks.few_shot import (
+    FIELDS,
+    ConfigError,
+    TTTConfig,
+    parse_config,
+    sample_configs,
+    self_edit_prompt,
+    write_constrained,
+)
 from seal.train import train
 from tests.conftest import TINY_OVERRIDES, make_cfg
 
@@ -87,13 +99,47 @@ def test_a_few_shot_run_writes_every_condition(few_shot_run):
         assert all(len(r["top2"]) == 1 and len(r["top2"][0]) <= 2 for r in mine if r["error"] is None)
     fixed = [r for r in records if r["condition"] == "ttt_fixed"]
     assert all(r["config"]["augmentations"] == ["basic"] and r["error"] is None for r in fixed)
-    # The tiny random model writes no JSON: every self-edit is a recorded failure after 3 tries.
+    # Constrained decoding (the default): every self-edit is a valid configuration at the first try.
     edits = [r for r in records if r["condition"] == "self_edit"]
+    written = [json.loads(json.dumps(dataclasses.asdict(parse_config(r["self_edit"])))) for r in edits]
+    assert [r["config"] for r in edits] == written and all(r["tries"] == 1 for r in edits)
+    assert metrics["few_shot/self_edit/valid_config_rate"] == 1
+    assert "few-shot: ARC tasks solved" in (run_dir / "report.md").read_text()
+    assert metrics["time/update_s"] > 0 and "mem/peak_update_mb" in metrics
+
+
+def test_free_decoding_records_a_failure_after_the_bounded_tries(tmp_path):
+    # The tiny random model writes no JSON when free: every self-edit is a recorded failure after 3 tries.
+    overrides = ("task.conditions=[self_edit]", "task.arc.decoding=free")
+    metrics = train(make_cfg(tmp_path, *FEW_SHOT, *overrides))
+    edits = [json.loads(x) for x in (tmp_path / "results" / "few_shot.jsonl").read_text().splitlines()]
     assert all(r["tries"] == 3 and r["error"].startswith("no valid configuration in 3 tries") for r in edits)
     assert all(len(r["rejected"]) == 3 for r in edits)
     assert metrics["few_shot/self_edit/failed"] == 2 and metrics["few_shot/self_edit/valid_config_rate"] == 0
-    assert "few-shot: ARC tasks solved" in (run_dir / "report.md").read_text()
-    assert metrics["time/update_s"] > 0 and "mem/peak_update_mb" in metrics
+
+
+def test_a_constrained_self_edit_takes_the_likeliest_value_of_each_field_at_temperature_0(tiny_lm):
+    prompt = tiny_lm.format(self_edit_prompt(easy_tasks("flip", 1, seed=0)[0]))
+    reply = "{"
+    for n, (key, values) in enumerate(FIELDS):  # the same choice, computed with the plain batched scorer
+        reply += f'"{key}":' if n == 0 else f' "{key}":'
+        end = "}" if n == len(FIELDS) - 1 else ","
+        scores = continuation_logprobs(
+            tiny_lm, [prompt] * len(values), [reply + f" {v}{end}" for v in values]
+        )
+        reply += f" {values[max(range(len(values)), key=lambda i: scores[i][0])]}{end}"
+    assert write_constrained(tiny_lm, prompt, random.Random(0), temperature=0) == reply
+    parse_config(reply)  # valid by construction
+
+
+def test_constrained_self_edits_are_sampled_and_repeat_with_their_seed(tiny_lm):
+    prompt = tiny_lm.format(self_edit_prompt(easy_tasks("flip", 1, seed=0)[0]))
+    replies = [write_constrained(tiny_lm, prompt, random.Random(s), temperature=1.0) for s in range(6)]
+    assert replies == [
+        write_constrained(tiny_lm, prompt, random.Random(s), temperature=1.0) for s in range(6)
+    ]
+    assert len(set(replies)) > 1  # sampled, not the argmax every time
+    assert all(isinstance(parse_config(r), TTTConfig) for r in replies)
 
 
 def test_the_cost_filter_records_a_failure_without_training(tmp_path):
@@ -117,6 +163,7 @@ def test_rest_em_fine_tunes_the_generator_on_configurations_that_solved_their_ta
     calls = []
     monkeypatch.setattr(few_shot, "pass_at_2", lambda ranked, answers: calls.append(1) or len(calls) % 2 == 1)
     overrides = ("rl=rest_em", "rl.rounds=1", "rl.samples=2", "task.arc.n_train=2", "rl.sft.epochs=1")
+    overrides += ("task.arc.decoding=free",)
     metrics = train(make_cfg(tmp_path, *FEW_SHOT, "task.conditions=[icl]", *overrides))
     records = [json.loads(x) for x in (tmp_path / "results" / "few_shot.jsonl").read_text().splitlines()]
     tried = [r for r in records if r["condition"] == "round_1"]

@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from seal.config import ModelConfig
-from seal.models import RowSampler, generate, load_model, resolve_dtypes, weights_checksum
+from seal.models import (
+    RowSampler,
+    choice_scorer,
+    continuation_logprobs,
+    generate,
+    load_model,
+    resolve_dtypes,
+    weights_checksum,
+)
 from tests.conftest import CACHE_DIR
 
 
@@ -71,3 +79,13 @@ def test_checksum_sees_a_changed_weight(tiny_lm):
         assert weights_checksum(tiny_lm.model) != before
     finally:
         w.data.copy_(original)
+
+
+@pytest.mark.parametrize("stem", ["", '{"loss":'])
+def test_choices_read_in_one_masked_row_score_as_each_read_alone(tiny_lm, stem):
+    # Choices of different lengths, one a prefix of another: each must see only the prompt, the stem and its
+    # own earlier tokens, at the positions it would have alone.
+    prompt = tiny_lm.format("Choose a value.")
+    choices = [' "all_tokens",', " 1}", " 10}", ' ["basic", "size", "chain"],']
+    alone = continuation_logprobs(tiny_lm, [prompt + stem] * len(choices), choices)
+    assert choice_scorer(tiny_lm, prompt)(stem, choices) == pytest.approx([s for s, _ in alone], abs=1e-4)

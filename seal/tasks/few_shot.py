@@ -12,6 +12,7 @@ tasks, fine-tuned on its own configurations that solved them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -20,6 +21,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from tqdm import tqdm
 
 from seal.adapt import TrainedAdapter, UpdateJob, Updater, make_updater
 from seal.arc import (
@@ -42,7 +45,7 @@ from seal.arc import (
 from seal.config import ArcConfig, Config
 from seal.grading import accuracy_summary
 from seal.memory import PhaseMeter
-from seal.models import LM, generate, load_model
+from seal.models import LM, choice_scorer, generate, load_model
 from seal.rl import copy_base_weights, sft_merge
 from seal.tasks.knowledge import derive_seed
 from seal.tracking import Tracker
@@ -167,6 +170,43 @@ def sample_configs(write: Callable[[list[int], int], list[str]], n: int, max_tri
     return out
 
 
+# Constrained decoding (task.arc.decoding=constrained): the reply is a valid configuration by construction.
+# Field by field, in this order, every allowed value is scored by the model after the prompt and the reply
+# so far, and one is sampled from those probabilities. The bundled 135M model almost never writes the JSON
+# freely (experiments/README.md); this keeps its choices its own while the form is fixed.
+LR_CHOICES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "augmentations",
+        tuple(
+            json.dumps(list(c)) for r in range(len(FAMILIES) + 1) for c in itertools.combinations(FAMILIES, r)
+        ),
+    ),
+    ("loss", tuple(json.dumps(loss) for loss in LOSSES)),
+    ("learning_rate", tuple(f"{lr:.5f}".rstrip("0") for lr in LR_CHOICES)),
+    ("epochs", tuple(str(e) for e in range(EPOCHS_RANGE[0], EPOCHS_RANGE[1] + 1))),
+)
+
+
+def write_constrained(lm: LM, prompt: str, rng: random.Random, temperature: float) -> str:
+    """A configuration written field by field: each value is drawn from the model's probabilities of the
+    allowed values (the end of the value, `,` or `}`, is scored with it, so that `1` and `10` compete
+    fairly); temperature 0 takes the likeliest."""
+    score = choice_scorer(lm, prompt)
+    reply = "{"
+    for n, (key, values) in enumerate(FIELDS):
+        reply += f'"{key}":' if n == 0 else f' "{key}":'
+        end = "}" if n == len(FIELDS) - 1 else ","
+        scores = score(reply, [f" {v}{end}" for v in values])
+        if temperature <= 0:
+            pick = max(range(len(values)), key=scores.__getitem__)
+        else:
+            top = max(scores)
+            pick = rng.choices(range(len(values)), [math.exp((s - top) / temperature) for s in scores])[0]
+        reply += f" {values[pick]}{end}"
+    return reply
+
+
 # ---------------------------------------------------------------- the run
 
 CONDITIONS = ("icl", "ttt_fixed", "self_edit")  # and `seal`, after the ReST-EM rounds of rl=rest_em
@@ -274,13 +314,21 @@ def write_configs(cfg: Config, lm: LM, tasks: list[ArcTask], tag: tuple = ()) ->
     tells apart the samples of different rounds and draws (it enters their seeds)."""
     prompts = [lm.format(self_edit_prompt(t)) for t in tasks]
 
+    def seed(i: int, attempt: int) -> int:
+        return derive_seed(cfg.seed, "few_shot_self_edit", *tag, i, tasks[i].id, attempt)
+
     def write(items: list[int], attempt: int) -> list[str]:
+        if cfg.task.arc.decoding == "constrained":
+            return [
+                write_constrained(lm, prompts[i], random.Random(seed(i, attempt)), cfg.task.arc.temperature)
+                for i in tqdm(items, desc="self-edits (constrained)", leave=False)
+            ]
         return generate(
             lm,
             [prompts[i] for i in items],
             max_new_tokens=cfg.self_edit.max_new_tokens,
             batch_size=cfg.self_edit.batch_size,
-            seeds=[derive_seed(cfg.seed, "few_shot_self_edit", *tag, i, tasks[i].id, attempt) for i in items],
+            seeds=[seed(i, attempt) for i in items],
             temperature=cfg.task.arc.temperature,
             top_p=cfg.self_edit.top_p,
             desc=f"self-edits (try {attempt + 1})",
@@ -387,6 +435,8 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         )
     if cfg.rl.name not in ("none", "rest_em"):
         raise ValueError(f"unknown rl {cfg.rl.name!r}: expected none or rest_em")
+    if arc.decoding not in ("constrained", "free"):
+        raise ValueError(f"unknown task.arc.decoding {arc.decoding!r}: expected constrained or free")
     tasks = load_tasks(arc)
     log.info("few_shot: %d evaluation tasks (%s)", len(tasks), arc.source)
     updater = make_updater(lm, dataclasses.replace(cfg.adapt, max_length=arc.max_length))
