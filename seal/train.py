@@ -13,6 +13,8 @@ from typing import Any
 import hydra
 import psutil
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from seal.config import Config, register_configs
@@ -76,8 +78,19 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.task.name}-{cfg.model.name}-{cfg.self_edit.name}-rl_{cfg.rl.name}-seed{cfg.seed}"
 
 
+def sweep_job() -> tuple[str, str] | None:
+    """In a sweep (`-m`): the sweep's name (its folder, which W&B groups by) and this job's overrides."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    return Path(hc.sweep.dir).name, hc.job.override_dirname
+
+
 def train(dict_cfg: DictConfig) -> dict[str, Any]:
     """Run the configured task and return its summary metrics (also in `summary.json` and W&B)."""
+    sweep = sweep_job()
+    if sweep and dict_cfg.logger.group is None:
+        dict_cfg.logger.group = f"{dict_cfg.task.name}-{sweep[0]}"  # every job of a sweep in one W&B group
     cfg: Config = OmegaConf.to_object(dict_cfg)  # checked against the schema in seal/config.py
     if cfg.task.name not in TASKS:
         raise ValueError(f"unknown task {cfg.task.name!r}: expected one of {sorted(TASKS)}")
@@ -87,7 +100,8 @@ def train(dict_cfg: DictConfig) -> dict[str, Any]:
     resume = check_resume(cfg, run_dir, config)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dict_cfg, resolve=True))
     setup_runtime(cfg)
-    tracker = Tracker(run_dir, cfg.logger, config, run_name(cfg), resume=resume)
+    name = run_name(cfg) + (f" [{sweep[1]}]" if sweep else "")
+    tracker = Tracker(run_dir, cfg.logger, config, name, resume=resume)
     failed = True
     try:
         meter = PhaseMeter(torch.device("cuda" if cfg.model.device.startswith("cuda") else "cpu"))
