@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.seal-installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS      ?=
 
-.PHONY: help setup run test bench lint clean
+.PHONY: help setup run test bench report lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -30,6 +30,11 @@ test: $(STAMP)  ## the whole test suite on CPU (includes the slow smoke test on 
 
 bench: $(STAMP)  ## the inner loop, naive reference vs ours, on the bundled model (benchmarks/README.md)
 	$(PY) -m seal.bench $(ARGS)
+
+RUNS ?= outputs
+OUT  ?= outputs/report
+report: $(STAMP)  ## compare the runs and sweeps under RUNS (default outputs/) into OUT (default outputs/report/)
+	$(PY) -m seal.report $(RUNS) --out $(OUT) $(ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check seal tests
