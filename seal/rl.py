@@ -193,6 +193,7 @@ class RoundStore:
 
     def save_adapter(self, k: int, state: dict[str, torch.Tensor]) -> None:
         path = self.dir(k) / "generator_adapter.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(".generator_adapter.safetensors.tmp")
         save_file({n: t.contiguous() for n, t in state.items()}, str(tmp))
         tmp.replace(path)

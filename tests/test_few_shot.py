@@ -108,6 +108,31 @@ def test_a_few_shot_run_writes_every_condition(few_shot_run):
     assert metrics["time/update_s"] > 0 and "mem/peak_update_mb" in metrics
 
 
+def test_a_killed_few_shot_run_resumes_from_its_finished_conditions(tmp_path, monkeypatch, few_shot_run):
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while writing self-edits")
+
+    monkeypatch.setattr(few_shot, "write_configs", killed)  # self_edit, the third condition
+    with pytest.raises(RuntimeError, match="killed"):
+        train(make_cfg(tmp_path, *FEW_SHOT))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "rounds" / "round_0").iterdir()) == [
+        "condition_icl.json",
+        "condition_ttt_fixed.json",
+    ]
+    tried = []
+    real = few_shot.attempt
+    monkeypatch.setattr(few_shot, "attempt", lambda *a: tried.append(a[-1]) or real(*a))
+    metrics = train(make_cfg(tmp_path, *FEW_SHOT))  # resume=auto continues the run in its directory
+    assert tried == ["self_edit"]  # icl and ttt_fixed were read back, not recomputed
+    run_dir, uninterrupted = few_shot_run
+    assert {k: v for k, v in metrics.items() if k.startswith("few_shot/")} == {
+        k: v for k, v in uninterrupted.items() if k.startswith("few_shot/")
+    }
+    resumed = (tmp_path / "results" / "few_shot.jsonl").read_text()
+    assert resumed == (run_dir / "results" / "few_shot.jsonl").read_text()
+
+
 def test_free_decoding_records_a_failure_after_the_bounded_tries(tmp_path):
     # The tiny random model writes no JSON when free: every self-edit is a recorded failure after 3 tries.
     overrides = ("task.conditions=[self_edit]", "task.arc.decoding=free")

@@ -46,7 +46,7 @@ from seal.config import ArcConfig, Config
 from seal.grading import accuracy_summary
 from seal.memory import PhaseMeter
 from seal.models import LM, choice_scorer, generate, load_model
-from seal.rl import copy_base_weights, sft_merge
+from seal.rl import RoundStore, apply_adapter, copy_base_weights, sft_merge
 from seal.tasks.knowledge import derive_seed
 from seal.tracking import Tracker
 
@@ -443,43 +443,80 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
     fixed = TTTConfig(
         tuple(arc.fixed.augmentations), arc.fixed.loss, arc.fixed.learning_rate, arc.fixed.epochs
     )
+    # Each finished condition and round is saved in rounds/ (seal.rl.RoundStore): a killed run continues
+    # with resume=auto (seal.train) and reads them back instead of recomputing them.
+    store = RoundStore(tracker.run_dir)
     records: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
-    for condition in conditions:
-        sampled = [Sampled() for _ in tasks]  # icl: no configuration, no update
-        if condition == "ttt_fixed":
-            sampled = [Sampled(fixed) for _ in tasks]
-        elif condition == "self_edit":
+
+    def condition(name: str, k: int, sample: Callable[[], list[Sampled]], learner: LM = lm) -> None:
+        """Condition `name` on the evaluation tasks (saved under round k), or its saved outcome."""
+        done = store.read(k, f"condition_{name}.json")
+        if done is None:
+            tried = attempt(cfg, learner, updater, meter, tasks, sample(), name)
+            done = {"metrics": condition_metrics(name, tried), "records": tried.records(name)}
+            store.write(k, f"condition_{name}.json", done)
+            log.info("few_shot %s: %d of %d tasks solved", name, sum(tried.solved), len(tasks))
+        else:
+            log.info("few_shot %s: read back from %s", name, store.dir(k))
+        metrics.update(done["metrics"])
+        records.extend(done["records"])
+
+    def written(generator: LM, k: int) -> Callable[[], list[Sampled]]:
+        def sample() -> list[Sampled]:
             with meter.phase("generate"):
-                sampled = write_configs(cfg, lm, tasks, ("eval", 0))
-        tried = attempt(cfg, lm, updater, meter, tasks, sampled, condition)
-        records += tried.records(condition)
-        metrics.update(condition_metrics(condition, tried))
-        log.info("few_shot %s: %d of %d tasks solved", condition, sum(tried.solved), len(tasks))
+                return write_configs(cfg, generator, tasks, ("eval", k))
+
+        return sample
+
+    for name in conditions:
+        if name == "self_edit":
+            condition(name, 0, written(lm, 0))
+        else:  # icl: no configuration, no update; ttt_fixed: the hand-chosen one
+            config = fixed if name == "ttt_fixed" else None
+            condition(name, 0, lambda config=config: [Sampled(config) for _ in tasks])
     if cfg.rl.name == "rest_em":
         generator = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
         train_tasks = load_tasks(arc, train=True)
         for k in range(1, cfg.rl.rounds + 1):
-            round_metrics, round_records = rest_em_round(k, cfg, lm, generator, updater, meter, train_tasks)
+            round_metrics, round_records = rest_em_round(
+                k, cfg, lm, generator, updater, meter, train_tasks, store
+            )
             metrics.update(round_metrics)
             records += round_records
-            tracker.log({"rl/round": k, **{f"rl/{n.split('/', 2)[2]}": v for n, v in round_metrics.items()}})
-        with meter.phase("generate"):
-            sampled = write_configs(cfg, generator, tasks, ("eval", cfg.rl.rounds))
-        tried = attempt(cfg, lm, updater, meter, tasks, sampled, "seal")
-        records += tried.records("seal")
-        metrics.update(condition_metrics("seal", tried))
+            if not tracker.has_row("rl/round", k):
+                tracker.log(
+                    {"rl/round": k, **{f"rl/{n.split('/', 2)[2]}": v for n, v in round_metrics.items()}}
+                )
+        condition("seal", cfg.rl.rounds, written(generator, cfg.rl.rounds))
     tracker.results("few_shot", records)
     return metrics
 
 
 def rest_em_round(
-    k: int, cfg: Config, learner: LM, generator: LM, updater: Updater, meter: PhaseMeter, tasks: list[ArcTask]
+    k: int,
+    cfg: Config,
+    learner: LM,
+    generator: LM,
+    updater: Updater,
+    meter: PhaseMeter,
+    tasks: list[ArcTask],
+    store: RoundStore,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Round k: `rl.samples` configurations per training task from the generator, each tried by TTT; the
     generator is fine-tuned on every configuration that solved its task (the loss on the reply only) and
-    merged; with rl.learner=updated the learner takes its weights."""
+    merged; with rl.learner=updated the learner takes its weights. A finished round is read back from
+    `store` (its SFT adapter merged again) instead of being run."""
     rl = cfg.rl
+    done = store.finished(k)
+    if done is not None:
+        adapter = store.load_adapter(k)
+        if adapter is not None:
+            apply_adapter(generator, adapter, rl.sft)
+        if rl.learner == "updated":
+            copy_base_weights(learner.model, generator.model)
+        log.info("few_shot round %d: read back from %s", k, store.dir(k))
+        return done["metrics"], done["records"]
     owners = [t for t in tasks for _ in range(rl.samples)]
     with meter.phase("generate"):
         sampled = write_configs(cfg, generator, owners, ("train", k))
@@ -497,12 +534,15 @@ def rest_em_round(
     }
     if examples:
         with meter.phase("sft"):
-            _, metrics[f"{prefix}/sft_loss"] = sft_merge(
+            adapter, metrics[f"{prefix}/sft_loss"] = sft_merge(
                 generator, examples, rl.sft, derive_seed(cfg.seed, "sft", k)
             )
+        store.save_adapter(k, adapter)
     else:
         log.warning("few_shot round %d: no configuration solved its task; the generator is unchanged", k)
     if rl.learner == "updated":
         copy_base_weights(learner.model, generator.model)
     log.info("few_shot round %d: %s", k, metrics)
-    return metrics, tried.records(f"round_{k}")
+    records = tried.records(f"round_{k}")
+    store.finish(k, {"round": k, "metrics": metrics, "records": records})
+    return metrics, records
