@@ -37,6 +37,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from seal.sweep import LedgerError, read_ledger
+
 if TYPE_CHECKING:
     import wandb_workspaces.reports.v2 as wr
 
@@ -273,20 +275,15 @@ def find_run_dirs(path: Path) -> list[Path]:
     return [run_dir for sub in subdirs for run_dir in find_run_dirs(sub)]
 
 
-def read_ledger(sweep_dir: Path) -> dict[Path, dict[str, Any]]:
-    """The sweep's optional jobs.jsonl, keyed by the resolved run directory: each line names it by
-    `run_dir`, by `num` (the job's folder in the sweep), or both. A later line of a job wins."""
-    path = sweep_dir / "jobs.jsonl"
-    if not path.is_file():
-        return {}
+def jobs_by_run_dir(sweep_dir: Path) -> dict[Path, dict[str, Any]]:
+    """The sweep's ledger (seal.sweep, optional), keyed by each job's resolved run directory: a line names
+    it by `run_dir`, by `num` (the job's folder in the sweep), or both. A later line of a job wins."""
+    try:
+        ledger = read_ledger(sweep_dir)
+    except LedgerError as e:
+        raise ReportError(str(e)) from e
     jobs: dict[Path, dict[str, Any]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            job = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path}, line {number}: malformed JSON ({e})") from e
+    for job in ledger:
         if "num" in job:
             jobs[(sweep_dir / str(job["num"])).resolve()] = job
         if "run_dir" in job:
@@ -327,7 +324,7 @@ def load_runs(paths: list[Path]) -> list[Run]:
             if any(run.path.resolve() == run_dir.resolve() for run in runs):
                 continue
             if run_dir.parent not in ledgers:
-                ledgers[run_dir.parent] = read_ledger(run_dir.parent)
+                ledgers[run_dir.parent] = jobs_by_run_dir(run_dir.parent)
             runs.append(load_run(run_dir, ledgers[run_dir.parent]))
     label_runs(runs)
     return runs

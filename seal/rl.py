@@ -213,6 +213,16 @@ class RoundStore:
         self.write(k, f"{phase}/chunk_{index:04d}.json", {"keys": keys, "outcomes": outcomes})
 
 
+def replay_round(store: RoundStore, k: int, generator: LM, learner: LM, cfg: RLConfig) -> None:
+    """What finished round k did to the models, done again on resume: its SFT adapter (if any self-edit was
+    kept) merged into the generator, and with rl.learner=updated the learner given the generator's weights."""
+    adapter = store.load_adapter(k)
+    if adapter is not None:
+        apply_adapter(generator, adapter, cfg.sft)
+    if cfg.learner == "updated":
+        copy_base_weights(learner.model, generator.model)
+
+
 def rng_state() -> dict[str, Any]:
     """Python's and torch's global RNG states, as JSON (every piece of work seeds itself; these are saved so
     that anything outside that rule also continues where it stopped)."""

@@ -39,11 +39,23 @@ def job_record(config: DictConfig, job_return: JobReturn) -> dict[str, Any]:
     return record
 
 
+class LedgerError(ValueError):
+    """A ledger line that is not JSON; the message names the file and line."""
+
+
 def read_ledger(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The sweep's jobs.jsonl, one record per ended job (none when the file is absent)."""
     path = sweep_dir / LEDGER
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise LedgerError(f"{path}, line {number}: malformed JSON ({e})") from e
+    return records
 
 
 def summary(sweep_dir: Path) -> str:

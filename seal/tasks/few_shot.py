@@ -46,7 +46,7 @@ from seal.config import ArcConfig, Config
 from seal.grading import accuracy_summary
 from seal.memory import PhaseMeter
 from seal.models import LM, choice_scorer, generate, load_model
-from seal.rl import RoundStore, apply_adapter, copy_base_weights, sft_merge
+from seal.rl import RoundStore, copy_base_weights, replay_round, sft_merge
 from seal.tasks.knowledge import derive_seed
 from seal.tracking import Tracker
 
@@ -510,11 +510,7 @@ def rest_em_round(
     rl = cfg.rl
     done = store.finished(k)
     if done is not None:
-        adapter = store.load_adapter(k)
-        if adapter is not None:
-            apply_adapter(generator, adapter, rl.sft)
-        if rl.learner == "updated":
-            copy_base_weights(learner.model, generator.model)
+        replay_round(store, k, generator, learner, rl)
         log.info("few_shot round %d: read back from %s", k, store.dir(k))
         return done["metrics"], done["records"]
     owners = [t for t in tasks for _ in range(rl.samples)]

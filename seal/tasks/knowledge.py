@@ -25,7 +25,15 @@ from seal.forgetting import Probe
 from seal.grading import accuracy_summary, make_grader
 from seal.memory import PhaseMeter
 from seal.models import LM, generate, load_model
-from seal.rl import RoundStore, apply_adapter, copy_base_weights, rng_state, select, set_rng_state, sft_merge
+from seal.rl import (
+    RoundStore,
+    copy_base_weights,
+    replay_round,
+    rng_state,
+    select,
+    set_rng_state,
+    sft_merge,
+)
 from seal.self_edit import self_edit_prompt, training_sequences
 from seal.tracking import Tracker
 
@@ -586,11 +594,7 @@ def rest_em_round(
     guard = reward.forgetting_penalty > 0 or reward.max_reasoning_drop is not None
     state = store.finished(k)
     if state is not None:
-        adapter = store.load_adapter(k)
-        if adapter is not None:
-            apply_adapter(generator, adapter, rl.sft)
-        if rl.learner == "updated":
-            copy_base_weights(learner.model, generator.model)
+        replay_round(store, k, generator, learner, rl)
         set_rng_state(state["rng"])
         store.reused += state["inner_loops"]
         log_round(tracker, k, state["row"])
