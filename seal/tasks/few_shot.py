@@ -449,11 +449,11 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
     records: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
 
-    def condition(name: str, k: int, sample: Callable[[], list[Sampled]], learner: LM = lm) -> None:
+    def condition(name: str, k: int, sample: Callable[[], list[Sampled]]) -> None:
         """Condition `name` on the evaluation tasks (saved under round k), or its saved outcome."""
         done = store.read(k, f"condition_{name}.json")
         if done is None:
-            tried = attempt(cfg, learner, updater, meter, tasks, sample(), name)
+            tried = attempt(cfg, lm, updater, meter, tasks, sample(), name)
             done = {"metrics": condition_metrics(name, tried), "records": tried.records(name)}
             store.write(k, f"condition_{name}.json", done)
             log.info("few_shot %s: %d of %d tasks solved", name, sum(tried.solved), len(tasks))
