@@ -213,6 +213,27 @@ class RoundStore:
         self.write(k, f"{phase}/chunk_{index:04d}.json", {"keys": keys, "outcomes": outcomes})
 
 
+def train_generator(
+    store: RoundStore,
+    k: int,
+    generator: LM,
+    learner: LM,
+    examples: list[tuple[str, str]],
+    cfg: RLConfig,
+    seed: int,
+) -> float | None:
+    """What round k does to the models: the generator fine-tuned on the kept (prompt, self-edit) pairs and
+    merged, its adapter saved for `replay_round`; then, with rl.learner=updated, the learner given the
+    generator's weights. Returns the SFT loss, or None when nothing was kept (the generator is unchanged)."""
+    loss = None
+    if examples:
+        adapter, loss = sft_merge(generator, examples, cfg.sft, seed)
+        store.save_adapter(k, adapter)
+    if cfg.learner == "updated":
+        copy_base_weights(learner.model, generator.model)
+    return loss
+
+
 def replay_round(store: RoundStore, k: int, generator: LM, learner: LM, cfg: RLConfig) -> None:
     """What finished round k did to the models, done again on resume: its SFT adapter (if any self-edit was
     kept) merged into the generator, and with rl.learner=updated the learner given the generator's weights."""

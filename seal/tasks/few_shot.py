@@ -11,6 +11,7 @@ tasks, fine-tuned on its own configurations that solved them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -46,7 +47,7 @@ from seal.config import ArcConfig, Config
 from seal.grading import accuracy_summary
 from seal.memory import PhaseMeter
 from seal.models import LM, choice_scorer, generate, load_model
-from seal.rl import RoundStore, copy_base_weights, replay_round, sft_merge
+from seal.rl import RoundStore, replay_round, train_generator
 from seal.tasks.knowledge import derive_seed
 from seal.tracking import Tracker
 
@@ -528,16 +529,12 @@ def rest_em_round(
         f"{prefix}/valid_config_rate": statistics.fmean(s.config is not None for s in sampled),
         f"{prefix}/kept_self_edits": len(examples),
     }
-    if examples:
-        with meter.phase("sft"):
-            adapter, metrics[f"{prefix}/sft_loss"] = sft_merge(
-                generator, examples, rl.sft, derive_seed(cfg.seed, "sft", k)
-            )
-        store.save_adapter(k, adapter)
-    else:
+    with meter.phase("sft") if examples else contextlib.nullcontext():  # no phase if nothing kept
+        loss = train_generator(store, k, generator, learner, examples, rl, derive_seed(cfg.seed, "sft", k))
+    if loss is None:
         log.warning("few_shot round %d: no configuration solved its task; the generator is unchanged", k)
-    if rl.learner == "updated":
-        copy_base_weights(learner.model, generator.model)
+    else:
+        metrics[f"{prefix}/sft_loss"] = loss
     log.info("few_shot round %d: %s", k, metrics)
     records = tried.records(f"round_{k}")
     store.finish(k, {"round": k, "metrics": metrics, "records": records})

@@ -8,6 +8,7 @@ Conditions, all on the same evaluation passages:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import json
@@ -27,12 +28,11 @@ from seal.memory import PhaseMeter
 from seal.models import LM, generate, load_model
 from seal.rl import (
     RoundStore,
-    copy_base_weights,
     replay_round,
     rng_state,
     select,
     set_rng_state,
-    sft_merge,
+    train_generator,
 )
 from seal.self_edit import self_edit_prompt, training_sequences
 from seal.tracking import Tracker
@@ -675,16 +675,12 @@ def rest_em_round(
         diagnostics["reasoning_drop_mean"] = statistics.fmean(d for row in drops for d in row)
     if reward.kind == "gain" or rl.accept_margin is not None:
         diagnostics["passage_baseline_mean"] = statistics.fmean(baselines)
-    if examples:
-        with loops.meter.phase("sft"):
-            adapter, diagnostics["sft_loss"] = sft_merge(
-                generator, examples, rl.sft, derive_seed(cfg.seed, "sft", k)
-            )
-        store.save_adapter(k, adapter)
-    else:
+    with loops.meter.phase("sft") if examples else contextlib.nullcontext():  # no phase if nothing kept
+        loss = train_generator(store, k, generator, learner, examples, rl, derive_seed(cfg.seed, "sft", k))
+    if loss is None:
         log.warning("round %d: no self-edit was accepted; the generator is unchanged", k)
-    if rl.learner == "updated":
-        copy_base_weights(learner.model, generator.model)
+    else:
+        diagnostics["sft_loss"] = loss
     reasoning: dict[str, float] = {}
     if probe:
         with loops.meter.phase("reasoning"):
