@@ -9,7 +9,7 @@ import random
 import pytest
 
 from seal.arc import easy_tasks, grid_text
-from seal.models import continuation_logprobs
+from seal.models import choice_scorer, continuation_logprobs
 from seal.tasks import few_shot
 from seal.tasks.few_shot import (
     FIELDS,
@@ -153,16 +153,16 @@ def test_a_constrained_self_edit_takes_the_likeliest_value_of_each_field_at_temp
             tiny_lm, [prompt] * len(values), [reply + f" {v}{end}" for v in values]
         )
         reply += f" {values[max(range(len(values)), key=lambda i: scores[i][0])]}{end}"
-    assert write_constrained(tiny_lm, prompt, random.Random(0), temperature=0) == reply
+    assert write_constrained(choice_scorer(tiny_lm, prompt), random.Random(0), temperature=0) == reply
     parse_config(reply)  # valid by construction
 
 
 def test_constrained_self_edits_are_sampled_and_repeat_with_their_seed(tiny_lm):
     prompt = tiny_lm.format(self_edit_prompt(easy_tasks("flip", 1, seed=0)[0]))
-    replies = [write_constrained(tiny_lm, prompt, random.Random(s), temperature=1.0) for s in range(6)]
-    assert replies == [
-        write_constrained(tiny_lm, prompt, random.Random(s), temperature=1.0) for s in range(6)
-    ]
+    score = choice_scorer(tiny_lm, prompt)  # one read of the prompt serves every sample
+    replies = [write_constrained(score, random.Random(s), temperature=1.0) for s in range(6)]
+    fresh = [write_constrained(choice_scorer(tiny_lm, prompt), random.Random(s), 1.0) for s in range(6)]
+    assert replies == fresh  # the shared prompt cache is left as it was by every sample
     assert len(set(replies)) > 1  # sampled, not the argmax every time
     assert all(isinstance(parse_config(r), TTTConfig) for r in replies)
 

@@ -189,11 +189,12 @@ FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def write_constrained(lm: LM, prompt: str, rng: random.Random, temperature: float) -> str:
-    """A configuration written field by field: each value is drawn from the model's probabilities of the
-    allowed values (the end of the value, `,` or `}`, is scored with it, so that `1` and `10` compete
-    fairly); temperature 0 takes the likeliest."""
-    score = choice_scorer(lm, prompt)
+def write_constrained(
+    score: Callable[[str, list[str]], list[float]], rng: random.Random, temperature: float
+) -> str:
+    """A configuration written field by field after a prompt read by `score` (`seal.models.choice_scorer`):
+    each value is drawn from the model's probabilities of the allowed values (the end of the value, `,` or
+    `}`, is scored with it, so that `1` and `10` compete fairly); temperature 0 takes the likeliest."""
     reply = "{"
     for n, (key, values) in enumerate(FIELDS):
         reply += f'"{key}":' if n == 0 else f' "{key}":'
@@ -320,10 +321,16 @@ def write_configs(cfg: Config, lm: LM, tasks: list[ArcTask], tag: tuple = ()) ->
 
     def write(items: list[int], attempt: int) -> list[str]:
         if cfg.task.arc.decoding == "constrained":
-            return [
-                write_constrained(lm, prompts[i], random.Random(seed(i, attempt)), cfg.task.arc.temperature)
-                for i in tqdm(items, desc="self-edits (constrained)", leave=False)
-            ]
+            # A ReST-EM round asks for several samples of a task in a row: its prompt is read once for them
+            # all (only the current prompt's cache is kept).
+            scorer: dict[str, Callable[[str, list[str]], list[float]]] = {}
+            replies = []
+            for i in tqdm(items, desc="self-edits (constrained)", leave=False):
+                if prompts[i] not in scorer:
+                    scorer = {prompts[i]: choice_scorer(lm, prompts[i])}
+                rng = random.Random(seed(i, attempt))
+                replies.append(write_constrained(scorer[prompts[i]], rng, cfg.task.arc.temperature))
+            return replies
         return generate(
             lm,
             [prompts[i] for i in items],
