@@ -39,10 +39,9 @@ from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, Updater, make_upd
 from seal.config import Config
 from seal.grading import make_grader
 from seal.memory import PhaseMeter
-from seal.models import LM, load_model
+from seal.models import LM, load_model, setup_runtime
 from seal.self_edit import training_sequences
 from seal.tasks.knowledge import Passage, answer, derive_seed, load_passages, write_self_edits
-from seal.train import setup_runtime
 
 log = logging.getLogger(__name__)
 # Update FLOPs per trained token. A matmul costs 2 FLOPs per weight per token forward; the base weights are

@@ -168,6 +168,13 @@ class SFTConfig:
     epochs: int = 2
     batch_size: int = 4
     max_length: int = 1024  # prompt + self-edit tokens
+    # local: in the run's process | accelerate: `accelerate launch [launch_args] -m seal.sft ...` | torchrun:
+    # `torchrun [launch_args] -m seal.sft ...`: processes of their own, e.g. one per GPU of the machine, each
+    # taking a share of every batch; the adapter comes back through the round's directory. Launch configs:
+    # conf/accelerate/ddp.yaml, fsdp.yaml (models whose replica does not fit one GPU).
+    launcher: str = "local"
+    # e.g. [--config_file, conf/accelerate/fsdp.yaml] (accelerate) or [--nproc_per_node, "4"] (torchrun)
+    launch_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -230,6 +237,32 @@ class LoggerConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Who generates text (seal/vllm_engine.py): self-edits, and the inner loops' answers."""
+
+    backend: str = "hf"  # hf: transformers, in this process | vllm: a vLLM engine (extra [vllm], CUDA only)
+    adapter_slots: int = 8  # vllm: runtime LoRA adapters held at once (the engine's max_loras), ids reused
+    gpu_memory_utilization: float = 0.4  # vllm: its share of the GPU; the training model needs the rest
+
+
+@dataclass
+class ExecutorConfig:
+    """Where the inner loops of the knowledge task run (seal/executor.py). Chunks of inner loops are the unit:
+    the same chunks, seeds and results whichever executor runs them."""
+
+    name: str = "local"  # local: in this process | ray: on Ray workers, one model replica each
+    # ray: `auto` joins the cluster of `ray start` (or RAY_ADDRESS) and starts a local one when there is none;
+    # an address (ray://host:10001, host:6379) must be reachable.
+    address: str = "auto"
+    workers: int = 2
+    cpus_per_worker: int = 1  # also the worker's torch threads
+    gpus_per_worker: float = 0  # 1 on a GPU cluster: one replica per GPU
+    # A chunk whose worker dies (killed, out of memory) is run again this many times, then recorded as failed
+    # inner loops (reward 0, not cached: a resumed run computes them again).
+    max_retries: int = 2
+
+
+@dataclass
 class PathsConfig:
     output_root: str = MISSING  # where run directories go
     cache_dir: str = MISSING  # converted model weights
@@ -246,6 +279,8 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     # auto: a run directory that already holds rounds/ continues from them (same W&B run, finished inner

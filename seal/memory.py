@@ -68,6 +68,13 @@ class PhaseMeter:
         self.seconds[name] += time.perf_counter() - start
         self.peak_mb[name] = max(self.peak_mb[name], peak_bytes / MB)
 
+    def add(self, seconds: dict[str, float], peak_mb: dict[str, float]) -> None:
+        """Phases measured elsewhere (a Ray worker, another meter): times add up, peaks take the max."""
+        for name, value in seconds.items():
+            self.seconds[name] += value
+        for name, value in peak_mb.items():
+            self.peak_mb[name] = max(self.peak_mb[name], value)
+
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for name in self.seconds:

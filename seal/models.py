@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from tqdm import tqdm
 from transformers import (
@@ -27,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from seal.config import ModelConfig
+from seal.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,18 @@ class LM:
         if self.prompt_style == "plain":
             return text + "\n"
         raise ValueError(f"unknown model.prompt_style {self.prompt_style!r}: expected chat or plain")
+
+
+def setup_runtime(cfg: Config, threads: int | None = None) -> None:
+    """Seeds and threads: the same config on the same machine repeats exactly. `threads` overrides
+    `cfg.num_threads` (a Ray worker takes as many as it has CPUs)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        # cuBLAS needs a fixed workspace for repeatable results; read when its first handle is made.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an op without a deterministic CUDA kernel warns (naming itself) instead of failing.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(threads or cfg.num_threads or psutil.cpu_count(logical=False) or 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,6 +183,23 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path, seed: int = 0) -> LM:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval().requires_grad_(False)
     return LM(model, tokenizer, device, cfg.prompt_style, autocast)
+
+
+def weights_folder(cfg: ModelConfig, cache_dir: str | Path) -> str:
+    """Where the model's weights lie as a Hugging Face folder (or Hub id), for engines that load them
+    themselves (vLLM)."""
+    if cfg.tiny is not None:
+        raise ValueError(f"model {cfg.name!r} is built in memory: it has no weights folder to serve")
+    if cfg.gguf_package:
+        return str(cached_bundled_model(cfg, cache_dir))
+    return cfg.name_or_path
+
+
+def save_folder(lm: LM, folder: Path) -> str:
+    """The model as it is now (e.g. the generator after a ReST-EM round) as a Hugging Face folder."""
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def _bundled_cfg() -> ModelConfig:

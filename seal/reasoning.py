@@ -266,8 +266,7 @@ def main(argv: list[str]) -> int:
     from rich.table import Table
 
     from seal.config import Config, register_configs
-    from seal.models import load_model
-    from seal.train import setup_runtime
+    from seal.models import load_model, setup_runtime
 
     files = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]

@@ -16,6 +16,8 @@ import logging
 import math
 import random
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,22 +93,27 @@ def _lora(cfg: SFTConfig) -> LoraConfig:
     )
 
 
-def sft_merge(
-    generator: LM, examples: list[tuple[str, str]], cfg: SFTConfig, seed: int
-) -> tuple[dict, float]:
+def sft_train(
+    generator: LM, examples: list[tuple[str, str]], cfg: SFTConfig, seed: int, accelerator: Any = None
+) -> tuple[Any, dict[str, torch.Tensor], float]:
     """Fine-tune a fresh LoRA adapter of `generator` on (formatted prompt, completion) pairs, the loss on the
-    completion tokens only, then merge it into the generator's weights. Returns the adapter's weights (CPU;
-    `apply_adapter` merges them again on resume) and the last epoch's mean loss."""
+    completion tokens only. Returns the PEFT-wrapped model, the adapter's weights (CPU) and the last epoch's
+    mean loss. With an `accelerate.Accelerator` (seal/sft.py, under `accelerate launch`), every process takes
+    its share of each batch and the gradients are averaged over the processes (DDP, or FSDP as the launch
+    config says)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft = get_peft_model(generator.model, _lora(cfg))
     params = [p for n, p in peft.named_parameters() if "lora_" in n]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    model = peft
+    if accelerator is not None:
+        model, optimizer = accelerator.prepare(peft, optimizer)
     # The prompt is read, not learnt: the loss is on the completion (and its EOS) only.
     rows = tokenize(generator, [c for _, c in examples], cfg.max_length, prefixes=[p for p, _ in examples])
     order_rng = random.Random(seed)
     epoch_loss = math.nan
-    peft.train()
+    model.train()
     try:
         for epoch in range(cfg.epochs):
             order = list(range(len(rows)))
@@ -114,26 +121,62 @@ def sft_merge(
             losses = []
             for at in range(0, len(order), cfg.batch_size):
                 batch = [rows[i] for i in order[at : at + cfg.batch_size]]
+                if accelerator is not None:
+                    # Each process its share; a batch smaller than the processes repeats its last row, so
+                    # that every process takes part in the gradient's all-reduce.
+                    n, rank = accelerator.num_processes, accelerator.process_index
+                    batch = batch[rank::n] or batch[-1:]
                 ids, mask = collate([r.ids for r in batch], generator)
                 labels = ids.masked_fill(mask == 0, -100)
                 for row, r in enumerate(batch):
                     labels[row, : r.learn_from] = -100
                 with generator.autocast():
-                    loss = peft(input_ids=ids, attention_mask=mask, labels=labels).loss
-                if not math.isfinite(loss.item()):
-                    raise RuntimeError(
-                        f"SFT of the generator: non-finite loss {loss.item()} at epoch {epoch}"
-                    )
-                loss.backward()
+                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                value = (
+                    loss.item() if accelerator is None else accelerator.reduce(loss.detach(), "mean").item()
+                )
+                if not math.isfinite(value):
+                    raise RuntimeError(f"SFT of the generator: non-finite loss {value} at epoch {epoch}")
+                loss.backward() if accelerator is None else accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                losses.append(value)
             epoch_loss = sum(losses) / len(losses)
     finally:
-        peft.eval()
-    state = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(peft).items()}
+        model.eval()
+    if accelerator is None:
+        state = get_peft_model_state_dict(peft)
+    else:  # the full adapter, gathered from the shards when the launch config shards the model
+        state = get_peft_model_state_dict(peft, state_dict=accelerator.get_state_dict(model))
+    return peft, {k: v.detach().to("cpu", copy=True) for k, v in state.items()}, epoch_loss
+
+
+def sft_merge(
+    generator: LM, examples: list[tuple[str, str]], cfg: SFTConfig, seed: int
+) -> tuple[dict, float]:
+    """`sft_train`, then the adapter merged into the generator's weights. Returns the adapter's weights
+    (`apply_adapter` merges them again on resume) and the last epoch's mean loss."""
+    peft, state, epoch_loss = sft_train(generator, examples, cfg, seed)
     generator.model = peft.merge_and_unload().eval().requires_grad_(False)
     return state, epoch_loss
+
+
+LAUNCHERS = {"accelerate": "accelerate.commands.launch", "torchrun": "torch.distributed.run"}
+
+
+def launch_sft(
+    store: RoundStore, k: int, examples: list[tuple[str, str]], cfg: SFTConfig, seed: int
+) -> float:
+    """Round k's SFT in processes of its own (rl.sft.launcher=accelerate or torchrun, running seal/sft.py):
+    they rebuild the generator from the run's directory, train, and save the adapter into round k."""
+    store.write(k, "sft_data.json", [{"prompt": a, "completion": b} for a, b in examples])
+    command = [sys.executable, "-m", LAUNCHERS[cfg.launcher], *cfg.launch_args]
+    command += ["-m", "seal.sft", str(store.root.parent), str(k), str(seed)]
+    log.info("round %d: SFT of the generator: %s", k, " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return store.read(k, "sft_result.json")["loss"]
 
 
 def apply_adapter(generator: LM, state: dict[str, torch.Tensor], cfg: SFTConfig) -> None:
@@ -143,17 +186,24 @@ def apply_adapter(generator: LM, state: dict[str, torch.Tensor], cfg: SFTConfig)
     generator.model = peft.merge_and_unload().eval().requires_grad_(False)
 
 
+def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of a model, possibly wrapped with adapters (PEFT or seal.multilora), under the plain
+    model's names; adapter parameters left out."""
+    return {
+        name.removeprefix("base_model.model.").replace(".base_layer.", "."): param
+        for name, param in model.named_parameters()
+        if "lora_" not in name
+    }
+
+
 @torch.no_grad()
-def copy_base_weights(target: torch.nn.Module, source: torch.nn.Module) -> None:
-    """Give `target` (possibly wrapped with adapters: PEFT or seal.multilora) the weights of `source` (a
-    plain model of the same architecture). Adapter parameters are left as they are."""
-    weights = dict(source.named_parameters())
-    for name, param in target.named_parameters():
-        if "lora_" in name:
-            continue
-        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+def copy_base_weights(target: torch.nn.Module, source: torch.nn.Module | dict[str, torch.Tensor]) -> None:
+    """Give `target` (possibly wrapped with adapters) the weights of `source`: a model of the same
+    architecture, or `base_weights` of one. Adapter parameters are left as they are."""
+    weights = base_weights(source) if isinstance(source, torch.nn.Module) else source
+    for plain, param in base_weights(target).items():
         if plain not in weights:
-            raise KeyError(f"no weight {plain!r} in the generator to copy into the learner's {name!r}")
+            raise KeyError(f"no weight {plain!r} in the source to copy into the learner")
         param.copy_(weights[plain])
 
 
@@ -226,7 +276,10 @@ def train_generator(
     merged, its adapter saved for `replay_round`; then, with rl.learner=updated, the learner given the
     generator's weights. Returns the SFT loss, or None when nothing was kept (the generator is unchanged)."""
     loss = None
-    if examples:
+    if examples and cfg.sft.launcher in LAUNCHERS:
+        loss = launch_sft(store, k, examples, cfg.sft, seed)
+        apply_adapter(generator, store.load_adapter(k), cfg.sft)
+    elif examples:
         adapter, loss = sft_merge(generator, examples, cfg.sft, seed)
         store.save_adapter(k, adapter)
     if cfg.learner == "updated":

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import psutil
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -19,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seal.config import Config, register_configs
 from seal.memory import PhaseMeter
-from seal.models import load_model
+from seal.models import load_model, setup_runtime
 from seal.report import report
 from seal.tasks import few_shot, knowledge
 from seal.tracking import Tracker
@@ -29,21 +28,9 @@ TASKS = {"knowledge": knowledge.run, "few_shot": few_shot.run}
 register_configs()
 
 
-def setup_runtime(cfg: Config) -> None:
-    """Seeds and threads: the same config on the same machine repeats exactly."""
-    torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        # cuBLAS needs a fixed workspace for repeatable results; read when its first handle is made.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # warn_only: an op without a deterministic CUDA kernel warns (naming itself) instead of failing.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    threads = cfg.num_threads or psutil.cpu_count(logical=False) or 1
-    torch.set_num_threads(threads)
-
-
-# What may change when a stopped run is continued: where things go and how they are logged, and the number
-# of RL rounds (a finished run can be extended).
-RESUMABLE_CHANGES = ("paths", "logger", "resume", "num_threads", "hydra")
+# What may change when a stopped run is continued: where things go, how they are logged and where the inner
+# loops run, and the number of RL rounds (a finished run can be extended).
+RESUMABLE_CHANGES = ("paths", "logger", "resume", "num_threads", "executor", "hydra")
 
 
 def check_resume(cfg: Config, run_dir: Path, config: dict[str, Any]) -> bool:
@@ -94,6 +81,20 @@ def train(dict_cfg: DictConfig) -> dict[str, Any]:
     cfg: Config = OmegaConf.to_object(dict_cfg)  # checked against the schema in seal/config.py
     if cfg.task.name not in TASKS:
         raise ValueError(f"unknown task {cfg.task.name!r}: expected one of {sorted(TASKS)}")
+    if cfg.rl.sft.launcher not in ("local", "accelerate", "torchrun"):
+        raise ValueError(
+            f"unknown rl.sft.launcher {cfg.rl.sft.launcher!r}: expected local, accelerate or torchrun"
+        )
+    if (cfg.task.name, cfg.task.mode) != ("knowledge", "single"):
+        for key, value, default in (
+            ("executor", cfg.executor.name, "local"),
+            ("generation.backend", cfg.generation.backend, "hf"),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"{key}={value} serves the inner loops of task=knowledge (task.mode=single); "
+                    f"task={cfg.task.name} task.mode={cfg.task.mode} runs with {key}={default}"
+                )
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(dict_cfg, resolve=True)

@@ -19,7 +19,7 @@ CACHE_DIR = os.environ.get("SEAL_CACHE_DIR", str(Path.home() / ".cache" / "seal"
 # `SEAL_TEST_DEVICE=cuda pytest` runs the same tests on a GPU, in fp32 without autocast so that the
 # equivalence tolerances keep their meaning.
 DEVICE = os.environ.get("SEAL_TEST_DEVICE", "cpu")
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as seal.train.setup_runtime sets it
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as seal.models.setup_runtime sets it
 
 register_configs()
 torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -3,12 +3,14 @@ resuming a run killed with SIGKILL in the middle of round 2."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -249,10 +251,21 @@ def _summary(run_dir: Path) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(("time/", "mem/", "throughput/"))}
 
 
-def test_a_run_killed_in_round_2_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
-    env = {**os.environ, "WANDB_SILENT": "true", "SEAL_OUTPUT_ROOT": str(tmp_path)}
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_command(whole), check=True, cwd=ROOT, env=env, capture_output=True)
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "WANDB_SILENT": "true", "SEAL_OUTPUT_ROOT": str(tmp_path)}
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    """An uninterrupted run of the RL configuration in its own process, as `python -m seal.train` runs it."""
+    tmp_path = tmp_path_factory.mktemp("whole")
+    subprocess.run(_command(tmp_path / "run"), check=True, cwd=ROOT, env=_env(tmp_path), capture_output=True)
+    return tmp_path / "run"
+
+
+def test_a_run_killed_in_round_2_resumes_and_ends_as_an_uninterrupted_run(tmp_path, whole):
+    env = _env(tmp_path)
+    killed = tmp_path / "killed"
 
     proc = subprocess.Popen(
         _command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -278,3 +291,38 @@ def test_a_run_killed_in_round_2_resumes_and_ends_as_an_uninterrupted_run(tmp_pa
     assert (killed / "wandb_run_id").read_text() == run_id
     offline = sorted(p.name for p in (killed / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(name.endswith(run_id.strip()) for name in offline)
+
+
+def test_on_ray_workers_a_killed_worker_s_chunk_is_retried_and_the_run_equals_the_local_one(tmp_path, whole):
+    """executor=ray with 2 local workers: a worker is killed with SIGKILL while it computes a chunk; Ray
+    restarts it, the chunk runs again, and every metric equals the local executor's run (same chunks, seeds
+    and weights: the workers get the learner's weights after each ReST-EM round)."""
+    pytest.importorskip("ray")
+    command = [*_command(tmp_path / "run"), "executor=ray", "executor.workers=2", "executor.max_retries=2"]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    victim = None
+    while victim is None and proc.poll() is None:
+        # Ray names a worker's process after the method it runs: this one is computing a chunk.
+        busy = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if "ray::InnerLoopWorker.compute" in (p.info["cmdline"] or [""])[0]
+        ]
+        if busy:
+            victim = busy[0]
+            victim.send_signal(signal.SIGKILL)
+        time.sleep(0.05)
+    output = proc.communicate(timeout=600)[0].decode()
+    assert victim is not None, "the run ended before a worker could be killed:\n" + output[-3000:]
+    assert proc.returncode == 0, output[-3000:]
+    # Ray reports the death as ActorDiedError or, while it restarts the actor, ActorUnavailableError.
+    assert re.search(r"chunk \d+: its worker died \(Actor(Died|Unavailable)Error\); try 2 of 3", output), (
+        output
+    )
+    metrics = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
+    assert metrics["executor/retried_chunks"] >= 1 and metrics["adapt/failed_updates"] == 0
+    assert {k: v for k, v in _summary(tmp_path / "run").items() if not k.startswith("executor/")} == _summary(
+        whole
+    )

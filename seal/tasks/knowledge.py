@@ -9,25 +9,30 @@ Conditions, all on the same evaluation passages:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.resources
 import json
 import logging
 import random
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from seal.adapt import TrainedAdapter, UpdateJob, Updater, make_updater
-from seal.config import Config, DataConfig, SelfEditConfig, TaskConfig
+from seal.config import AdaptConfig, Config, DataConfig, SelfEditConfig, TaskConfig
+from seal.executor import ChunkResult, WorkerLost, make_executor
 from seal.forgetting import Probe
 from seal.grading import accuracy_summary, make_grader
 from seal.memory import PhaseMeter
-from seal.models import LM, generate, load_model
+from seal.models import LM, generate, load_model, save_folder, setup_runtime
 from seal.rl import (
     RoundStore,
+    base_weights,
+    copy_base_weights,
     replay_round,
     rng_state,
     select,
@@ -36,6 +41,7 @@ from seal.rl import (
 )
 from seal.self_edit import self_edit_prompt, training_sequences
 from seal.tracking import Tracker
+from seal.vllm_engine import VLLMEngine, export_adapter, open_engine
 
 log = logging.getLogger(__name__)
 CONDITIONS = ("base", "passage", "self_edit")
@@ -183,12 +189,20 @@ def answer(
     desc: str | None = None,
     updater: Updater | None = None,
     adapters: list[TrainedAdapter] | None = None,
+    engine: VLLMEngine | None = None,
+    adapt: AdaptConfig | None = None,
 ) -> list[list[str]]:
     """Greedy answers to every question of `passages` in one batched generation; with `adapters`, passage
-    i's questions are answered by base + adapters[i]."""
+    i's questions are answered by base + adapters[i]. With a vLLM `engine` (serving the weights of `lm`), the
+    adapters are written as PEFT folders (`adapt` describes them) and served as runtime adapters."""
     prompts = [p for passage in passages for p in question_prompts(lm, task, passage)]
     kwargs = {"max_new_tokens": task.max_new_tokens, "batch_size": task.eval_batch_size, "desc": desc}
-    if adapters is None:
+    if engine is not None:
+        with tempfile.TemporaryDirectory(prefix="seal-adapters-") as tmp:
+            folders = [export_adapter(a, adapt, Path(tmp) / str(i)) for i, a in enumerate(adapters or [])]
+            rows = [f for f, passage in zip(folders, passages, strict=True) for _ in passage.questions]
+            flat = engine.generate(prompts, max_new_tokens=task.max_new_tokens, adapters=rows or None)
+    elif adapters is None:
         flat = generate(lm, prompts, **kwargs)
     else:
         rows = [a for a, passage in zip(adapters, passages, strict=True) for _ in passage.questions]
@@ -205,10 +219,22 @@ def self_edit_prompts(lm: LM, cfg: SelfEditConfig, passages: list[Passage]) -> l
     return [lm.format(self_edit_prompt(cfg.prompt, p.title, p.context)) for p in passages]
 
 
-def write_self_edits(lm: LM, cfg: SelfEditConfig, passages: list[Passage], seeds: list[int]) -> list[str]:
+def write_self_edits(
+    lm: LM, cfg: SelfEditConfig, passages: list[Passage], seeds: list[int], engine: VLLMEngine | None = None
+) -> list[str]:
+    """One sampled self-edit per passage, seeds[i] for passage i (by `engine`, when given: the same model)."""
+    prompts = self_edit_prompts(lm, cfg, passages)
+    if engine is not None:
+        return engine.generate(
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            seeds=seeds,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+        )
     return generate(
         lm,
-        self_edit_prompts(lm, cfg, passages),
+        prompts,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         seeds=seeds,
@@ -297,40 +323,25 @@ def update_job(
     )
 
 
-class InnerLoops:
-    """Runs inner loops in chunks of `4 x adapt.max_adapters` jobs: the chunk's updates together (a finished
-    job's slot takes the next), then one generation call for all their questions. Each chunk's outcome is
-    cached in the round's directory, so a resumed run reads finished chunks back instead of recomputing them
-    (a chunk is recomputed whole, with the same company, so its numbers repeat exactly)."""
+class ChunkRunner:
+    """Computes a chunk of inner loops on one model: the chunk's updates together (a finished job's slot takes
+    the next), then one generation call for all their questions, then the forgetting probe of the probed
+    ones. It runs in this process (executor=local) or in every Ray worker (seal/executor.py)."""
 
-    def __init__(self, cfg: Config, lm: LM, meter: PhaseMeter, store: RoundStore, probe: Probe | None):
-        self.cfg, self.lm, self.meter, self.store, self.probe = cfg, lm, meter, store, probe
+    def __init__(self, cfg: Config, lm: LM, probe: Probe | None, engine: VLLMEngine | None = None):
+        self.cfg, self.lm, self.probe, self.engine = cfg, lm, probe, engine
         self.updater = make_updater(lm, cfg.adapt)
-        self.tokens, self.computed, self.seconds = 0, 0, 0.0
 
-    def run(self, loops: list[InnerLoop], round_: int, phase: str, desc: str) -> list[dict[str, Any]]:
-        """One outcome per loop: {key, title, condition, answers (None if the update failed), loss, tokens,
-        error, probe (the forgetting probe's results for a probed loop, else None)}. A failed update
-        (non-finite loss, out of memory) is recorded and the others go on."""
-        per_chunk = max(1, 4 * self.cfg.adapt.max_adapters)
-        outcomes: list[dict[str, Any]] = []
-        for index, at in enumerate(range(0, len(loops), per_chunk)):
-            chunk = loops[at : at + per_chunk]
-            keys = [list(loop.key) for loop in chunk]
-            cached = self.store.cached_chunk(round_, phase, index, keys)
-            if cached is None:
-                cached = self._compute(chunk, f"{desc} ({at + len(chunk)}/{len(loops)})")
-                self.store.cache_chunk(round_, phase, index, keys, cached)
-            outcomes += cached
-        return outcomes
+    def load_weights(self, weights: dict) -> None:
+        copy_base_weights(self.lm.model, weights)
 
-    def _compute(self, chunk: list[InnerLoop], desc: str) -> list[dict[str, Any]]:
-        start = time.perf_counter()
-        with self.meter.phase("update"):
+    def compute(self, chunk: list[InnerLoop], desc: str) -> ChunkResult:
+        meter = PhaseMeter(self.lm.device)
+        with meter.phase("update"):
             jobs = [update_job(self.cfg, x.passage, x.edit, x.condition, x.key) for x in chunk]
             adapters = self.updater.train(jobs, progress=f"updates {desc}")
         trained = [(x, a) for x, a in zip(chunk, adapters, strict=True) if a.result.error is None]
-        with self.meter.phase("eval"):
+        with meter.phase("eval"):
             answers = answer(
                 self.lm,
                 self.cfg.task,
@@ -338,12 +349,14 @@ class InnerLoops:
                 desc=f"answers {desc}",
                 updater=self.updater,
                 adapters=[a for _, a in trained],
+                engine=self.engine,
+                adapt=self.cfg.adapt,
             )
         answers_of = {id(a): ans for (_, a), ans in zip(trained, answers, strict=True)}
         probed = [a for x, a in trained if x.probe and self.probe is not None]
         probe_of = {}
         if probed:
-            with self.meter.phase("reasoning"):
+            with meter.phase("reasoning"):
                 measured = self.probe.measure(self.lm, self.updater, probed)
             probe_of = {id(a): m for a, m in zip(probed, measured, strict=True)}
         outcomes = []
@@ -352,31 +365,113 @@ class InnerLoops:
             if result.error:
                 log.warning("update %s on %r failed: %s", loop.condition, loop.passage.title, result.error)
             outcomes.append(
-                {
-                    "key": list(loop.key),
-                    "title": loop.passage.title,
-                    "condition": loop.condition,
-                    "answers": answers_of.get(id(adapter)),
-                    "loss": result.epoch_losses[-1] if result.error is None else None,
-                    "tokens": result.tokens,
-                    "error": result.error,
-                    "probe": probe_of.get(id(adapter)),
-                }
+                outcome(
+                    loop,
+                    answers=answers_of.get(id(adapter)),
+                    loss=result.epoch_losses[-1] if result.error is None else None,
+                    tokens=result.tokens,
+                    error=result.error,
+                    probe=probe_of.get(id(adapter)),
+                )
             )
-            self.tokens += result.tokens
-        self.computed += len(chunk)
+        return ChunkResult(outcomes, dict(meter.seconds), dict(meter.peak_mb))
+
+
+def outcome(loop: InnerLoop, answers=None, loss=None, tokens=0, error=None, probe=None) -> dict[str, Any]:
+    """An inner loop's record: {key, title, condition, answers (None if the update failed), loss, tokens,
+    error, probe (the forgetting probe's results for a probed loop, else None)}."""
+    return {
+        "key": list(loop.key),
+        "title": loop.passage.title,
+        "condition": loop.condition,
+        "answers": answers,
+        "loss": loss,
+        "tokens": tokens,
+        "error": error,
+        "probe": probe,
+    }
+
+
+def worker_runner(cfg: Config, known: list | None) -> ChunkRunner:
+    """The runner of a Ray worker: its own replica of the model (the driver sends the learner's weights before
+    the first chunk) and, when the run probes forgetting, a probe that knows what the driver's knew."""
+    setup_runtime(cfg, threads=cfg.executor.cpus_per_worker)
+    lm = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
+    probe = None
+    if known is not None:
+        probe = Probe(cfg, lm, make_grader(cfg.task.grader, cfg.task.f1_threshold))
+        probe.known = known
+    return ChunkRunner(cfg, lm, probe)
+
+
+class InnerLoops:
+    """Runs inner loops in chunks of `4 x adapt.max_adapters` jobs, on the configured executor (in this
+    process, or on Ray workers). Each chunk's outcome is cached in the round's directory as soon as it is
+    computed, so a resumed run reads finished chunks back instead of recomputing them (a chunk is recomputed
+    whole, with the same company, so its numbers repeat exactly)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        lm: LM,
+        meter: PhaseMeter,
+        store: RoundStore,
+        probe: Probe | None,
+        engine: VLLMEngine | None = None,
+    ):
+        self.cfg, self.lm, self.meter, self.store, self.probe = cfg, lm, meter, store, probe
+        self.engine = engine
+        self.executor = make_executor(
+            cfg.executor,
+            local=lambda: ChunkRunner(cfg, lm, probe, engine),
+            remote=functools.partial(worker_runner, cfg, probe.known if probe else None),
+            weights=lambda: base_weights(lm.model),
+        )
+        self.tokens, self.computed, self.seconds = 0, 0, 0.0
+
+    def run(self, loops: list[InnerLoop], round_: int, phase: str, desc: str) -> list[dict[str, Any]]:
+        """One outcome per loop (see `outcome`). A failed update (non-finite loss, out of memory) or a chunk
+        whose worker kept dying is recorded as failed, and the others go on."""
+        per_chunk = max(1, 4 * self.cfg.adapt.max_adapters)
+        chunks = [loops[at : at + per_chunk] for at in range(0, len(loops), per_chunk)]
+        keys = [[list(loop.key) for loop in chunk] for chunk in chunks]
+        outcomes: list[list[dict[str, Any]] | None] = [
+            self.store.cached_chunk(round_, phase, i, keys[i]) for i in range(len(chunks))
+        ]
+        todo = [i for i, cached in enumerate(outcomes) if cached is None]
+        work = [(chunks[i], f"{desc} ({i * per_chunk + len(chunks[i])}/{len(loops)})") for i in todo]
+        start = time.perf_counter()
+        for j, result in self.executor.map(work):
+            i = todo[j]
+            if isinstance(result, WorkerLost):  # not cached: a resumed run tries again
+                outcomes[i] = [outcome(loop, error=str(result)) for loop in chunks[i]]
+                continue
+            self.store.cache_chunk(round_, phase, i, keys[i], result.outcomes)
+            outcomes[i] = result.outcomes
+            self.meter.add(result.seconds, result.peak_mb)
+            self.tokens += sum(o["tokens"] for o in result.outcomes)
+            self.computed += len(chunks[i])
         self.seconds += time.perf_counter() - start
-        return outcomes
+        return [o for chunk_outcomes in outcomes for o in chunk_outcomes]
 
     def throughput(self) -> dict[str, float]:
-        """Of the inner loops computed in this process (not those read back from the cache)."""
+        """Of the inner loops computed in this run's process or its workers (not those read back from the
+        cache). With Ray workers, update seconds add up over the workers: tokens/s is per worker."""
+        metrics: dict[str, float] = {}
+        if self.executor.retries:
+            metrics["executor/retried_chunks"] = self.executor.retries
         if not self.computed:
-            return {}
-        return {
+            return metrics
+        return metrics | {
             "throughput/update_tokens_per_s": self.tokens / max(self.meter.seconds["update"], 1e-9),
             # An inner loop = one update and the evaluation of its adapter.
             "throughput/self_edits_per_hour": 3600 * self.computed / self.seconds,
         }
+
+    def close(self) -> None:
+        self.executor.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 def outcome_rows(loop: InnerLoop, outcome: dict[str, Any], grade) -> list[dict[str, Any]]:
@@ -393,13 +488,20 @@ def condition_metrics(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def cached_self_edits(
-    store: RoundStore, round_: int, name: str, lm: LM, cfg: SelfEditConfig, passages: list[Passage], seeds
+    store: RoundStore,
+    round_: int,
+    name: str,
+    lm: LM,
+    cfg: SelfEditConfig,
+    passages: list[Passage],
+    seeds,
+    engine: VLLMEngine | None = None,
 ) -> list[str]:
     """`write_self_edits`, saved in the round's directory and read back on resume."""
     saved = store.read(round_, name)
     if saved is not None and [r["seed"] for r in saved] == list(seeds):
         return [r["self_edit"] for r in saved]
-    edits = write_self_edits(lm, cfg, passages, seeds)
+    edits = write_self_edits(lm, cfg, passages, seeds, engine)
     rows = [
         {"title": p.title, "seed": s, "self_edit": e} for p, s, e in zip(passages, seeds, edits, strict=True)
     ]
@@ -437,6 +539,7 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
             "rl=rest_em trains the model's own self-edits: needs the self_edit condition and "
             "self_edit.source=model"
         )
+    engine = open_engine(cfg)  # None unless generation.backend=vllm can run here
     split = load_passages(cfg.data)
     passages = split.eval
     if not passages:
@@ -461,104 +564,111 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         with meter.phase("reasoning"):
             before = probe.before()
         metrics.update(probe.reasoning_metrics("reasoning/before", [before]))
-    loops = InnerLoops(cfg, lm, meter, store, probe)
-
-    if "base" in conditions:
-        with meter.phase("eval"):
-            answers = answer(lm, cfg.task, passages, "base answers")
-        rows["base"] = [
-            r for p, a in zip(passages, answers, strict=True) for r in graded_rows("base", p, a, grade)
-        ]
-
-    label = "external" if cfg.self_edit.source == "file" else "self_edit"
-    edits: list[str | None] = [None] * len(passages)
-    if "self_edit" in conditions:
-        if label == "external":
-            edits = read_external_edits(cfg.self_edit.path, passages)
-        else:
-            seeds = [derive_seed(cfg.seed, "self_edit", 0, p.title, 0) for p in passages]
-            with meter.phase("generate"):
-                edits = cached_self_edits(
-                    store, 0, "eval_self_edits.json", generator, cfg.self_edit, passages, seeds
-                )
-        tracker.results(
-            "self_edits" if label == "self_edit" else "external_edits",
-            [{"title": p.title, "self_edit": e} for p, e in zip(passages, edits, strict=True)],
-        )
-    updated = [c for c in conditions if c != "base"]
-    # The forgetting probe measures a seeded sample of the self-edit updates (the passage ones without those).
-    probed_condition = "self_edit" if "self_edit" in updated else "passage"
-    n_probed = min(cfg.reasoning.after_update, len(passages)) if probe else 0
-    probed = {p.title for p in random.Random(derive_seed(cfg.seed, "probe")).sample(passages, n_probed)}
-    todo = [
-        InnerLoop(
-            p,
-            label if c == "self_edit" else c,
-            e if c == "self_edit" else None,
-            (0, p.title, c),
-            probe=c == probed_condition and p.title in probed,
-        )
-        for p, e in zip(passages, edits, strict=True)
-        for c in updated
-    ]
-    outcomes = loops.run(todo, 0, "eval", "round 0")
-    if probe:
-        after = [o["probe"] for o in outcomes if o["probe"] is not None]
-        tracker.results(
-            "reasoning",
-            [
-                {
-                    "model": "before",
-                    "reasoning": before["reasoning"],
-                    "prior_known": [q.question for q in probe.known],
-                }
+    # The executor may hold workers (executor=ray): closed however the run ends.
+    with contextlib.closing(InnerLoops(cfg, lm, meter, store, probe, engine)) as loops:
+        if "base" in conditions:
+            with meter.phase("eval"):
+                answers = answer(lm, cfg.task, passages, "base answers", engine=loops.engine)
+            rows["base"] = [
+                r for p, a in zip(passages, answers, strict=True) for r in graded_rows("base", p, a, grade)
             ]
-            + [
-                {"model": "after_update", "title": o["title"], **o["probe"]}
-                for o in outcomes
-                if o["probe"] is not None
-            ],
-        )
-        if after:
-            metrics.update(probe.reasoning_metrics("reasoning/after_update", after))
-            metrics["reasoning/forgetting"] = (
-                metrics["reasoning/before/accuracy"] - metrics["reasoning/after_update/accuracy"]
-            )
-        metrics.update(probe.retention_metrics(after))
-    for loop, outcome in zip(todo, outcomes, strict=True):
-        rows.setdefault(loop.condition, []).extend(outcome_rows(loop, outcome, grade))
-    for name in (c for c in dict.fromkeys([*conditions, label]) if c in rows):
-        tracker.results(name, rows[name])
-        metrics.update(condition_metrics(name, rows[name]))
-    losses: dict[str, list[float]] = {}
-    for outcome in outcomes:
-        if outcome["loss"] is not None:
-            losses.setdefault(outcome["condition"], []).append(outcome["loss"])
-    metrics.update({f"adapt/{c}/final_loss": sum(v) / len(v) for c, v in losses.items()})
-    metrics["adapt/failed_updates"] = sum(o["error"] is not None for o in outcomes)
 
-    if rl:
-        metrics["rl/round_0/eval_accuracy"] = metrics["knowledge/self_edit/accuracy"]
-        metrics["rl/round_0/eval_ci95"] = metrics["knowledge/self_edit/ci95"]
-        log_round(tracker, 0, {"rl/eval_accuracy": metrics["rl/round_0/eval_accuracy"]})
-        seal_rows: list[dict[str, Any]] = []
-        # The reasoning accuracy of the model the inner loops update: what the forgetting guard compares to.
-        learner_reasoning = metrics.get("reasoning/before/accuracy")
-        for k in range(1, cfg.rl.rounds + 1):
-            round_metrics, seal_rows = rest_em_round(
-                k, cfg, generator, loops, split, grade, tracker, learner_reasoning
+        label = "external" if cfg.self_edit.source == "file" else "self_edit"
+        edits: list[str | None] = [None] * len(passages)
+        if "self_edit" in conditions:
+            if label == "external":
+                edits = read_external_edits(cfg.self_edit.path, passages)
+            else:
+                seeds = [derive_seed(cfg.seed, "self_edit", 0, p.title, 0) for p in passages]
+                with meter.phase("generate"):
+                    edits = cached_self_edits(
+                        store,
+                        0,
+                        "eval_self_edits.json",
+                        generator,
+                        cfg.self_edit,
+                        passages,
+                        seeds,
+                        loops.engine,
+                    )
+            tracker.results(
+                "self_edits" if label == "self_edit" else "external_edits",
+                [{"title": p.title, "self_edit": e} for p, e in zip(passages, edits, strict=True)],
             )
-            metrics.update(round_metrics)
-            if cfg.rl.learner == "updated" and probe:
-                learner_reasoning = round_metrics[f"reasoning/round_{k}/accuracy"]
-        if seal_rows:
-            tracker.results("seal", seal_rows)
-            metrics.update(condition_metrics("seal", seal_rows))
-        if store.reused:
-            log.info("resumed: %d inner loops read back from %s", store.reused, store.root)
-            tracker.log({"resume/reused_inner_loops": store.reused})
-    metrics.update(loops.throughput())
-    return metrics
+        updated = [c for c in conditions if c != "base"]
+        # The forgetting probe measures a seeded sample of the self-edit updates (else of the passage ones).
+        probed_condition = "self_edit" if "self_edit" in updated else "passage"
+        n_probed = min(cfg.reasoning.after_update, len(passages)) if probe else 0
+        probed = {p.title for p in random.Random(derive_seed(cfg.seed, "probe")).sample(passages, n_probed)}
+        todo = [
+            InnerLoop(
+                p,
+                label if c == "self_edit" else c,
+                e if c == "self_edit" else None,
+                (0, p.title, c),
+                probe=c == probed_condition and p.title in probed,
+            )
+            for p, e in zip(passages, edits, strict=True)
+            for c in updated
+        ]
+        outcomes = loops.run(todo, 0, "eval", "round 0")
+        if probe:
+            after = [o["probe"] for o in outcomes if o["probe"] is not None]
+            tracker.results(
+                "reasoning",
+                [
+                    {
+                        "model": "before",
+                        "reasoning": before["reasoning"],
+                        "prior_known": [q.question for q in probe.known],
+                    }
+                ]
+                + [
+                    {"model": "after_update", "title": o["title"], **o["probe"]}
+                    for o in outcomes
+                    if o["probe"] is not None
+                ],
+            )
+            if after:
+                metrics.update(probe.reasoning_metrics("reasoning/after_update", after))
+                metrics["reasoning/forgetting"] = (
+                    metrics["reasoning/before/accuracy"] - metrics["reasoning/after_update/accuracy"]
+                )
+            metrics.update(probe.retention_metrics(after))
+        for loop, outcome in zip(todo, outcomes, strict=True):
+            rows.setdefault(loop.condition, []).extend(outcome_rows(loop, outcome, grade))
+        for name in (c for c in dict.fromkeys([*conditions, label]) if c in rows):
+            tracker.results(name, rows[name])
+            metrics.update(condition_metrics(name, rows[name]))
+        losses: dict[str, list[float]] = {}
+        for outcome in outcomes:
+            if outcome["loss"] is not None:
+                losses.setdefault(outcome["condition"], []).append(outcome["loss"])
+        metrics.update({f"adapt/{c}/final_loss": sum(v) / len(v) for c, v in losses.items()})
+        metrics["adapt/failed_updates"] = sum(o["error"] is not None for o in outcomes)
+
+        if rl:
+            metrics["rl/round_0/eval_accuracy"] = metrics["knowledge/self_edit/accuracy"]
+            metrics["rl/round_0/eval_ci95"] = metrics["knowledge/self_edit/ci95"]
+            log_round(tracker, 0, {"rl/eval_accuracy": metrics["rl/round_0/eval_accuracy"]})
+            seal_rows: list[dict[str, Any]] = []
+            # The reasoning accuracy of the learner: what the forgetting guard compares to.
+            learner_reasoning = metrics.get("reasoning/before/accuracy")
+            for k in range(1, cfg.rl.rounds + 1):
+                round_metrics, seal_rows = rest_em_round(
+                    k, cfg, generator, loops, split, grade, tracker, learner_reasoning
+                )
+                metrics.update(round_metrics)
+                if cfg.rl.learner == "updated" and probe:
+                    learner_reasoning = round_metrics[f"reasoning/round_{k}/accuracy"]
+            if seal_rows:
+                tracker.results("seal", seal_rows)
+                metrics.update(condition_metrics("seal", seal_rows))
+            if store.reused:
+                log.info("resumed: %d inner loops read back from %s", store.reused, store.root)
+                tracker.log({"resume/reused_inner_loops": store.reused})
+        metrics.update(loops.throughput())
+        return metrics
 
 
 # ---------------------------------------------------------------- the outer loop
@@ -590,11 +700,13 @@ def rest_em_round(
     reasoning measured; then the new generator's self-edits evaluated on the evaluation passages. A finished
     round (its state.json) is replayed from disk instead."""
     rl, prefix, reward = cfg.rl, f"rl/round_{k}", cfg.rl.reward
-    learner, store, probe = loops.lm, loops.store, loops.probe
+    learner, store, probe, engine = loops.lm, loops.store, loops.probe, loops.engine
     guard = reward.forgetting_penalty > 0 or reward.max_reasoning_drop is not None
     state = store.finished(k)
     if state is not None:
         replay_round(store, k, generator, learner, rl)
+        if engine is not None and store.load_adapter(k) is not None:
+            engine.restart(save_folder(generator, store.dir(k) / "generator"))
         set_rng_state(state["rng"])
         store.reused += state["inner_loops"]
         log_round(tracker, k, state["row"])
@@ -604,7 +716,9 @@ def rest_em_round(
     owners = [p for p in train for _ in range(rl.samples)]
     seeds = [derive_seed(cfg.seed, "self_edit", k, p.title, s) for p in train for s in range(rl.samples)]
     with loops.meter.phase("generate"):
-        edits = cached_self_edits(store, k, "train_self_edits.json", generator, cfg.self_edit, owners, seeds)
+        edits = cached_self_edits(
+            store, k, "train_self_edits.json", generator, cfg.self_edit, owners, seeds, engine
+        )
     todo = [
         InnerLoop(p, "self_edit", edits[i * rl.samples + s], (k, p.title, "self_edit", s, r), probe=guard)
         for i, p in enumerate(train)
@@ -681,6 +795,8 @@ def rest_em_round(
         log.warning("round %d: no self-edit was accepted; the generator is unchanged", k)
     else:
         diagnostics["sft_loss"] = loss
+        if engine is not None:  # the engine serves the new generator (and learner) from here on
+            engine.restart(save_folder(generator, store.dir(k) / "generator"))
     reasoning: dict[str, float] = {}
     if probe:
         with loops.meter.phase("reasoning"):
@@ -689,7 +805,9 @@ def rest_em_round(
     passages = split.eval
     seeds = [derive_seed(cfg.seed, "self_edit", k, p.title, 0) for p in passages]
     with loops.meter.phase("generate"):
-        edits = cached_self_edits(store, k, "eval_self_edits.json", generator, cfg.self_edit, passages, seeds)
+        edits = cached_self_edits(
+            store, k, "eval_self_edits.json", generator, cfg.self_edit, passages, seeds, engine
+        )
     todo = [InnerLoop(p, "seal", e, (k, p.title, "self_edit")) for p, e in zip(passages, edits, strict=True)]
     outcomes = loops.run(todo, k, "eval", f"round {k} evaluation")
     inner_loops += len(todo)

@@ -1,0 +1,244 @@
+"""Where the inner loops of a round run.
+
+The knowledge task hands its inner loops over in chunks (`InnerLoops` in seal/tasks/knowledge.py): a chunk's
+updates train together and its answers come from one generation call, so a chunk is the unit of work, of
+caching and of resume. An executor computes the chunks that are not cached yet and yields each result as soon
+as it is ready, so the driver caches it at once:
+
+  local  in this process, one chunk after the other (the default)
+  ray    on Ray workers (`pip install -e .[ray]`), each holding its own replica of the learner: one per GPU
+         with `executor.gpus_per_worker=1`, or `executor.cpus_per_worker` CPUs each. The driver keeps the
+         outer loop, the cache and resume. Before a chunk, a worker takes the learner's weights whenever they
+         changed (ReST-EM fine-tunes the learner between rounds), so it computes what the local executor
+         would: the same chunks, the same seeds (they come from the inner loops' keys), the same weights.
+
+A chunk whose worker dies (killed, out of memory, a lost node) is run again, on a restarted worker, up to
+`executor.max_retries` times; after that it is yielded as `WorkerLost` and the task records its inner loops as
+failed (and does not cache them, so a resumed run computes them again). An exception raised by the task's own
+code is not retried: it is a bug, and it stops the run like any other.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from seal.config import ExecutorConfig
+
+log = logging.getLogger(__name__)
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass
+class ChunkResult:
+    outcomes: list[dict[str, Any]]  # one per inner loop of the chunk, in order
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase, in the process that computed it
+    peak_mb: dict[str, float] = field(default_factory=dict)
+
+
+class WorkerLost(RuntimeError):
+    """A chunk whose worker died on every try."""
+
+
+class Runner(Protocol):
+    """Computes chunks of inner loops on one model (the task's code; see knowledge.ChunkRunner)."""
+
+    def compute(self, chunk: list[Any], desc: str) -> ChunkResult: ...
+
+    def load_weights(self, weights: Weights) -> None: ...
+
+
+class Executor(Protocol):
+    retries: int  # chunks run again after their worker died, in this process's lifetime
+
+    def map(self, chunks: list[tuple[list[Any], str]]) -> Iterator[tuple[int, ChunkResult | WorkerLost]]:
+        """(index into `chunks`, its result) for every (chunk, progress label), in the order they finish."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    def __init__(self, runner: Runner):
+        self.runner, self.retries = runner, 0
+
+    def map(self, chunks: list[tuple[list[Any], str]]) -> Iterator[tuple[int, ChunkResult | WorkerLost]]:
+        for index, (chunk, desc) in enumerate(chunks):
+            yield index, self.runner.compute(chunk, desc)
+
+    def close(self) -> None:
+        pass
+
+
+def weights_digest(weights: Weights) -> str:
+    """A fingerprint of the weights' exact bytes: a worker reloads them only when it changed."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(weights):
+        flat = weights[name].detach().reshape(-1).contiguous()
+        digest.update(name.encode())
+        digest.update(flat.view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class InnerLoopWorker:
+    """A Ray actor: one replica of the learner and the task's runner (built in the worker's own process)."""
+
+    def __init__(self, make_runner: Callable[[], Runner]):
+        self.runner = make_runner()
+        self.version: str | None = None
+
+    def compute(self, version: str, weights: list[Any], chunk: list[Any], desc: str) -> ChunkResult:
+        import ray
+
+        if version != self.version:  # `weights` is [ObjectRef], so that Ray fetches it only when needed
+            self.runner.load_weights(ray.get(weights[0]))
+            self.version = version
+        return self.runner.compute(chunk, desc)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as err:
+        raise RuntimeError("executor=ray needs Ray: pip install -e '.[ray]'") from err
+    return ray
+
+
+def connect(ray, cfg: ExecutorConfig) -> bool:
+    """Join the configured cluster, or start a local one. True when this process started Ray."""
+    if ray.is_initialized():
+        return False
+    options = {"include_dashboard": False, "log_to_driver": True}
+    if cfg.address != "auto":
+        ray.init(address=cfg.address, **options)  # an error names the address when it cannot be reached
+        return True
+    try:
+        ray.init(address="auto", **options)
+        log.info("ray: joined the running cluster %s", ray.get_runtime_context().gcs_address)
+    except ConnectionError:
+        # No cluster: a local one with room for exactly the configured workers.
+        ray.init(num_cpus=cfg.workers * cfg.cpus_per_worker, **options)
+        log.info("ray: started a local cluster for %d workers", cfg.workers)
+    return True
+
+
+class RayExecutor:
+    """Chunks go to `executor.workers` actors; each actor takes the next chunk as soon as it is free."""
+
+    def __init__(
+        self, cfg: ExecutorConfig, make_runner: Callable[[], Runner], weights: Callable[[], Weights]
+    ):
+        if cfg.workers < 1 or cfg.max_retries < 0:
+            raise ValueError(f"executor.workers must be >= 1 and max_retries >= 0, got {cfg}")
+        self.ray = import_ray()
+        self.cfg, self.make_runner, self.weights = cfg, make_runner, weights
+        self.workers: list[Any] = []
+        self.started = False
+        self.version: str | None = None
+        self.ref: Any = None
+        self.retries = 0
+
+    def _start(self) -> None:
+        self.started = connect(self.ray, self.cfg)
+        # A dead worker is restarted by Ray (its constructor loads the model again); the task that was running
+        # on it is not retried by Ray but by `map`, which counts and bounds the tries.
+        actor = self.ray.remote(InnerLoopWorker).options(
+            num_cpus=self.cfg.cpus_per_worker,
+            num_gpus=self.cfg.gpus_per_worker,
+            max_restarts=-1,
+            max_task_retries=0,
+        )
+        self.workers = [actor.remote(self.make_runner) for _ in range(self.cfg.workers)]
+
+    def _publish(self) -> None:
+        weights = {name: t.detach().cpu() for name, t in self.weights().items()}
+        version = weights_digest(weights)
+        if version != self.version:
+            self.version, self.ref = version, self.ray.put(weights)
+
+    def map(self, chunks: list[tuple[list[Any], str]]) -> Iterator[tuple[int, ChunkResult | WorkerLost]]:
+        if not chunks:
+            return
+        if not self.workers:
+            self._start()
+        self._publish()
+        lost = (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError)
+        waiting = collections.deque(range(len(chunks)))
+        tries = collections.Counter()
+        idle = list(self.workers)
+        running: dict[Any, tuple[int, Any]] = {}
+        while waiting or running:
+            while waiting and idle:
+                index, worker = waiting.popleft(), idle.pop()
+                chunk, desc = chunks[index]
+                tries[index] += 1
+                running[worker.compute.remote(self.version, [self.ref], chunk, desc)] = (index, worker)
+            [done], _ = self.ray.wait(list(running), num_returns=1)
+            index, worker = running.pop(done)
+            try:
+                result = self.ray.get(done)
+                idle.append(worker)
+            except lost as err:
+                self._await_restart(worker)
+                idle.append(worker)
+                if tries[index] > self.cfg.max_retries:
+                    log.error("chunk %d: its worker died %d times; its inner loops fail", index, tries[index])
+                    yield index, WorkerLost(f"worker died {tries[index]} times: {type(err).__name__}")
+                else:
+                    self.retries += 1
+                    log.warning(
+                        "chunk %d: its worker died (%s); try %d of %d",
+                        index,
+                        type(err).__name__,
+                        tries[index] + 1,
+                        self.cfg.max_retries + 1,
+                    )
+                    waiting.appendleft(index)
+                continue
+            yield index, result
+
+    def _await_restart(self, worker: Any, attempts: int = 600) -> None:
+        """Wait until Ray has restarted a dead worker (its constructor loads the model again), so that a retry
+        is not spent on a worker that is not back yet."""
+        for _ in range(attempts):
+            try:
+                self.ray.get(worker.pid.remote())
+                return
+            except self.ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
+                time.sleep(0.5)
+        raise RuntimeError(f"a Ray worker did not come back within {attempts // 2} s of dying")
+
+    def close(self) -> None:
+        for worker in self.workers:
+            self.ray.kill(worker)
+        self.workers = []
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+
+def make_executor(
+    cfg: ExecutorConfig,
+    local: Callable[[], Runner],
+    remote: Callable[[], Runner],
+    weights: Callable[[], Weights],
+) -> Executor:
+    """`local` builds the runner of this process; `remote` (picklable) builds a worker's, with its own model;
+    `weights` gives the learner's current weights for the workers."""
+    if cfg.name == "local":
+        return LocalExecutor(local())
+    if cfg.name == "ray":
+        return RayExecutor(cfg, remote, weights)
+    raise ValueError(f"unknown executor {cfg.name!r}: expected local or ray")

@@ -1,0 +1,98 @@
+"""Executors of the inner loops (seal/executor.py): the weights' fingerprint, and Ray workers that get the
+weights when they change, retry a chunk whose worker died and give up after the configured tries. The whole
+run on Ray workers, with a worker killed, is in tests/test_rl.py."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from seal.config import ExecutorConfig
+from seal.executor import ChunkResult, LocalExecutor, WorkerLost, import_ray, make_executor, weights_digest
+from seal.train import train
+from tests.conftest import TINY_OVERRIDES, make_cfg
+
+
+def test_the_weights_fingerprint_changes_with_any_weight_and_only_then():
+    weights = {"a": torch.ones(3, 2), "b": torch.zeros(4, dtype=torch.bfloat16)}
+    same = {"b": torch.zeros(4, dtype=torch.bfloat16), "a": torch.ones(3, 2)}
+    assert weights_digest(weights) == weights_digest(same)
+    same["b"][2] = 1e-3
+    assert weights_digest(weights) != weights_digest(same)
+    assert weights_digest({"a": torch.ones(3, 2)}) != weights_digest({"c": torch.ones(3, 2)})
+
+
+def test_the_local_executor_computes_the_chunks_in_order_in_this_process():
+    class Runner:
+        def compute(self, chunk, desc):
+            return ChunkResult([{"x": x, "desc": desc, "pid": os.getpid()} for x in chunk])
+
+    results = list(LocalExecutor(Runner()).map([([1, 2], "a"), ([3], "b")]))
+    assert [(i, r.outcomes) for i, r in results] == [
+        (0, [{"x": 1, "desc": "a", "pid": os.getpid()}, {"x": 2, "desc": "a", "pid": os.getpid()}]),
+        (1, [{"x": 3, "desc": "b", "pid": os.getpid()}]),
+    ]
+
+
+def test_ray_workers_take_new_weights_retry_a_dead_worker_s_chunk_and_give_up_after_the_bound(tmp_path):
+    ray = pytest.importorskip("ray")
+    deaths = tmp_path / "deaths"
+
+    def make_runner():
+        # Built inside each worker. Chunk "die once" kills its worker the first time only (a file counts the
+        # deaths across restarts); chunk "die" kills it every time.
+        class Runner:
+            loads = 0
+
+            def load_weights(self, weights):
+                self.scale = float(weights["w"].sum())
+                Runner.loads += 1
+
+            def compute(self, chunk, desc):
+                if "die" in chunk or ("die once" in chunk and not deaths.exists()):
+                    deaths.write_text("x")
+                    os._exit(1)
+                values = [x * self.scale for x in chunk if isinstance(x, int)]
+                return ChunkResult(
+                    [{"v": values, "loads": Runner.loads, "pid": os.getpid()}], {"update": 1.0}
+                )
+
+        return Runner()
+
+    weights = {"w": torch.ones(2)}
+    cfg = ExecutorConfig(name="ray", workers=2, cpus_per_worker=1, max_retries=1)
+    executor = make_executor(cfg, local=None, remote=make_runner, weights=lambda: weights)
+    try:
+        first = dict(executor.map([([1, 2], "a"), ([3, "die once"], "b"), ([4], "c")]))
+        assert [first[i].outcomes[0]["v"] for i in range(3)] == [[2.0, 4.0], [6.0], [8.0]]
+        assert executor.retries == 1 and deaths.exists()
+        # Two workers, both alive again, each loaded the weights once.
+        assert {r.outcomes[0]["loads"] for r in first.values()} == {1}
+        assert all(r.seconds == {"update": 1.0} for r in first.values())
+
+        weights["w"] = torch.full((2,), 5.0)  # e.g. the learner after a ReST-EM round
+        second = dict(executor.map([([1], "d"), (["die"], "e"), ([2], "f")]))
+        assert second[0].outcomes[0]["v"] == [10.0] and second[2].outcomes[0]["v"] == [20.0]
+        assert isinstance(second[1], WorkerLost) and "worker died 2 times" in str(second[1])
+        assert executor.retries == 2  # "die" was tried twice (max_retries=1), then given up
+    finally:
+        executor.close()
+    assert not ray.is_initialized()  # it started Ray, so it stopped it
+
+
+def test_ray_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(RuntimeError, match=r"executor=ray needs Ray: pip install -e '\.\[ray\]'"):
+        import_ray()
+
+
+def test_unknown_executors_and_tasks_that_do_not_run_on_ray_are_refused_at_start(tmp_path):
+    with pytest.raises(ValueError, match="unknown executor 'dask'"):
+        make_executor(ExecutorConfig(name="dask"), local=None, remote=None, weights=None)
+    with pytest.raises(ValueError, match="task=few_shot task.mode=single runs with executor=local"):
+        train(make_cfg(tmp_path, *TINY_OVERRIDES, "task=few_shot", "executor=ray"))
+    with pytest.raises(ValueError, match="task=knowledge task.mode=cpt runs with executor=local"):
+        train(make_cfg(tmp_path, *TINY_OVERRIDES, "task.mode=cpt", "executor=ray"))
+    with pytest.raises(ValueError, match="task=few_shot task.mode=single runs with generation.backend=hf"):
+        train(make_cfg(tmp_path, *TINY_OVERRIDES, "task=few_shot", "generation.backend=vllm"))
