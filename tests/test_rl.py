@@ -299,8 +299,9 @@ def test_on_ray_workers_a_killed_worker_s_chunk_is_retried_and_the_run_equals_th
     and weights: the workers get the learner's weights after each ReST-EM round)."""
     pytest.importorskip("ray")
     command = [*_command(tmp_path / "run"), "executor=ray", "executor.workers=2", "executor.max_retries=2"]
+    log = tmp_path / "output.txt"  # a file, not a pipe: a full pipe would stall the run while we watch
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        command, cwd=ROOT, env=_env(tmp_path), stdout=log.open("w"), stderr=subprocess.STDOUT
     )
     victim = None
     while victim is None and proc.poll() is None:
@@ -311,10 +312,14 @@ def test_on_ray_workers_a_killed_worker_s_chunk_is_retried_and_the_run_equals_th
             if "ray::InnerLoopWorker.compute" in (p.info["cmdline"] or [""])[0]
         ]
         if busy:
-            victim = busy[0]
-            victim.send_signal(signal.SIGKILL)
+            try:
+                busy[0].send_signal(signal.SIGKILL)
+                victim = busy[0]
+            except psutil.NoSuchProcess:  # it finished its chunk meanwhile: wait for the next one
+                pass
         time.sleep(0.05)
-    output = proc.communicate(timeout=600)[0].decode()
+    proc.wait(timeout=600)
+    output = log.read_text()
     assert victim is not None, "the run ended before a worker could be killed:\n" + output[-3000:]
     assert proc.returncode == 0, output[-3000:]
     # Ray reports the death as ActorDiedError or, while it restarts the actor, ActorUnavailableError.
