@@ -33,6 +33,10 @@ class ModelConfig:
     autocast: bool = True  # bf16 autocast of matmuls where the device supports it
     prompt_style: str = "chat"  # chat (instruct models: chat template) | plain (base models: completion)
     attn_implementation: str = "sdpa"
+    # CUDA: let SDPA use cuDNN's attention. Off by default: it builds a plan for every new sequence
+    # length, and decoding meets a new length at each step (H100, SmolLM2's shape: 123 ms per step with
+    # it, 29 without).
+    cudnn_attention: bool = False
     trust_remote_code: bool = False
     revision: str | None = None
 

@@ -5,6 +5,7 @@ from seal.config import ModelConfig
 from seal.models import (
     RowSampler,
     choice_scorer,
+    configure_attention,
     continuation_logprobs,
     generate,
     load_model,
@@ -61,6 +62,27 @@ def test_row_sampler_respects_top_p():
     scores = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
     picks = {int(RowSampler([s], 1.0, 0.6)(None, scores).argmax()) for s in range(20)}
     assert picks == {0}  # token 0 alone reaches 0.6 of the mass
+
+
+def test_row_sampler_draws_do_not_depend_on_batch_mates():
+    """A flat row makes its batch sort the whole vocabulary while the peaked row alone takes the partial
+    sort; bf16 scores tie often, so the two orders must agree on ties too."""
+    peaked = (torch.randn(1, 5000, generator=torch.Generator().manual_seed(0)) * 4).bfloat16().float()
+    flat = torch.zeros(1, 5000)
+    alone, batched = RowSampler([7], 1.0, 0.95), RowSampler([7, 8], 1.0, 0.95)
+    picks = [int(alone(None, peaked).argmax()) for _ in range(200)]
+    assert picks == [int(batched(None, torch.cat([peaked, flat]))[0].argmax()) for _ in range(200)]
+    assert len(set(picks)) > 5  # it did sample
+
+
+def test_cudnn_attention_is_turned_off_on_cuda_unless_asked_for(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    configure_attention(ModelConfig(name="m"), torch.device("cpu"))
+    configure_attention(ModelConfig(name="m", cudnn_attention=True), torch.device("cuda"))
+    assert calls == []
+    configure_attention(ModelConfig(name="m"), torch.device("cuda"))
+    assert calls == [False]
 
 
 def test_hub_model_fails_clearly_offline(monkeypatch, tmp_path):
