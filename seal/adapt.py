@@ -165,7 +165,8 @@ class LoraUpdater:
         carries no weights; the other jobs go on."""
         adapters = []
         for job in tqdm(jobs, desc=progress, disable=progress is None, leave=False):
-            result = self._train_one(job)
+            with checkpointing(self.lm.model, self.cfg.gradient_checkpointing):
+                result = self._train_one(job)
             state = None
             if result.error is None:
                 state = {k: v.detach().to("cpu", copy=True) for k, v in self._state().items()}
@@ -244,6 +245,22 @@ class LoraUpdater:
             optimizer.zero_grad(set_to_none=True)
         result.seconds = time.perf_counter() - start
         return result
+
+
+@contextlib.contextmanager
+def checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing of the model's decoder layers while training, if `enabled`. transformers
+    also makes the embeddings' output require grad then; that is undone too, so that later updates without
+    checkpointing do not carry it."""
+    if not enabled:
+        yield
+        return
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
+        model.disable_input_require_grads()
 
 
 def check_applicable(adapters: list[TrainedAdapter | None]) -> None:

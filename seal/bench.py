@@ -161,15 +161,17 @@ def correct_counts(cfg: Config, owners: list[Passage], answers: list[list[str]])
 
 
 def run_naive(cfg: Config, owners: list[Passage], jobs: list[UpdateJob]) -> dict[str, Any]:
-    """A fresh fp32 PEFT model per self-edit, trained alone, then asked its questions alone."""
+    """A fresh fp32 PEFT model per self-edit, trained alone (no gradient checkpointing), then asked its
+    questions alone."""
     meter = PhaseMeter(torch.device("cpu"))
     model_cfg = replace(cfg.model, autocast=False, dtype="float32")
+    adapt_cfg = replace(cfg.adapt, gradient_checkpointing=False)
     answers: list[list[str]] = []
     adapters: list[TrainedAdapter] = []
     for passage, job in zip(owners, jobs, strict=True):
         with meter.phase("load"):
             lm = load_model(model_cfg, cfg.paths.cache_dir, seed=cfg.seed)
-            updater = LoraUpdater(lm, cfg.adapt)
+            updater = LoraUpdater(lm, adapt_cfg)
         meter.device = lm.device
         with meter.phase("update"):
             adapters += updater.train([job])

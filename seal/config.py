@@ -159,6 +159,9 @@ class AdaptConfig:
     # budget; 0 = auto: 90 % of the free GPU memory, or 80 % of the available RAM on CPU. A step that still
     # runs out of GPU memory halves the adapters and retries.
     memory_budget_mb: float = 0
+    # Keep only each decoder layer's input for backward and recompute the rest there: activations shrink to
+    # about one hidden vector per token and layer, for one more forward pass per step.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

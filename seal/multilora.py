@@ -34,7 +34,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seal.adapt import Row, TrainedAdapter, UpdateJob, UpdateResult, check_applicable, merge_lora, tokenize
+from seal.adapt import (
+    Row,
+    TrainedAdapter,
+    UpdateJob,
+    UpdateResult,
+    check_applicable,
+    checkpointing,
+    merge_lora,
+    tokenize,
+)
 from seal.config import AdaptConfig
 from seal.models import LM, continuation_logprobs, generate
 
@@ -375,27 +384,28 @@ class MultiLoraUpdater:
 
         self.lm.model.train()
         try:
-            while queue or running:
-                for slot in range(self.slots_in_use):
-                    if slot not in running and queue:
-                        index = queue.popleft()
-                        running[slot] = self._start(slot, index, jobs[index])
-                        if not running[slot].plan:
-                            finish(slot, "no training sequences")
-                if not running:
-                    continue
-                try:
-                    self._step(running, finish)
-                except torch.OutOfMemoryError:
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    if len(running) == 1:
-                        finish(next(iter(running)), "out of memory")
+            with checkpointing(self.lm.model, self.cfg.gradient_checkpointing):
+                while queue or running:
+                    for slot in range(self.slots_in_use):
+                        if slot not in running and queue:
+                            index = queue.popleft()
+                            running[slot] = self._start(slot, index, jobs[index])
+                            if not running[slot].plan:
+                                finish(slot, "no training sequences")
+                    if not running:
                         continue
-                    self.slots_in_use = max(1, min(self.slots_in_use, len(running)) // 2)
-                    log.warning("out of memory with %d adapters: now %d", len(running), self.slots_in_use)
-                    queue.extendleft(sorted((job.index for job in running.values()), reverse=True))
-                    running.clear()
+                    try:
+                        self._step(running, finish)
+                    except torch.OutOfMemoryError:
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        if len(running) == 1:
+                            finish(next(iter(running)), "out of memory")
+                            continue
+                        self.slots_in_use = max(1, min(self.slots_in_use, len(running)) // 2)
+                        log.warning("out of memory with %d adapters: now %d", len(running), self.slots_in_use)
+                        queue.extendleft(sorted((job.index for job in running.values()), reverse=True))
+                        running.clear()
         finally:
             self.lm.model.eval()
             for slot in range(self.capacity):
@@ -413,26 +423,28 @@ class MultiLoraUpdater:
             rows = [row for k in slots for row in steps[k].rows]
             batch = pack_rows(rows, [k for k in slots for _ in steps[k].rows], lm, self.pack_length)
             keep = batch.targets != NO_TARGET
-            with self._adapted(batch.slots), lm.autocast():
-                hidden = lm.model.base_model(
-                    input_ids=batch.ids,
-                    attention_mask=batch.attention_mask,
-                    position_ids=batch.positions,
-                    use_cache=False,
-                ).last_hidden_state
-                losses = adapter_losses(
-                    token_losses(lm, hidden[keep], batch.targets[keep]), batch.slots[keep], self.capacity
-                )
-            values = losses.tolist()
-            failed = [k for k in slots if not math.isfinite(values[k])]
-            for k in failed:
-                at = steps[k]
-                finish(k, f"non-finite loss {values[k]} at epoch {at.epoch}, step {at.offset}")
-            if failed:
-                # The failed rows' activations may hold NaN, and 0 x NaN is NaN in attention's backward:
-                # the others' step is computed again without them.
-                continue
-            losses[slots].sum().backward()
+            # The routing stays set through backward: gradient checkpointing runs the layers again there.
+            with self._adapted(batch.slots):
+                with lm.autocast():
+                    hidden = lm.model.base_model(
+                        input_ids=batch.ids,
+                        attention_mask=batch.attention_mask,
+                        position_ids=batch.positions,
+                        use_cache=False,
+                    ).last_hidden_state
+                    losses = adapter_losses(
+                        token_losses(lm, hidden[keep], batch.targets[keep]), batch.slots[keep], self.capacity
+                    )
+                values = losses.tolist()
+                failed = [k for k in slots if not math.isfinite(values[k])]
+                for k in failed:
+                    at = steps[k]
+                    finish(k, f"non-finite loss {values[k]} at epoch {at.epoch}, step {at.offset}")
+                if failed:
+                    # The failed rows' activations may hold NaN, and 0 x NaN is NaN in attention's backward:
+                    # the others' step is computed again without them.
+                    continue
+                losses[slots].sum().backward()
             for k in slots:
                 job = running[k]
                 job.optimizer.step()
@@ -563,7 +575,8 @@ def slot_bytes(lm: LM, cfg: AdaptConfig) -> int:
     """Estimated memory one more adapter slot needs while training: its float32 weights, gradients and two
     AdamW moments, plus the activations kept for backward for one step's rows (batch_size rows of
     max_length tokens). Per token and layer a Llama-style block keeps about 10 hidden-size and 3
-    intermediate-size vectors (inputs of the projections and norms, attention and MLP products)."""
+    intermediate-size vectors (inputs of the projections and norms, attention and MLP products); with
+    gradient checkpointing, one hidden-size vector per layer plus one whole layer's recomputed ones."""
     config = lm.model.config
     adapter = sum(
         cfg.rank * (module.in_features + module.out_features)
@@ -571,7 +584,11 @@ def slot_bytes(lm: LM, cfg: AdaptConfig) -> int:
         if isinstance(module, nn.Linear) and _is_target(name, cfg.target_modules)
     )
     width = getattr(config, "intermediate_size", 4 * config.hidden_size)
-    per_token = config.num_hidden_layers * (10 * config.hidden_size + 3 * width) * lm.model.dtype.itemsize
+    block = 10 * config.hidden_size + 3 * width
+    if cfg.gradient_checkpointing:
+        per_token = (config.num_hidden_layers * config.hidden_size + block) * lm.model.dtype.itemsize
+    else:
+        per_token = config.num_hidden_layers * block * lm.model.dtype.itemsize
     return 4 * 4 * adapter + cfg.batch_size * cfg.max_length * per_token
 
 

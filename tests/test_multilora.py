@@ -86,6 +86,33 @@ def test_batched_training_equals_training_each_job_alone(sequential):
     assert all(len(a.result.epoch_losses) == CFG["epochs"] for a in adapters)
 
 
+def test_gradient_checkpointing_keeps_less_for_backward_and_trains_the_same_adapters(sequential):
+    """Checkpointing must really run (fewer bytes saved for backward), and both updaters must train the
+    adapters they train without it."""
+    _, alone = sequential
+
+    def train_counting_saved_bytes(updater):
+        saved = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return updater.train(JOBS), saved[0]
+
+    _, plain_bytes = train_counting_saved_bytes(batched())
+    checkpointed = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, gradient_checkpointing=True), 3)
+    adapters, checkpointed_bytes = train_counting_saved_bytes(checkpointed)
+    for got, want in zip(adapters, alone, strict=True):
+        assert_same_adapter(got, want)
+    assert checkpointed_bytes < plain_bytes
+    assert not checkpointed.lm.model.is_activation_checkpointing  # off again once training ends
+    peft = LoraUpdater(tiny_fp32(), AdaptConfig(**CFG, gradient_checkpointing=True))
+    for got, want in zip(peft.train(JOBS), alone, strict=True):
+        assert_same_adapter(got, want)
+
+
 def test_jobs_beyond_capacity_wait_for_a_free_slot(sequential):
     _, alone = sequential
     for got, want in zip(batched(capacity=2).train(JOBS), alone, strict=True):
