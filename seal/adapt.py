@@ -255,12 +255,16 @@ def checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*.
+    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    disable = getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)
+    enable({"use_reentrant": False})
     try:
         yield
     finally:
-        model.activation_checkpointing_disable()
-        model.disable_input_require_grads()
+        disable()
+        if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
+            model.disable_input_require_grads()
 
 
 def check_applicable(adapters: list[TrainedAdapter | None]) -> None:
