@@ -1,3 +1,4 @@
+import huggingface_hub
 import pytest
 import torch
 
@@ -88,6 +89,8 @@ def test_cudnn_attention_is_turned_off_on_cuda_unless_asked_for(monkeypatch):
 def test_hub_model_fails_clearly_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
+    # The Hub client read HF_HUB_OFFLINE when it was imported; without this it tries the network (47 s here).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="could not load model 'org/not-here'.*offline mode"):
         load_model(ModelConfig(name="hf", name_or_path="org/not-here"), CACHE_DIR)
 
