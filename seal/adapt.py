@@ -164,13 +164,13 @@ class LoraUpdater:
         """One adapter per job. A failed update (non-finite loss, out of memory) is recorded in its result and
         carries no weights; the other jobs go on."""
         adapters = []
-        for job in tqdm(jobs, desc=progress, disable=progress is None, leave=False):
-            with checkpointing(self.lm.model, self.cfg.gradient_checkpointing):
+        with checkpointing(self.lm.model, self.cfg.gradient_checkpointing):
+            for job in tqdm(jobs, desc=progress, disable=progress is None, leave=False):
                 result = self._train_one(job)
-            state = None
-            if result.error is None:
-                state = {k: v.detach().to("cpu", copy=True) for k, v in self._state().items()}
-            adapters.append(TrainedAdapter(job.key, result, state))
+                state = None
+                if result.error is None:
+                    state = {k: v.detach().to("cpu", copy=True) for k, v in self._state().items()}
+                adapters.append(TrainedAdapter(job.key, result, state))
         return adapters
 
     def _state(self) -> dict[str, torch.Tensor]:
