@@ -6,7 +6,7 @@ passage plus the self-edit, then the closed-book evaluation of that passage's qu
 - naive: how the original code runs it. For every self-edit a fresh model is loaded and wrapped with PEFT,
   trained in fp32 with a plain loop over padded batches, then asked the questions on its own.
 - ours: the configured updater (`adapt.batch_adapters`, autocast where the hardware has fast bf16): all K
-  adapters trained in one packed forward/backward per step, all their questions in one generation call.
+  adapters trained together in shared packed passes, all their questions in one generation call.
 
 Both run in this process, one after the other, with the same jobs (sequences, seeds, epochs). Peak memory of
 one adapter against K adapters is measured in fresh child processes, so neither sees the other's heap.
@@ -239,7 +239,11 @@ def memory_probe(dict_cfg: dict[str, Any], jobs: list[UpdateJob]) -> dict[str, A
     errors = [a.result.error for a in adapters if a.result.error]
     if errors:
         raise RuntimeError(f"memory probe with {len(jobs)} adapters failed: {errors}")
-    return {"baseline_mb": meter.peak_mb["idle"], "peak_mb": meter.peak_mb["update"]}
+    return {
+        "baseline_mb": meter.peak_mb["idle"],
+        "peak_mb": meter.peak_mb["update"],
+        "update_s": round(meter.seconds["update"], 2),
+    }
 
 
 def probe(dict_cfg: DictConfig, jobs: list[UpdateJob]) -> dict[str, Any]:

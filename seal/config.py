@@ -150,15 +150,22 @@ class AdaptConfig:
     weight_decay: float = 0.0
     # The passage always joins the self-edit's training sequences (as in the paper).
     include_passage: bool = True
-    # true: train (and evaluate) up to `max_adapters` adapters together, one packed forward/backward per
-    # step (seal/multilora.py; equal to training each alone, tested). false: PEFT, one adapter at a time
+    # true: train (and evaluate) up to `max_adapters` adapters together, sharing packed forward/backward
+    # passes (seal/multilora.py; equal to training each alone, tested). false: PEFT, one adapter at a time
     # (the reference path; less memory).
     batch_adapters: bool = True
     max_adapters: int = 8
-    # Fewer adapters train together when their estimated memory (seal.multilora.slot_bytes) exceeds this
-    # budget; 0 = auto: 90 % of the free GPU memory, or 80 % of the available RAM on CPU. A step that still
-    # runs out of GPU memory halves the adapters and retries.
+    # Fewer adapters train together when their estimated memory (seal.multilora.slot_bytes each, plus one
+    # pass's activations, pass_bytes) exceeds this budget; 0 = auto: 90 % of the free GPU memory, or 80 % of
+    # the available RAM on CPU. A step that still runs out of GPU memory halves the adapters and retries.
     memory_budget_mb: float = 0
+    # The batched updater packs each step's rows end to end into passes of at most this many tokens (a longer
+    # row alone) and runs them one after another, adding up the gradients: the activations held for backward
+    # are those of one pass, however many adapters train together. 256 holds a SQuAD passage and some
+    # self-edit lines; on the 2-core CPU 512 was at most a few per cent
+    # faster and held 400 MB more (benchmarks/README.md).
+    # Larger passes may use a GPU better (not measured).
+    pack_length: int = 256
     # Keep only each decoder layer's input for backward and recompute the rest there: activations shrink to
     # about one hidden vector per token and layer, for one more forward pass per step.
     gradient_checkpointing: bool = False

@@ -1,4 +1,4 @@
-"""The inner loop, batched: K LoRA adapters trained together in one forward/backward per step.
+"""The inner loop, batched: K LoRA adapters trained together, sharing every forward/backward pass.
 
 SEAL trains one throw-away adapter per self-edit, and each is small: training them one after another leaves
 the hardware mostly idle. Here every targeted linear layer holds K adapter slots side by side, and each token
@@ -10,8 +10,11 @@ initialisation, data order and optimiser), up to float rounding. When a job ends
 A step's rows are packed end to end rather than padded to the longest: SEAL mixes a ~200-token passage with
 ~20-token self-edit lines, so padding every row to the passage's length would spend most of the compute on
 padding. A block-diagonal causal mask and positions that restart at 0 for each row keep every row's
-activations exactly what they would be alone. The loss goes through the output projection a chunk of tokens
-at a time, so the full logits (50k per token) are never held for the whole step.
+activations exactly what they would be alone. The packed sequences of a step (at most `adapt.pack_length`
+tokens each) go through forward and backward one after another, their gradients adding up, so the
+activations held at any time are one sequence's whatever the number of adapters: each more adapter costs its
+own weights, gradients and optimiser state, not more activations. The loss goes through the output
+projection a chunk of tokens at a time, so the full logits (50k per token) are never held whole.
 
 The same slots, given per row, let one `generate` call serve prompts that each need a different adapter.
 Adapter weights use PEFT's state-dict keys, so adapters from either updater can be applied by the other.
@@ -117,11 +120,12 @@ class MultiLoraLinear(nn.Module):
 
 
 def pack(lengths: list[int], pack_length: int) -> list[list[int]]:
-    """The indices of `lengths` in bins of at most `pack_length` tokens. Every bin is then padded to the
-    fullest one, so a plan costs (bins x fullest bin) tokens: few bins are not enough, they must also be
-    evenly filled. First-fit decreasing finds few bins but leaves the last ones nearly empty; spreading the
-    rows, longest first, each onto the emptiest of the fewest bins that hold them balances them but may
-    need a bin more. Both are tried and the cheaper plan is kept."""
+    """The indices of `lengths` in bins of at most `pack_length` tokens. Each bin is one forward/backward
+    pass: a plan's peak memory is its fullest bin's, and each pass has a fixed cost, so the plan is scored
+    by (bins x fullest bin) tokens: few bins are not enough, they must also be evenly filled. First-fit
+    decreasing finds few bins but leaves the last ones nearly empty; spreading the rows, longest first, each
+    onto the emptiest of the fewest bins that hold them balances them but may need a bin more. Both are
+    tried and the cheaper plan is kept."""
     if any(n > pack_length for n in lengths):
         raise ValueError(f"a row of {max(lengths)} tokens does not fit in pack_length={pack_length}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -154,45 +158,49 @@ def pack(lengths: list[int], pack_length: int) -> list[list[int]]:
 
 @dataclass
 class PackedBatch:
-    """A step's rows laid end to end in a few sequences of equal length, padded only at their ends."""
+    """Some of a step's rows laid end to end in one sequence of T tokens, with no padding."""
 
-    ids: torch.Tensor  # [P, T] token ids
-    positions: torch.Tensor  # [P, T] each token's position in its own row, so RoPE sees the row alone
-    slots: torch.Tensor  # [P, T] each token's adapter slot; -1 for padding, which needs no adapter
-    targets: torch.Tensor  # [P, T] the next token of the same row; NO_TARGET after a row's last token
-    attention_mask: torch.Tensor  # [P, 1, T, T] causal within a row, nothing across rows
+    ids: torch.Tensor  # [1, T] token ids
+    positions: torch.Tensor  # [1, T] each token's position in its own row, so RoPE sees the row alone
+    slots: torch.Tensor  # [1, T] each token's adapter slot
+    targets: torch.Tensor  # [1, T] the next token of the same row; NO_TARGET after a row's last token
+    attention_mask: torch.Tensor  # [1, 1, T, T] causal within a row, nothing across rows
 
 
-def pack_rows(rows: list[Row], row_slots: list[int], lm: LM, pack_length: int) -> PackedBatch:
-    """Pack `rows` (row i trains slot row_slots[i]) into sequences of at most max(pack_length, longest row)
-    tokens, in the attention-mask format of `lm`'s attention implementation."""
-    lengths = [len(row.ids) for row in rows]
-    bins = pack(lengths, max(pack_length, *lengths))
-    width = max(sum(lengths[i] for i in members) for members in bins)
-    pad = lm.tokenizer.pad_token_id
-    ids = [[pad] * width for _ in bins]
-    positions = [[0] * width for _ in bins]
-    slots = [[-1] * width for _ in bins]
-    targets = [[NO_TARGET] * width for _ in bins]
-    segments = [[-1] * width for _ in bins]  # which row each token belongs to; padding is a segment too
-    for p, members in enumerate(bins):
-        start = 0
-        for i in sorted(members, key=lambda i: row_slots[i]):  # a slot's rows side by side: one run
-            end = start + lengths[i]
-            ids[p][start:end] = rows[i].ids
-            positions[p][start:end] = range(lengths[i])
-            slots[p][start:end] = [row_slots[i]] * lengths[i]
-            # Token t predicts token t + 1 of its row, from the first learnt one on; the last predicts nothing
-            # (not the next row's first).
-            learn = rows[i].learn_from
-            targets[p][start + learn - 1 : end - 1] = rows[i].ids[learn:]
-            segments[p][start:end] = [i] * lengths[i]
-            start = end
+def pack_rows(rows: list[Row], row_slots: list[int], lm: LM, pack_length: int) -> list[PackedBatch]:
+    """Pack `rows` (row i trains slot row_slots[i]) into sequences of at most `pack_length` tokens, a longer
+    row alone in its own, in the attention-mask format of `lm`'s attention implementation."""
+    long = [[i] for i, row in enumerate(rows) if len(row.ids) > pack_length]
+    short = [i for i, row in enumerate(rows) if len(row.ids) <= pack_length]
+    bins = long + [
+        [short[j] for j in members] for members in pack([len(rows[i].ids) for i in short], pack_length)
+    ]
+    return [_packed([rows[i] for i in members], [row_slots[i] for i in members], lm) for members in bins]
+
+
+def _packed(rows: list[Row], row_slots: list[int], lm: LM) -> PackedBatch:
+    """`rows` end to end in one sequence, each slot's rows side by side (one routing run per slot)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    targets: list[int] = []
+    segments: list[int] = []  # which row each token belongs to
+    for i in sorted(range(len(rows)), key=lambda i: row_slots[i]):
+        row, n = rows[i].ids, len(rows[i].ids)
+        ids += row
+        positions += range(n)
+        slots += [row_slots[i]] * n
+        # Token t predicts token t + 1 of its row, from the first learnt one on; the last predicts nothing
+        # (not the next row's first).
+        learn = rows[i].learn_from
+        row_targets = [NO_TARGET] * n
+        row_targets[learn - 1 : n - 1] = row[learn:]
+        targets += row_targets
+        segments += [i] * n
     device = lm.device
     segment = torch.tensor(segments, device=device)
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    # Padding attends to earlier padding, so no query row is fully masked (that would give NaN in sdpa).
-    allowed = ((segment[:, :, None] == segment[:, None, :]) & causal).unsqueeze(1)
+    causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device).tril()
+    allowed = ((segment[:, None] == segment[None, :]) & causal)[None, None]
     mask = allowed
     if lm.model.config._attn_implementation == "eager":  # eager adds the mask to the attention scores
         dtype = lm.model.dtype
@@ -200,10 +208,10 @@ def pack_rows(rows: list[Row], row_slots: list[int], lm: LM, pack_length: int) -
             ~allowed, torch.finfo(dtype).min
         )
     return PackedBatch(
-        ids=torch.tensor(ids, device=device),
-        positions=torch.tensor(positions, device=device),
-        slots=torch.tensor(slots, device=device),
-        targets=torch.tensor(targets, device=device),
+        ids=torch.tensor([ids], device=device),
+        positions=torch.tensor([positions], device=device),
+        slots=torch.tensor([slots], device=device),
+        targets=torch.tensor([targets], device=device),
         attention_mask=mask,
     )
 
@@ -255,12 +263,11 @@ def token_losses(lm: LM, hidden: torch.Tensor, targets: torch.Tensor, chunk: int
     return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
-def adapter_losses(losses: torch.Tensor, slots: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Per slot, the mean of its tokens' losses (NaN for a slot with none, as PEFT's mean over nothing).
-    Slots without rows get NaN too; callers only read their own."""
-    sums = losses.new_zeros(capacity).index_add(0, slots, losses)
-    counts = torch.bincount(slots, minlength=capacity).to(sums.dtype)
-    return sums / counts
+def adapter_losses(losses: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per slot, the sum of its tokens' `losses` divided by `counts[slot]`, its tokens in the whole step: over
+    a step's passes these add up to the mean of each adapter's tokens, as PEFT computes it alone (NaN for a
+    slot with no tokens, as PEFT's mean over nothing). Callers only read the slots of their tokens."""
+    return losses.new_zeros(len(counts)).index_add(0, slots, losses) / counts
 
 
 @dataclass
@@ -287,14 +294,14 @@ class _Running:
 
 
 class MultiLoraUpdater:
-    def __init__(self, lm: LM, cfg: AdaptConfig, capacity: int, pack_length: int = 512):
+    def __init__(self, lm: LM, cfg: AdaptConfig, capacity: int):
         """Replace the `cfg.target_modules` linear layers of `lm.model` in place with `capacity`-slot
         MultiLoraLinear layers. The base weights are frozen; only `merge` and the outer loop
         (`seal.rl.copy_base_weights`) change them.
 
-        Training packs each step's rows into sequences of `pack_length` tokens (or the longest row, if
-        longer): long enough for a passage and many self-edit lines, short enough that the masked-out part
-        of each sequence's attention stays a small fraction of the step's compute."""
+        Training packs each step's rows into passes of `cfg.pack_length` tokens (or the longest row, if
+        longer): the default 512 holds a passage and many self-edit lines, and keeps the masked-out part of
+        each pass's attention a small fraction of its compute."""
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         attention = lm.model.config._attn_implementation
@@ -302,7 +309,7 @@ class MultiLoraUpdater:
             raise ValueError(
                 f"packed training needs model.attn_implementation in {PACKABLE_ATTENTION}, got {attention!r}"
             )
-        self.lm, self.cfg, self.capacity, self.pack_length = lm, cfg, capacity, pack_length
+        self.lm, self.cfg, self.capacity = lm, cfg, capacity
         self.slots_in_use = capacity  # halved when a step runs out of memory
         self.routing = AdapterRouting()
         targets = [
@@ -364,7 +371,7 @@ class MultiLoraUpdater:
         return _Running(index, self._plan(job), optimizer, UpdateResult(job.key), time.perf_counter())
 
     def train(self, jobs: list[UpdateJob], progress: str | None = None) -> list[TrainedAdapter]:
-        """One adapter per job. Up to `capacity` jobs train together, one packed forward/backward per step;
+        """One adapter per job. Up to `capacity` jobs train together, their steps sharing packed passes;
         when a job ends its slot takes the next job, so the slots stay busy. A failed update (non-finite
         loss) is recorded in its result and carries no weights; the other jobs go on. A step that runs out
         of memory halves the slots in use and restarts the jobs that were in it; with one slot left, the job
@@ -415,36 +422,35 @@ class MultiLoraUpdater:
         return adapters
 
     def _step(self, running: dict[int, _Running], finish: Callable[..., None]) -> None:
-        """One optimiser step of every running job, in one packed forward/backward."""
-        lm = self.lm
+        """One optimiser step of every running job: their rows packed into a few passes, each a forward and
+        backward, the gradients adding up."""
         while running:
             slots = sorted(running)
             steps = {k: running[k].plan[running[k].done] for k in slots}
             rows = [row for k in slots for row in steps[k].rows]
-            batch = pack_rows(rows, [k for k in slots for _ in steps[k].rows], lm, self.pack_length)
-            keep = batch.targets != NO_TARGET
-            # The routing stays set through backward: gradient checkpointing runs the layers again there.
-            with self._adapted(batch.slots):
-                with lm.autocast():
-                    hidden = lm.model.base_model(
-                        input_ids=batch.ids,
-                        attention_mask=batch.attention_mask,
-                        position_ids=batch.positions,
-                        use_cache=False,
-                    ).last_hidden_state
-                    losses = adapter_losses(
-                        token_losses(lm, hidden[keep], batch.targets[keep]), batch.slots[keep], self.capacity
-                    )
-                values = losses.tolist()
-                failed = [k for k in slots if not math.isfinite(values[k])]
+            row_slots = [k for k in slots for _ in steps[k].rows]
+            counts = [0] * self.capacity  # each slot's tokens with a target in this step
+            for row, k in zip(rows, row_slots, strict=True):
+                counts[k] += row.targets
+            values = [0.0] * self.capacity  # each slot's loss, the mean over its tokens
+            failed = [k for k in slots if not counts[k]]
+            for k in failed:
+                values[k] = math.nan  # as PEFT's mean over no token
+            batches = [] if failed else pack_rows(rows, row_slots, self.lm, self.cfg.pack_length)
+            step_counts = torch.tensor(counts, device=self.lm.device)
+            for batch in batches:
+                failed = self._pass(batch, step_counts, values)
+                if failed:
+                    break
+            if failed:
                 for k in failed:
                     at = steps[k]
                     finish(k, f"non-finite loss {values[k]} at epoch {at.epoch}, step {at.offset}")
-                if failed:
-                    # The failed rows' activations may hold NaN, and 0 x NaN is NaN in attention's backward:
-                    # the others' step is computed again without them.
-                    continue
-                losses[slots].sum().backward()
+                # The failed rows' activations may hold NaN, and 0 x NaN is NaN in attention's backward: the
+                # others' step is computed again without them, from no gradient.
+                for job in running.values():
+                    job.optimizer.zero_grad(set_to_none=True)
+                continue
             for k in slots:
                 job = running[k]
                 job.optimizer.step()
@@ -458,6 +464,31 @@ class MultiLoraUpdater:
                 if job.done == len(job.plan):
                     finish(k)
             return
+
+    def _pass(self, batch: PackedBatch, counts: torch.Tensor, values: list[float]) -> list[int]:
+        """Forward and backward of one packed sequence; adds each of its slots' share of the step's loss to
+        `values`. Returns the slots whose loss is not finite, before any backward."""
+        lm = self.lm
+        keep = batch.targets != NO_TARGET
+        slots = batch.slots[keep]
+        present = slots.unique().tolist()
+        # The routing stays set through backward: gradient checkpointing runs the layers again there.
+        with self._adapted(batch.slots):
+            with lm.autocast():
+                hidden = lm.model.base_model(
+                    input_ids=batch.ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.positions,
+                    use_cache=False,
+                ).last_hidden_state
+                losses = adapter_losses(token_losses(lm, hidden[keep], batch.targets[keep]), slots, counts)
+            shares = losses.tolist()
+            failed = [k for k in present if not math.isfinite(shares[k])]
+            for k in present:
+                values[k] += shares[k]
+            if not failed:
+                losses[present].sum().backward()
+        return failed
 
     def _state(self, slot: int) -> dict[str, torch.Tensor]:
         """The slot's weights on CPU under PEFT's keys, so LoraUpdater.applied accepts them too."""
@@ -572,28 +603,34 @@ class MultiLoraUpdater:
 
 
 def slot_bytes(lm: LM, cfg: AdaptConfig) -> int:
-    """Estimated memory one more adapter slot needs while training: its float32 weights, gradients and two
-    AdamW moments, plus the activations kept for backward for one step's rows (batch_size rows of
-    max_length tokens). Per token and layer a Llama-style block keeps about 10 hidden-size and 3
-    intermediate-size vectors (inputs of the projections and norms, attention and MLP products); with
-    gradient checkpointing, one hidden-size vector per layer plus one whole layer's recomputed ones."""
-    config = lm.model.config
+    """Memory one more adapter slot needs while training: its float32 weights, gradients and two AdamW
+    moments. (The activations are one pass's whatever the number of slots: `pass_bytes`.)"""
     adapter = sum(
         cfg.rank * (module.in_features + module.out_features)
         for name, module in lm.model.named_modules()
         if isinstance(module, nn.Linear) and _is_target(name, cfg.target_modules)
     )
+    return 4 * 4 * adapter
+
+
+def pass_bytes(lm: LM, cfg: AdaptConfig) -> int:
+    """Estimated activations kept for backward by one pass of `cfg.pack_length` tokens. Per token and layer a
+    Llama-style block keeps about 10 hidden-size and 3 intermediate-size vectors (inputs of the projections
+    and norms, attention and MLP products); with gradient checkpointing, one hidden-size vector per layer
+    plus one whole layer's recomputed ones."""
+    config = lm.model.config
     width = getattr(config, "intermediate_size", 4 * config.hidden_size)
     block = 10 * config.hidden_size + 3 * width
     if cfg.gradient_checkpointing:
         per_token = (config.num_hidden_layers * config.hidden_size + block) * lm.model.dtype.itemsize
     else:
         per_token = config.num_hidden_layers * block * lm.model.dtype.itemsize
-    return 4 * 4 * adapter + cfg.batch_size * cfg.max_length * per_token
+    return max(cfg.pack_length, cfg.max_length) * per_token
 
 
 def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
-    """`cfg.max_adapters`, or fewer if that many would not fit in `cfg.memory_budget_mb` (0: auto)."""
+    """`cfg.max_adapters`, or fewer if that many would not fit in `cfg.memory_budget_mb` (0: auto) beside one
+    pass's activations."""
     budget = cfg.memory_budget_mb * MB
     if budget <= 0:
         if lm.device.type == "cuda":
@@ -601,13 +638,14 @@ def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
         else:
             budget = 0.8 * psutil.virtual_memory().available
     per_slot = slot_bytes(lm, cfg)
-    capacity = max(1, min(cfg.max_adapters, int(budget // per_slot)))
+    capacity = max(1, min(cfg.max_adapters, int((budget - pass_bytes(lm, cfg)) // per_slot)))
     if capacity < cfg.max_adapters:
         log.info(
-            "%d adapters at a time, not %d: about %.0f MB each, budget %.0f MB",
+            "%d adapters at a time, not %d: about %.0f MB each beside %.0f MB of activations, budget %.0f MB",
             capacity,
             cfg.max_adapters,
             per_slot / MB,
+            pass_bytes(lm, cfg) / MB,
             budget / MB,
         )
     return capacity

@@ -232,9 +232,9 @@ def test_cpt_with_one_failed_update_grades_the_other_adapter(tmp_path, monkeypat
     """The self_edit job (slot 1) fails: its questions count as wrong, passage keeps its own answers."""
     real = multilora.adapter_losses
 
-    def poisoned(losses, slots, capacity):
-        out = real(losses, slots, capacity)
-        return out + torch.tensor([0.0, float("nan")] + [0.0] * (capacity - 2), device=out.device)
+    def poisoned(losses, slots, counts):
+        out = real(losses, slots, counts)
+        return out + torch.tensor([0.0, float("nan")] + [0.0] * (len(counts) - 2), device=out.device)
 
     monkeypatch.setattr(multilora, "adapter_losses", poisoned)
     cycling_grader(monkeypatch)

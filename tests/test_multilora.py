@@ -233,47 +233,61 @@ def test_pack_places_every_row_once_within_pack_length_and_fills_bins_evenly():
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_a_packed_row_gets_the_logits_it_gets_alone(attention):
     """transformers passes a 4D mask through as given (sdpa: booleans, eager: added to the scores); with
-    positions restarting at 0 no row sees another, padding included."""
+    positions restarting at 0 no row sees another."""
     lm = tiny_fp32()
     lm.model.set_attn_implementation(attention)
     rows = tokenize(lm, SEQS, max_length=512)
-    batch = pack_rows(rows, [0] * len(rows), lm, pack_length=40)  # several sequences, some padded
-    assert batch.ids.shape[0] > 1 and bool((batch.slots < 0).any())
-    packed = lm.model(input_ids=batch.ids, attention_mask=batch.attention_mask, position_ids=batch.positions)
-    for row in (r.ids for r in rows):
-        alone = lm.model(input_ids=torch.tensor([row], device=lm.device)).logits[0]
+    batches = pack_rows(rows, [0] * len(rows), lm, pack_length=40)  # several sequences
+    assert len(batches) > 1
+    assert sorted(b.ids.shape[1] for b in batches) != [max(b.ids.shape[1] for b in batches)] * len(batches)
+    packed = [
+        lm.model(input_ids=b.ids, attention_mask=b.attention_mask, position_ids=b.positions).logits[0]
+        for b in batches
+    ]
+    for row in rows:
+        alone = lm.model(input_ids=torch.tensor([row.ids], device=lm.device)).logits[0]
         # Each row lies whole in one packed sequence, starting where its ids appear at position 0.
         p, start = next(
             (p, t)
-            for p in range(batch.ids.shape[0])
-            for t in range(batch.ids.shape[1] - len(row) + 1)
-            if batch.ids[p, t : t + len(row)].tolist() == row and batch.positions[p, t] == 0
+            for p, b in enumerate(batches)
+            for t in range(b.ids.shape[1] - len(row.ids) + 1)
+            if b.ids[0, t : t + len(row.ids)].tolist() == row.ids and b.positions[0, t] == 0
         )
-        torch.testing.assert_close(packed.logits[p, start : start + len(row)], alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed[p][start : start + len(row.ids)], alone, atol=1e-5, rtol=0)
+        # It learns its own next tokens and nothing after its end.
+        targets = batches[p].targets[0, start : start + len(row.ids)].tolist()
+        assert targets == row.ids[1:] + [multilora.NO_TARGET]
 
 
-@pytest.mark.parametrize("pack_length", [512, 160])
+@pytest.mark.parametrize("pack_length", [512, 160, 20])
 def test_rows_of_very_different_lengths_pack_tightly_and_train_as_alone(sequential_mixed, pack_length):
-    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG), capacity=4, pack_length=pack_length)
+    cfg = AdaptConfig(**MIXED_CFG, pack_length=pack_length)
+    updater = MultiLoraUpdater(tiny_fp32(), cfg, capacity=4)
     decoder = updater.lm.model.base_model
     real_forward, packed = decoder.forward, []
 
     def forward(*args, **kwargs):
-        packed.append(kwargs["input_ids"].numel())
+        packed.append(kwargs["input_ids"].shape)
         return real_forward(*args, **kwargs)
 
     decoder.forward = forward
     adapters = updater.train(MIXED_JOBS)
     for got, want in zip(adapters, sequential_mixed, strict=True):
         assert_same_adapter(got, want)
-    # Every job has one step per epoch, so each forward holds all jobs' sequences.
+    # Every job has one step per epoch, so each step holds all jobs' sequences: the passage of 150 tokens
+    # and six short lines.
     lengths = [len(r.ids) for job in MIXED_JOBS for r in tokenize(updater.lm, job.sequences, 150)]
     assert max(lengths) == 150 and sorted(lengths)[-2] < 12
-    assert len(packed) == CFG["epochs"]
-    padded = len(lengths) * max(lengths)  # what padding every row to the longest costs: 7 x 150
+    passes = [shape[1] for shape in packed[: len(packed) // CFG["epochs"]]]
     if pack_length == 512:
-        assert packed == [sum(lengths)] * CFG["epochs"]  # one sequence: no padding at all
-    assert all(tokens <= 2 * 160 < padded / 3 for tokens in packed)
+        assert passes == [sum(lengths)]
+    elif pack_length == 160:
+        assert sorted(passes) == [sum(lengths) - 150, 150]
+    else:  # the passage alone (it is longer than a pass), the lines a few at a time
+        assert max(passes) == 150 and len(passes) >= 1 + sum(lengths[1:]) // 20
+    assert all(shape[0] == 1 and (shape[1] <= pack_length or shape[1] == 150) for shape in packed)
+    # No padding: the passes of a step hold its tokens exactly once.
+    assert sum(shape[1] for shape in packed) == sum(lengths) * CFG["epochs"]
 
 
 def test_capacity_fits_the_memory_budget():
@@ -283,7 +297,9 @@ def test_capacity_fits_the_memory_budget():
     assert per_slot > 0
     fit = lambda mb: multilora.fit_capacity(lm, dataclasses.replace(cfg, memory_budget_mb=mb))  # noqa: E731
     assert fit(1e6) == 6  # plenty: max_adapters
-    assert fit(2.5 * per_slot / multilora.MB) == 2
+    activations = multilora.pass_bytes(lm, cfg)
+    assert activations > 0
+    assert fit((activations + 2.5 * per_slot) / multilora.MB) == 2  # the activations come first
     assert fit(1e-6) == 1  # never fewer than one
     assert 1 <= multilora.fit_capacity(lm, cfg) <= 6  # auto: from the available memory
 
