@@ -162,9 +162,8 @@ class AdaptConfig:
     # The batched updater packs each step's rows end to end into passes of at most this many tokens (a longer
     # row alone) and runs them one after another, adding up the gradients: the activations held for backward
     # are those of one pass, however many adapters train together. 256 holds a SQuAD passage and some
-    # self-edit lines; on the 2-core CPU 512 was at most a few per cent
-    # faster and held 400 MB more (benchmarks/README.md).
-    # Larger passes may use a GPU better (not measured).
+    # self-edit lines; on the 2-core CPU 512 was at most a few per cent faster and held 400 MB more
+    # (benchmarks/README.md). Larger passes may use a GPU better (not measured).
     pack_length: int = 256
     # Keep only each decoder layer's input for backward and recompute the rest there: activations shrink to
     # about one hidden vector per token and layer, for one more forward pass per step.

@@ -299,8 +299,8 @@ class MultiLoraUpdater:
         MultiLoraLinear layers. The base weights are frozen; only `merge` and the outer loop
         (`seal.rl.copy_base_weights`) change them.
 
-        Training packs each step's rows into passes of `cfg.pack_length` tokens (or the longest row, if
-        longer): the default 512 holds a passage and many self-edit lines, and keeps the masked-out part of
+        Training packs each step's rows into passes of at most `cfg.pack_length` tokens (a longer row
+        alone): the default 256 holds a passage and some self-edit lines, and keeps the masked-out part of
         each pass's attention a small fraction of its compute."""
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
@@ -436,12 +436,12 @@ class MultiLoraUpdater:
             failed = [k for k in slots if not counts[k]]
             for k in failed:
                 values[k] = math.nan  # as PEFT's mean over no token
-            batches = [] if failed else pack_rows(rows, row_slots, self.lm, self.cfg.pack_length)
-            step_counts = torch.tensor(counts, device=self.lm.device)
-            for batch in batches:
-                failed = self._pass(batch, step_counts, values)
-                if failed:
-                    break
+            if not failed:
+                step_counts = torch.tensor(counts, device=self.lm.device)
+                for batch in pack_rows(rows, row_slots, self.lm, self.cfg.pack_length):
+                    failed = self._pass(batch, step_counts, values)
+                    if failed:
+                        break
             if failed:
                 for k in failed:
                     at = steps[k]
@@ -637,15 +637,15 @@ def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
             budget = 0.9 * torch.cuda.mem_get_info(lm.device)[0]
         else:
             budget = 0.8 * psutil.virtual_memory().available
-    per_slot = slot_bytes(lm, cfg)
-    capacity = max(1, min(cfg.max_adapters, int((budget - pass_bytes(lm, cfg)) // per_slot)))
+    per_slot, activations = slot_bytes(lm, cfg), pass_bytes(lm, cfg)
+    capacity = max(1, min(cfg.max_adapters, int((budget - activations) // per_slot)))
     if capacity < cfg.max_adapters:
         log.info(
             "%d adapters at a time, not %d: about %.0f MB each beside %.0f MB of activations, budget %.0f MB",
             capacity,
             cfg.max_adapters,
             per_slot / MB,
-            pass_bytes(lm, cfg) / MB,
+            activations / MB,
             budget / MB,
         )
     return capacity
