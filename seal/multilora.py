@@ -42,6 +42,7 @@ from seal.adapt import (
     TrainedAdapter,
     UpdateJob,
     UpdateResult,
+    adamw,
     check_applicable,
     checkpointing,
     merge_lora,
@@ -364,10 +365,7 @@ class MultiLoraUpdater:
         params = self.slot_parameters(slot)
         for param in params:
             param.grad = None
-        # foreach: one fused update over the slot's ~400 small tensors (the same arithmetic as LoraUpdater's).
-        optimizer = torch.optim.AdamW(
-            params, lr=job.settings(self.cfg)[0], weight_decay=self.cfg.weight_decay, foreach=True
-        )
+        optimizer = adamw(params, job.settings(self.cfg)[0], self.cfg.weight_decay)
         return _Running(index, self._plan(job), optimizer, UpdateResult(job.key), time.perf_counter())
 
     def train(self, jobs: list[UpdateJob], progress: str | None = None) -> list[TrainedAdapter]:
