@@ -8,6 +8,7 @@ from seal.models import (
     choice_scorer,
     configure_attention,
     continuation_logprobs,
+    decode,
     generate,
     load_model,
     resolve_dtypes,
@@ -114,3 +115,33 @@ def test_choices_read_in_one_masked_row_score_as_each_read_alone(tiny_lm, stem):
     choices = [' "all_tokens",', " 1}", " 10}", ' ["basic", "size", "chain"],']
     alone = continuation_logprobs(tiny_lm, [prompt + stem] * len(choices), choices)
     assert choice_scorer(tiny_lm, prompt)(stem, choices) == pytest.approx([s for s, _ in alone], abs=1e-4)
+
+
+def left_padded(lm, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    lm.tokenizer.padding_side = "left"
+    batch = lm.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    return batch.input_ids, batch.attention_mask
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_row_that_ends_leaves_the_batch_and_the_others_decode_as_alone(tiny_lm, sampled):
+    prompts = ["The Qirra probe was built by", "Port Vellan is a", "The Corvane Sodium Cell stores energy in"]
+
+    def sampler(seeds: list[int]) -> RowSampler | None:
+        return RowSampler(seeds, 1.0, 0.9) if sampled else None
+
+    def alone(stop: torch.Tensor) -> list[list[int]]:
+        return [
+            decode(tiny_lm, *left_padded(tiny_lm, [p]), 8, stop, sampler([i]))[0]
+            for i, p in enumerate(prompts)
+        ]
+
+    free = alone(torch.tensor([-1], device=tiny_lm.device))  # no token ends a row
+    assert all(len(tokens) == 8 for tokens in free)
+    stop = free[1][2]  # row 1 ends at its first such token, and any other row that draws it
+    eos = torch.tensor([stop], device=tiny_lm.device)
+    routes: list[list[int]] = []
+    together = decode(tiny_lm, *left_padded(tiny_lm, prompts), 8, eos, sampler([0, 1, 2]), routes.append)
+    assert together == alone(eos)
+    assert together[1] == free[1][: free[1].index(stop) + 1]
+    assert routes[0] == [0, 1, 2] and any(1 not in rows for rows in routes[1:])  # row 1 left the batch

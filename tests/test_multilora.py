@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from seal import multilora
+from seal import models, multilora
 from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, tokenize
 from seal.config import AdaptConfig
 from seal.models import LM, continuation_logprobs, generate, weights_checksum
@@ -380,3 +380,27 @@ def test_prefixes_are_read_but_not_learnt_in_both_paths():
         [UpdateJob("plain", SEQS[1:3], 8, lr=5e-3, epochs=2)]
     )[0]
     assert alone.result.epoch_losses != want.result.epoch_losses
+
+
+def test_a_row_that_ends_early_leaves_the_batch_and_the_others_keep_their_adapters(sequential, monkeypatch):
+    reference, _ = sequential
+    updater = batched()
+    _, three, five = updater.train(JOBS)
+    prompts = ["The Qirra probe was built by", "Port Vellan is a", "The Corvane Sodium Cell stores energy in"]
+    adapters = [three, None, five]
+    # The base model's first token after the middle prompt ends its row at once: it becomes the EOS token.
+    tok = updater.lm.tokenizer
+    ids = tok(prompts[1], return_tensors="pt", add_special_tokens=False).input_ids.to(updater.lm.device)
+    stop = int(updater.lm.model(input_ids=ids).logits[0, -1].argmax())
+    real = models.decode
+    monkeypatch.setattr(
+        models,
+        "decode",
+        lambda lm, ids, mask, n, eos, *rest: real(lm, ids, mask, n, torch.tensor([stop]), *rest),
+    )
+    expected = []
+    for prompt, adapter in zip(prompts, adapters, strict=True):
+        with reference.applied(adapter):
+            expected += generate(reference.lm, [prompt], max_new_tokens=8)
+    assert len(tok(expected[1]).input_ids) == 1 and len(tok(expected[0]).input_ids) > 1
+    assert updater.generate(prompts, adapters, max_new_tokens=8) == expected
