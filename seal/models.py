@@ -349,8 +349,8 @@ def decode(
     """The new tokens of each left-padded row, up to and including its end-of-sequence token: greedy, or
     drawn by `sampler`. A row that ends leaves the batch (its cache rows too), so the rest decode without
     computing on it; `route(rows)` is called first with all rows, then with those still decoding whenever
-    some end (batch indices). On the 2-core CPU the bench's 20 answers took 21.6-23.2 s this way against
-    27.9-30.9 s when every row decoded to the longest (benchmarks/README.md)."""
+    some end (batch indices). On the 2-core CPU the bench's 20 answers took 22.9 s this way against 31.8 s
+    when every row decoded until the longest ended (means of 4 paired runs, benchmarks/README.md)."""
     model = lm.model
     params = inspect.signature(model.forward).parameters
     cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
