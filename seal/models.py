@@ -309,8 +309,9 @@ def generate(
         if batches
         else [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     )
-    eos = tok.eos_token_id
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=lm.device)
+    eos = tok.eos_token_id  # None: no token ends a row
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=lm.device)
     for idx in tqdm(groups, desc=desc, disable=desc is None, leave=False):
         batch = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(lm.device)
