@@ -338,6 +338,7 @@ def _reroute(
         stack.enter_context(context([idx[r] for r in rows]))
 
 
+@torch.no_grad()
 def decode(
     lm: LM,
     input_ids: torch.Tensor,
