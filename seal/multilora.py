@@ -453,7 +453,7 @@ class MultiLoraUpdater:
                 job = running[k]
                 job.optimizer.step()
                 job.optimizer.zero_grad(set_to_none=True)
-                job.result.tokens += sum(row.targets for row in steps[k].rows)
+                job.result.tokens += counts[k]
                 job.losses.append(values[k])
                 if steps[k].ends_epoch:
                     job.result.epoch_losses.append(sum(job.losses) / len(job.losses))
