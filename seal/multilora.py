@@ -166,6 +166,7 @@ class PackedBatch:
     slots: torch.Tensor  # [1, T] each token's adapter slot
     targets: torch.Tensor  # [1, T] the next token of the same row; NO_TARGET after a row's last token
     attention_mask: torch.Tensor  # [1, 1, T, T] causal within a row, nothing across rows
+    present: list[int]  # the slots of its rows, ascending
 
 
 def pack_rows(rows: list[Row], row_slots: list[int], lm: LM, pack_length: int) -> list[PackedBatch]:
@@ -214,6 +215,7 @@ def _packed(rows: list[Row], row_slots: list[int], lm: LM) -> PackedBatch:
         slots=torch.tensor([slots], device=device),
         targets=torch.tensor([targets], device=device),
         attention_mask=mask,
+        present=sorted(set(row_slots)),
     )
 
 
@@ -421,47 +423,58 @@ class MultiLoraUpdater:
 
     def _step(self, running: dict[int, _Running], finish: Callable[..., None]) -> None:
         """One optimiser step of every running job: their rows packed into a few passes, each a forward and
-        backward, the gradients adding up."""
-        while running:
-            slots = sorted(running)
-            steps = {k: running[k].plan[running[k].done] for k in slots}
-            rows = [row for k in slots for row in steps[k].rows]
-            row_slots = [k for k in slots for _ in steps[k].rows]
+        backward, the gradients adding up. A job steps as soon as the last pass holding its rows is done, so
+        its gradients are gone before the next pass makes its activations: at most the gradients of the
+        adapters in one pass exist at once, not of all K."""
+        pending = sorted(running)  # the jobs whose step is not taken yet
+        while pending:
+            steps = {k: running[k].plan[running[k].done] for k in pending}
+            rows = [row for k in pending for row in steps[k].rows]
+            row_slots = [k for k in pending for _ in steps[k].rows]
             counts = [0] * self.capacity  # each slot's tokens with a target in this step
             for row, k in zip(rows, row_slots, strict=True):
                 counts[k] += row.targets
             values = [0.0] * self.capacity  # each slot's loss, the mean over its tokens
-            failed = [k for k in slots if not counts[k]]
+            failed = [k for k in pending if not counts[k]]
             for k in failed:
                 values[k] = math.nan  # as PEFT's mean over no token
             if not failed:
                 step_counts = torch.tensor(counts, device=self.lm.device)
-                for batch in pack_rows(rows, row_slots, self.lm, self.cfg.pack_length):
+                batches = pack_rows(rows, row_slots, self.lm, self.cfg.pack_length)
+                last = {k: i for i, batch in enumerate(batches) for k in batch.present}
+                for i, batch in enumerate(batches):
                     failed = self._pass(batch, step_counts, values)
                     if failed:
                         break
-            if failed:
-                for k in failed:
-                    at = steps[k]
-                    finish(k, f"non-finite loss {values[k]} at epoch {at.epoch}, step {at.offset}")
-                # The failed rows' activations may hold NaN, and 0 x NaN is NaN in attention's backward: the
-                # others' step is computed again without them, from no gradient.
-                for job in running.values():
-                    job.optimizer.zero_grad(set_to_none=True)
-                continue
-            for k in slots:
-                job = running[k]
-                job.optimizer.step()
-                job.optimizer.zero_grad(set_to_none=True)
-                job.result.tokens += counts[k]
-                job.losses.append(values[k])
-                if steps[k].ends_epoch:
-                    job.result.epoch_losses.append(sum(job.losses) / len(job.losses))
-                    job.losses = []
-                job.done += 1
-                if job.done == len(job.plan):
-                    finish(k)
-            return
+                    for k in batch.present:
+                        if last[k] == i:
+                            pending.remove(k)
+                            if self._take_step(running[k], steps[k], counts[k], values[k]):
+                                finish(k)
+            if not failed:
+                return
+            for k in failed:
+                at = steps[k]
+                finish(k, f"non-finite loss {values[k]} at epoch {at.epoch}, step {at.offset}")
+                pending.remove(k)
+            # The failed rows' activations may hold NaN, and 0 x NaN is NaN in attention's backward: the
+            # pending jobs' step is computed again without them, from no gradient. (The jobs that have
+            # stepped already had all their rows in earlier passes, which the failed rows took no part in.)
+            for k in pending:
+                running[k].optimizer.zero_grad(set_to_none=True)
+
+    @staticmethod
+    def _take_step(job: _Running, step: _Step, tokens: int, loss: float) -> bool:
+        """Steps the job's optimiser and records the step; True if that was the job's last step."""
+        job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        job.result.tokens += tokens
+        job.losses.append(loss)
+        if step.ends_epoch:
+            job.result.epoch_losses.append(sum(job.losses) / len(job.losses))
+            job.losses = []
+        job.done += 1
+        return job.done == len(job.plan)
 
     def _pass(self, batch: PackedBatch, counts: torch.Tensor, values: list[float]) -> list[int]:
         """Forward and backward of one packed sequence; adds each of its slots' share of the step's loss to
@@ -469,7 +482,7 @@ class MultiLoraUpdater:
         lm = self.lm
         keep = batch.targets != NO_TARGET
         slots = batch.slots[keep]
-        present = slots.unique().tolist()
+        present = batch.present
         # The routing stays set through backward: gradient checkpointing runs the layers again there.
         with self._adapted(batch.slots):
             with lm.autocast():

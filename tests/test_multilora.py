@@ -207,6 +207,46 @@ def test_non_finite_loss_in_one_job_leaves_the_others_untouched(sequential, monk
         updater.generate(["x"], [five], max_new_tokens=1)
 
 
+@pytest.fixture(scope="module")
+def sequential_mixed_rows() -> list[TrainedAdapter]:
+    """The PEFT reference for MIXED_JOBS one sequence a step: each job's step is then one row, in one pass."""
+    return LoraUpdater(tiny_fp32(), AdaptConfig(**dict(MIXED_CFG, batch_size=1))).train(MIXED_JOBS)
+
+
+def test_a_job_steps_once_its_last_pass_is_done_and_a_later_failure_does_not_step_it_again(
+    sequential_mixed_rows, monkeypatch
+):
+    """Passes of 20 tokens put the passage in a pass of its own, the lines in others. The passage's job must
+    step (and drop its gradients) before the next pass; when a line's loss turns NaN in a later pass, the
+    other lines' step is taken again without it, but the passage's step, already taken, is not."""
+    cfg = AdaptConfig(**dict(MIXED_CFG, batch_size=1, pack_length=20))
+    updater = MultiLoraUpdater(tiny_fp32(), cfg, capacity=4)
+    real_pass, real_losses, holding = updater._pass, multilora.adapter_losses, []
+
+    def tracked_pass(batch, counts, values):
+        holding.append([k for k in range(4) if updater.slot_parameters(k)[0].grad is not None])
+        return real_pass(batch, counts, values)
+
+    poisoned = []
+
+    def losses(losses, slots, counts):
+        out = real_losses(losses, slots, counts)
+        if not poisoned and (slots == 3).any():  # "lines c", in the first step, after the passage's pass
+            poisoned.append(len(holding))
+            return out + torch.tensor([0.0, 0.0, 0.0, float("nan")], device=out.device)
+        return out
+
+    monkeypatch.setattr(updater, "_pass", tracked_pass)
+    monkeypatch.setattr(multilora, "adapter_losses", losses)
+    passage, lines_a, lines_b, lines_c = updater.train(MIXED_JOBS)
+    assert poisoned and poisoned[0] > 1  # the failure came in a later pass than the passage's
+    assert "non-finite loss nan at epoch 0, step 0" in lines_c.result.error
+    for got, want in zip([passage, lines_a, lines_b], sequential_mixed_rows, strict=False):
+        assert_same_adapter(got, want)
+    assert len(holding) > 3 * MIXED_CFG["epochs"]  # several passes a step
+    assert holding == [[]] * len(holding)  # no pass began with another job's gradients waiting
+
+
 def loads(lengths: list[int], pack_length: int) -> list[int]:
     """The tokens in each bin of pack's plan."""
     return [sum(lengths[i] for i in members) for members in pack(lengths, pack_length)]
