@@ -424,8 +424,8 @@ class MultiLoraUpdater:
     def _step(self, running: dict[int, _Running], finish: Callable[..., None]) -> None:
         """One optimiser step of every running job: their rows packed into a few passes, each a forward and
         backward, the gradients adding up. A job steps as soon as the last pass holding its rows is done, so
-        its gradients are gone before the next pass makes its activations: at most the gradients of the
-        adapters in one pass exist at once, not of all K."""
+        its gradients are gone before the next pass makes its activations. With SEAL's one sequence a step,
+        only the gradients of the adapters in the current pass exist at once, not those of all K."""
         pending = sorted(running)  # the jobs whose step is not taken yet
         while pending:
             steps = {k: running[k].plan[running[k].done] for k in pending}
