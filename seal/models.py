@@ -224,8 +224,7 @@ def weights_checksum(model: torch.nn.Module) -> float:
 
 class RowSampler:
     """Samples each row with its own seeded generator, so a row's sample does not depend on its batch-mates
-    or on the global RNG. Returns scores that are -inf except at the chosen token, so greedy decoding
-    picks it.
+    or on the global RNG. Called with a step's scores, it returns the token drawn for each row.
 
     The nucleus is looked for among the 1,024, then 8,192 most likely tokens (a partial sort on the scores'
     device); the whole vocabulary is sorted only when those hold less than `top_p` of some row's mass.
@@ -243,7 +242,7 @@ class RowSampler:
         """Keep the generators of these rows only (the others have finished)."""
         self.generators = [self.generators[i] for i in rows]
 
-    def __call__(self, input_ids: torch.LongTensor | None, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         if self.top_p >= 1.0:
             kept, order, sizes = probs, None, [probs.shape[-1]] * probs.shape[0]
@@ -276,9 +275,7 @@ class RowSampler:
         chosen = picks.to(scores.device)
         if order is not None:
             chosen = order.gather(-1, chosen[:, None]).squeeze(-1)
-        out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(scores.shape[0], device=scores.device), chosen] = 0.0
-        return out
+        return chosen
 
 
 @torch.no_grad()
@@ -367,7 +364,7 @@ def decode(
     cache, last = getattr(out, cache_arg), positions[:, -1]
     for step in range(max_new_tokens):
         scores = out.logits[:, -1, :].float()
-        chosen = (sampler(None, scores) if sampler else scores).argmax(-1)
+        chosen = sampler(scores) if sampler else scores.argmax(-1)
         for row, token in zip(alive, chosen.tolist(), strict=True):
             new[row].append(token)
         ended = torch.isin(chosen, eos_ids)
