@@ -29,7 +29,8 @@ if __name__ == "__main__":  # the probe's child process imports this file again
     _, jobs = bench_jobs(cfg, load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed))
     result = probe(dict_cfg, jobs)
     print(
-        f"{len(jobs)} adapters together, {cfg.adapt.epochs} epochs, pack_length {cfg.adapt.pack_length}: "
+        f"{len(jobs)} adapters together, {cfg.adapt.epochs} epochs, "
+        f"pack_length {cfg.adapt.pack_length or 'auto'}: "
         f"update {result['update_s']:.1f} s, peak {result['peak_mb']:.0f} MB "
         f"(idle {result['baseline_mb']:.0f} MB)"
     )

@@ -29,7 +29,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psutil
@@ -61,31 +61,47 @@ NO_TARGET = -100  # a packed token with nothing to predict (its row's last token
 
 
 class AdapterRouting:
-    """Which adapter slot each row, or each token, of the next forward pass uses, as runs of consecutive rows
-    or tokens with the same slot. One instance is shared by all the MultiLoraLinear layers of a model, so the
-    owner sets it once per forward and the runs are found once, not once per layer. Callers lay their input
-    out so that each slot's rows or tokens are consecutive (a packed row is; generation batches are sorted by
-    adapter), so there are about as many runs as slots, and no token is gathered or scattered."""
+    """Which adapter slot each row, or each token, of the next forward pass uses. One instance is shared by
+    all the MultiLoraLinear layers of a model, so the owner sets it once per forward and the routing is
+    worked out once, not once per layer. Two ways to apply it (`adapt.lora_routing`):
 
-    def __init__(self) -> None:
-        self.per_token = False  # True: runs count tokens of the flattened batch; False: rows
+    - runs: the rows or tokens as runs of consecutive ones with the same slot, each run through its own
+      adapter. Callers lay their input out so that each slot's rows or tokens are consecutive (a packed row
+      is; generation batches are sorted by adapter), so there are about as many runs as slots, and no token
+      is gathered or scattered. No compute is spent on another slot's adapter, but each slot costs its own
+      small matrix products in every layer.
+    - mask: every row or token through all the slots in use at once, their A matrices stacked, then each
+      row's or token's columns of the other slots set to zero by `mask` before the stacked B. Two matrix
+      products per layer whatever the number of slots, for (slots - 1) x the adapters' own compute: fewer,
+      larger operations where each one has a fixed cost (kernel launches on a GPU)."""
+
+    def __init__(self, by_mask: bool = False, rank: int = 0) -> None:
+        self.by_mask, self.rank = by_mask, rank
+        self.per_token = False  # True: rows or tokens count tokens of the flattened batch; False: rows
         self.runs: list[tuple[int, int]] = []  # (slot, length); slot -1 is the base model alone
+        self.slots: list[int] = []  # mask: the slots in use, in the order of their stacked columns
+        self.mask: torch.Tensor | None = None  # mask: 1 on each row's or token's own slot's columns, else 0
 
     def set(self, ids: torch.Tensor | None) -> None:
         """`ids` of shape [batch] gives each row's slot, [batch, length] each token's; -1 is the base model
         alone, and None means every row uses the base model."""
-        self.runs = []
+        self.runs, self.slots, self.mask = [], [], None
         if ids is None or bool((ids < 0).all()):
             return
         self.per_token = ids.dim() == 2
         slots, counts = torch.unique_consecutive(ids.flatten(), return_counts=True)
         self.runs = list(zip(slots.tolist(), counts.tolist(), strict=True))
+        if self.by_mask:
+            self.slots = sorted({slot for slot, _ in self.runs if slot >= 0})
+            own = ids.flatten()[:, None] == torch.tensor(self.slots, device=ids.device)
+            mask = own.float().repeat_interleave(self.rank, dim=1)  # [rows or tokens, slots x rank]
+            self.mask = mask if self.per_token else mask[:, None, :]  # rows: the same for each position
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen linear layer plus `capacity` LoRA adapters; each run of routed rows or tokens goes through
-    the adapter of its slot: base(x) + scaling * B[slot] A[slot] x, as PEFT computes one adapter. Each slot
-    has its own parameters, so a backward pass makes gradients only for the slots it used."""
+    """A frozen linear layer plus `capacity` LoRA adapters; each routed row or token goes through the adapter
+    of its slot: base(x) + scaling * B[slot] A[slot] x, as PEFT computes one adapter. Each slot has its own
+    parameters, so a backward pass makes gradients only for the slots it used."""
 
     def __init__(self, base: nn.Linear, capacity: int, cfg: AdaptConfig, routing: AdapterRouting):
         super().__init__()
@@ -106,8 +122,14 @@ class MultiLoraLinear(nn.Module):
         routing = self.routing
         if not routing.runs:
             return result
-        # Dim 0 of this view is what the runs count: tokens of the flattened batch, or whole rows.
+        # Dim 0 of this view is what the routing counts: tokens of the flattened batch, or whole rows.
         inputs = x.flatten(0, -2) if routing.per_token else x
+        if routing.mask is not None:
+            a = torch.cat([self.lora_A[slot] for slot in routing.slots])
+            b = torch.cat([self.lora_B[slot] for slot in routing.slots], dim=1)
+            hidden = nn.functional.linear(self.dropout(inputs.to(a.dtype)), a) * routing.mask
+            delta = nn.functional.linear(hidden, b) * self.scaling
+            return (result + delta.view(*result.shape[:-1], -1)).to(result.dtype)
         counts = [n for _, n in routing.runs]
         deltas = []
         for (slot, _), part in zip(routing.runs, inputs.split(counts), strict=True):
@@ -303,8 +325,7 @@ class MultiLoraUpdater:
         (`seal.rl.copy_base_weights`) change them.
 
         Training packs each step's rows into passes of at most `cfg.pack_length` tokens (a longer row
-        alone): the default 256 holds a passage and some self-edit lines, and keeps the masked-out part of
-        each pass's attention a small fraction of its compute."""
+        alone); `for_device` chooses it and the routing where the config says auto."""
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         attention = lm.model.config._attn_implementation
@@ -312,9 +333,10 @@ class MultiLoraUpdater:
             raise ValueError(
                 f"packed training needs model.attn_implementation in {PACKABLE_ATTENTION}, got {attention!r}"
             )
+        cfg = for_device(cfg, lm.device)
         self.lm, self.cfg, self.capacity = lm, cfg, capacity
         self.slots_in_use = capacity  # halved when a step runs out of memory
-        self.routing = AdapterRouting()
+        self.routing = AdapterRouting(cfg.lora_routing == "mask", cfg.rank)
         targets = [
             (name, module)
             for name, module in lm.model.named_modules()
@@ -642,6 +664,7 @@ def pass_bytes(lm: LM, cfg: AdaptConfig) -> int:
 def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
     """`cfg.max_adapters`, or fewer if that many would not fit in `cfg.memory_budget_mb` (0: auto) beside one
     pass's activations."""
+    cfg = for_device(cfg, lm.device)
     budget = cfg.memory_budget_mb * MB
     if budget <= 0:
         if lm.device.type == "cuda":
@@ -660,6 +683,21 @@ def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
             budget / MB,
         )
     return capacity
+
+
+def for_device(cfg: AdaptConfig, device: torch.device) -> AdaptConfig:
+    """`cfg` with its `auto` settings chosen for the device. On a GPU a pass of SmolLM2 is bound by kernel
+    launches, not arithmetic, so fewer, larger operations win: routing by mask and passes of 2,048 tokens
+    (H100, 4 adapters: 1.9x faster than runs and 256, benchmarks/README.md). A CPU pays for every
+    multiply-add: routing by runs, and passes of 256 tokens, which hold a passage and some self-edit lines."""
+    cuda = device.type == "cuda"
+    routing = cfg.lora_routing if cfg.lora_routing != "auto" else ("mask" if cuda else "runs")
+    if routing not in ("runs", "mask"):
+        raise ValueError(f"unknown adapt.lora_routing {cfg.lora_routing!r}: expected auto, runs or mask")
+    if cfg.pack_length < 0:
+        raise ValueError(f"adapt.pack_length must be positive (0: auto), got {cfg.pack_length}")
+    pack_length = cfg.pack_length or (2048 if cuda else 256)
+    return replace(cfg, lora_routing=routing, pack_length=pack_length)
 
 
 def _is_target(name: str, targets: list[str]) -> bool:

@@ -5,12 +5,13 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from seal import models, multilora
 from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, tokenize
 from seal.config import AdaptConfig
 from seal.models import LM, continuation_logprobs, generate, weights_checksum
-from seal.multilora import MultiLoraUpdater, pack, pack_rows
+from seal.multilora import MultiLoraUpdater, for_device, pack, pack_rows
 from tests.conftest import load_tiny
 
 CFG = dict(rank=4, alpha=8, epochs=3, lr=1e-2, batch_size=2)
@@ -64,22 +65,29 @@ def sequential_mixed() -> list[TrainedAdapter]:
     return LoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG)).train(MIXED_JOBS)
 
 
-def batched(capacity: int = 3) -> MultiLoraUpdater:
-    return MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG), capacity)
+def batched(capacity: int = 3, routing: str = "auto") -> MultiLoraUpdater:
+    return MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, lora_routing=routing), capacity)
+
+
+# Both ways of sending each row or token through its own adapter (seal.multilora.AdapterRouting).
+both_routings = pytest.mark.parametrize("routing", ["runs", "mask"])
 
 
 def assert_same_adapter(got: TrainedAdapter, want: TrainedAdapter) -> None:
     assert got.key == want.key and got.result.error is None and want.result.error is None
     assert set(got.state) == set(want.state)
     for key, value in want.state.items():
-        torch.testing.assert_close(got.state[key], value, atol=1e-4, rtol=0, msg=key)
+        torch.testing.assert_close(
+            got.state[key], value, atol=1e-4, rtol=0, msg=lambda m, key=key: f"{key}: {m}"
+        )
     assert got.result.epoch_losses == pytest.approx(want.result.epoch_losses, abs=1e-4)
     assert got.result.tokens == want.result.tokens
 
 
-def test_batched_training_equals_training_each_job_alone(sequential):
+@both_routings
+def test_batched_training_equals_training_each_job_alone(sequential, routing):
     _, alone = sequential
-    adapters = batched().train(JOBS)
+    adapters = batched(routing=routing).train(JOBS)
     assert len(adapters) == len(JOBS)
     for got, want in zip(adapters, alone, strict=True):
         assert_same_adapter(got, want)
@@ -156,6 +164,52 @@ def test_out_of_memory_with_one_slot_fails_that_job_only(sequential, monkeypatch
     assert_same_adapter(five, alone[2])
 
 
+@pytest.mark.parametrize(("routing", "products"), [("runs", 1 + 2 * 3), ("mask", 1 + 2)])
+def test_mask_routing_takes_two_products_per_layer_whatever_the_number_of_slots(routing, products):
+    """Three slots and the base model in one batch: runs multiply each slot's rows by its own A and B, the
+    mask all rows by the stacked A and B; both give each row its own adapter's output."""
+    lm = tiny_fp32()
+    updater = MultiLoraUpdater(lm, AdaptConfig(**CFG, lora_routing=routing), capacity=3)
+    name, layer = updater.layers[0]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for slot in range(3):
+            layer.lora_A[slot].normal_()
+            layer.lora_B[slot].normal_()
+    x = torch.randn(5, 4, layer.base_layer.in_features, device=lm.device)
+    rows = [0, 0, 1, -1, 2]
+    mm = []
+
+    class CountProducts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                mm.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with updater._adapted(torch.tensor(rows, device=lm.device)), CountProducts(), torch.no_grad():
+        out = layer(x)
+    assert len(mm) == products
+    for i, slot in enumerate(rows):
+        want = layer.base_layer(x[i])
+        if slot >= 0:
+            want = want + layer.scaling * x[i] @ layer.lora_A[slot].T @ layer.lora_B[slot].T
+        torch.testing.assert_close(out[i], want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_auto_settings_follow_the_device_and_bad_ones_are_refused():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU needed
+    auto = AdaptConfig(**CFG)
+    assert (auto.lora_routing, auto.pack_length) == ("auto", 0)
+    assert (for_device(auto, cpu).lora_routing, for_device(auto, cpu).pack_length) == ("runs", 256)
+    assert (for_device(auto, cuda).lora_routing, for_device(auto, cuda).pack_length) == ("mask", 2048)
+    chosen = AdaptConfig(**CFG, lora_routing="mask", pack_length=100)
+    assert for_device(chosen, cpu) == chosen
+    with pytest.raises(ValueError, match="lora_routing 'gather'"):
+        for_device(AdaptConfig(lora_routing="gather"), cpu)
+    with pytest.raises(ValueError, match="pack_length must be positive"):
+        for_device(AdaptConfig(pack_length=-1), cpu)
+
+
 def test_base_weights_and_base_outputs_do_not_change():
     lm = tiny_fp32()
     ids = lm.tokenizer(SEQS[0], return_tensors="pt")["input_ids"].to(lm.device)
@@ -167,9 +221,10 @@ def test_base_weights_and_base_outputs_do_not_change():
     assert torch.equal(lm.model(input_ids=ids).logits, before_logits)  # outside generate/train: no adapter
 
 
-def test_each_row_generates_with_its_own_adapter(sequential):
+@both_routings
+def test_each_row_generates_with_its_own_adapter(sequential, routing):
     reference, _ = sequential
-    updater = batched()
+    updater = batched(routing=routing)
     _, three, five = updater.train(JOBS)  # ("one" trains too little to change these greedy outputs)
     # Plain text of different lengths: generation sorts the prompts, and each row's adapter must follow it.
     prompts = ["The Qirra probe was built by", "Port Vellan is a", "The Corvane Sodium Cell stores energy in"]
@@ -299,9 +354,13 @@ def test_a_packed_row_gets_the_logits_it_gets_alone(attention):
         assert targets == row.ids[1:] + [multilora.NO_TARGET]
 
 
-@pytest.mark.parametrize("pack_length", [512, 160, 20])
-def test_rows_of_very_different_lengths_pack_tightly_and_train_as_alone(sequential_mixed, pack_length):
-    cfg = AdaptConfig(**MIXED_CFG, pack_length=pack_length)
+@pytest.mark.parametrize(
+    ("pack_length", "routing"), [(512, "runs"), (512, "mask"), (160, "runs"), (20, "mask")]
+)
+def test_rows_of_very_different_lengths_pack_tightly_and_train_as_alone(
+    sequential_mixed, pack_length, routing
+):
+    cfg = AdaptConfig(**MIXED_CFG, pack_length=pack_length, lora_routing=routing)
     updater = MultiLoraUpdater(tiny_fp32(), cfg, capacity=4)
     decoder = updater.lm.model.base_model
     real_forward, packed = decoder.forward, []
@@ -384,7 +443,8 @@ def test_merge_adds_scaled_lora_product_to_base_weights_and_keeps_the_adapted_lo
         updater.merge(failed)
 
 
-def test_each_row_scores_with_its_own_adapter(sequential):
+@both_routings
+def test_each_row_scores_with_its_own_adapter(sequential, routing):
     reference, adapters = sequential
     prompts = ["The Qirra probe was built by", "Port Vellan is a", "The Corvane Sodium Cell stores energy in"]
     conts = [" Tessaline Aerospace", " harbour town", " molten sodium"]
@@ -395,7 +455,7 @@ def test_each_row_scores_with_its_own_adapter(sequential):
             expected += continuation_logprobs(reference.lm, [prompt], [cont])
     with reference.applied(adapters[2]):
         assert continuation_logprobs(reference.lm, prompts[:1], conts[:1]) != expected[:1]  # adapters matter
-    updater = batched()
+    updater = batched(routing=routing)
     for got in (updater.score(prompts, conts, rows), reference.score(prompts, conts, rows, batch_size=2)):
         assert [n for _, n in got] == [n for _, n in expected]
         assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], abs=1e-4)
@@ -422,9 +482,12 @@ def test_prefixes_are_read_but_not_learnt_in_both_paths():
     assert alone.result.epoch_losses != want.result.epoch_losses
 
 
-def test_a_row_that_ends_early_leaves_the_batch_and_the_others_keep_their_adapters(sequential, monkeypatch):
+@both_routings
+def test_a_row_that_ends_early_leaves_the_batch_and_the_others_keep_their_adapters(
+    sequential, monkeypatch, routing
+):
     reference, _ = sequential
-    updater = batched()
+    updater = batched(routing=routing)
     _, three, five = updater.train(JOBS)
     prompts = ["The Qirra probe was built by", "Port Vellan is a", "The Corvane Sodium Cell stores energy in"]
     adapters = [three, None, five]
@@ -436,7 +499,7 @@ def test_a_row_that_ends_early_leaves_the_batch_and_the_others_keep_their_adapte
     monkeypatch.setattr(
         models,
         "decode",
-        lambda lm, ids, mask, n, eos, *rest: real(lm, ids, mask, n, torch.tensor([stop]), *rest),
+        lambda lm, ids, mask, n, eos, *rest: real(lm, ids, mask, n, eos.new_tensor([stop]), *rest),
     )
     expected = []
     for prompt, adapter in zip(prompts, adapters, strict=True):
