@@ -13,17 +13,9 @@ import time
 
 import torch
 
+from seal.bench import SMOLLM2_SHAPE
 from seal.config import ModelConfig
 from seal.models import generate, load_model
-
-SMOLLM2 = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=8192,
-)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--cudnn-attention", action="store_true", help="let SDPA use cuDNN's attention (CUDA)")
@@ -31,7 +23,7 @@ parser.add_argument("--rows", type=int, default=8)
 parser.add_argument("--new", type=int, default=96)
 args = parser.parse_args()
 
-cfg = ModelConfig(name="smollm2_shape", tiny=SMOLLM2, cudnn_attention=args.cudnn_attention)
+cfg = ModelConfig(name="smollm2_shape", tiny=SMOLLM2_SHAPE, cudnn_attention=args.cudnn_attention)
 lm = load_model(cfg, "~/.cache/seal")
 lm.model.model.norm.weight.data *= 12
 sentence = "The Qirra probe was built by Tessaline Aerospace in Port Vellan. "

@@ -19,17 +19,10 @@ from pathlib import Path
 import torch
 
 from seal.adapt import LoraUpdater, UpdateJob
+from seal.bench import SMOLLM2_SHAPE
 from seal.config import AdaptConfig, ModelConfig
 from seal.models import load_model
 from seal.multilora import MultiLoraUpdater
-
-SMOLLM2 = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -46,8 +39,8 @@ prompts = [f"Question {i}: what did the report about item {i} say happened next?
 
 
 def model(dtype: str):
-    cfg = ModelConfig(name="smollm2_shape", tiny=SMOLLM2, device=args.device, dtype=dtype, autocast=False)
-    return load_model(cfg, "~/.cache/seal", seed=0)
+    shape = dict(tiny=SMOLLM2_SHAPE, device=args.device, dtype=dtype, autocast=False)
+    return load_model(ModelConfig(name="smollm2_shape", **shape), "~/.cache/seal", seed=0)
 
 
 def timed(fn):

@@ -47,6 +47,16 @@ log = logging.getLogger(__name__)
 # Update FLOPs per trained token. A matmul costs 2 FLOPs per weight per token forward; the base weights are
 # frozen, so backward computes the activations' gradient (2 more) but not the weights': 4 per weight. The
 # LoRA matrices and attention scores are left out, so the figure slightly undercounts the work done.
+# SmolLM2-135M's shape, for `model.tiny`: random weights that cost what the real ones cost (the scripts in
+# benchmarks/ use it where the weights' values do not matter).
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+)
 FLOP_FORMULA = "update FLOPs = 4 x {params:,} matmul weights (output projection included) x trained tokens"
 
 
