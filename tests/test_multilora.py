@@ -94,7 +94,8 @@ def test_batched_training_equals_training_each_job_alone(sequential, routing):
     assert all(len(a.result.epoch_losses) == CFG["epochs"] for a in adapters)
 
 
-def test_gradient_checkpointing_keeps_less_for_backward_and_trains_the_same_adapters(sequential):
+@both_routings
+def test_gradient_checkpointing_keeps_less_for_backward_and_trains_the_same_adapters(sequential, routing):
     """Checkpointing must really run (fewer bytes saved for backward), and both updaters must train the
     adapters they train without it."""
     _, alone = sequential
@@ -109,8 +110,9 @@ def test_gradient_checkpointing_keeps_less_for_backward_and_trains_the_same_adap
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             return updater.train(JOBS), saved[0]
 
-    _, plain_bytes = train_counting_saved_bytes(batched())
-    checkpointed = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, gradient_checkpointing=True), 3)
+    _, plain_bytes = train_counting_saved_bytes(batched(routing=routing))
+    cfg = AdaptConfig(**CFG, gradient_checkpointing=True, lora_routing=routing)
+    checkpointed = MultiLoraUpdater(tiny_fp32(), cfg, 3)
     adapters, checkpointed_bytes = train_counting_saved_bytes(checkpointed)
     for got, want in zip(adapters, alone, strict=True):
         assert_same_adapter(got, want)
