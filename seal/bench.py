@@ -44,9 +44,6 @@ from seal.self_edit import training_sequences
 from seal.tasks.knowledge import Passage, answer, derive_seed, load_passages, write_self_edits
 
 log = logging.getLogger(__name__)
-# Update FLOPs per trained token. A matmul costs 2 FLOPs per weight per token forward; the base weights are
-# frozen, so backward computes the activations' gradient (2 more) but not the weights': 4 per weight. The
-# LoRA matrices and attention scores are left out, so the figure slightly undercounts the work done.
 # SmolLM2-135M's shape, for `model.tiny`: random weights that cost what the real ones cost (the scripts in
 # benchmarks/ use it where the weights' values do not matter).
 SMOLLM2_SHAPE = dict(
@@ -57,6 +54,9 @@ SMOLLM2_SHAPE = dict(
     num_key_value_heads=3,
     max_position_embeddings=8192,
 )
+# Update FLOPs per trained token. A matmul costs 2 FLOPs per weight per token forward; the base weights are
+# frozen, so backward computes the activations' gradient (2 more) but not the weights': 4 per weight. The
+# LoRA matrices and attention scores are left out, so the figure slightly undercounts the work done.
 FLOP_FORMULA = "update FLOPs = 4 x {params:,} matmul weights (output projection included) x trained tokens"
 
 
