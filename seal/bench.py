@@ -6,7 +6,9 @@ passage plus the self-edit, then the closed-book evaluation of that passage's qu
 - naive: how the original code runs it. For every self-edit a fresh model is loaded and wrapped with PEFT,
   trained in fp32 with a plain loop over padded batches, then asked the questions on its own.
 - ours: the configured updater (`adapt.batch_adapters`, autocast where the hardware has fast bf16): all K
-  adapters trained together in shared packed passes, all their questions in one generation call.
+  adapters trained together in shared packed passes, all their questions in one generation call. With
+  `executor=processes`, the K jobs are split between forked worker processes of one thread each (one per
+  physical core by default), each training its share together and then answering its questions.
 
 Both run in this process, one after the other, with the same jobs (sequences, seeds, epochs). Peak memory of
 one adapter against K adapters is measured in fresh child processes, so neither sees the other's heap.
@@ -35,8 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, Updater, make_updater
-from seal.config import Config
+from seal.adapt import LoraUpdater, UpdateJob, UpdateResult, make_updater
+from seal.config import AdaptConfig, Config
+from seal.executor import ChunkResult, WorkerLost, forked_workers, make_executor
 from seal.grading import make_grader
 from seal.memory import PhaseMeter
 from seal.models import LM, load_model, setup_runtime
@@ -177,55 +180,139 @@ def run_naive(cfg: Config, owners: list[Passage], jobs: list[UpdateJob]) -> dict
     model_cfg = replace(cfg.model, autocast=False, dtype="float32")
     adapt_cfg = replace(cfg.adapt, gradient_checkpointing=False)
     answers: list[list[str]] = []
-    adapters: list[TrainedAdapter] = []
+    results: list[UpdateResult] = []
     for passage, job in zip(owners, jobs, strict=True):
         with meter.phase("load"):
             lm = load_model(model_cfg, cfg.paths.cache_dir, seed=cfg.seed)
             updater = LoraUpdater(lm, adapt_cfg)
         meter.device = lm.device
         with meter.phase("update"):
-            adapters += updater.train([job])
+            adapters = updater.train([job])
         with meter.phase("eval"):
-            answers += answer(lm, cfg.task, [passage], updater=updater, adapters=adapters[-1:])
+            answers += answer(lm, cfg.task, [passage], updater=updater, adapters=adapters)
+        results += [a.result for a in adapters]
         del lm, updater
-    return summarise("naive", cfg, owners, adapters, answers, meter)
+    return summarise("naive", cfg, owners, results, answers, dict(meter.seconds), dict(meter.peak_mb))
+
+
+class OursRunner:
+    """A chunk of the bench's inner loops, ours: the configured updater trains the chunk's jobs together, then
+    all their questions go to one generation call. Runs in this process or in a forked worker."""
+
+    def __init__(self, cfg: Config, lm: LM, adapt: AdaptConfig | None = None, answers: bool = True):
+        self.cfg, self.lm, self.answers = cfg, lm, answers
+        self.updater = make_updater(lm, adapt or cfg.adapt)
+
+    def compute(self, chunk: list[tuple[Passage, UpdateJob]], desc: str) -> ChunkResult:
+        meter = PhaseMeter(self.lm.device)
+        with meter.phase("update"):
+            adapters = self.updater.train([job for _, job in chunk])
+        failed = [a.key for a in adapters if a.result.error]
+        if failed:
+            raise RuntimeError(f"updates failed, the comparison would be meaningless: {failed}")
+        replies: list[list[str] | None] = [None] * len(chunk)
+        if self.answers:
+            with meter.phase("eval"):
+                replies = answer(
+                    self.lm, self.cfg.task, [p for p, _ in chunk], updater=self.updater, adapters=adapters
+                )
+        outcomes = [{"result": a.result, "answers": r} for a, r in zip(adapters, replies, strict=True)]
+        return ChunkResult(outcomes, dict(meter.seconds), dict(meter.peak_mb))
+
+
+# What a job costs, for balancing chunks: its text, plus this many characters' worth per sequence, since every
+# sequence is a step of its own (batch size 1), with a fixed cost (the pass's own work, the optimiser step).
+# Fitted to single-thread update times of the bench's jobs on this repository's 2-core CPU: 0.45 s per step
+# per epoch against 0.003 s per character.
+STEP_COST_CHARS = 150
+
+
+def chunks_for(cfg: Config, jobs: list[UpdateJob]) -> list[list[int]]:
+    """Which jobs each chunk holds: all in one with executor=local; with executor=processes one chunk per
+    worker (at most one per job), balanced by the jobs' estimated cost (the costliest first, each to the
+    lightest chunk)."""
+    if cfg.executor.name == "local":
+        return [list(range(len(jobs)))]
+    if cfg.executor.name != "processes":
+        raise ValueError(f"the bench runs ours with executor=local or processes, not {cfg.executor.name!r}")
+    workers = forked_workers(cfg.executor)
+    cost = [sum(len(text) + STEP_COST_CHARS for text in job.sequences) for job in jobs]
+    groups: list[list[int]] = [[] for _ in range(min(workers, len(jobs)))]
+    load = [0] * len(groups)
+    for i in sorted(range(len(jobs)), key=lambda i: -cost[i]):
+        lightest = load.index(min(load))
+        groups[lightest].append(i)
+        load[lightest] += cost[i]
+    return [sorted(g) for g in groups]
+
+
+def map_ours(
+    cfg: Config,
+    runner: OursRunner,
+    owners: list[Passage],
+    jobs: list[UpdateJob],
+    groups: list[list[int]],
+) -> tuple[list[dict[str, Any]], list[ChunkResult]]:
+    """Every job's outcome, in the jobs' order, and each chunk's result (its phases' seconds and peaks)."""
+    executor = make_executor(cfg.executor, local=lambda: runner, remote=None, weights=None)
+    work = [([(owners[i], jobs[i]) for i in group], f"chunk {n}") for n, group in enumerate(groups)]
+    outcomes: list[dict[str, Any] | None] = [None] * len(jobs)
+    results: list[ChunkResult] = [None] * len(groups)  # type: ignore[list-item]
+    for n, result in executor.map(work):
+        if isinstance(result, WorkerLost):
+            raise RuntimeError(f"ours: a worker was lost: {result}")
+        results[n] = result
+        for i, out in zip(groups[n], result.outcomes, strict=True):
+            outcomes[i] = out
+    executor.close()
+    return outcomes, results  # type: ignore[return-value]
 
 
 def run_ours(cfg: Config, lm: LM, owners: list[Passage], jobs: list[UpdateJob]) -> dict[str, Any]:
-    """The configured updater: all jobs in as few batched passes as `adapt.max_adapters` allows."""
-    meter = PhaseMeter(lm.device)
-    with meter.phase("load"):
-        updater: Updater = make_updater(lm, cfg.adapt)
-    with meter.phase("update"):
-        adapters = updater.train(jobs)
-    with meter.phase("eval"):
-        answers = answer(lm, cfg.task, owners, updater=updater, adapters=adapters)
-    return summarise("ours", cfg, owners, adapters, answers, meter)
+    """The configured updater and executor: each chunk's jobs in as few batched passes as
+    `adapt.max_adapters` allows; with executor=processes, a chunk per worker process, all at once. `update` is
+    the time until the last chunk finished updating, `eval` the rest."""
+    start = time.perf_counter()
+    runner = OursRunner(cfg, lm)
+    load = time.perf_counter() - start
+    outcomes, chunks = map_ours(cfg, runner, owners, jobs, chunks_for(cfg, jobs))
+    wall = time.perf_counter() - start - load
+    update = max(c.seconds["update"] for c in chunks)
+    seconds = {"load": load, "update": update, "eval": wall - update}
+    # Each chunk's own meter: the peak RSS of the process that computed it (a forked worker's RSS includes
+    # the model it shares with this process). The memory probe counts shared memory once.
+    peak = {phase: max(c.peak_mb[phase] for c in chunks) for phase in ("update", "eval")}
+    results, answers = [o["result"] for o in outcomes], [o["answers"] for o in outcomes]
+    record = summarise("ours", cfg, owners, results, answers, seconds, peak)
+    record["chunks"] = [
+        {"jobs": len(c.outcomes), "seconds": {k: round(v, 2) for k, v in c.seconds.items()}} for c in chunks
+    ]
+    return record
 
 
 def summarise(
     name: str,
     cfg: Config,
     owners: list[Passage],
-    adapters: list[TrainedAdapter],
+    results: list[UpdateResult],
     answers: list[list[str]],
-    meter: PhaseMeter,
+    seconds: dict[str, float],
+    peak_mb: dict[str, float],
 ) -> dict[str, Any]:
-    failed = [a.key for a in adapters if a.result.error]
+    failed = [r.key for r in results if r.error]
     if failed:
         raise RuntimeError(f"{name}: updates failed, the comparison would be meaningless: {failed}")
-    seconds = sum(meter.seconds.values())
-    tokens = sum(a.result.tokens for a in adapters)
+    tokens = sum(r.tokens for r in results)
     correct = correct_counts(cfg, owners, answers)
     questions = sum(len(p.questions) for p in owners)
     return {
-        "self_edits": len(adapters),
-        "seconds": {phase: round(s, 2) for phase, s in meter.seconds.items()},
-        "self_edits_per_hour": 3600 * len(adapters) / seconds,
+        "self_edits": len(results),
+        "seconds": {phase: round(s, 2) for phase, s in seconds.items()},
+        "self_edits_per_hour": 3600 * len(results) / sum(seconds.values()),
         "update_tokens": tokens,
-        "update_tokens_per_s": tokens / meter.seconds["update"],
-        "peak_mb": {phase: round(mb, 1) for phase, mb in meter.peak_mb.items()},
-        "final_losses": [round(a.result.epoch_losses[-1], 4) for a in adapters],
+        "update_tokens_per_s": tokens / seconds["update"],
+        "peak_mb": {phase: round(mb, 1) for phase, mb in peak_mb.items()},
+        "final_losses": [round(r.epoch_losses[-1], 4) for r in results],
         "correct": correct,
         "accuracy": sum(correct) / questions,
         "answers": answers,
@@ -236,19 +323,21 @@ def summarise(
 
 
 def memory_probe(dict_cfg: dict[str, Any], jobs: list[UpdateJob]) -> dict[str, Any]:
-    """In a child process: load the model, train `jobs` together once, return the update's peak memory."""
+    """In a child process: load the model, train `jobs` once as ours does, return the update's peak memory.
+    With executor=processes the jobs train in forked workers, and the peak is this process's RSS plus the
+    workers' private memory, sampled every 0.25 s."""
     cfg: BenchRunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchRunConfig), dict_cfg))
     setup_runtime(cfg)
     lm = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
-    meter = PhaseMeter(lm.device)
-    updater = make_updater(lm, replace(cfg.adapt, epochs=cfg.bench.probe_epochs, max_adapters=len(jobs)))
-    with meter.phase("idle"):  # the model and K empty slots, before training: RSS on CPU, allocated on CUDA
+    forked = cfg.executor.name == "processes"
+    meter = PhaseMeter(lm.device, interval_s=0.25 if forked else 0.01, processes=forked)
+    groups = chunks_for(cfg, jobs)
+    adapt = replace(cfg.adapt, epochs=cfg.bench.probe_epochs, max_adapters=max(map(len, groups)))
+    runner = OursRunner(cfg, lm, adapt, answers=False)
+    with meter.phase("idle"):  # the model and its empty slots, before training: RSS on CPU, allocated on CUDA
         pass
     with meter.phase("update"):
-        adapters = updater.train(jobs)
-    errors = [a.result.error for a in adapters if a.result.error]
-    if errors:
-        raise RuntimeError(f"memory probe with {len(jobs)} adapters failed: {errors}")
+        map_ours(cfg, runner, [None] * len(jobs), jobs, groups)  # type: ignore[list-item]
     return {
         "baseline_mb": meter.peak_mb["idle"],
         "peak_mb": meter.peak_mb["update"],
@@ -298,6 +387,9 @@ def bench(dict_cfg: DictConfig) -> dict[str, Any]:
         "autocast": str(lm.autocast_dtype),
         "k": len(jobs),
         "epochs": cfg.adapt.epochs,
+        # ours: in this process (local) or in this many forked workers of one thread each (processes)
+        "executor": cfg.executor.name,
+        "workers": forked_workers(cfg.executor) if cfg.executor.name == "processes" else 1,
         "matmul_peak_flops_per_s": peaks,
         "flop_formula": FLOP_FORMULA.format(params=params),
         "naive": naive,
@@ -326,7 +418,8 @@ def report(record: dict[str, Any], path: Path) -> None:
     peaks = record["matmul_peak_flops_per_s"]
     console.print(
         f"[bold]{record['machine']['cpu']}[/] · {record['machine'].get('gpu', 'no GPU')} · "
-        f"{record['machine']['threads']} threads · autocast {record['autocast']}"
+        f"{record['machine']['threads']} threads · autocast {record['autocast']} · "
+        f"ours on executor={record['executor']} ({record['workers']} process(es))"
     )
     console.print(
         "measured matmul peak: " + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in peaks.items())

@@ -268,12 +268,14 @@ class ExecutorConfig:
     """Where the inner loops of the knowledge task run (seal/executor.py). Chunks of inner loops are the unit:
     the same chunks, seeds and results whichever executor runs them."""
 
-    name: str = "local"  # local: in this process | ray: on Ray workers, one model replica each
+    # local: in this process | processes: in processes forked from this one, one CPU thread each |
+    # ray: on Ray workers, one model replica each
+    name: str = "local"
     # ray: `auto` joins the cluster of `ray start` (or RAY_ADDRESS) and starts a local one when there is none;
     # an address (ray://host:10001, host:6379) must be reachable.
     address: str = "auto"
-    workers: int = 2
-    cpus_per_worker: int = 1  # also the worker's torch threads
+    workers: int = 2  # processes: at most this many at once, 0 = one per physical core
+    cpus_per_worker: int = 1  # also the worker's torch threads (processes: 1 only)
     gpus_per_worker: float = 0  # 1 on a GPU cluster: one replica per GPU
     # A chunk whose worker dies (killed, out of memory) is run again this many times, then recorded as failed
     # inner loops (reward 0, not cached: a resumed run computes them again).

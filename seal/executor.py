@@ -5,7 +5,13 @@ updates train together and its answers come from one generation call, so a chunk
 caching and of resume. An executor computes the chunks that are not cached yet and yields each result as soon
 as it is ready, so the driver caches it at once:
 
-  local  in this process, one chunk after the other (the default)
+  local      in this process, one chunk after the other (the default)
+  processes  in worker processes forked from this one, one thread each: on a CPU machine, a worker per core
+             computes more than one process with a thread per core, since a batched pass of a small model is
+             too small to keep several cores busy (benchmarks/README.md measures it). Each worker starts with
+             this process's model as it is when the chunk begins, so it holds the learner's current weights
+             without loading or sending anything, and it exits when its chunk is done. CPU only: a forked
+             process cannot use CUDA, nor the OpenMP threads of its parent (hence one thread each).
   ray    on Ray workers (`pip install -e .[ray]`), each holding its own replica of the learner: one per GPU
          with `executor.gpus_per_worker=1`, or `executor.cpus_per_worker` CPUs each. The driver keeps the
          outer loop, the cache and resume. Before a chunk, a worker takes the learner's weights whenever they
@@ -23,12 +29,16 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import multiprocessing
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_ready
 from typing import Any, Protocol
 
+import psutil
 import torch
 
 from seal.config import ExecutorConfig
@@ -77,6 +87,103 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
+
+
+class ProcessExecutor:
+    """Each chunk is computed by a process forked for it, at most `workers` at once (0: one per physical
+    core). A worker that dies (killed, out of memory) has its chunk run again by a new one, up to
+    `max_retries` times; an exception in the task's code stops the run with the worker's traceback."""
+
+    def __init__(self, cfg: ExecutorConfig, make_runner: Callable[[], Runner]):
+        if cfg.workers < 0 or cfg.max_retries < 0:
+            raise ValueError(f"executor.workers must be >= 0 and max_retries >= 0, got {cfg}")
+        if cfg.cpus_per_worker != 1 or cfg.gpus_per_worker:
+            raise ValueError(
+                "executor=processes forks workers of one CPU thread each (executor.cpus_per_worker=1, "
+                "gpus_per_worker=0); for workers with several threads or a GPU, use executor=ray"
+            )
+        self.workers, self.max_retries = forked_workers(cfg), cfg.max_retries
+        self.runner = make_runner()  # built here, as the local executor builds its own; workers inherit it
+        self.retries = 0
+
+    def map(self, chunks: list[tuple[list[Any], str]]) -> Iterator[tuple[int, ChunkResult | WorkerLost]]:
+        if not chunks:
+            return
+        if torch.cuda.is_initialized():
+            raise RuntimeError(
+                "executor=processes forks CPU workers, and a forked process cannot use CUDA, which this one "
+                "has initialised: on GPUs use executor=ray with executor.gpus_per_worker=1"
+            )
+        context = multiprocessing.get_context("fork")
+        waiting = collections.deque(range(len(chunks)))
+        tries: collections.Counter[int] = collections.Counter()
+        running: dict[Any, tuple[int, Any]] = {}  # the parent's end of a worker's pipe -> (chunk, process)
+        try:
+            while waiting or running:
+                while waiting and len(running) < self.workers:
+                    index = waiting.popleft()
+                    tries[index] += 1
+                    receive, send = context.Pipe(duplex=False)
+                    worker = context.Process(
+                        target=_compute_forked, args=(send, self.runner, *chunks[index]), daemon=True
+                    )
+                    worker.start()
+                    send.close()  # the worker holds its copy: end of file here once it exits
+                    running[receive] = (index, worker)
+                for receive in wait_ready(list(running)):
+                    index, worker = running.pop(receive)
+                    try:
+                        status, payload = receive.recv()
+                    except EOFError:  # it died before sending anything
+                        status, payload = "lost", None
+                    receive.close()
+                    worker.join()
+                    if status == "ok":
+                        yield index, payload
+                    elif status == "error":
+                        raise RuntimeError(f"chunk {index} failed in its worker process:\n{payload}")
+                    elif tries[index] > self.max_retries:
+                        log.error(
+                            "chunk %d: its worker died %d times; its inner loops fail", index, tries[index]
+                        )
+                        yield (
+                            index,
+                            WorkerLost(f"worker died {tries[index]} times: exit code {worker.exitcode}"),
+                        )
+                    else:
+                        self.retries += 1
+                        log.warning(
+                            "chunk %d: its worker died (exit code %s); try %d of %d",
+                            index,
+                            worker.exitcode,
+                            tries[index] + 1,
+                            self.max_retries + 1,
+                        )
+                        waiting.appendleft(index)
+        finally:  # stopped early (an error, an interrupt, the caller gave up): no worker outlives the map
+            for receive, (_, worker) in running.items():
+                worker.kill()
+                worker.join()
+                receive.close()
+
+    def close(self) -> None:
+        pass
+
+
+def forked_workers(cfg: ExecutorConfig) -> int:
+    """How many worker processes executor=processes runs at once: `workers`, 0 = one per physical core."""
+    return cfg.workers or psutil.cpu_count(logical=False) or 1
+
+
+def _compute_forked(send: Any, runner: Runner, chunk: list[Any], desc: str) -> None:
+    """A worker's life: one thread, one chunk, then its result (or its error's traceback) to the parent."""
+    torch.set_num_threads(1)
+    try:
+        send.send(("ok", runner.compute(chunk, desc)))
+    except Exception:
+        send.send(("error", traceback.format_exc()))
+    finally:
+        send.close()
 
 
 def weights_digest(weights: Weights) -> str:
@@ -235,10 +342,12 @@ def make_executor(
     remote: Callable[[], Runner],
     weights: Callable[[], Weights],
 ) -> Executor:
-    """`local` builds the runner of this process; `remote` (picklable) builds a worker's, with its own model;
-    `weights` gives the learner's current weights for the workers."""
+    """`local` builds the runner of this process (forked workers inherit it); `remote` (picklable) builds a
+    Ray worker's, with its own model; `weights` gives the learner's current weights for the Ray workers."""
     if cfg.name == "local":
         return LocalExecutor(local())
+    if cfg.name == "processes":
+        return ProcessExecutor(cfg, local)
     if cfg.name == "ray":
         return RayExecutor(cfg, remote, weights)
-    raise ValueError(f"unknown executor {cfg.name!r}: expected local or ray")
+    raise ValueError(f"unknown executor {cfg.name!r}: expected local, processes or ray")

@@ -3,7 +3,10 @@
 On CUDA the peak is `torch.cuda.max_memory_allocated` since the phase began (tensors only, exact).
 On CPU it is the largest resident set size (RSS) of this process, sampled every `interval_s` seconds by a
 background thread while the phase runs, plus one sample at its start and end: a spike shorter than the
-interval can be missed, so read it as a close lower bound of the true peak.
+interval can be missed, so read it as a close lower bound of the true peak. With `processes=True` a sample
+adds the private memory (USS) of this process's children, such as forked workers: what they share with
+this process (its model's weights, until written) is counted once. Reading a child's USS walks its page
+tables (about 15 ms for a 2 GB process), so such a meter wants an interval of a few hundred ms.
 A phase entered several times accumulates its time and keeps its largest peak.
 """
 
@@ -22,8 +25,8 @@ MB = 1024 * 1024
 
 
 class PhaseMeter:
-    def __init__(self, device: torch.device, interval_s: float = 0.01):
-        self.device, self.interval_s = device, interval_s
+    def __init__(self, device: torch.device, interval_s: float = 0.01, processes: bool = False):
+        self.device, self.interval_s, self.processes = device, interval_s, processes
         self.seconds: dict[str, float] = defaultdict(float)
         self.peak_mb: dict[str, float] = defaultdict(float)
         self._process = psutil.Process()
@@ -48,12 +51,12 @@ class PhaseMeter:
                 peak = torch.cuda.max_memory_allocated(self.device)
                 self._record(name, start, peak)
             return
-        peak = [self._process.memory_info().rss]
+        peak = [self._resident()]
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.wait(self.interval_s):
-                peak[0] = max(peak[0], self._process.memory_info().rss)
+                peak[0] = max(peak[0], self._resident())
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -62,7 +65,16 @@ class PhaseMeter:
         finally:
             stop.set()
             sampler.join()
-            self._record(name, start, max(peak[0], self._process.memory_info().rss))
+            self._record(name, start, max(peak[0], self._resident()))
+
+    def _resident(self) -> int:
+        """Bytes: this process's RSS, plus its children's USS when the meter counts them."""
+        total = self._process.memory_info().rss
+        if self.processes:
+            for child in self._process.children(recursive=True):
+                with contextlib.suppress(psutil.Error):  # it may end between listing and reading
+                    total += child.memory_full_info().uss
+        return total
 
     def _record(self, name: str, start: float, peak_bytes: int) -> None:
         self.seconds[name] += time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -9,7 +10,10 @@ from seal.bench import FLOP_FORMULA, bench
 from tests.conftest import CACHE_DIR, CONF_DIR
 
 
-def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path):
+@pytest.mark.parametrize(
+    ("executor", "chunks"), [("local", 1), ("processes", 2)], ids=["one process", "forked workers"]
+)
+def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, executor, chunks):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(
             config_name="bench",
@@ -25,6 +29,8 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path):
                 "self_edit.max_new_tokens=24",
                 "task.max_new_tokens=8",
                 "model.autocast=false",  # fp32 on any device: naive and ours then answer alike
+                f"executor={executor}",
+                "executor.workers=2",
             ],
         )
     OmegaConf.set_struct(cfg, True)
@@ -33,6 +39,8 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path):
     assert json.loads(path.read_text())["ours"]["update_tokens"] == record["ours"]["update_tokens"]
     naive, ours = record["naive"], record["ours"]
     assert record["k"] == naive["self_edits"] == ours["self_edits"] == 2
+    assert (record["executor"], record["workers"]) == (executor, chunks)
+    assert [c["jobs"] for c in ours["chunks"]] == [2 // chunks] * chunks
     # The same jobs: the same trained tokens, and (fp32, same seeds) the same losses and answers.
     assert naive["update_tokens"] == ours["update_tokens"] > 0
     assert naive["final_losses"] == [round(x, 4) for x in naive["final_losses"]]

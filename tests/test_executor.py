@@ -1,6 +1,6 @@
-"""Executors of the inner loops (seal/executor.py): the weights' fingerprint, and Ray workers that get the
-weights when they change, retry a chunk whose worker died and give up after the configured tries. The whole
-run on Ray workers, with a worker killed, is in tests/test_rl.py."""
+"""Executors of the inner loops (seal/executor.py): the weights' fingerprint; forked worker processes and Ray
+workers that compute with the learner's current weights, retry a chunk whose worker died and give up after
+the configured tries. Whole runs on workers, with a worker killed, are in tests/test_rl.py."""
 
 import os
 import sys
@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from seal.config import ExecutorConfig
-from seal.executor import ChunkResult, LocalExecutor, WorkerLost, import_ray, make_executor, weights_digest
+from seal.executor import (
+    ChunkResult,
+    LocalExecutor,
+    ProcessExecutor,
+    WorkerLost,
+    import_ray,
+    make_executor,
+    weights_digest,
+)
 from seal.train import train
 from tests.conftest import TINY_OVERRIDES, make_cfg
 
@@ -33,6 +41,54 @@ def test_the_local_executor_computes_the_chunks_in_order_in_this_process():
         (0, [{"x": 1, "desc": "a", "pid": os.getpid()}, {"x": 2, "desc": "a", "pid": os.getpid()}]),
         (1, [{"x": 3, "desc": "b", "pid": os.getpid()}]),
     ]
+
+
+def test_forked_workers_see_the_current_weights_retry_a_dead_worker_s_chunk_and_give_up_after_the_bound(
+    tmp_path,
+):
+    deaths = tmp_path / "deaths"
+
+    class Runner:  # built once, in this process; each worker is forked with it as it is at that moment
+        scale = 2.0
+
+        def compute(self, chunk, desc):
+            if "die" in chunk or ("die once" in chunk and not deaths.exists()):
+                deaths.write_text("x")
+                os._exit(1)
+            values = [x * self.scale for x in chunk if isinstance(x, int)]
+            return ChunkResult([{"v": values, "pid": os.getpid(), "threads": torch.get_num_threads()}])
+
+    runner = Runner()
+    cfg = ExecutorConfig(name="processes", workers=2, max_retries=1)
+    executor = make_executor(cfg, local=lambda: runner, remote=None, weights=None)
+    first = dict(executor.map([([1, 2], "a"), ([3, "die once"], "b"), ([4], "c")]))
+    assert [first[i].outcomes[0]["v"] for i in range(3)] == [[2.0, 4.0], [6.0], [8.0]]
+    assert executor.retries == 1 and deaths.exists()
+    assert all(r.outcomes[0]["pid"] != os.getpid() and r.outcomes[0]["threads"] == 1 for r in first.values())
+    assert len({r.outcomes[0]["pid"] for r in first.values()}) == 3  # a process per chunk
+
+    runner.scale = 5.0  # e.g. the learner after a ReST-EM round: the next workers are forked with it
+    second = dict(executor.map([([1], "d"), (["die"], "e"), ([2], "f")]))
+    assert second[0].outcomes[0]["v"] == [5.0] and second[2].outcomes[0]["v"] == [10.0]
+    assert isinstance(second[1], WorkerLost) and "worker died 2 times: exit code 1" in str(second[1])
+    assert executor.retries == 2
+
+
+def test_a_forked_worker_s_error_stops_the_map_with_its_traceback_and_bad_settings_are_refused(monkeypatch):
+    class Runner:
+        def compute(self, chunk, desc):
+            raise ValueError(f"no answer for {chunk}")
+
+    executor = ProcessExecutor(ExecutorConfig(name="processes", workers=1), lambda: Runner())
+    with pytest.raises(
+        RuntimeError, match=r"(?s)chunk 0 failed in its worker process.*ValueError: no answer for \[7\]"
+    ):
+        list(executor.map([([7], "a")]))
+    with pytest.raises(ValueError, match="one CPU thread each"):
+        ProcessExecutor(ExecutorConfig(name="processes", cpus_per_worker=2), lambda: Runner())
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot use CUDA"):
+        list(executor.map([([7], "a")]))
 
 
 def test_ray_workers_take_new_weights_retry_a_dead_worker_s_chunk_and_give_up_after_the_bound(tmp_path):
@@ -88,7 +144,7 @@ def test_ray_missing_is_a_clear_error(monkeypatch):
 
 
 def test_unknown_executors_and_tasks_that_do_not_run_on_ray_are_refused_at_start(tmp_path):
-    with pytest.raises(ValueError, match="unknown executor 'dask'"):
+    with pytest.raises(ValueError, match="unknown executor 'dask': expected local, processes or ray"):
         make_executor(ExecutorConfig(name="dask"), local=None, remote=None, weights=None)
     with pytest.raises(ValueError, match="task=few_shot task.mode=single runs with executor=local"):
         train(make_cfg(tmp_path, *TINY_OVERRIDES, "task=few_shot", "executor=ray"))

@@ -331,3 +331,28 @@ def test_on_ray_workers_a_killed_worker_s_chunk_is_retried_and_the_run_equals_th
     assert {k: v for k, v in _summary(tmp_path / "run").items() if not k.startswith("executor/")} == _summary(
         whole
     )
+
+
+def test_on_forked_workers_a_dead_worker_s_chunk_is_retried_and_the_run_equals_the_local_one(
+    tmp_path, whole, monkeypatch
+):
+    """executor=processes with 2 workers, forked from this process for each chunk: the first worker to start
+    dies, its chunk runs again, and every metric equals the local executor's run. The workers compute with
+    one thread and the learner's weights of the moment, which change after each ReST-EM round."""
+    died = tmp_path / "died"
+    compute = knowledge.ChunkRunner.compute
+
+    def die_once(self, chunk, desc):
+        if not died.exists():
+            died.write_text(str(os.getpid()))
+            os._exit(1)
+        return compute(self, chunk, desc)
+
+    monkeypatch.setattr(knowledge.ChunkRunner, "compute", die_once)
+    cfg = make_cfg(tmp_path / "run", *TINY, *RL_OVERRIDES, "executor=processes", "executor.workers=2")
+    metrics = train(cfg)
+    assert int(died.read_text()) != os.getpid()
+    assert metrics["executor/retried_chunks"] == 1 and metrics["adapt/failed_updates"] == 0
+    assert {k: v for k, v in _summary(tmp_path / "run").items() if not k.startswith("executor/")} == _summary(
+        whole
+    )

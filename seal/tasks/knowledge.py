@@ -326,7 +326,8 @@ def update_job(
 class ChunkRunner:
     """Computes a chunk of inner loops on one model: the chunk's updates together (a finished job's slot takes
     the next), then one generation call for all their questions, then the forgetting probe of the probed
-    ones. It runs in this process (executor=local) or in every Ray worker (seal/executor.py)."""
+    ones. It runs in this process (executor=local), in a worker forked from it (executor=processes) or in
+    every Ray worker (seal/executor.py)."""
 
     def __init__(self, cfg: Config, lm: LM, probe: Probe | None, engine: VLLMEngine | None = None):
         self.cfg, self.lm, self.probe, self.engine = cfg, lm, probe, engine
@@ -406,9 +407,9 @@ def worker_runner(cfg: Config, known: list | None) -> ChunkRunner:
 
 class InnerLoops:
     """Runs inner loops in chunks of `4 x adapt.max_adapters` jobs, on the configured executor (in this
-    process, or on Ray workers). Each chunk's outcome is cached in the round's directory as soon as it is
-    computed, so a resumed run reads finished chunks back instead of recomputing them (a chunk is recomputed
-    whole, with the same company, so its numbers repeat exactly)."""
+    process, in forked worker processes, or on Ray workers). Each chunk's outcome is cached in the round's
+    directory as soon as it is computed, so a resumed run reads finished chunks back instead of recomputing
+    them (a chunk is recomputed whole, with the same company, so its numbers repeat exactly)."""
 
     def __init__(
         self,
@@ -564,7 +565,7 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         with meter.phase("reasoning"):
             before = probe.before()
         metrics.update(probe.reasoning_metrics("reasoning/before", [before]))
-    # The executor may hold workers (executor=ray): closed however the run ends.
+    # The executor may hold workers (executor=ray, processes): closed however the run ends.
     with contextlib.closing(InnerLoops(cfg, lm, meter, store, probe, engine)) as loops:
         if "base" in conditions:
             with meter.phase("eval"):
