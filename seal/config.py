@@ -265,8 +265,10 @@ class GenerationConfig:
 
 @dataclass
 class ExecutorConfig:
-    """Where the inner loops of the knowledge task run (seal/executor.py). Chunks of inner loops are the unit:
-    the same chunks, seeds and results whichever executor runs them."""
+    """Where the inner loops of the knowledge task run (seal/executor.py). Chunks of inner loops are the unit,
+    at most 4 x adapt.max_adapters loops each, fewer when there would be fewer chunks than workers. Seeds come
+    from the loops' keys, so every executor computes the same results, up to the float rounding of which
+    loops share a batched pass (exactly the same where the chunks are, or with adapt.max_adapters=1)."""
 
     # local: in this process | processes: in processes forked from this one, one CPU thread each |
     # ray: on Ray workers, one model replica each

@@ -69,6 +69,7 @@ class Runner(Protocol):
 
 class Executor(Protocol):
     retries: int  # chunks run again after their worker died, in this process's lifetime
+    workers: int  # chunks computed at once
 
     def map(self, chunks: list[tuple[list[Any], str]]) -> Iterator[tuple[int, ChunkResult | WorkerLost]]:
         """(index into `chunks`, its result) for every (chunk, progress label), in the order they finish."""
@@ -79,7 +80,7 @@ class Executor(Protocol):
 
 class LocalExecutor:
     def __init__(self, runner: Runner):
-        self.runner, self.retries = runner, 0
+        self.runner, self.retries, self.workers = runner, 0, 1
 
     def map(self, chunks: list[tuple[list[Any], str]]) -> Iterator[tuple[int, ChunkResult | WorkerLost]]:
         for index, (chunk, desc) in enumerate(chunks):
@@ -251,7 +252,8 @@ class RayExecutor:
             raise ValueError(f"executor.workers must be >= 1 and max_retries >= 0, got {cfg}")
         self.ray = import_ray()
         self.cfg, self.make_runner, self.weights = cfg, make_runner, weights
-        self.workers: list[Any] = []
+        self.workers = cfg.workers
+        self.actors: list[Any] = []
         self.started = False
         self.version: str | None = None
         self.ref: Any = None
@@ -267,7 +269,7 @@ class RayExecutor:
             max_restarts=-1,
             max_task_retries=0,
         )
-        self.workers = [actor.remote(self.make_runner) for _ in range(self.cfg.workers)]
+        self.actors = [actor.remote(self.make_runner) for _ in range(self.cfg.workers)]
 
     def _publish(self) -> None:
         weights = {name: t.detach().cpu() for name, t in self.weights().items()}
@@ -278,13 +280,13 @@ class RayExecutor:
     def map(self, chunks: list[tuple[list[Any], str]]) -> Iterator[tuple[int, ChunkResult | WorkerLost]]:
         if not chunks:
             return
-        if not self.workers:
+        if not self.actors:
             self._start()
         self._publish()
         lost = (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError)
         waiting = collections.deque(range(len(chunks)))
         tries = collections.Counter()
-        idle = list(self.workers)
+        idle = list(self.actors)
         running: dict[Any, tuple[int, Any]] = {}
         while waiting or running:
             while waiting and idle:
@@ -328,9 +330,9 @@ class RayExecutor:
         raise RuntimeError(f"a Ray worker did not come back within {attempts // 2} s of dying")
 
     def close(self) -> None:
-        for worker in self.workers:
+        for worker in self.actors:
             self.ray.kill(worker)
-        self.workers = []
+        self.actors = []
         if self.started:
             self.ray.shutdown()
             self.started = False

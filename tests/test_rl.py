@@ -337,8 +337,9 @@ def test_on_forked_workers_a_dead_worker_s_chunk_is_retried_and_the_run_equals_t
     tmp_path, whole, monkeypatch
 ):
     """executor=processes with 2 workers, forked from this process for each chunk: the first worker to start
-    dies, its chunk runs again, and every metric equals the local executor's run. The workers compute with
-    one thread and the learner's weights of the moment, which change after each ReST-EM round."""
+    dies, its chunk runs again, and every metric equals the local executor's run (the chunks differ, but with
+    adapt.max_adapters=1 no two loops share a pass). The workers compute with one thread and the learner's
+    weights of the moment, which change after each ReST-EM round."""
     died = tmp_path / "died"
     compute = knowledge.ChunkRunner.compute
 
@@ -352,6 +353,10 @@ def test_on_forked_workers_a_dead_worker_s_chunk_is_retried_and_the_run_equals_t
     cfg = make_cfg(tmp_path / "run", *TINY, *RL_OVERRIDES, "executor=processes", "executor.workers=2")
     metrics = train(cfg)
     assert int(died.read_text()) != os.getpid()
+    # Round 0's 4 inner loops went to the 2 workers as 2 chunks; one process took them as one.
+    assert [p.name for p in sorted((whole / "rounds/round_0/eval").glob("chunk_*"))] == ["chunk_0000.json"]
+    chunks = sorted((tmp_path / "run/rounds/round_0/eval").glob("chunk_*"))
+    assert [p.name for p in chunks] == ["chunk_0000.json", "chunk_0001.json"]
     assert metrics["executor/retried_chunks"] == 1 and metrics["adapt/failed_updates"] == 0
     assert {k: v for k, v in _summary(tmp_path / "run").items() if not k.startswith("executor/")} == _summary(
         whole

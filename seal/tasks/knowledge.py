@@ -406,10 +406,11 @@ def worker_runner(cfg: Config, known: list | None) -> ChunkRunner:
 
 
 class InnerLoops:
-    """Runs inner loops in chunks of `4 x adapt.max_adapters` jobs, on the configured executor (in this
-    process, in forked worker processes, or on Ray workers). Each chunk's outcome is cached in the round's
-    directory as soon as it is computed, so a resumed run reads finished chunks back instead of recomputing
-    them (a chunk is recomputed whole, with the same company, so its numbers repeat exactly)."""
+    """Runs inner loops in chunks of at most `4 x adapt.max_adapters` jobs (fewer when there would be fewer
+    chunks than workers), on the configured executor (in this process, in forked worker processes, or on
+    Ray workers). Each chunk's outcome is cached in the round's directory as soon as it is computed, so a
+    resumed run reads finished chunks back instead of recomputing them (a chunk is recomputed whole, with the
+    same company, so its numbers repeat exactly)."""
 
     def __init__(
         self,
@@ -433,7 +434,8 @@ class InnerLoops:
     def run(self, loops: list[InnerLoop], round_: int, phase: str, desc: str) -> list[dict[str, Any]]:
         """One outcome per loop (see `outcome`). A failed update (non-finite loss, out of memory) or a chunk
         whose worker kept dying is recorded as failed, and the others go on."""
-        per_chunk = max(1, 4 * self.cfg.adapt.max_adapters)
+        # A chunk is at most 4 x max_adapters loops, fewer when that would leave workers without one.
+        per_chunk = max(1, min(4 * self.cfg.adapt.max_adapters, -(-len(loops) // self.executor.workers)))
         chunks = [loops[at : at + per_chunk] for at in range(0, len(loops), per_chunk)]
         keys = [[list(loop.key) for loop in chunk] for chunk in chunks]
         outcomes: list[list[dict[str, Any]] | None] = [
