@@ -56,3 +56,22 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, executor
     memory = record["memory"]
     assert memory["1"]["peak_mb"] > memory["1"]["baseline_mb"] > 0
     assert memory["ratio"] == memory["2"]["peak_mb"] / memory["1"]["peak_mb"]
+
+
+def test_forked_workers_get_chunks_balanced_by_text_and_steps():
+    from seal.adapt import UpdateJob
+    from seal.bench import STEP_COST_CHARS, chunks_for
+    from seal.config import Config, ExecutorConfig
+
+    cfg = Config(executor=ExecutorConfig(name="processes", workers=2))
+    # Job 2 has the least text but the most sequences, each a step with a fixed cost.
+    jobs = [
+        UpdateJob("long", ["x" * 900], 0),
+        UpdateJob("mid", ["x" * 700], 0),
+        UpdateJob("steps", ["x"] * 8, 0),
+    ]
+    assert 8 * (1 + STEP_COST_CHARS) > 900
+    assert chunks_for(cfg, jobs) == [[2], [0, 1]]
+    assert chunks_for(Config(), jobs) == [[0, 1, 2]]
+    with pytest.raises(ValueError, match="executor=local or processes, not 'ray'"):
+        chunks_for(Config(executor=ExecutorConfig(name="ray")), jobs)
