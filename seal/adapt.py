@@ -294,6 +294,8 @@ def make_updater(lm: LM, cfg: AdaptConfig) -> Updater:
     the reference path, and the fallback where K adapters do not fit in memory)."""
     from seal.multilora import MultiLoraUpdater, fit_capacity  # it builds on this module's types
 
+    if cfg.compile and not cfg.batch_adapters:
+        raise ValueError("adapt.compile applies to the batched updater: set adapt.batch_adapters=true")
     return MultiLoraUpdater(lm, cfg, fit_capacity(lm, cfg)) if cfg.batch_adapters else LoraUpdater(lm, cfg)
 
 

@@ -173,6 +173,11 @@ class AdaptConfig:
     # Keep only each decoder layer's input for backward and recompute the rest there: activations shrink to
     # about one hidden vector per token and layer, for one more forward pass per step.
     gradient_checkpointing: bool = False
+    # torch.compile (inductor, dynamic shapes) each decoder layer for the batched updater's training passes;
+    # the LoRA products stay eager, since each pass routes its own slots. Compiling costs tens of seconds once
+    # per process (each forked worker too). Meant for GPUs, where a small model's pass is bound by kernel
+    # launches; on the 2-core CPU it bought nothing (benchmarks/README.md).
+    compile: bool = False
 
 
 @dataclass

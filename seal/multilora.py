@@ -333,6 +333,11 @@ class MultiLoraUpdater:
             raise ValueError(
                 f"packed training needs model.attn_implementation in {PACKABLE_ATTENTION}, got {attention!r}"
             )
+        if cfg.compile and cfg.gradient_checkpointing:
+            raise ValueError(
+                "adapt.compile and adapt.gradient_checkpointing do not combine: torch's checkpoint runs the "
+                "layers with the compiler turned off"
+            )
         cfg = for_device(cfg, lm.device)
         self.lm, self.cfg, self.capacity = lm, cfg, capacity
         self.slots_in_use = capacity  # halved when a step runs out of memory
@@ -350,6 +355,7 @@ class MultiLoraUpdater:
             layer = MultiLoraLinear(module.requires_grad_(False), capacity, cfg, self.routing)
             setattr(lm.model.get_submodule(parent_name), child, layer)
             self.layers.append((name, layer))
+        self.compiled = compiled_blocks(lm, self.layers) if cfg.compile else []
 
     def slot_parameters(self, slot: int) -> list[nn.Parameter]:
         return [p for _, layer in self.layers for p in (layer.lora_A[slot], layer.lora_B[slot])]
@@ -413,7 +419,10 @@ class MultiLoraUpdater:
 
         self.lm.model.train()
         try:
-            with checkpointing(self.lm.model, self.cfg.gradient_checkpointing):
+            with (
+                checkpointing(self.lm.model, self.cfg.gradient_checkpointing),
+                swapped_forwards(self.compiled),
+            ):
                 while queue or running:
                     for slot in range(self.slots_in_use):
                         if slot not in running and queue:
@@ -633,6 +642,37 @@ class MultiLoraUpdater:
                 distinct.add(id(adapter))
         if batch:
             yield batch
+
+
+def compiled_blocks(lm: LM, layers: list[tuple[str, MultiLoraLinear]]) -> list[tuple[nn.Module, Callable]]:
+    """Each decoder layer of `lm` (the classes transformers keeps whole across devices, `_no_split_modules`)
+    with a `torch.compile`d forward, dynamic in shape; the MultiLoraLinear layers inside stay eager, since
+    their routing changes from pass to pass and would make every new set of slots a recompile. Compiling
+    happens at the first call (`swapped_forwards` puts these forwards in place while training)."""
+    names = set(getattr(lm.model, "_no_split_modules", None) or [])
+    blocks = [module for module in lm.model.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ValueError(f"adapt.compile: no decoder layer found in {type(lm.model).__name__}")
+    for _, layer in layers:
+        layer.forward = torch.compiler.disable(layer.forward, recursive=True)
+    return [(block, torch.compile(block.forward, dynamic=True)) for block in blocks]
+
+
+@contextlib.contextmanager
+def swapped_forwards(forwards: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Inside this block each module's forward is the given one; outside it, the module's own again (so
+    generation and scoring stay eager)."""
+    own = [module.__dict__.get("forward") for module, _ in forwards]  # a forward set on the instance, if any
+    for module, forward in forwards:
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for (module, _), forward in zip(forwards, own, strict=True):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def slot_bytes(lm: LM, cfg: AdaptConfig) -> int:

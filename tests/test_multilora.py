@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from seal import models, multilora
-from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, tokenize
+from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, make_updater, tokenize
 from seal.config import AdaptConfig
 from seal.models import LM, continuation_logprobs, generate, weights_checksum
 from seal.multilora import MultiLoraUpdater, for_device, pack, pack_rows
@@ -121,6 +121,27 @@ def test_gradient_checkpointing_keeps_less_for_backward_and_trains_the_same_adap
     peft = LoraUpdater(tiny_fp32(), AdaptConfig(**CFG, gradient_checkpointing=True))
     for got, want in zip(peft.train(JOBS), alone, strict=True):
         assert_same_adapter(got, want)
+
+
+def test_compiled_layers_train_the_same_adapters_and_generation_stays_eager(sequential):
+    """adapt.compile: the decoder layers run as torch.compile made them (dynamo really captured graphs),
+    the adapters equal PEFT's one at a time, and once training ends the layers' own forwards are back."""
+    from torch._dynamo.utils import counters
+
+    _, alone = sequential
+    torch._dynamo.reset()
+    counters.clear()
+    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, compile=True), 3)
+    layers = updater.lm.model.model.layers
+    assert [block for block, _ in updater.compiled] == list(layers)
+    for got, want in zip(updater.train(JOBS), alone, strict=True):
+        assert_same_adapter(got, want)
+    assert counters["stats"]["unique_graphs"] > 0
+    assert all("forward" not in block.__dict__ for block in layers)
+    with pytest.raises(ValueError, match="do not combine"):
+        MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, compile=True, gradient_checkpointing=True), 3)
+    with pytest.raises(ValueError, match="batched updater"):
+        make_updater(tiny_fp32(), AdaptConfig(**CFG, compile=True, batch_adapters=False))
 
 
 def test_jobs_beyond_capacity_wait_for_a_free_slot(sequential):
