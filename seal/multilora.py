@@ -125,8 +125,11 @@ class MultiLoraLinear(nn.Module):
         # Dim 0 of this view is what the routing counts: tokens of the flattened batch, or whole rows.
         inputs = x.flatten(0, -2) if routing.per_token else x
         if routing.mask is not None:
-            a = torch.cat([self.lora_A[slot] for slot in routing.slots])
-            b = torch.cat([self.lora_B[slot] for slot in routing.slots], dim=1)
+            if len(routing.slots) == 1:  # no stack to build: cat would copy the lone slot's matrices
+                a, b = self.lora_A[routing.slots[0]], self.lora_B[routing.slots[0]]
+            else:
+                a = torch.cat([self.lora_A[slot] for slot in routing.slots])
+                b = torch.cat([self.lora_B[slot] for slot in routing.slots], dim=1)
             hidden = nn.functional.linear(self.dropout(inputs.to(a.dtype)), a) * routing.mask
             delta = nn.functional.linear(hidden, b) * self.scaling
             return (result + delta.view(*result.shape[:-1], -1)).to(result.dtype)
