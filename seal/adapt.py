@@ -25,6 +25,11 @@ from seal.config import AdaptConfig
 from seal.models import LM, continuation_logprobs, generate
 
 ADAPTER = "inner"
+# What a step costs beyond its text, in characters' worth, for estimating a job's update time
+# (`UpdateJob.cost`): every sequence is a step of its own (batch size 1), with a fixed cost (the pass's own
+# work, the optimiser step). Fitted to single-thread update times of the bench's jobs on this repository's
+# 2-core CPU: 0.45 s per step per epoch against 0.003 s per character.
+STEP_COST_CHARS = 150
 
 
 @dataclass
@@ -41,6 +46,13 @@ class UpdateJob:
 
     def settings(self, cfg: AdaptConfig) -> tuple[float, int]:
         return (cfg.lr if self.lr is None else self.lr), (cfg.epochs if self.epochs is None else self.epochs)
+
+    def cost(self, cfg: AdaptConfig) -> int:
+        """The job's update time, roughly, in characters' worth (for sharing jobs out evenly): each epoch, its
+        text plus STEP_COST_CHARS a sequence."""
+        prefixes = self.prefixes or [""] * len(self.sequences)
+        text = sum(len(p) + len(s) + STEP_COST_CHARS for p, s in zip(prefixes, self.sequences, strict=True))
+        return self.settings(cfg)[1] * text
 
 
 @dataclass(frozen=True)

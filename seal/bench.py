@@ -43,6 +43,7 @@ from seal.executor import ChunkResult, WorkerLost, forked_workers, make_executor
 from seal.grading import make_grader
 from seal.memory import PhaseMeter
 from seal.models import LM, load_model, setup_runtime
+from seal.multilora import balanced
 from seal.self_edit import training_sequences
 from seal.tasks.knowledge import Passage, answer, derive_seed, load_passages, write_self_edits
 
@@ -220,30 +221,14 @@ class OursRunner:
         return ChunkResult(outcomes, dict(meter.seconds), dict(meter.peak_mb))
 
 
-# What a job costs, for balancing chunks: its text, plus this many characters' worth per sequence, since every
-# sequence is a step of its own (batch size 1), with a fixed cost (the pass's own work, the optimiser step).
-# Fitted to single-thread update times of the bench's jobs on this repository's 2-core CPU: 0.45 s per step
-# per epoch against 0.003 s per character.
-STEP_COST_CHARS = 150
-
-
 def chunks_for(cfg: Config, jobs: list[UpdateJob]) -> list[list[int]]:
     """Which jobs each chunk holds: all in one with executor=local; with executor=processes one chunk per
-    worker (at most one per job), balanced by the jobs' estimated cost (the costliest first, each to the
-    lightest chunk)."""
+    worker (at most one per job), balanced by the jobs' estimated cost (seal.adapt.UpdateJob.cost)."""
     if cfg.executor.name == "local":
         return [list(range(len(jobs)))]
     if cfg.executor.name != "processes":
         raise ValueError(f"the bench runs ours with executor=local or processes, not {cfg.executor.name!r}")
-    workers = forked_workers(cfg.executor)
-    cost = [sum(len(text) + STEP_COST_CHARS for text in job.sequences) for job in jobs]
-    groups: list[list[int]] = [[] for _ in range(min(workers, len(jobs)))]
-    load = [0] * len(groups)
-    for i in sorted(range(len(jobs)), key=lambda i: -cost[i]):
-        lightest = load.index(min(load))
-        groups[lightest].append(i)
-        load[lightest] += cost[i]
-    return [sorted(g) for g in groups]
+    return balanced([job.cost(cfg.adapt) for job in jobs], min(forked_workers(cfg.executor), len(jobs)))
 
 
 def map_ours(

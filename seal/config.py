@@ -178,6 +178,13 @@ class AdaptConfig:
     # per process (each forked worker too). Meant for GPUs, where a small model's pass is bound by kernel
     # launches; on the 2-core CPU it bought nothing (benchmarks/README.md).
     compile: bool = False
+    # The batched updater's adapters split into this many lanes, each trained by a thread of its own whose
+    # operations run single-threaded, all on the one model in memory; each job stays in one lane, the jobs
+    # shared out by estimated cost (seal.adapt.UpdateJob.cost). A small model's pass does not keep two cores
+    # busy (the 2-core CPU: 1.26x from the second thread), two passes side by side do. 0 = auto: as many lanes
+    # as torch has CPU threads; 1 on CUDA, with adapt.compile and with dropout (whose random masks would
+    # depend on the threads' timing). Lanes are for CPUs only.
+    lanes: int = 0
 
 
 @dataclass

@@ -26,9 +26,11 @@ import contextlib
 import logging
 import math
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -73,7 +75,10 @@ class AdapterRouting:
     - mask: every row or token through all the slots in use at once, their A matrices stacked, then each
       row's or token's columns of the other slots set to zero by `mask` before the stacked B. Two matrix
       products per layer whatever the number of slots, for (slots - 1) x the adapters' own compute: fewer,
-      larger operations where each one has a fixed cost (kernel launches on a GPU)."""
+      larger operations where each one has a fixed cost (kernel launches on a GPU).
+
+    A lane of MultiLoraUpdater.train (a thread training its own slots) routes its passes with a routing of its
+    own (`lane`); every other thread, the autograd engine's included, uses this shared one."""
 
     def __init__(self, by_mask: bool = False, rank: int = 0) -> None:
         self.by_mask, self.rank = by_mask, rank
@@ -81,6 +86,20 @@ class AdapterRouting:
         self.runs: list[tuple[int, int]] = []  # (slot, length); slot -1 is the base model alone
         self.slots: list[int] = []  # mask: the slots in use, in the order of their stacked columns
         self.mask: torch.Tensor | None = None  # mask: 1 on each row's or token's own slot's columns, else 0
+        self._lanes = threading.local()
+
+    def current(self) -> AdapterRouting:
+        """The routing of the calling thread: its lane's own inside `lane`, else this one."""
+        return getattr(self._lanes, "routing", self)
+
+    @contextlib.contextmanager
+    def lane(self) -> Iterator[None]:
+        """Inside this block the calling thread routes with a routing of its own."""
+        self._lanes.routing = AdapterRouting(self.by_mask, self.rank)
+        try:
+            yield
+        finally:
+            del self._lanes.routing
 
     def set(self, ids: torch.Tensor | None) -> None:
         """`ids` of shape [batch] gives each row's slot, [batch, length] each token's; -1 is the base model
@@ -119,7 +138,7 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        routing = self.routing
+        routing = self.routing.current()
         if not routing.runs:
             return result
         # Dim 0 of this view is what the routing counts: tokens of the flattened batch, or whole rows.
@@ -180,6 +199,18 @@ def pack(lengths: list[int], pack_length: int) -> list[list[int]]:
         return len(bins) * max((sum(lengths[i] for i in members) for members in bins), default=0), len(bins)
 
     return min(plans, key=cost)
+
+
+def balanced(costs: list[float], groups: int) -> list[list[int]]:
+    """The indices of `costs` in `groups` groups of about equal total cost, each ascending: the costliest
+    first, each to the group with the least so far (ties: the first such group)."""
+    members: list[list[int]] = [[] for _ in range(groups)]
+    load = [0.0] * groups
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        lightest = load.index(min(load))
+        members[lightest].append(i)
+        load[lightest] += costs[i]
+    return [sorted(group) for group in members]
 
 
 @dataclass
@@ -359,6 +390,7 @@ class MultiLoraUpdater:
             setattr(lm.model.get_submodule(parent_name), child, layer)
             self.layers.append((name, layer))
         self.compiled = compiled_blocks(lm, self.layers) if cfg.compile else []
+        self._init_lock = threading.Lock()  # lanes start jobs from the global random generator, one at a time
 
     def slot_parameters(self, slot: int) -> list[nn.Parameter]:
         return [p for _, layer in self.layers for p in (layer.lora_A[slot], layer.lora_B[slot])]
@@ -367,11 +399,12 @@ class MultiLoraUpdater:
     def _adapted(self, ids: torch.Tensor) -> Iterator[None]:
         """Inside this block the model's input is routed by `ids` (see AdapterRouting.set); outside it, the
         base model alone."""
-        self.routing.set(ids)
+        routing = self.routing.current()
+        routing.set(ids)
         try:
             yield
         finally:
-            self.routing.set(None)
+            routing.set(None)
 
     def _plan(self, job: UpdateJob) -> list[_Step]:
         """The job's steps in the order LoraUpdater takes them: same tokens, same shuffles, same batches."""
@@ -390,7 +423,7 @@ class MultiLoraUpdater:
     def _start(self, slot: int, index: int, job: UpdateJob) -> _Running:
         """Slot `slot` gets the adapter LoraUpdater.reset(job.seed) makes (PEFT's init, layer by layer) and a
         fresh AdamW, as LoraUpdater gives each job."""
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with self._init_lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(job.seed)
             for _, layer in self.layers:
                 nn.init.kaiming_uniform_(layer.lora_A[slot], a=math.sqrt(5))
@@ -403,14 +436,87 @@ class MultiLoraUpdater:
 
     def train(self, jobs: list[UpdateJob], progress: str | None = None) -> list[TrainedAdapter]:
         """One adapter per job. Up to `capacity` jobs train together, their steps sharing packed passes;
-        when a job ends its slot takes the next job, so the slots stay busy. A failed update (non-finite
-        loss) is recorded in its result and carries no weights; the other jobs go on. A step that runs out
-        of memory halves the slots in use and restarts the jobs that were in it; with one slot left, the job
-        fails with "out of memory"."""
+        when a job ends its slot takes the next, so the slots stay busy. With several lanes (`adapt.lanes`)
+        the slots and jobs are split between threads that train side by side, each lane as described. A
+        failed update (non-finite loss) is recorded in its result and carries no weights; the other jobs go
+        on. A step that runs out of memory halves the slots in use in its lane and restarts the jobs that were
+        in it; with one slot left, the job fails with "out of memory"."""
         adapters: list[TrainedAdapter | None] = [None] * len(jobs)
-        queue = deque(range(len(jobs)))
-        running: dict[int, _Running] = {}  # slot -> job
+        lanes = self._lanes(jobs)
         bar = tqdm(total=len(jobs), desc=progress, disable=progress is None, leave=False)
+        threads = torch.get_num_threads()
+        self.lm.model.train()
+        try:
+            with (
+                checkpointing(self.lm.model, self.cfg.gradient_checkpointing),
+                swapped_forwards(self.compiled),
+            ):
+                if len(lanes) == 1:
+                    self._train_lane(*lanes[0], jobs, adapters, bar)
+                else:
+                    self._train_lanes(lanes, jobs, adapters, bar)
+        finally:
+            torch.set_num_threads(threads)
+            self.slots_in_use = sum(len(slots) for slots, _ in lanes)
+            self.lm.model.eval()
+            for slot in range(self.capacity):
+                for param in self.slot_parameters(slot):
+                    param.grad = None
+            bar.close()
+        return adapters
+
+    def _lanes(self, jobs: list[UpdateJob]) -> list[tuple[list[int], deque[int]]]:
+        """Each lane's slots and the jobs it trains, in order. The jobs are shared out by their estimated
+        cost, each lane taking whole jobs, so that which lane trains a job does not depend on timing."""
+        lanes = self.cfg.lanes
+        if lanes == 0:  # auto
+            cpu, deterministic = self.lm.device.type == "cpu", not self.cfg.dropout
+            lanes = torch.get_num_threads() if cpu and deterministic and not self.cfg.compile else 1
+        lanes = max(1, min(lanes, self.slots_in_use, len(jobs)))
+        groups = balanced([job.cost(self.cfg) for job in jobs], lanes)
+        slots = [list(range(self.slots_in_use))[lane::lanes] for lane in range(lanes)]
+        return [(slots[lane], deque(groups[lane])) for lane in range(lanes)]
+
+    def _train_lanes(
+        self,
+        lanes: list[tuple[list[int], deque[int]]],
+        jobs: list[UpdateJob],
+        adapters: list[TrainedAdapter | None],
+        bar: tqdm,
+    ) -> None:
+        """Each lane in a thread of its own, its operations single-threaded. The first error stops the other
+        lanes at their next step and is raised here."""
+        stop = threading.Event()
+
+        def lane(slots: list[int], queue: deque[int]) -> None:
+            torch.set_num_threads(1)
+            with self.routing.lane():
+                self._train_lane(slots, queue, jobs, adapters, bar, stop)
+
+        torch.set_num_threads(1)
+        with ThreadPoolExecutor(len(lanes), thread_name_prefix="seal-lane") as pool:
+            futures = [pool.submit(lane, slots, queue) for slots, queue in lanes]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    future.result()
+            finally:
+                stop.set()
+            for future in futures:
+                future.result()
+
+    def _train_lane(
+        self,
+        slots: list[int],
+        queue: deque[int],
+        jobs: list[UpdateJob],
+        adapters: list[TrainedAdapter | None],
+        bar: tqdm,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Trains the jobs of `queue` in `slots`; a step that runs out of memory drops the upper half of
+        `slots`."""
+        running: dict[int, _Running] = {}  # slot -> job
 
         def finish(slot: int, error: str | None = None) -> None:
             job = running.pop(slot)
@@ -420,40 +526,27 @@ class MultiLoraUpdater:
             adapters[job.index] = TrainedAdapter(jobs[job.index].key, job.result, state)
             bar.update()
 
-        self.lm.model.train()
-        try:
-            with (
-                checkpointing(self.lm.model, self.cfg.gradient_checkpointing),
-                swapped_forwards(self.compiled),
-            ):
-                while queue or running:
-                    for slot in range(self.slots_in_use):
-                        if slot not in running and queue:
-                            index = queue.popleft()
-                            running[slot] = self._start(slot, index, jobs[index])
-                            if not running[slot].plan:
-                                finish(slot, "no training sequences")
-                    if not running:
-                        continue
-                    try:
-                        self._step(running, finish)
-                    except torch.OutOfMemoryError:
-                        if torch.cuda.is_available():
-                            torch.cuda.empty_cache()
-                        if len(running) == 1:
-                            finish(next(iter(running)), "out of memory")
-                            continue
-                        self.slots_in_use = max(1, min(self.slots_in_use, len(running)) // 2)
-                        log.warning("out of memory with %d adapters: now %d", len(running), self.slots_in_use)
-                        queue.extendleft(sorted((job.index for job in running.values()), reverse=True))
-                        running.clear()
-        finally:
-            self.lm.model.eval()
-            for slot in range(self.capacity):
-                for param in self.slot_parameters(slot):
-                    param.grad = None
-            bar.close()
-        return adapters
+        while (queue or running) and not (stop and stop.is_set()):
+            for slot in slots:
+                if slot not in running and queue:
+                    index = queue.popleft()
+                    running[slot] = self._start(slot, index, jobs[index])
+                    if not running[slot].plan:
+                        finish(slot, "no training sequences")
+            if not running:
+                continue
+            try:
+                self._step(running, finish)
+            except torch.OutOfMemoryError:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if len(running) == 1:
+                    finish(next(iter(running)), "out of memory")
+                    continue
+                del slots[max(1, min(len(slots), len(running)) // 2) :]
+                log.warning("out of memory with %d adapters: now %d", len(running), len(slots))
+                queue.extendleft(sorted((job.index for job in running.values()), reverse=True))
+                running.clear()
 
     def _step(self, running: dict[int, _Running], finish: Callable[..., None]) -> None:
         """One optimiser step of every running job: their rows packed into a few passes, each a forward and
@@ -729,10 +822,12 @@ def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
 
 
 def for_device(cfg: AdaptConfig, device: torch.device) -> AdaptConfig:
-    """`cfg` with its `auto` settings chosen for the device. On a GPU a pass of SmolLM2 is bound by kernel
-    launches, not arithmetic, so fewer, larger operations win: routing by mask and passes of 2,048 tokens
-    (H100, 4 adapters: 1.9x faster than runs and 256, benchmarks/README.md). A CPU pays for every
-    multiply-add: routing by runs, and passes of 256 tokens, which hold a passage and some self-edit lines."""
+    """`cfg` with its `auto` settings chosen for the device, and lanes refused where they do not work (auto
+    lanes are chosen by `MultiLoraUpdater.train`, from the threads torch has then). On a GPU a pass of
+    SmolLM2 is bound by kernel launches, not arithmetic, so fewer, larger operations win: routing by mask and
+    passes of 2,048 tokens (H100, 4 adapters: 1.9x faster than runs and 256, benchmarks/README.md). A CPU
+    pays for every multiply-add: routing by runs, and passes of 256 tokens, which hold a passage and some
+    self-edit lines."""
     cuda = device.type == "cuda"
     routing = cfg.lora_routing if cfg.lora_routing != "auto" else ("mask" if cuda else "runs")
     if routing not in ("runs", "mask"):
@@ -740,6 +835,19 @@ def for_device(cfg: AdaptConfig, device: torch.device) -> AdaptConfig:
     if cfg.pack_length < 0:
         raise ValueError(f"adapt.pack_length must be positive (0: auto), got {cfg.pack_length}")
     pack_length = cfg.pack_length or (2048 if cuda else 256)
+    if cfg.lanes < 0:
+        raise ValueError(f"adapt.lanes must be 0 (auto) or more, got {cfg.lanes}")
+    if cfg.lanes > 1:
+        if cuda:
+            raise ValueError(
+                "adapt.lanes > 1 is for CPUs: on CUDA the autograd engine runs backward (and a checkpoint's "
+                "recomputation) in threads of its own, which would not see a lane's routing"
+            )
+        if cfg.compile or cfg.dropout:
+            raise ValueError(
+                "adapt.lanes > 1 needs adapt.compile=false and adapt.dropout=0: compiled layers are not "
+                "called from several threads, and dropout's random masks would depend on the threads' timing"
+            )
     return replace(cfg, lora_routing=routing, pack_length=pack_length)
 
 

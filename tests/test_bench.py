@@ -59,8 +59,8 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, executor
 
 
 def test_forked_workers_get_chunks_balanced_by_text_and_steps():
-    from seal.adapt import UpdateJob
-    from seal.bench import STEP_COST_CHARS, chunks_for
+    from seal.adapt import STEP_COST_CHARS, UpdateJob
+    from seal.bench import chunks_for
     from seal.config import Config, ExecutorConfig
 
     cfg = Config(executor=ExecutorConfig(name="processes", workers=2))

@@ -229,7 +229,8 @@ def test_continual_merges_with_the_one_at_a_time_updater_too(tmp_path, monkeypat
 
 
 def test_cpt_with_one_failed_update_grades_the_other_adapter(tmp_path, monkeypatch):
-    """The self_edit job (slot 1) fails: its questions count as wrong, passage keeps its own answers."""
+    """The self_edit job (slot 1, with one lane) fails: its questions count as wrong, passage keeps its own
+    answers."""
     real = multilora.adapter_losses
 
     def poisoned(losses, slots, counts):
@@ -239,7 +240,9 @@ def test_cpt_with_one_failed_update_grades_the_other_adapter(tmp_path, monkeypat
     monkeypatch.setattr(multilora, "adapter_losses", poisoned)
     cycling_grader(monkeypatch)
     metrics = train(
-        make_cfg(tmp_path, *TINY_OVERRIDES, "task.mode=cpt", "task.conditions=[passage,self_edit]")
+        make_cfg(
+            tmp_path, *TINY_OVERRIDES, "task.mode=cpt", "task.conditions=[passage,self_edit]", "adapt.lanes=1"
+        )
     )
     assert metrics["adapt/failed_updates"] == 1
     failed = read_jsonl(tmp_path / "results" / "self_edit.jsonl")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import random
+import threading
 
 import pytest
 import torch
@@ -150,6 +151,77 @@ def test_jobs_beyond_capacity_wait_for_a_free_slot(sequential):
         assert_same_adapter(got, want)
 
 
+@both_routings
+def test_lanes_train_side_by_side_in_threads_and_equal_each_job_alone(sequential, routing, monkeypatch):
+    """adapt.lanes=2: two threads, each single-threaded with its own routing, are in a pass at the same time
+    (a barrier that needs both), and every adapter still equals PEFT's one at a time."""
+    _, alone = sequential
+    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, lora_routing=routing, lanes=2), 3)
+    lanes = updater._lanes(JOBS)
+    assert len(lanes) == 2 and sorted(i for _, queue in lanes for i in queue) == [0, 1, 2]
+    real_pass, both_in_a_pass, seen = updater._pass, threading.Barrier(2, timeout=30), []
+
+    def lane_pass(batch, counts, values):
+        if threading.get_ident() not in {ident for ident, _, _ in seen}:
+            both_in_a_pass.wait()
+        routing = updater.routing.current()
+        seen.append((threading.get_ident(), torch.get_num_threads(), routing is updater.routing))
+        return real_pass(batch, counts, values)
+
+    monkeypatch.setattr(updater, "_pass", lane_pass)
+    torch.set_num_threads(2)  # the lanes run single-threaded whatever this is, and it is back afterwards
+    try:
+        adapters = updater.train(JOBS)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert len({ident for ident, _, _ in seen}) == 2 and threading.get_ident() not in {i for i, _, _ in seen}
+    assert all(threads == 1 and not shared for _, threads, shared in seen)
+    for got, want in zip(adapters, alone, strict=True):
+        assert_same_adapter(got, want)
+    assert updater.slots_in_use == 3 and not updater.routing.runs
+
+
+def test_a_lane_that_fails_stops_the_others_and_its_error_is_raised(monkeypatch):
+    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, lanes=2), 2)
+    (other, queue), _ = sorted(updater._lanes(JOBS), key=lambda lane: 1 in lane[0])
+    planned = sum(len(updater._plan(JOBS[i])) for i in queue)  # the other lane's steps, one pass each
+    real_pass, failed, passes = updater._pass, threading.Event(), []
+
+    def failing_pass(batch, counts, values):
+        if 1 in batch.present:  # the second lane's first pass
+            failed.set()
+            raise RuntimeError("lane 2 broke")
+        assert failed.wait(timeout=30)
+        passes.append(batch.present)
+        return real_pass(batch, counts, values)
+
+    monkeypatch.setattr(updater, "_pass", failing_pass)
+    with pytest.raises(RuntimeError, match="lane 2 broke"):
+        updater.train(JOBS)
+    assert torch.get_num_threads() == 1 and updater.lm.model.training is False
+    assert 1 <= len(passes) < planned  # the other lane stopped at a step's end, long before its last
+    assert all(present == other for present in passes)
+
+
+def test_auto_lanes_follow_the_threads_and_stay_one_where_threads_would_change_results():
+    lm = tiny_fp32()
+    torch.set_num_threads(2)
+    try:
+        auto = MultiLoraUpdater(lm, AdaptConfig(**MIXED_CFG), 4)
+        # The passage costs about what the three short jobs cost together: it gets a lane of its own.
+        assert [sorted(queue) for _, queue in auto._lanes(MIXED_JOBS)] == [[0], [1, 2, 3]]
+        assert [slots for slots, _ in auto._lanes(MIXED_JOBS)] == [[0, 2], [1, 3]]
+        assert len(auto._lanes(MIXED_JOBS[:1])) == 1  # no more lanes than jobs
+        for settings in (dict(dropout=0.1), dict(lanes=1)):
+            updater = MultiLoraUpdater(load_tiny(), AdaptConfig(**MIXED_CFG, **settings), 4)
+            assert len(updater._lanes(MIXED_JOBS)) == 1
+    finally:
+        torch.set_num_threads(1)
+    assert len(auto._lanes(MIXED_JOBS)) == 1  # auto: one lane per thread
+    assert len(MultiLoraUpdater(load_tiny(), AdaptConfig(**MIXED_CFG, lanes=3), 2)._lanes(MIXED_JOBS)) == 2
+
+
 def simulate_out_of_memory(monkeypatch, updater: MultiLoraUpdater, fail) -> list[int]:
     """The decoder's forward raises OutOfMemoryError when fail(call number, adapters in the step) holds.
     Returns the adapters of each call so far."""
@@ -231,6 +303,14 @@ def test_auto_settings_follow_the_device_and_bad_ones_are_refused():
         for_device(AdaptConfig(lora_routing="gather"), cpu)
     with pytest.raises(ValueError, match="pack_length must be positive"):
         for_device(AdaptConfig(pack_length=-1), cpu)
+    with pytest.raises(ValueError, match="lanes must be 0"):
+        for_device(AdaptConfig(lanes=-1), cpu)
+    assert for_device(AdaptConfig(lanes=2), cpu).lanes == 2
+    with pytest.raises(ValueError, match="lanes > 1 is for CPUs"):
+        for_device(AdaptConfig(lanes=2), cuda)
+    for setting in (dict(compile=True), dict(dropout=0.1)):
+        with pytest.raises(ValueError, match="lanes > 1 needs adapt.compile=false and adapt.dropout=0"):
+            for_device(AdaptConfig(lanes=2, **setting), cpu)
 
 
 def test_base_weights_and_base_outputs_do_not_change():
