@@ -16,6 +16,10 @@ activations held at any time are one sequence's whatever the number of adapters:
 own weights, gradients and optimiser state, not more activations. The loss goes through the output
 projection a chunk of tokens at a time, so the full logits (50k per token) are never held whole.
 
+On a CPU the slots and jobs are split into lanes (`adapt.lanes`): threads that each train their own jobs in
+their own slots as described, single-threaded, side by side on the one model. A small model's pass does not
+keep several cores busy; several passes at once do. Each lane holds one pass's activations.
+
 The same slots, given per row, let one `generate` call serve prompts that each need a different adapter.
 Adapter weights use PEFT's state-dict keys, so adapters from either updater can be applied by the other.
 """
@@ -468,11 +472,7 @@ class MultiLoraUpdater:
     def _lanes(self, jobs: list[UpdateJob]) -> list[tuple[list[int], deque[int]]]:
         """Each lane's slots and the jobs it trains, in order. The jobs are shared out by their estimated
         cost, each lane taking whole jobs, so that which lane trains a job does not depend on timing."""
-        lanes = self.cfg.lanes
-        if lanes == 0:  # auto
-            cpu, deterministic = self.lm.device.type == "cpu", not self.cfg.dropout
-            lanes = torch.get_num_threads() if cpu and deterministic and not self.cfg.compile else 1
-        lanes = max(1, min(lanes, self.slots_in_use, len(jobs)))
+        lanes = max(1, min(lane_count(self.cfg, self.lm.device), self.slots_in_use, len(jobs)))
         groups = balanced([job.cost(self.cfg) for job in jobs], lanes)
         slots = [list(range(self.slots_in_use))[lane::lanes] for lane in range(lanes)]
         return [(slots[lane], deque(groups[lane])) for lane in range(lanes)]
@@ -799,7 +799,7 @@ def pass_bytes(lm: LM, cfg: AdaptConfig) -> int:
 
 def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
     """`cfg.max_adapters`, or fewer if that many would not fit in `cfg.memory_budget_mb` (0: auto) beside one
-    pass's activations."""
+    pass's activations per lane."""
     cfg = for_device(cfg, lm.device)
     budget = cfg.memory_budget_mb * MB
     if budget <= 0:
@@ -807,7 +807,7 @@ def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
             budget = 0.9 * torch.cuda.mem_get_info(lm.device)[0]
         else:
             budget = 0.8 * psutil.virtual_memory().available
-    per_slot, activations = slot_bytes(lm, cfg), pass_bytes(lm, cfg)
+    per_slot, activations = slot_bytes(lm, cfg), pass_bytes(lm, cfg) * lane_count(cfg, lm.device)
     capacity = max(1, min(cfg.max_adapters, int((budget - activations) // per_slot)))
     if capacity < cfg.max_adapters:
         log.info(
@@ -849,6 +849,14 @@ def for_device(cfg: AdaptConfig, device: torch.device) -> AdaptConfig:
                 "called from several threads, and dropout's random masks would depend on the threads' timing"
             )
     return replace(cfg, lora_routing=routing, pack_length=pack_length)
+
+
+def lane_count(cfg: AdaptConfig, device: torch.device) -> int:
+    """`cfg.lanes`, or for auto (0) one lane per torch CPU thread on a CPU, where lanes repeat exactly (no
+    compile, no dropout), and one elsewhere."""
+    if cfg.lanes:
+        return cfg.lanes
+    return torch.get_num_threads() if device.type == "cpu" and not cfg.compile and not cfg.dropout else 1
 
 
 def _is_target(name: str, targets: list[str]) -> bool:

@@ -494,14 +494,19 @@ def test_rows_of_very_different_lengths_pack_tightly_and_train_as_alone(
 
 def test_capacity_fits_the_memory_budget():
     lm = tiny_fp32()
-    cfg = AdaptConfig(**CFG, max_adapters=6)
+    cfg = AdaptConfig(**CFG, max_adapters=6)  # auto lanes: one, as this module runs one thread
     per_slot = multilora.slot_bytes(lm, cfg)
     assert per_slot > 0
-    fit = lambda mb: multilora.fit_capacity(lm, dataclasses.replace(cfg, memory_budget_mb=mb))  # noqa: E731
+
+    def fit(mb: float, **settings) -> int:
+        return multilora.fit_capacity(lm, dataclasses.replace(cfg, memory_budget_mb=mb, **settings))
+
     assert fit(1e6) == 6  # plenty: max_adapters
     activations = multilora.pass_bytes(lm, cfg)
     assert activations > 0
     assert fit((activations + 2.5 * per_slot) / multilora.MB) == 2  # the activations come first
+    assert fit((2 * activations + 2.5 * per_slot) / multilora.MB, lanes=2) == 2  # a pass's for each lane
+    assert fit((activations + 2.5 * per_slot) / multilora.MB, lanes=2) == 1
     assert fit(1e-6) == 1  # never fewer than one
     assert 1 <= multilora.fit_capacity(lm, cfg) <= 6  # auto: from the available memory
 
