@@ -474,7 +474,7 @@ class MultiLoraUpdater:
         cost, each lane taking whole jobs, so that which lane trains a job does not depend on timing."""
         lanes = max(1, min(lane_count(self.cfg, self.lm.device), self.slots_in_use, len(jobs)))
         groups = balanced([job.cost(self.cfg) for job in jobs], lanes)
-        slots = [list(range(self.slots_in_use))[lane::lanes] for lane in range(lanes)]
+        slots = [list(range(self.slots_in_use)[lane::lanes]) for lane in range(lanes)]
         return [(slots[lane], deque(groups[lane])) for lane in range(lanes)]
 
     def _train_lanes(
@@ -484,8 +484,8 @@ class MultiLoraUpdater:
         adapters: list[TrainedAdapter | None],
         bar: tqdm,
     ) -> None:
-        """Each lane in a thread of its own, its operations single-threaded. The first error stops the other
-        lanes at their next step and is raised here."""
+        """Each lane in a thread of its own, its operations single-threaded. An error in a lane stops the
+        other lanes at their next step and is raised here (the first lane's, if several fail)."""
         stop = threading.Event()
 
         def lane(slots: list[int], queue: deque[int]) -> None:
@@ -493,13 +493,10 @@ class MultiLoraUpdater:
             with self.routing.lane():
                 self._train_lane(slots, queue, jobs, adapters, bar, stop)
 
-        torch.set_num_threads(1)
         with ThreadPoolExecutor(len(lanes), thread_name_prefix="seal-lane") as pool:
             futures = [pool.submit(lane, slots, queue) for slots, queue in lanes]
             try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    future.result()
+                wait(futures, return_when=FIRST_EXCEPTION)
             finally:
                 stop.set()
             for future in futures:
@@ -837,26 +834,31 @@ def for_device(cfg: AdaptConfig, device: torch.device) -> AdaptConfig:
     pack_length = cfg.pack_length or (2048 if cuda else 256)
     if cfg.lanes < 0:
         raise ValueError(f"adapt.lanes must be 0 (auto) or more, got {cfg.lanes}")
-    if cfg.lanes > 1:
-        if cuda:
-            raise ValueError(
-                "adapt.lanes > 1 is for CPUs: on CUDA the autograd engine runs backward (and a checkpoint's "
-                "recomputation) in threads of its own, which would not see a lane's routing"
-            )
-        if cfg.compile or cfg.dropout:
-            raise ValueError(
-                "adapt.lanes > 1 needs adapt.compile=false and adapt.dropout=0: compiled layers are not "
-                "called from several threads, and dropout's random masks would depend on the threads' timing"
-            )
+    if cfg.lanes > 1 and (why := _no_lanes(cfg, device)):
+        raise ValueError(f"adapt.lanes > 1 {why}")
     return replace(cfg, lora_routing=routing, pack_length=pack_length)
 
 
+def _no_lanes(cfg: AdaptConfig, device: torch.device) -> str | None:
+    """Why several lanes would not work, or None where they do."""
+    if device.type == "cuda":
+        return (
+            "is for CPUs: on CUDA the autograd engine runs backward (and a checkpoint's recomputation) in "
+            "threads of its own, which would not see a lane's routing"
+        )
+    if cfg.compile or cfg.dropout:
+        return (
+            "needs adapt.compile=false and adapt.dropout=0: compiled layers are not called from several "
+            "threads, and dropout's random masks would depend on the threads' timing"
+        )
+    return None
+
+
 def lane_count(cfg: AdaptConfig, device: torch.device) -> int:
-    """`cfg.lanes`, or for auto (0) one lane per torch CPU thread on a CPU, where lanes repeat exactly (no
-    compile, no dropout), and one elsewhere."""
+    """`cfg.lanes`, or for auto (0) one lane per torch thread where lanes work (`_no_lanes`), else one."""
     if cfg.lanes:
         return cfg.lanes
-    return torch.get_num_threads() if device.type == "cpu" and not cfg.compile and not cfg.dropout else 1
+    return 1 if _no_lanes(cfg, device) else torch.get_num_threads()
 
 
 def _is_target(name: str, targets: list[str]) -> bool:
