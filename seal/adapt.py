@@ -176,7 +176,7 @@ class LoraUpdater:
         """One adapter per job. A failed update (non-finite loss, out of memory) is recorded in its result and
         carries no weights; the other jobs go on."""
         adapters = []
-        with checkpointing(self.lm.model, self.cfg.gradient_checkpointing):
+        with checkpointing(self.lm.model, self.cfg.gradient_checkpointing), self.lm.frozen_casts():
             for job in tqdm(jobs, desc=progress, disable=progress is None, leave=False):
                 result = self._train_one(job)
                 state = None

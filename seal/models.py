@@ -13,12 +13,13 @@ import inspect
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import torch
+from torch import nn
 from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -45,11 +46,41 @@ class LM:
     device: torch.device
     prompt_style: str  # chat | plain
     autocast_dtype: torch.dtype | None  # compute dtype under autocast, None = weights' dtype
+    cast_once: bool = True  # see `frozen_casts`
+    # Inside `frozen_casts`: each frozen linear layer's weight cast to `autocast_dtype`.
+    casts: dict[nn.Module, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @contextlib.contextmanager
+    def frozen_casts(self) -> Iterator[None]:
+        """Inside this block, under autocast, each frozen linear layer multiplies by a copy of its weight cast
+        once to the autocast dtype, the copy autocast would make at every call. Autocast keeps no such copy of
+        a tensor that needs no gradient, so a training pass or a decoding step would otherwise cast all the
+        weights again (bf16 on a CPU: about a tenth of a SmolLM2 update went to it, and to faulting in the
+        fresh memory each time). Costs the copies' memory (half the float32 weights) while it lasts. The
+        weights must not change inside; a block inside another uses the outer block's copies."""
+        if self.autocast_dtype is None or not self.cast_once or self.casts:
+            yield
+            return
+        dtype = self.autocast_dtype
+        for module in self.model.modules():
+            if type(module) is not nn.Linear or "forward" in module.__dict__:
+                continue
+            weight = module.weight
+            if not weight.requires_grad and weight.dtype != dtype:
+                self.casts[module] = weight.detach().to(dtype)
+                bias = None if module.bias is None else module.bias.detach().to(dtype)
+                module.forward = functools.partial(_cast_linear, module, self.casts[module], bias)
+        try:
+            yield
+        finally:
+            for module in self.casts:
+                del module.forward
+            self.casts.clear()
 
     def format(self, text: str) -> str:
         """The prompt the model sees for an instruction: its chat template, or plain completion text."""
@@ -70,6 +101,9 @@ def setup_runtime(cfg: Config, threads: int | None = None) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # warn_only: an op without a deterministic CUDA kernel warns (naming itself) instead of failing.
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor's memory with NaN, a debugging aid that makes no
+        # result repeat any better: a fifth of a CPU update's time went to it (the bench's jobs, bf16).
+        torch.utils.deterministic.fill_uninitialized_memory = False
     torch.set_num_threads(threads or cfg.num_threads or psutil.cpu_count(logical=False) or 1)
 
 
@@ -189,7 +223,15 @@ def load_model(cfg: ModelConfig, cache_dir: str | Path, seed: int = 0) -> LM:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval().requires_grad_(False)
-    return LM(model, tokenizer, device, cfg.prompt_style, autocast)
+    return LM(model, tokenizer, device, cfg.prompt_style, autocast, cfg.cast_once)
+
+
+def _cast_linear(module: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor):
+    """nn.Linear's forward with `weight` and `bias` already in the autocast dtype (`LM.frozen_casts`)."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == weight.dtype:
+        return nn.functional.linear(x.to(weight.dtype), weight, bias)
+    return nn.functional.linear(x, module.weight, module.bias)
 
 
 def weights_folder(cfg: ModelConfig, cache_dir: str | Path) -> str:
@@ -313,7 +355,7 @@ def generate(
         batch = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(lm.device)
         sampler = None if seeds is None else RowSampler([seeds[i] for i in idx], temperature, top_p)
-        with contextlib.ExitStack() as routed, lm.autocast():
+        with contextlib.ExitStack() as routed, lm.autocast(), lm.frozen_casts():
             route = functools.partial(_reroute, routed, context, idx)
             tokens = decode(
                 lm, batch.input_ids, batch.attention_mask, max_new_tokens, eos_ids, sampler, route

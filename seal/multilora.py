@@ -322,7 +322,10 @@ def token_losses(lm: LM, hidden: torch.Tensor, targets: torch.Tensor, chunk: int
         and getattr(config, "logit_scale", None) is None
     )
     if plain:
-        return TokenLosses.apply(hidden, head.weight, targets, chunk)
+        weight = head.weight
+        if torch.is_autocast_enabled(hidden.device.type):
+            weight = lm.casts.get(head, weight)  # inside LM.frozen_casts: cast once already
+        return TokenLosses.apply(hidden, weight, targets, chunk)
     return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
@@ -454,6 +457,7 @@ class MultiLoraUpdater:
             with (
                 checkpointing(self.lm.model, self.cfg.gradient_checkpointing),
                 swapped_forwards(self.compiled),
+                self.lm.frozen_casts(),
             ):
                 if len(lanes) == 1:
                     self._train_lane(*lanes[0], jobs, adapters, bar)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import huggingface_hub
 import pytest
 import torch
@@ -145,3 +147,41 @@ def test_a_row_that_ends_leaves_the_batch_and_the_others_decode_as_alone(tiny_lm
     assert together == alone(eos)
     assert together[1] == free[1][: free[1].index(stop) + 1]
     assert routes[0] == [0, 1, 2] and any(1 not in rows for rows in routes[1:])  # row 1 left the batch
+
+
+def test_frozen_casts_compute_what_autocast_computes_and_leave_nothing_behind(tiny_lm):
+    """Inside `frozen_casts` the frozen linear layers use weights cast once; under bf16 autocast that must
+    give exactly autocast's own result, outside autocast the float32 one, and afterwards the layers are
+    plain again."""
+    lm = dataclasses.replace(tiny_lm, autocast_dtype=torch.bfloat16, casts={})
+    ids = lm.tokenizer(["The Qirra probe flew in 2026."], return_tensors="pt").input_ids
+    linears = [m for m in lm.model.modules() if type(m) is torch.nn.Linear]
+    trained = linears[0]
+    trained.weight.requires_grad_(True)  # a layer being trained keeps autocast's own handling
+    try:
+        with torch.no_grad():
+            with lm.autocast():
+                want = lm.model(ids).logits
+            plain = lm.model(ids).logits
+            with lm.frozen_casts():
+                assert len(lm.casts) == len(linears) - 1 and trained not in lm.casts
+                assert all(w.dtype == torch.bfloat16 for w in lm.casts.values())
+                copies = dict(lm.casts)
+                with lm.frozen_casts():  # an inner block uses the outer one's copies
+                    assert lm.casts == copies
+                with lm.autocast():
+                    got = lm.model(ids).logits
+                assert lm.casts == copies
+                outside_autocast = lm.model(ids).logits
+    finally:
+        trained.weight.requires_grad_(False)
+    assert want.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(outside_autocast, plain)
+    assert not lm.casts and not any("forward" in m.__dict__ for m in linears)
+
+
+def test_frozen_casts_are_off_without_autocast_or_when_configured_off(tiny_lm):
+    configured_off = dataclasses.replace(tiny_lm, autocast_dtype=torch.bfloat16, cast_once=False, casts={})
+    for lm in (tiny_lm, configured_off):
+        with lm.frozen_casts():
+            assert not lm.casts

@@ -15,7 +15,10 @@ from seal.models import LM, continuation_logprobs, generate, weights_checksum
 from seal.multilora import MultiLoraUpdater, for_device, pack, pack_rows
 from tests.conftest import load_tiny
 
-CFG = dict(rank=4, alpha=8, epochs=3, lr=1e-2, batch_size=2)
+# The project's learning rate (adapt.lr). At ten times it, AdamW's division by the root of each gradient's
+# running square turns float32 rounding in a near-zero gradient into a step-sized difference: on an AVX-512
+# CPU one element of 256 differed by 1.1e-4 there, against 2e-6 at this rate.
+CFG = dict(rank=4, alpha=8, epochs=3, lr=1e-3, batch_size=2)
 SEQS = [
     "Qirra Probe\nThe Qirra probe was built by Tessaline Aerospace in Port Vellan.",
     "It flew in 2026.",
@@ -93,6 +96,8 @@ def test_batched_training_equals_training_each_job_alone(sequential, routing):
     for got, want in zip(adapters, alone, strict=True):
         assert_same_adapter(got, want)
     assert all(len(a.result.epoch_losses) == CFG["epochs"] for a in adapters)
+    # B starts at zero: the adapters moved well beyond the tolerance the comparison allows.
+    assert all(max(v.abs().max() for k, v in a.state.items() if "lora_B" in k) > 20 * 1e-4 for a in alone)
 
 
 @both_routings
@@ -180,6 +185,27 @@ def test_lanes_train_side_by_side_in_threads_and_equal_each_job_alone(sequential
     for got, want in zip(adapters, alone, strict=True):
         assert_same_adapter(got, want)
     assert updater.slots_in_use == 3 and not updater.routing.runs
+
+
+@both_routings
+def test_weights_cast_once_train_exactly_what_autocast_trains(routing):
+    """Under bf16 autocast, training with the frozen weights cast once per `train` (LM.frozen_casts, the
+    output projection of the chunked loss included) must give bit for bit the adapters of casting them at
+    every pass, in two lanes as in one."""
+
+    def train(cast_once: bool, lanes: int) -> list[TrainedAdapter]:
+        lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16, cast_once=cast_once)
+        cfg = AdaptConfig(**MIXED_CFG, lora_routing=routing, lanes=lanes)
+        return MultiLoraUpdater(lm, cfg, 4).train(MIXED_JOBS)
+
+    torch.set_num_threads(2)
+    try:
+        for lanes in (1, 2):
+            for got, want in zip(train(True, lanes), train(False, lanes), strict=True):
+                assert got.result.epoch_losses == want.result.epoch_losses
+                assert all(torch.equal(got.state[k], v) for k, v in want.state.items())
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_a_lane_that_fails_stops_the_others_and_its_error_is_raised(monkeypatch):
