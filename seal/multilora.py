@@ -457,7 +457,8 @@ class MultiLoraUpdater:
             with (
                 checkpointing(self.lm.model, self.cfg.gradient_checkpointing),
                 swapped_forwards(self.compiled),
-                self.lm.frozen_casts(),
+                # Compiled blocks would guard on each layer's own cast forward and recompile layer by layer.
+                contextlib.nullcontext() if self.compiled else self.lm.frozen_casts(),
             ):
                 if len(lanes) == 1:
                     self._train_lane(*lanes[0], jobs, adapters, bar)
