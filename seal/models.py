@@ -102,7 +102,7 @@ def setup_runtime(cfg: Config, threads: int | None = None) -> None:
         # warn_only: an op without a deterministic CUDA kernel warns (naming itself) instead of failing.
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Deterministic mode also fills every new tensor's memory with NaN, a debugging aid that makes no
-        # result repeat any better: a fifth of a CPU update's time went to it (the bench's jobs, bf16).
+        # result repeat any better: a sixth of a CPU update's time went to it (the bench's jobs, bf16).
         torch.utils.deterministic.fill_uninitialized_memory = False
     torch.set_num_threads(threads or cfg.num_threads or psutil.cpu_count(logical=False) or 1)
 
