@@ -55,8 +55,12 @@ class PhaseMeter:
         stop = threading.Event()
 
         def sample() -> None:
-            while not stop.wait(self.interval_s):
+            # The first samples come sooner, so that a phase shorter than the interval (forked workers that
+            # train a tiny model) still gets one while it runs.
+            delay = min(self.interval_s, 0.01)
+            while not stop.wait(delay):
                 peak[0] = max(peak[0], self._resident())
+                delay = min(2 * delay, self.interval_s)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()

@@ -54,7 +54,9 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, executor
     assert ours["update_flops_per_s"] == 4 * params * ours["update_tokens_per_s"]
     assert record["speedup_self_edits_per_hour"] > 0
     memory = record["memory"]
-    assert memory["1"]["peak_mb"] > memory["1"]["baseline_mb"] > 0
+    # One update of the tiny model holds tens of MB (a chunk of logits alone), in forked workers too: their
+    # update lasts about 0.2 s, less than the 0.25 s between the meter's later samples.
+    assert memory["1"]["peak_mb"] > memory["1"]["baseline_mb"] + 10 > 10
     assert memory["ratio"] == memory["2"]["peak_mb"] / memory["1"]["peak_mb"]
 
 
