@@ -176,7 +176,7 @@ class LoraUpdater:
         """One adapter per job. A failed update (non-finite loss, out of memory) is recorded in its result and
         carries no weights; the other jobs go on."""
         adapters = []
-        with checkpointing(self.lm.model, self.cfg.gradient_checkpointing), self.lm.frozen_casts():
+        with checkpointing(self.lm.model, self.cfg.gradient_checkpointing):
             for job in tqdm(jobs, desc=progress, disable=progress is None, leave=False):
                 result = self._train_one(job)
                 state = None
@@ -222,29 +222,31 @@ class LoraUpdater:
         self._enable(True)
         self.peft.train()
         try:
-            for epoch in range(epochs):
-                order = list(range(len(batches)))
-                order_rng.shuffle(order)
-                losses = []
-                for step in range(0, len(order), cfg.batch_size):
-                    rows = [batches[i] for i in order[step : step + cfg.batch_size]]
-                    ids, mask = collate([r.ids for r in rows], lm)
-                    # Padding never counts in the loss. (The original code padded every sequence to 2,048
-                    # tokens and left the pads in the loss, which silently shrank the gradient.) Neither
-                    # does a prefix.
-                    labels = ids.masked_fill(mask == 0, -100)
-                    for i, r in enumerate(rows):
-                        labels[i, : r.learn_from] = -100
-                    with lm.autocast():
-                        loss = self.peft(input_ids=ids, attention_mask=mask, labels=labels).loss
-                    if not math.isfinite(loss.item()):
-                        raise UpdateFailed(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss.item())
-                    result.tokens += sum(r.targets for r in rows)
-                result.epoch_losses.append(sum(losses) / len(losses))
+            # Entered only now: the layers of a disabled adapter need no gradient, so they would be cast too.
+            with self.lm.frozen_casts():
+                for epoch in range(epochs):
+                    order = list(range(len(batches)))
+                    order_rng.shuffle(order)
+                    losses = []
+                    for step in range(0, len(order), cfg.batch_size):
+                        rows = [batches[i] for i in order[step : step + cfg.batch_size]]
+                        ids, mask = collate([r.ids for r in rows], lm)
+                        # Padding never counts in the loss. (The original code padded every sequence to 2,048
+                        # tokens and left the pads in the loss, which silently shrank the gradient.) Neither
+                        # does a prefix.
+                        labels = ids.masked_fill(mask == 0, -100)
+                        for i, r in enumerate(rows):
+                            labels[i, : r.learn_from] = -100
+                        with lm.autocast():
+                            loss = self.peft(input_ids=ids, attention_mask=mask, labels=labels).loss
+                        if not math.isfinite(loss.item()):
+                            raise UpdateFailed(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
+                        loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        losses.append(loss.item())
+                        result.tokens += sum(r.targets for r in rows)
+                    result.epoch_losses.append(sum(losses) / len(losses))
         except UpdateFailed as err:
             result.error = str(err)
         except torch.OutOfMemoryError:

@@ -208,6 +208,21 @@ def test_weights_cast_once_train_exactly_what_autocast_trains(routing):
         torch.set_num_threads(1)
 
 
+def test_peft_updates_with_weights_cast_once_train_exactly_what_autocast_trains():
+    """The one-at-a-time updater under bf16 autocast: the same adapters, bit for bit, with the frozen weights
+    cast once per job as with autocast's casts at every step. (Its adapter layers need no gradient while
+    disabled between jobs; cast as frozen ones, they would receive none and never train.)"""
+
+    def train(cast_once: bool) -> list[TrainedAdapter]:
+        lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16, cast_once=cast_once)
+        return LoraUpdater(lm, AdaptConfig(**MIXED_CFG)).train(MIXED_JOBS[:2])
+
+    for got, want in zip(train(True), train(False), strict=True):
+        assert got.result.epoch_losses == want.result.epoch_losses
+        assert all(torch.equal(got.state[k], v) for k, v in want.state.items())
+        assert max(v.abs().max() for k, v in got.state.items() if "lora_B" in k) > 1e-3  # B moved from zero
+
+
 def test_a_lane_that_fails_stops_the_others_and_its_error_is_raised(monkeypatch):
     updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, lanes=2), 2)
     (other, queue), _ = sorted(updater._lanes(JOBS), key=lambda lane: 1 in lane[0])
