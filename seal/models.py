@@ -231,7 +231,7 @@ def _cast_linear(module: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | N
     kind = x.device.type
     if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == weight.dtype:
         return nn.functional.linear(x.to(weight.dtype), weight, bias)
-    return nn.functional.linear(x, module.weight, module.bias)
+    return nn.Linear.forward(module, x)
 
 
 def weights_folder(cfg: ModelConfig, cache_dir: str | Path) -> str:
