@@ -31,9 +31,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto (CUDA: bfloat16, CPU: cpu_dtype) | float32 | bfloat16 | float16
     cpu_dtype: str = "float32"  # weights on CPU; compute may still autocast to bf16 (see `autocast`)
     autocast: bool = True  # bf16 autocast of matmuls where the device supports it
-    # Under autocast, cast the frozen weights once per training run (per job one at a time) or generation
-    # batch, not at every pass or decoding step (LM.frozen_casts); costs half the float32 weights' memory
-    # meanwhile.
+    # Under autocast on a CPU, cast the frozen weights once per training run (per job one at a time) or
+    # generation batch, not at every pass or decoding step (LM.frozen_casts); costs half the float32
+    # weights' memory meanwhile. No effect on CUDA.
     cast_once: bool = True
     prompt_style: str = "chat"  # chat (instruct models: chat template) | plain (base models: completion)
     attn_implementation: str = "sdpa"

@@ -16,7 +16,7 @@ from seal.models import (
     resolve_dtypes,
     weights_checksum,
 )
-from tests.conftest import CACHE_DIR
+from tests.conftest import CACHE_DIR, DEVICE
 
 
 def test_tiny_model_is_a_two_layer_llama_with_the_bundled_tokenizer(tiny_lm):
@@ -149,6 +149,7 @@ def test_a_row_that_ends_leaves_the_batch_and_the_others_decode_as_alone(tiny_lm
     assert routes[0] == [0, 1, 2] and any(1 not in rows for rows in routes[1:])  # row 1 left the batch
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="LM.frozen_casts does nothing on CUDA")
 def test_frozen_casts_compute_what_autocast_computes_and_leave_nothing_behind(tiny_lm):
     """Inside `frozen_casts` the frozen linear layers use weights cast once; under bf16 autocast that must
     give exactly autocast's own result, outside autocast the float32 one, and afterwards the layers are
@@ -180,8 +181,10 @@ def test_frozen_casts_compute_what_autocast_computes_and_leave_nothing_behind(ti
     assert not lm.casts and not any("forward" in m.__dict__ for m in linears)
 
 
-def test_frozen_casts_are_off_without_autocast_or_when_configured_off(tiny_lm):
+def test_frozen_casts_are_off_without_autocast_or_when_configured_off_or_on_a_gpu(tiny_lm):
     configured_off = dataclasses.replace(tiny_lm, autocast_dtype=torch.bfloat16, cast_once=False, casts={})
-    for lm in (tiny_lm, configured_off):
+    # Only the device's type is read before deciding, so the CPU model can stand for a CUDA one.
+    on_a_gpu = dataclasses.replace(tiny_lm, autocast_dtype=torch.bfloat16, device=torch.device("cuda"), casts={})
+    for lm in (tiny_lm, configured_off, on_a_gpu):
         with lm.frozen_casts():
             assert not lm.casts
