@@ -184,7 +184,8 @@ def test_frozen_casts_compute_what_autocast_computes_and_leave_nothing_behind(ti
 def test_frozen_casts_are_off_without_autocast_or_when_configured_off_or_on_a_gpu(tiny_lm):
     configured_off = dataclasses.replace(tiny_lm, autocast_dtype=torch.bfloat16, cast_once=False, casts={})
     # Only the device's type is read before deciding, so the CPU model can stand for a CUDA one.
-    on_a_gpu = dataclasses.replace(tiny_lm, autocast_dtype=torch.bfloat16, device=torch.device("cuda"), casts={})
+    cuda = torch.device("cuda")
+    on_a_gpu = dataclasses.replace(tiny_lm, autocast_dtype=torch.bfloat16, device=cuda, casts={})
     for lm in (tiny_lm, configured_off, on_a_gpu):
         with lm.frozen_casts():
             assert not lm.casts
