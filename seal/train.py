@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from seal import allocator
 from seal.config import Config, register_configs
 from seal.memory import PhaseMeter
 from seal.models import load_model, setup_runtime
@@ -112,6 +113,7 @@ def train(dict_cfg: DictConfig) -> dict[str, Any]:
         metrics = TASKS[cfg.task.name](cfg, lm, tracker, meter)
         metrics.update(meter.metrics())
         metrics["mem/device"] = meter.kind
+        metrics["mem/allocator"] = allocator.in_use()
         tracker.log(metrics)
         tracker.summary(metrics)
         report(metrics, run_dir)

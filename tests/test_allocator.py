@@ -1,0 +1,51 @@
+"""seal.allocator: `python -m seal.train`, `seal.bench` and `seal` restart once with TCMalloc preloaded."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from seal import allocator
+
+needs_tcmalloc = pytest.mark.skipif(
+    sys.platform != "linux" or allocator.library() is None,
+    reason="no TCMalloc here (make setup unpacks it where apt-get works)",
+)
+
+
+def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    unset = ("LD_PRELOAD", allocator.ENV, allocator._STARTED)
+    clean = {k: v for k, v in os.environ.items() if k not in unset}
+    return subprocess.run(
+        [sys.executable, *args], env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+@needs_tcmalloc
+def test_a_module_run_restarts_once_with_tcmalloc_in_the_same_process():
+    """`python -m seal` starts as seal.train and seal.bench do: importing the package restarts the process
+    (same PID) with the library preloaded, once, and the restarted one goes on."""
+    done = run("-m", "seal")
+    assert done.returncode == 0, done.stderr
+    assert "allocator: tcmalloc" in done.stdout.splitlines()
+    code = (
+        "import os; print(os.getpid(), flush=True); from seal import allocator; allocator.preload(); "
+        "print(os.getpid(), allocator.in_use())"
+    )
+    first, again, last = run("-c", code).stdout.splitlines()  # the restart runs the program from the top
+    assert again == first and last.split() == [first, "tcmalloc"]  # in place (same PID), and only once
+
+
+@needs_tcmalloc
+def test_system_keeps_glibc_malloc_and_importing_seal_restarts_nothing():
+    assert "allocator: system" in run("-m", "seal", SEAL_ALLOCATOR="system").stdout.splitlines()
+    imported = run("-c", "from seal import allocator, train; print(allocator.in_use())")
+    assert imported.stdout.strip() == "system", imported.stderr
+
+
+def test_an_unknown_allocator_is_refused():
+    refused = run("-m", "seal", SEAL_ALLOCATOR="jemalloc")
+    assert (
+        refused.returncode != 0 and "SEAL_ALLOCATOR='jemalloc': expected tcmalloc or system" in refused.stderr
+    )
