@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml
 
 # TCMalloc for CPU runs (seal/allocator.py): Debian's package unpacked into the venv, no root needed. Where
 # apt-get or the package is missing, runs keep glibc's malloc.
-tcmalloc:
+tcmalloc:  ## unpack TCMalloc into .venv for CPU runs (make setup does it; for an older .venv, run it once)
 	@cd $(VENV) && rm -rf tcmalloc libtcmalloc-minimal4_*.deb && \
-	  if apt-get download -qq libtcmalloc-minimal4 2>/dev/null && dpkg -x libtcmalloc-minimal4_*.deb tcmalloc; \
+	  if timeout 120 apt-get download -qq libtcmalloc-minimal4 2>/dev/null && \
+	     dpkg -x libtcmalloc-minimal4_*.deb tcmalloc; \
 	  then echo "TCMalloc unpacked into $(VENV)/tcmalloc"; \
 	  else echo "TCMalloc not installed (no apt-get?): runs keep glibc's malloc"; fi; \
 	  rm -f libtcmalloc-minimal4_*.deb
