@@ -1,7 +1,7 @@
 """The batched update and decoding of 4 adapters, for each way of routing rows to adapters and pass length.
 
-    .venv/bin/python benchmarks/routing_speed.py [--device cuda] [--epochs 2] [--variants runs/256,mask/2048]
-        [--peft]
+    .venv/bin/python benchmarks/routing_speed.py [--device cuda] [--epochs 2]
+        [--variants runs/256,mask/2048/compile] [--peft]
 
 Random weights in SmolLM2's shape (its tokenizer), bf16 on CUDA and fp32 on a CPU, as a run's defaults give.
 The jobs are the 4 that `make bench` trained on 2026-11-27 (benchmarks/bench_jobs.json: 4, 6, 12 and 6
@@ -27,7 +27,9 @@ from seal.multilora import MultiLoraUpdater
 parser = argparse.ArgumentParser()
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--epochs", type=int, default=2)
-parser.add_argument("--variants", default="runs/256,runs/2048,mask/256,mask/2048", help="routing/pack,...")
+parser.add_argument(
+    "--variants", default="runs/256,runs/2048,mask/256,mask/2048", help="routing/pack[/compile],..."
+)
 parser.add_argument("--peft", action="store_true")
 args = parser.parse_args()
 
@@ -58,9 +60,10 @@ def adapt(**kwargs) -> AdaptConfig:
 
 
 def batched(variant: str) -> None:
-    routing, pack_length = variant.split("/")
+    routing, pack_length, *flags = variant.split("/")
     lm = model("bfloat16" if device.type == "cuda" else "float32")
-    updater = MultiLoraUpdater(lm, adapt(lora_routing=routing, pack_length=int(pack_length)), len(jobs))
+    settings = dict(lora_routing=routing, pack_length=int(pack_length), compile="compile" in flags)
+    updater = MultiLoraUpdater(lm, adapt(**settings), len(jobs))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     updater.train([UpdateJob(job.key, job.sequences[:2], job.seed) for job in jobs])  # warm-up
@@ -68,11 +71,11 @@ def batched(variant: str) -> None:
     peak = f", peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MB" if device.type == "cuda" else ""
     losses = [round(a.result.epoch_losses[-1], 4) for a in adapters]
     per_step = 1000 * seconds / steps
-    print(f"{variant:10s} update {seconds:6.2f} s, {per_step:6.1f} ms/job-step{peak}, losses {losses}")
+    print(f"{variant:18s} update {seconds:6.2f} s, {per_step:6.1f} ms/job-step{peak}, losses {losses}")
     rows = [adapters[i % len(adapters)] for i in range(len(prompts))]
     updater.generate(prompts[:4], rows[:4], max_new_tokens=4)  # warm-up
     seconds, _ = timed(lambda: updater.generate(prompts, rows, max_new_tokens=48, batch_size=32))
-    print(f"{variant:10s} decode {seconds:6.2f} s, {1000 * seconds / 48:6.1f} ms per step", flush=True)
+    print(f"{variant:18s} decode {seconds:6.2f} s, {1000 * seconds / 48:6.1f} ms per step", flush=True)
 
 
 print(f"{device}, {len(jobs)} jobs, {args.epochs} epochs, {steps} job-steps", flush=True)
