@@ -50,7 +50,10 @@ def preload() -> None:
     env[_STARTED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as err:  # returns only if the restart failed: go on as we are, with glibc's malloc
+        print(f"seal: could not restart with TCMalloc ({err}); using glibc's malloc", file=sys.stderr)
 
 
 def in_use() -> str:

@@ -49,3 +49,16 @@ def test_an_unknown_allocator_is_refused():
     assert (
         refused.returncode != 0 and "SEAL_ALLOCATOR='jemalloc': expected tcmalloc or system" in refused.stderr
     )
+
+
+def test_a_restart_that_fails_goes_on_with_glibc_and_says_so(monkeypatch, capsys):
+    def refuse(*args):
+        raise PermissionError("exec refused")
+
+    monkeypatch.delenv(allocator._STARTED, raising=False)
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    monkeypatch.setattr(allocator, "library", lambda: "/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator.os, "execve", refuse)
+    allocator.preload()  # returns instead of restarting
+    assert "could not restart with TCMalloc (exec refused); using glibc's malloc" in capsys.readouterr().err
