@@ -344,10 +344,13 @@ def test_on_forked_workers_a_dead_worker_s_chunk_is_retried_and_the_run_equals_t
     compute = knowledge.ChunkRunner.compute
 
     def die_once(self, chunk, desc):
-        if not died.exists():
-            died.write_text(str(os.getpid()))
-            os._exit(1)
-        return compute(self, chunk, desc)
+        try:  # O_EXCL: of two workers that start together, exactly one creates the file and dies
+            fd = os.open(died, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return compute(self, chunk, desc)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)
 
     monkeypatch.setattr(knowledge.ChunkRunner, "compute", die_once)
     cfg = make_cfg(tmp_path / "run", *TINY, *RL_OVERRIDES, "executor=processes", "executor.workers=2")
