@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/cold_products.py [--packed]
 
-A pass multiplies by each of the 210 projection matrices (30 layers x 7) once forward and once for the input's
-gradient, so each weight comes from memory, not from cache. This cycles through 210 such matrices (random,
-bf16) and prints GFLOP/s forward (x @ W.T) and for the gradient (g @ W) at a few row counts, next to one
-matrix multiplied again and again (warm). `--packed` adds the same products with each weight laid out once by
-oneDNN beforehand (`torch.ops.mkldnn._reorder_linear_weight`), which gives the very same results.
+A pass multiplies by each of the 210 projection matrices (30 layers x 7, shapes from
+seal.bench.SMOLLM2_SHAPE) once forward and once for the input's gradient, so each weight comes from memory,
+not from cache. This cycles through 210 such matrices (random, bf16) and prints GFLOP/s forward (x @ W.T)
+and for the gradient (g @ W) at a few row counts, next to one matrix multiplied again and again (warm).
+`--packed` adds the same products with each weight laid out once by oneDNN beforehand
+(`torch.ops.mkldnn._reorder_linear_weight`), which gives the very same results.
 (benchmarks/README.md, "Five self-edits a passage, and more leads that did not pay".)
 """
 
@@ -15,8 +16,14 @@ import time
 
 import torch
 
-# q, k, v, o, gate, up, down: [out, in]
-LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+from seal.bench import SMOLLM2_SHAPE
+
+WIDTH, INNER = SMOLLM2_SHAPE["hidden_size"], SMOLLM2_SHAPE["intermediate_size"]
+KV = WIDTH // SMOLLM2_SHAPE["num_attention_heads"] * SMOLLM2_SHAPE["num_key_value_heads"]
+# q, k, v, o, gate, up, down, each [out, in]
+ATTENTION = [(WIDTH, WIDTH), (KV, WIDTH), (KV, WIDTH), (WIDTH, WIDTH)]
+LAYER = ATTENTION + [(INNER, WIDTH), (INNER, WIDTH), (WIDTH, INNER)]
+GATE = 4  # the index in LAYER of the matrix the warm column multiplies by again and again
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--packed", action="store_true")
@@ -24,7 +31,8 @@ args = parser.parse_args()
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
-weights = [torch.randn(out, width).bfloat16() for _ in range(30) for out, width in LAYER]
+layers = SMOLLM2_SHAPE["num_hidden_layers"]
+weights = [torch.randn(out, width).bfloat16() for _ in range(layers) for out, width in LAYER]
 total = sum(w.numel() for w in weights)
 
 
@@ -57,7 +65,7 @@ def rates(rows: int) -> list[float]:
     """GFLOP/s of each column at `rows` rows."""
     inputs = {width: torch.randn(rows, width).bfloat16() for width in {w.shape[1] for w in weights}}
     grads = {out: torch.randn(rows, out).bfloat16() for out in {w.shape[0] for w in weights}}
-    warm = weights[4]
+    warm = weights[GATE]
     runs = {
         "forward": lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights],
         "gradient": lambda: [grads[w.shape[0]] @ w for w in weights],
@@ -75,7 +83,8 @@ print("rows  " + "  ".join(f"{c:>15}" for c in columns) + "   (GFLOP/s, bf16, on
 for rows in (11, 40, 128, 256):
     print(f"{rows:>4}  " + "  ".join(f"{r:>15.0f}" for r in rates(rows)))
 if args.packed:
-    x, g, w = torch.randn(40, 576).bfloat16(), torch.randn(40, 1536).bfloat16(), weights[4]
-    forward_same = torch.equal(packed_product(x, packed_forward[4]), torch.nn.functional.linear(x, w))
-    gradient_same = torch.equal(packed_product(g, packed_backward[4]), g @ w)
+    w = weights[GATE]
+    x, g = torch.randn(40, w.shape[1]).bfloat16(), torch.randn(40, w.shape[0]).bfloat16()
+    forward_same = torch.equal(packed_product(x, packed_forward[GATE]), torch.nn.functional.linear(x, w))
+    gradient_same = torch.equal(packed_product(g, packed_backward[GATE]), g @ w)
     print("packed products equal to the plain ones bit for bit:", forward_same and gradient_same)
