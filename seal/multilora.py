@@ -54,6 +54,7 @@ from seal.adapt import (
     merge_lora,
     tokenize,
 )
+from seal.attention import MAX_TOKENS, packed_attention
 from seal.config import AdaptConfig
 from seal.models import LM, continuation_logprobs, generate
 
@@ -459,6 +460,7 @@ class MultiLoraUpdater:
                 swapped_forwards(self.compiled),
                 # Compiled blocks would guard on each layer's own cast forward and recompile layer by layer.
                 contextlib.nullcontext() if self.compiled else self.lm.frozen_casts(),
+                packed_attention(self.lm),  # a CPU: attention as batched products (seal/attention.py)
             ):
                 if len(lanes) == 1:
                     self._train_lane(*lanes[0], jobs, adapters, bar)
@@ -791,11 +793,15 @@ def pass_bytes(lm: LM, cfg: AdaptConfig) -> int:
     plus one whole layer's recomputed ones."""
     config = lm.model.config
     width = getattr(config, "intermediate_size", 4 * config.hidden_size)
-    block = 10 * config.hidden_size + 3 * width
+    block = (10 * config.hidden_size + 3 * width) * lm.model.dtype.itemsize
+    if lm.device.type == "cpu" and config._attn_implementation == "sdpa":
+        # seal.attention keeps each head's row of float32 scores and of probabilities, in passes of at most
+        # MAX_TOKENS tokens (longer ones go to SDPA, which keeps no scores).
+        block += config.num_attention_heads * min(cfg.pack_length, MAX_TOKENS) * (4 + lm.model.dtype.itemsize)
     if cfg.gradient_checkpointing:
-        per_token = (config.num_hidden_layers * config.hidden_size + block) * lm.model.dtype.itemsize
+        per_token = config.num_hidden_layers * config.hidden_size * lm.model.dtype.itemsize + block
     else:
-        per_token = config.num_hidden_layers * block * lm.model.dtype.itemsize
+        per_token = config.num_hidden_layers * block
     return max(cfg.pack_length, cfg.max_length) * per_token
 
 

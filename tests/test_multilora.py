@@ -477,7 +477,7 @@ def test_pack_places_every_row_once_within_pack_length_and_fills_bins_evenly():
         pack([5, 30], 20)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "seal_packed"])
 def test_a_packed_row_gets_the_logits_it_gets_alone(attention):
     """transformers passes a 4D mask through as given (sdpa: booleans, eager: added to the scores); with
     positions restarting at 0 no row sees another."""
