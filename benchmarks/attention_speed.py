@@ -1,7 +1,8 @@
 """One SmolLM2-135M layer's attention over a packed pass, forward and backward, bf16, one thread: torch's
 scaled_dot_product_attention (on a CPU, its flash kernel) against seal.attention's batched products.
 
-    LD_PRELOAD=$(ls .venv/tcmalloc/usr/lib/*/libtcmalloc_minimal.so.4) .venv/bin/python benchmarks/attention_speed.py
+    LD_PRELOAD=$(ls .venv/tcmalloc/usr/lib/*/libtcmalloc_minimal.so.4) \
+        .venv/bin/python benchmarks/attention_speed.py
 
 (TCMalloc as runs have it, seal/allocator.py: with glibc's malloc both columns are slower and spread more.)
 
