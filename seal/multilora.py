@@ -154,7 +154,7 @@ class MultiLoraLinear(nn.Module):
             else:
                 a = torch.cat([self.lora_A[slot] for slot in routing.slots])
                 b = torch.cat([self.lora_B[slot] for slot in routing.slots], dim=1)
-            hidden = nn.functional.linear(self.dropout(inputs.to(a.dtype)), a) * routing.mask
+            hidden = nn.functional.linear(self._adapter_input(inputs, a.dtype), a) * routing.mask
             delta = nn.functional.linear(hidden, b) * self.scaling
             return (result + delta.view(*result.shape[:-1], -1)).to(result.dtype)
         counts = [n for _, n in routing.runs]
@@ -163,10 +163,19 @@ class MultiLoraLinear(nn.Module):
             if slot < 0:
                 deltas.append(part.new_zeros(*part.shape[:-1], result.shape[-1]))
             else:
-                part = self.dropout(part.to(self.lora_A[slot].dtype))
+                part = self._adapter_input(part, self.lora_A[slot].dtype)
                 deltas.append(part @ self.lora_A[slot].T @ self.lora_B[slot].T)
         delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas)) * self.scaling
         return (result + delta.view(*result.shape[:-1], -1)).to(result.dtype)
+
+    def _adapter_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x` as the adapters read it: cast to their dtype, as PEFT casts it, then dropout. Under autocast
+        without dropout the cast is left out: autocast casts it to its own dtype for the product anyway, and a
+        bf16 or float16 input cast to float32 and back is unchanged (and so is its gradient, the other way),
+        so the pass computes the same numbers with two copies fewer per adapter and layer."""
+        if isinstance(self.dropout, nn.Identity) and torch.is_autocast_enabled(x.device.type):
+            return x
+        return self.dropout(x.to(dtype))
 
 
 def pack(lengths: list[int], pack_length: int) -> list[list[int]]:

@@ -213,6 +213,32 @@ def test_weights_cast_once_train_exactly_what_autocast_trains(routing):
         torch.set_num_threads(1)
 
 
+@both_routings
+def test_under_autocast_adapters_read_their_input_uncast_and_train_bit_for_bit_as_when_cast(
+    routing, monkeypatch
+):
+    """MultiLoraLinear._adapter_input leaves out PEFT's cast of a bf16 input to the adapters' float32 under
+    autocast: the very same adapters must come out as when it is cast."""
+
+    def train() -> list[TrainedAdapter]:
+        lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
+        return MultiLoraUpdater(lm, AdaptConfig(**MIXED_CFG, lora_routing=routing), 4).train(MIXED_JOBS)
+
+    uncast, dtypes = multilora.MultiLoraLinear._adapter_input, set()
+
+    def recorded(self, x, dtype):
+        dtypes.add(x.dtype)
+        return uncast(self, x, dtype)
+
+    monkeypatch.setattr(multilora.MultiLoraLinear, "_adapter_input", recorded)
+    fast = train()
+    assert torch.bfloat16 in dtypes  # o_proj's and down_proj's inputs: the cast would have mattered
+    monkeypatch.setattr(multilora.MultiLoraLinear, "_adapter_input", lambda self, x, dtype: x.to(dtype))
+    for got, want in zip(fast, train(), strict=True):
+        assert got.result.epoch_losses == want.result.epoch_losses
+        assert all(torch.equal(got.state[k], v) for k, v in want.state.items())
+
+
 @casts_need_a_cpu
 def test_peft_updates_with_weights_cast_once_train_exactly_what_autocast_trains():
     """The one-at-a-time updater under bf16 autocast: the same adapters, bit for bit, with the frozen weights
