@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from seal.attention import packed_attention_forward
+from seal.attention import block_causal_mask, packed_attention_forward
 from seal.bench import SMOLLM2_SHAPE
 
 HEADS, KV_HEADS = SMOLLM2_SHAPE["num_attention_heads"], SMOLLM2_SHAPE["num_key_value_heads"]
@@ -35,8 +35,7 @@ def inputs(length: int, dtype: torch.dtype):
         for heads in (HEADS, KV_HEADS, KV_HEADS)
     )
     row = torch.arange(length) * 2 // length
-    mask = (row[:, None] == row[None, :]) & torch.ones(length, length, dtype=torch.bool).tril()
-    return q, k, v, mask[None, None]
+    return q, k, v, block_causal_mask(row)
 
 
 def sdpa(q, k, v, mask):

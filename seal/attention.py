@@ -77,17 +77,28 @@ AttentionInterface.register(NAME, packed_attention_forward)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # masks transformers builds itself: SDPA's booleans
 
 
+def block_causal_mask(rows: torch.Tensor) -> torch.Tensor:
+    """The [1, 1, T, T] boolean mask of a packed pass whose token t belongs to row `rows[t]`: each token may
+    attend to itself and the earlier tokens of its own row, and to nothing else."""
+    causal = torch.ones(len(rows), len(rows), dtype=torch.bool, device=rows.device).tril()
+    return ((rows[:, None] == rows[None, :]) & causal)[None, None]
+
+
+def applies(lm: LM) -> bool:
+    """Whether `packed_attention` switches `lm`: a model on a CPU that attends with "sdpa"."""
+    return lm.device.type == "cpu" and lm.model.config._attn_implementation == "sdpa"
+
+
 @contextlib.contextmanager
 def packed_attention(lm: LM) -> Iterator[None]:
     """Inside this block a model on a CPU that attends with "sdpa" attends with `packed_attention_forward`;
     any other model or device is left as it is."""
-    config = lm.model.config
-    own = config._attn_implementation
-    if lm.device.type != "cpu" or own != "sdpa":
+    if not applies(lm):
         yield
         return
+    config = lm.model.config
     config._attn_implementation = NAME
     try:
         yield
     finally:
-        config._attn_implementation = own
+        config._attn_implementation = "sdpa"

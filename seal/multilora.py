@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from seal import attention
 from seal.adapt import (
     Row,
     TrainedAdapter,
@@ -54,7 +55,6 @@ from seal.adapt import (
     merge_lora,
     tokenize,
 )
-from seal.attention import MAX_TOKENS, packed_attention
 from seal.config import AdaptConfig
 from seal.models import LM, continuation_logprobs, generate
 
@@ -270,9 +270,7 @@ def _packed(rows: list[Row], row_slots: list[int], lm: LM) -> PackedBatch:
         targets += row_targets
         segments += [i] * n
     device = lm.device
-    segment = torch.tensor(segments, device=device)
-    causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device).tril()
-    allowed = ((segment[:, None] == segment[None, :]) & causal)[None, None]
+    allowed = attention.block_causal_mask(torch.tensor(segments, device=device))
     mask = allowed
     if lm.model.config._attn_implementation == "eager":  # eager adds the mask to the attention scores
         dtype = lm.model.dtype
@@ -379,10 +377,11 @@ class MultiLoraUpdater:
         alone); `for_device` chooses it and the routing where the config says auto."""
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
-        attention = lm.model.config._attn_implementation
-        if attention not in PACKABLE_ATTENTION:
+        implementation = lm.model.config._attn_implementation
+        if implementation not in PACKABLE_ATTENTION:
             raise ValueError(
-                f"packed training needs model.attn_implementation in {PACKABLE_ATTENTION}, got {attention!r}"
+                f"packed training needs model.attn_implementation in {PACKABLE_ATTENTION}, "
+                f"got {implementation!r}"
             )
         if cfg.compile and cfg.gradient_checkpointing:
             raise ValueError(
@@ -469,7 +468,7 @@ class MultiLoraUpdater:
                 swapped_forwards(self.compiled),
                 # Compiled blocks would guard on each layer's own cast forward and recompile layer by layer.
                 contextlib.nullcontext() if self.compiled else self.lm.frozen_casts(),
-                packed_attention(self.lm),  # a CPU: attention as batched products (seal/attention.py)
+                attention.packed_attention(self.lm),  # a CPU: attention as batched products
             ):
                 if len(lanes) == 1:
                     self._train_lane(*lanes[0], jobs, adapters, bar)
@@ -803,10 +802,11 @@ def pass_bytes(lm: LM, cfg: AdaptConfig) -> int:
     config = lm.model.config
     width = getattr(config, "intermediate_size", 4 * config.hidden_size)
     block = (10 * config.hidden_size + 3 * width) * lm.model.dtype.itemsize
-    if lm.device.type == "cpu" and config._attn_implementation == "sdpa":
+    if attention.applies(lm):
         # seal.attention keeps each head's row of float32 scores and of probabilities, in passes of at most
         # MAX_TOKENS tokens (longer ones go to SDPA, which keeps no scores).
-        block += config.num_attention_heads * min(cfg.pack_length, MAX_TOKENS) * (4 + lm.model.dtype.itemsize)
+        tokens = min(cfg.pack_length, attention.MAX_TOKENS)
+        block += config.num_attention_heads * tokens * (4 + lm.model.dtype.itemsize)
     if cfg.gradient_checkpointing:
         per_token = config.num_hidden_layers * config.hidden_size * lm.model.dtype.itemsize + block
     else:

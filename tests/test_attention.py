@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from seal import attention
 from seal.adapt import UpdateJob
-from seal.attention import MAX_TOKENS, NAME, packed_attention, packed_attention_forward
+from seal.attention import MAX_TOKENS, NAME, block_causal_mask, packed_attention, packed_attention_forward
 from seal.config import AdaptConfig
 from seal.multilora import MultiLoraUpdater
 from tests.conftest import DEVICE, load_tiny
@@ -29,8 +29,7 @@ def packed_inputs(length: int, rows: int, dtype: torch.dtype = torch.float32):
         for heads in (HEADS, KV_HEADS, KV_HEADS)
     )
     row = torch.arange(length) * rows // length
-    mask = (row[:, None] == row[None, :]) & torch.ones(length, length, dtype=torch.bool).tril()
-    return q, k, v, mask[None, None]
+    return q, k, v, block_causal_mask(row)
 
 
 def sdpa(q, k, v, mask):
