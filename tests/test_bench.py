@@ -7,13 +7,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from seal.bench import FLOP_FORMULA, bench
+from seal.models import cpu_supports_bf16
 from tests.conftest import CACHE_DIR, CONF_DIR
 
 
 @pytest.mark.parametrize(
     ("executor", "chunks"), [("local", 1), ("processes", 2)], ids=["one process", "forked workers"]
 )
-def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, executor, chunks):
+def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, capsys, executor, chunks):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(
             config_name="bench",
@@ -35,6 +36,7 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, executor
         )
     OmegaConf.set_struct(cfg, True)
     record = bench(cfg)
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     [path] = (tmp_path / "results").glob("*.json")
     assert json.loads(path.read_text())["ours"]["update_tokens"] == record["ours"]["update_tokens"]
     naive, ours = record["naive"], record["ours"]
@@ -49,6 +51,9 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, executor
     assert record["same_answers"] == record["questions"] == 10
     assert set(record["matmul_peak_flops_per_s"]) == {"float32", "bfloat16"}
     assert all(v > 0 for v in record["matmul_peak_flops_per_s"].values())
+    # Where bf16 is only emulated, MFU against its peak is flagged as meaningless.
+    assert record["fast_bf16"] == cpu_supports_bf16()
+    assert ("bf16 is emulated on this CPU" in printed) != record["fast_bf16"]
     params = int(record["flop_formula"].split(" x ")[1].split()[0].replace(",", ""))
     assert record["flop_formula"] == FLOP_FORMULA.format(params=params)
     assert ours["update_flops_per_s"] == 4 * params * ours["update_tokens_per_s"]
