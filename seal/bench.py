@@ -43,7 +43,7 @@ from seal.config import AdaptConfig, Config
 from seal.executor import ChunkResult, WorkerLost, forked_workers, make_executor
 from seal.grading import make_grader
 from seal.memory import PhaseMeter
-from seal.models import LM, cpu_supports_bf16, load_model, setup_runtime
+from seal.models import LM, fast_bf16, load_model, setup_runtime
 from seal.multilora import balanced
 from seal.self_edit import training_sequences
 from seal.tasks.knowledge import Passage, answer, derive_seed, load_passages, write_self_edits
@@ -372,9 +372,8 @@ def bench(dict_cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model.name,
         "device": str(device),
         "autocast": str(lm.autocast_dtype),
-        # bf16 matmuls in hardware (a GPU, AVX-512 BF16 or AMX); elsewhere they are emulated, and MFU against
-        # their peak is meaningless: ours then runs in float32, like the naive reference
-        "fast_bf16": device.type == "cuda" or cpu_supports_bf16(),
+        # where bf16 is emulated, MFU against its peak is meaningless: ours then runs in float32, like naive
+        "fast_bf16": fast_bf16(device),
         "k": len(jobs),
         "epochs": cfg.adapt.epochs,
         # ours: in this process (local) or in this many forked workers of one thread each (processes)

@@ -124,6 +124,11 @@ def cpu_supports_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls on `device` run in hardware: any CUDA device, or a CPU as `cpu_supports_bf16`."""
+    return device.type == "cuda" or cpu_supports_bf16()
+
+
 def configure_attention(cfg: ModelConfig, device: torch.device) -> None:
     """On CUDA, keep SDPA off cuDNN's attention unless `model.cudnn_attention` (see ModelConfig)."""
     if device.type == "cuda" and not cfg.cudnn_attention:
@@ -136,8 +141,7 @@ def resolve_dtypes(cfg: ModelConfig, device: torch.device) -> tuple[torch.dtype,
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}: expected auto, {', '.join(_DTYPES)}")
     weights = _DTYPES[name]
-    fast_bf16 = device.type == "cuda" or cpu_supports_bf16()
-    autocast = torch.bfloat16 if cfg.autocast and weights == torch.float32 and fast_bf16 else None
+    autocast = torch.bfloat16 if cfg.autocast and weights == torch.float32 and fast_bf16(device) else None
     return weights, autocast
 
 

@@ -3,11 +3,12 @@
 import json
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from seal.bench import FLOP_FORMULA, bench
-from seal.models import cpu_supports_bf16
+from seal.models import fast_bf16
 from tests.conftest import CACHE_DIR, CONF_DIR
 
 
@@ -52,7 +53,7 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, capsys, 
     assert set(record["matmul_peak_flops_per_s"]) == {"float32", "bfloat16"}
     assert all(v > 0 for v in record["matmul_peak_flops_per_s"].values())
     # Where bf16 is only emulated, MFU against its peak is flagged as meaningless.
-    assert record["fast_bf16"] == (record["device"].startswith("cuda") or cpu_supports_bf16())
+    assert record["fast_bf16"] == fast_bf16(torch.device(record["device"]))
     assert ("bf16 is emulated on this CPU" in printed) != record["fast_bf16"]
     params = int(record["flop_formula"].split(" x ")[1].split()[0].replace(",", ""))
     assert record["flop_formula"] == FLOP_FORMULA.format(params=params)
