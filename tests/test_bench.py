@@ -64,6 +64,31 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, capsys, 
     # update lasts about 0.2 s, less than the 0.25 s between the meter's later samples.
     assert memory["1"]["peak_mb"] > memory["1"]["baseline_mb"] + 10 > 10
     assert memory["ratio"] == memory["2"]["peak_mb"] / memory["1"]["peak_mb"]
+    assert memory["ratios"] == {"2": memory["ratio"]}
+
+
+def test_memory_probes_compare_one_adapter_with_four_and_with_all_k(monkeypatch):
+    import seal.bench
+    from seal.adapt import UpdateJob
+
+    seen = []
+
+    def fake_probe(dict_cfg, jobs):  # what a fresh process would measure: 100 MB and 10 more per adapter
+        seen.append([job.key for job in jobs])
+        return {"baseline_mb": 90.0, "peak_mb": 100.0 + 10 * len(jobs), "update_s": 1.0}
+
+    monkeypatch.setattr(seal.bench, "probe", fake_probe)
+    jobs = [UpdateJob(str(i), ["x"], i) for i in range(10)]
+    memory = seal.bench.memory_probes(None, jobs)
+    assert seen == [["0"], ["0", "1", "2", "3"], [str(i) for i in range(10)]]
+    assert memory["ratios"] == {"4": 140 / 110, "10": 200 / 110}
+    assert memory["ratio"] == 200 / 110
+    assert memory["4"]["peak_mb"] == 140
+    # K under 4: one probe of all K besides one adapter's; K = 1: one probe, ratio 1
+    seen.clear()
+    assert seal.bench.memory_probes(None, jobs[:3])["ratios"] == {"3": 130 / 110}
+    assert seen == [["0"], ["0", "1", "2"]]
+    assert seal.bench.memory_probes(None, jobs[:1])["ratio"] == 1.0
 
 
 def test_forked_workers_get_chunks_balanced_by_text_and_steps():
