@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/update_peak.py [HYDRA OVERRIDES, e.g. adapt.pack_length=512]
 
-`make bench` probes peak memory over one epoch (`bench.probe_epochs`). A whole update peaks in whichever step
-draws the most passages at once, so this trains the bench's K jobs together for all `adapt.epochs`, in a
-fresh process, as the bench's probe does (CPU: peak RSS sampled every 10 ms; CUDA: peak allocated). The
-self-edits are written first, as `make bench` writes them (same seeds). (benchmarks/README.md, "The memory
+A whole update peaks in whichever step draws the most passages at once, so this trains the bench's K jobs
+together for all `adapt.epochs`, in a fresh process, as the bench's probe does (CPU: peak RSS sampled every
+10 ms; CUDA: peak allocated), without the rest of the bench. The self-edits are written first, as `make
+bench` writes them (same seeds). (benchmarks/README.md, "The memory
 ratio met".)
 """
 

@@ -65,6 +65,17 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, capsys, 
     assert memory["1"]["peak_mb"] > memory["1"]["baseline_mb"] + 10 > 10
     assert memory["ratio"] == memory["2"]["peak_mb"] / memory["1"]["peak_mb"]
     assert memory["ratios"] == {"2": memory["ratio"]}
+    assert memory["1"]["epochs"] == memory["2"]["epochs"] == 2  # the whole update (bench.probe_epochs=0)
+
+
+def test_a_negative_probe_epochs_is_refused_before_anything_runs(tmp_path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="bench",
+            overrides=["model=tiny", f"paths.output_dir={tmp_path}", "bench.probe_epochs=-1"],
+        )
+    with pytest.raises(ValueError, match="bench.probe_epochs must be 0"):
+        bench(cfg)
 
 
 def test_memory_probes_compare_one_adapter_with_four_and_with_all_k(monkeypatch):
