@@ -13,6 +13,7 @@ everything else. (benchmarks/README.md, "What a step costs".)
 
 import collections
 import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,9 +36,14 @@ def sequence(words: int) -> str:
     return " ".join(WORDS[i % len(WORDS)] for i in range(words))
 
 
+def epoch(text: str) -> UpdateJob:
+    """One epoch of STEPS one-sequence steps on `text`."""
+    return UpdateJob("step", [text] * STEPS, 0)
+
+
 def step_ms(updater, text: str, repeats: int = 3) -> float:
     """The best of `repeats` epochs of STEPS one-sequence steps, per step, after one untimed epoch."""
-    job = UpdateJob("step", [text] * STEPS, 0)
+    job = epoch(text)
     updater.train([job])
     best = float("inf")
     for _ in range(repeats):
@@ -58,7 +64,7 @@ def product_kind(shapes: list[list[int]], rank: int, vocabulary: int) -> str:
 
 def split(updater, text: str, vocabulary: int) -> dict[str, float]:
     """Milliseconds per step of each kind of work, from one profiled epoch."""
-    job = UpdateJob("step", [text] * STEPS, 0)
+    job = epoch(text)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         updater.train([job])
     parts: dict[str, float] = collections.defaultdict(float)
@@ -89,10 +95,8 @@ if __name__ == "__main__":
         tokens = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
         points.append((tokens, step_ms(updater, text)))
         print(f"{tokens:4d} tokens: {points[-1][1]:7.1f} ms a step", flush=True)
-    x = torch.tensor([p[0] for p in points], dtype=torch.float64)
-    y = torch.tensor([p[1] for p in points], dtype=torch.float64)
-    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
-    print(f"fit: {float(y.mean()) - slope * float(x.mean()):.0f} ms a step + {slope:.2f} ms a token")
+    slope, fixed = statistics.linear_regression(*zip(*points, strict=True))
+    print(f"fit: {fixed:.0f} ms a step + {slope:.2f} ms a token")
     vocabulary = lm.model.get_output_embeddings().weight.shape[0]
     parts = split(updater, sequence(LENGTHS[0]), vocabulary)
     shares = ", ".join(f"{name} {ms:.0f}" for name, ms in parts.items())

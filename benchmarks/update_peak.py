@@ -5,8 +5,7 @@
 A whole update peaks in whichever step draws the most passages at once, so this trains the bench's K jobs
 together for all `adapt.epochs`, in a fresh process, as the bench's probe does (CPU: peak RSS sampled every
 10 ms; CUDA: peak allocated), without the rest of the bench. The self-edits are written first, as `make
-bench` writes them (same seeds). (benchmarks/README.md, "The memory
-ratio met".)
+bench` writes them (same seeds). (benchmarks/README.md, "The memory ratio met".)
 """
 
 import sys
@@ -23,7 +22,6 @@ if __name__ == "__main__":  # the probe's child process imports this file again
         config_dir=str(Path(__file__).parents[1].resolve() / "conf"), version_base=None
     ):
         dict_cfg = compose("bench", overrides=["paths.output_dir=outputs/update_peak", *sys.argv[1:]])
-    dict_cfg.bench.probe_epochs = dict_cfg.adapt.epochs
     cfg = OmegaConf.to_object(dict_cfg)
     setup_runtime(cfg)
     _, jobs = bench_jobs(cfg, load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed))
