@@ -191,6 +191,12 @@ class AdaptConfig:
     # CPU threads; 1 on CUDA, with adapt.compile and with dropout (whose random masks would depend on the
     # threads' timing). Lanes are for CPUs only.
     lanes: int = 0
+    # With several lanes: the activations they may hold at once, in passes of `pack_length` tokens through
+    # every decoder layer (seal/lane_budget.py). A lane whose next layer would go over it waits for another's
+    # backward to free memory, so that two lanes do not peak together. 0: no limit. On the AVX2 CPU, the
+    # bench's 4 adapters over a whole update: 1.0 peaked at 1.40x one adapter, 1.25 at 1.46-1.49x, none at
+    # 1.57x, in the same update time within its spread (benchmarks/README.md, "The lanes' activation budget").
+    lane_budget: float = 1.0
 
 
 @dataclass

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seal import attention
+from seal import attention, lane_budget
 from seal.adapt import (
     Row,
     TrainedAdapter,
@@ -406,6 +406,7 @@ class MultiLoraUpdater:
             setattr(lm.model.get_submodule(parent_name), child, layer)
             self.layers.append((name, layer))
         self.compiled = compiled_blocks(lm, self.layers) if cfg.compile else []
+        self.budget: lane_budget.ActivationBudget | None = None  # the lanes' shared one, while they train
         self._init_lock = threading.Lock()  # lanes start jobs from the global random generator, one at a time
 
     def slot_parameters(self, slot: int) -> list[nn.Parameter]:
@@ -459,6 +460,7 @@ class MultiLoraUpdater:
         in it; with one slot left, the job fails with "out of memory"."""
         adapters: list[TrainedAdapter | None] = [None] * len(jobs)
         lanes = self._lanes(jobs)
+        self.budget = self._budget() if len(lanes) > 1 else None
         bar = tqdm(total=len(jobs), desc=progress, disable=progress is None, leave=False)
         threads = torch.get_num_threads()
         self.lm.model.train()
@@ -502,20 +504,36 @@ class MultiLoraUpdater:
         """Each lane in a thread of its own, its operations single-threaded. An error in a lane stops the
         other lanes at their next step and is raised here (the first lane's, if several fail)."""
         stop = threading.Event()
+        budget = self.budget
 
-        def lane(slots: list[int], queue: deque[int]) -> None:
+        def lane(index: int, slots: list[int], queue: deque[int]) -> None:
             torch.set_num_threads(1)
-            with self.routing.lane():
+            with self.routing.lane(), budget.lane(index) if budget else contextlib.nullcontext():
                 self._train_lane(slots, queue, jobs, adapters, bar, stop)
 
-        with ThreadPoolExecutor(len(lanes), thread_name_prefix="seal-lane") as pool:
-            futures = [pool.submit(lane, slots, queue) for slots, queue in lanes]
+        with (
+            lane_budget.budgeted(decoder_layers(self.lm, "adapt.lane_budget"), budget)
+            if budget
+            else contextlib.nullcontext(),
+            ThreadPoolExecutor(len(lanes), thread_name_prefix="seal-lane") as pool,
+        ):
+            futures = [pool.submit(lane, i, slots, queue) for i, (slots, queue) in enumerate(lanes)]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
             finally:
                 stop.set()
             for future in futures:
                 future.result()
+
+    def _budget(self) -> lane_budget.ActivationBudget | None:
+        """The lanes' activation budget: `adapt.lane_budget` passes of `pack_length` tokens through every
+        decoder layer; None for no limit, or with gradient checkpointing (whose layers run forward again
+        inside backward, where a lane must not wait)."""
+        cfg = self.cfg
+        if cfg.lane_budget <= 0 or cfg.gradient_checkpointing:
+            return None
+        layers = len(decoder_layers(self.lm, "adapt.lane_budget"))
+        return lane_budget.ActivationBudget(round(cfg.lane_budget * cfg.pack_length * layers), layers)
 
     def _train_lane(
         self,
@@ -623,7 +641,7 @@ class MultiLoraUpdater:
         slots = batch.slots[keep]
         present = batch.present
         # The routing stays set through backward: gradient checkpointing runs the layers again there.
-        with self._adapted(batch.slots):
+        with self._adapted(batch.slots), self._counted(batch):
             with lm.autocast():
                 hidden = lm.model.base_model(
                     input_ids=batch.ids,
@@ -637,8 +655,14 @@ class MultiLoraUpdater:
             for k in present:
                 values[k] += shares[k]
             if not failed:
+                if self.budget:
+                    self.budget.backward_begins()
                 losses[present].sum().backward()
         return failed
+
+    def _counted(self, batch: PackedBatch) -> contextlib.AbstractContextManager:
+        """The pass of `batch`, counted in the lanes' activation budget if they have one."""
+        return self.budget.pass_(batch.ids.numel()) if self.budget else contextlib.nullcontext()
 
     def _state(self, slot: int) -> dict[str, torch.Tensor]:
         """The slot's weights on CPU under PEFT's keys, so LoraUpdater.applied accepts them too."""
@@ -757,13 +781,20 @@ def compiled_blocks(lm: LM, layers: list[tuple[str, MultiLoraLinear]]) -> list[t
     with a `torch.compile`d forward, dynamic in shape; the MultiLoraLinear layers inside stay eager, since
     their routing changes from pass to pass and would make every new set of slots a recompile. Compiling
     happens at the first call (`swapped_forwards` puts these forwards in place while training)."""
-    names = set(getattr(lm.model, "_no_split_modules", None) or [])
-    blocks = [module for module in lm.model.modules() if type(module).__name__ in names]
-    if not blocks:
-        raise ValueError(f"adapt.compile: no decoder layer found in {type(lm.model).__name__}")
+    blocks = decoder_layers(lm, "adapt.compile")
     for _, layer in layers:
         layer.forward = torch.compiler.disable(layer.forward, recursive=True)
     return [(block, torch.compile(block.forward, dynamic=True)) for block in blocks]
+
+
+def decoder_layers(lm: LM, needed_by: str) -> list[nn.Module]:
+    """The decoder layers of `lm`: the modules of the classes transformers keeps whole across devices
+    (`_no_split_modules`)."""
+    names = set(getattr(lm.model, "_no_split_modules", None) or [])
+    blocks = [module for module in lm.model.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{needed_by}: no decoder layer found in {type(lm.model).__name__}")
+    return blocks
 
 
 @contextlib.contextmanager
@@ -824,7 +855,10 @@ def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
             budget = 0.9 * torch.cuda.mem_get_info(lm.device)[0]
         else:
             budget = 0.8 * psutil.virtual_memory().available
-    per_slot, activations = slot_bytes(lm, cfg), pass_bytes(lm, cfg) * lane_count(cfg, lm.device)
+    passes = lane_count(cfg, lm.device)  # one pass's activations a lane, at most `lane_budget` passes' in all
+    if passes > 1 and cfg.lane_budget > 0 and not cfg.gradient_checkpointing:
+        passes = max(1.0, min(passes, cfg.lane_budget))
+    per_slot, activations = slot_bytes(lm, cfg), pass_bytes(lm, cfg) * passes
     capacity = max(1, min(cfg.max_adapters, int((budget - activations) // per_slot)))
     if capacity < cfg.max_adapters:
         log.info(

@@ -191,6 +191,23 @@ def test_lanes_train_side_by_side_in_threads_and_equal_each_job_alone(sequential
     assert updater.slots_in_use == 3 and not updater.routing.runs
 
 
+@lanes_need_a_cpu
+def test_lanes_under_an_activation_budget_stay_within_it_and_equal_each_job_alone(sequential_mixed):
+    """adapt.lane_budget=1: two lanes never hold more than one full pass's token-layers together (each
+    decoder layer counts its tokens), and train the same adapters; the layers' hooks are gone afterwards."""
+    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG, lanes=2, lane_budget=1.0), 4)
+    adapters = updater.train(MIXED_JOBS)
+    for got, want in zip(adapters, sequential_mixed, strict=True):
+        assert_same_adapter(got, want)
+    budget = updater.budget
+    layers = multilora.decoder_layers(updater.lm, "test")
+    assert budget.capacity == updater.cfg.pack_length * len(layers) and 0 < budget.peak <= budget.capacity
+    assert not any(layer._forward_pre_hooks for layer in layers)
+    unlimited = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG, lanes=2, lane_budget=0), 4)
+    unlimited.train(MIXED_JOBS)
+    assert unlimited.budget is None
+
+
 @casts_need_a_cpu
 @both_routings
 def test_weights_cast_once_train_exactly_what_autocast_trains(routing):
@@ -581,8 +598,12 @@ def test_capacity_fits_the_memory_budget():
     assert activations > 0
     assert fit((activations + 2.5 * per_slot) / multilora.MB) == 2  # the activations come first
     if DEVICE == "cpu":  # lanes are refused on CUDA
-        assert fit((2 * activations + 2.5 * per_slot) / multilora.MB, lanes=2) == 2  # a pass's for each lane
-        assert fit((activations + 2.5 * per_slot) / multilora.MB, lanes=2) == 1
+        free = dict(lanes=2, lane_budget=0)  # no activation budget: a pass's for each lane
+        assert fit((2 * activations + 2.5 * per_slot) / multilora.MB, **free) == 2
+        assert fit((activations + 2.5 * per_slot) / multilora.MB, **free) == 1
+        budget = dict(lanes=2, lane_budget=1.5)  # the lanes' budget: 1.5 passes' in all
+        assert fit((1.5 * activations + 2.5 * per_slot) / multilora.MB, **budget) == 2
+        assert fit((1.5 * activations + 1.5 * per_slot) / multilora.MB, **budget) == 1
     assert fit(1e-6) == 1  # never fewer than one
     assert 1 <= multilora.fit_capacity(lm, cfg) <= 6  # auto: from the available memory
 
