@@ -26,8 +26,12 @@ from torch import nn
 
 
 class ActivationBudget:
-    def __init__(self, capacity: int, layers: int):
-        self.capacity, self.layers = capacity, layers
+    """`passes` passes' token-layers, a pass being `tokens` tokens through `layers` layers, or as many tokens
+    as the longest pass begun so far (a row longer than `adapt.pack_length` is a pass of its own: few-shot
+    ARC's thousands of tokens would otherwise run alone, one lane at a time)."""
+
+    def __init__(self, passes: float, tokens: int, layers: int):
+        self.passes, self.tokens, self.layers = passes, tokens, layers
         self.held: dict[int, int] = {}  # lane -> token-layers it holds
         # The lanes in their forward, in the order they began, and what each has still to take.
         self.needs: dict[int, int] = {}
@@ -45,6 +49,10 @@ class ActivationBudget:
             del self._local.lane
 
     @property
+    def capacity(self) -> int:
+        return round(self.passes * self.tokens * self.layers)
+
+    @property
     def current(self) -> int | None:
         return getattr(self._local, "lane", None)
 
@@ -57,6 +65,7 @@ class ActivationBudget:
             yield
             return
         with self._changed:
+            self.tokens = max(self.tokens, tokens)
             self.needs[lane] = tokens * self.layers
         try:
             yield

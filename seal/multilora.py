@@ -18,7 +18,8 @@ projection a chunk of tokens at a time, so the full logits (50k per token) are n
 
 On a CPU the slots and jobs are split into lanes (`adapt.lanes`): threads that each train their own jobs in
 their own slots as described, single-threaded, side by side on the one model. A small model's pass does not
-keep several cores busy; several passes at once do. Each lane holds one pass's activations.
+keep several cores busy; several passes at once do. Each lane holds one pass's activations, and the lanes
+share a budget of them (`adapt.lane_budget`, seal/lane_budget.py) so that their peaks do not coincide.
 
 The same slots, given per row, let one `generate` call serve prompts that each need a different adapter.
 Adapter weights use PEFT's state-dict keys, so adapters from either updater can be applied by the other.
@@ -526,14 +527,14 @@ class MultiLoraUpdater:
                 future.result()
 
     def _budget(self) -> lane_budget.ActivationBudget | None:
-        """The lanes' activation budget: `adapt.lane_budget` passes of `pack_length` tokens through every
-        decoder layer; None for no limit, or with gradient checkpointing (whose layers run forward again
-        inside backward, where a lane must not wait)."""
+        """The lanes' activation budget: `adapt.lane_budget` passes of `pack_length` tokens (or the longest
+        pass's) through every decoder layer; None for no limit, or with gradient checkpointing (whose layers
+        run forward again inside backward, where a lane must not wait)."""
         cfg = self.cfg
         if cfg.lane_budget <= 0 or cfg.gradient_checkpointing:
             return None
         layers = len(decoder_layers(self.lm, "adapt.lane_budget"))
-        return lane_budget.ActivationBudget(round(cfg.lane_budget * cfg.pack_length * layers), layers)
+        return lane_budget.ActivationBudget(cfg.lane_budget, cfg.pack_length, layers)
 
     def _train_lane(
         self,

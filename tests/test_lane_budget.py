@@ -11,7 +11,7 @@ from seal.lane_budget import ActivationBudget
 
 def budget_with(needs: dict[int, int], held: dict[int, int], capacity: int = 10) -> ActivationBudget:
     """A budget in a given state: `needs` the lanes in their forward, in queue order."""
-    budget = ActivationBudget(capacity, layers=1)
+    budget = ActivationBudget(1.0, capacity, layers=1)
     budget.needs, budget.held = dict(needs), dict(held)
     return budget
 
@@ -44,7 +44,7 @@ def test_lanes_in_threads_never_hold_more_than_the_budget_and_all_finish(seed):
     """Three lanes run passes of random lengths through 4 layers, forward then backward, sleeping at random
     between layers; the peak they hold together stays within the budget, and none is stuck."""
     layers, capacity = 4, 4 * 12
-    budget = ActivationBudget(capacity, layers)
+    budget = ActivationBudget(1.0, 12, layers)
     done, holding = [], set()  # holding: how many lanes held memory at once, seen after a take
 
     def lane(index: int) -> None:
@@ -74,10 +74,20 @@ def test_lanes_in_threads_never_hold_more_than_the_budget_and_all_finish(seed):
 
 
 def test_outside_a_lane_or_a_pass_nothing_is_counted():
-    budget = ActivationBudget(10, layers=2)
+    budget = ActivationBudget(2.5, 2, layers=2)
     assert budget.take(5) is None
     with budget.lane(0):
         assert budget.take(5) is None  # no pass
-        with budget.pass_(3):
-            assert budget.take(3) == 0
-        assert budget.held == {0: 0} and budget.peak == 3
+        with budget.pass_(1):
+            assert budget.take(1) == 0
+        assert budget.held == {0: 0} and budget.peak == 1
+
+
+def test_a_pass_longer_than_the_unit_makes_the_unit_for_the_rest():
+    """A row longer than pack_length is a pass of its own: the budget grows to that many passes of it."""
+    budget = ActivationBudget(1.5, 4, layers=2)
+    assert budget.capacity == 12
+    with budget.lane(0), budget.pass_(10):
+        assert budget.capacity == 30 and budget.needs == {0: 20}
+    with budget.lane(0), budget.pass_(3):
+        assert budget.capacity == 30
