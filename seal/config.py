@@ -194,8 +194,9 @@ class AdaptConfig:
     # With several lanes: the activations they may hold at once, in passes of `pack_length` tokens through
     # every decoder layer (seal/lane_budget.py). A lane whose next layer would go over it waits for another's
     # backward to free memory, so that two lanes do not peak together. 0: no limit. On the AVX2 CPU, the
-    # bench's 4 adapters over a whole update: 1.0 peaked at 1.40x one adapter, 1.25 at 1.46-1.49x, none at
-    # 1.57x, in the same update time within its spread (benchmarks/README.md, "The lanes' activation budget").
+    # bench's 4 adapters over a whole update peaked at 1.38-1.40x one adapter with 1.0, 1.46-1.49x with 1.25,
+    # 1.57-1.60x with none; the update was about 12 % slower with 1.0 and 8 % with 1.25 than with none
+    # (benchmarks/README.md, "The lanes' activation budget").
     lane_budget: float = 1.0
 
 
