@@ -195,8 +195,8 @@ class AdaptConfig:
     # every decoder layer (seal/lane_budget.py). A lane whose next layer would go over it waits for another's
     # backward to free memory, so that two lanes do not peak together. 0: no limit. On the AVX2 CPU, the
     # bench's 4 adapters over a whole update peaked at 1.38-1.40x one adapter with 1.0, 1.46-1.49x with 1.25,
-    # 1.57-1.60x with none; the update was about 12 % slower with 1.0 and 8 % with 1.25 than with none
-    # (benchmarks/README.md, "The lanes' activation budget").
+    # 1.57-1.60x with none; the update was 3-12 % slower with 1.0 than with none in side-by-side runs, about
+    # 8 % with 1.25 (benchmarks/README.md, "The lanes' activation budget").
     lane_budget: float = 1.0
 
 
