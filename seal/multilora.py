@@ -513,7 +513,7 @@ class MultiLoraUpdater:
                 self._train_lane(slots, queue, jobs, adapters, bar, stop)
 
         with (
-            lane_budget.budgeted(decoder_layers(self.lm, "adapt.lane_budget"), budget)
+            lane_budget.budgeted(decoder_layers(self.lm), budget)
             if budget
             else contextlib.nullcontext(),
             ThreadPoolExecutor(len(lanes), thread_name_prefix="seal-lane") as pool,
@@ -528,12 +528,16 @@ class MultiLoraUpdater:
 
     def _budget(self) -> lane_budget.ActivationBudget | None:
         """The lanes' activation budget: `adapt.lane_budget` passes of `pack_length` tokens (or the longest
-        pass's) through every decoder layer; None for no limit, or with gradient checkpointing (whose layers
-        run forward again inside backward, where a lane must not wait)."""
+        pass's) through every decoder layer; None for no limit, with gradient checkpointing (whose layers
+        run forward again inside backward, where a lane must not wait), or for a model whose decoder layers
+        are not known."""
         cfg = self.cfg
         if cfg.lane_budget <= 0 or cfg.gradient_checkpointing:
             return None
-        layers = len(decoder_layers(self.lm, "adapt.lane_budget"))
+        layers = len(decoder_layers(self.lm))
+        if not layers:
+            log.warning("adapt.lane_budget: no decoder layer found in this model; the lanes run without it")
+            return None
         return lane_budget.ActivationBudget(cfg.lane_budget, cfg.pack_length, layers)
 
     def _train_lane(
@@ -782,20 +786,19 @@ def compiled_blocks(lm: LM, layers: list[tuple[str, MultiLoraLinear]]) -> list[t
     with a `torch.compile`d forward, dynamic in shape; the MultiLoraLinear layers inside stay eager, since
     their routing changes from pass to pass and would make every new set of slots a recompile. Compiling
     happens at the first call (`swapped_forwards` puts these forwards in place while training)."""
-    blocks = decoder_layers(lm, "adapt.compile")
+    blocks = decoder_layers(lm)
+    if not blocks:
+        raise ValueError(f"adapt.compile: no decoder layer found in {type(lm.model).__name__}")
     for _, layer in layers:
         layer.forward = torch.compiler.disable(layer.forward, recursive=True)
     return [(block, torch.compile(block.forward, dynamic=True)) for block in blocks]
 
 
-def decoder_layers(lm: LM, needed_by: str) -> list[nn.Module]:
+def decoder_layers(lm: LM) -> list[nn.Module]:
     """The decoder layers of `lm`: the modules of the classes transformers keeps whole across devices
-    (`_no_split_modules`)."""
+    (`_no_split_modules`); none if the model does not name them."""
     names = set(getattr(lm.model, "_no_split_modules", None) or [])
-    blocks = [module for module in lm.model.modules() if type(module).__name__ in names]
-    if not blocks:
-        raise ValueError(f"{needed_by}: no decoder layer found in {type(lm.model).__name__}")
-    return blocks
+    return [module for module in lm.model.modules() if type(module).__name__ in names]
 
 
 @contextlib.contextmanager

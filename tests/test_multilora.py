@@ -200,12 +200,21 @@ def test_lanes_under_an_activation_budget_stay_within_it_and_equal_each_job_alon
     for got, want in zip(adapters, sequential_mixed, strict=True):
         assert_same_adapter(got, want)
     budget = updater.budget
-    layers = multilora.decoder_layers(updater.lm, "test")
+    layers = multilora.decoder_layers(updater.lm)
     assert budget.capacity == updater.cfg.pack_length * len(layers) and 0 < budget.peak <= budget.capacity
     assert not any(layer._forward_pre_hooks for layer in layers)
     unlimited = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG, lanes=2, lane_budget=0), 4)
     unlimited.train(MIXED_JOBS)
     assert unlimited.budget is None
+
+
+@lanes_need_a_cpu
+def test_lanes_of_a_model_with_unknown_decoder_layers_run_without_a_budget(sequential_mixed, monkeypatch):
+    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG, lanes=2), 4)
+    monkeypatch.setattr(updater.lm.model, "_no_split_modules", None)
+    for got, want in zip(updater.train(MIXED_JOBS), sequential_mixed, strict=True):
+        assert_same_adapter(got, want)
+    assert updater.budget is None
 
 
 @casts_need_a_cpu
