@@ -513,9 +513,7 @@ class MultiLoraUpdater:
                 self._train_lane(slots, queue, jobs, adapters, bar, stop)
 
         with (
-            lane_budget.budgeted(decoder_layers(self.lm), budget)
-            if budget
-            else contextlib.nullcontext(),
+            lane_budget.budgeted(decoder_layers(self.lm), budget) if budget else contextlib.nullcontext(),
             ThreadPoolExecutor(len(lanes), thread_name_prefix="seal-lane") as pool,
         ):
             futures = [pool.submit(lane, i, slots, queue) for i, (slots, queue) in enumerate(lanes)]
