@@ -407,6 +407,7 @@ class MultiLoraUpdater:
             setattr(lm.model.get_submodule(parent_name), child, layer)
             self.layers.append((name, layer))
         self.compiled = compiled_blocks(lm, self.layers) if cfg.compile else []
+        self.blocks = decoder_layers(lm)  # where the lanes' activation budget counts a pass's tokens
         self.budget: lane_budget.ActivationBudget | None = None  # the lanes' shared one, while they train
         self._init_lock = threading.Lock()  # lanes start jobs from the global random generator, one at a time
 
@@ -513,7 +514,7 @@ class MultiLoraUpdater:
                 self._train_lane(slots, queue, jobs, adapters, bar, stop)
 
         with (
-            lane_budget.budgeted(decoder_layers(self.lm), budget) if budget else contextlib.nullcontext(),
+            lane_budget.budgeted(self.blocks, budget) if budget else contextlib.nullcontext(),
             ThreadPoolExecutor(len(lanes), thread_name_prefix="seal-lane") as pool,
         ):
             futures = [pool.submit(lane, i, slots, queue) for i, (slots, queue) in enumerate(lanes)]
@@ -525,18 +526,16 @@ class MultiLoraUpdater:
                 future.result()
 
     def _budget(self) -> lane_budget.ActivationBudget | None:
-        """The lanes' activation budget: `adapt.lane_budget` passes of `pack_length` tokens (or the longest
-        pass's) through every decoder layer; None for no limit, with gradient checkpointing (whose layers
-        run forward again inside backward, where a lane must not wait), or for a model whose decoder layers
-        are not known."""
-        cfg = self.cfg
-        if cfg.lane_budget <= 0 or cfg.gradient_checkpointing:
+        """The lanes' activation budget: `budget_passes` passes of `pack_length` tokens (or the longest
+        pass's) through every decoder layer; None for no limit, or for a model whose decoder layers are not
+        known."""
+        passes = budget_passes(self.cfg)
+        if not passes:
             return None
-        layers = len(decoder_layers(self.lm))
-        if not layers:
+        if not self.blocks:
             log.warning("adapt.lane_budget: no decoder layer found in this model; the lanes run without it")
             return None
-        return lane_budget.ActivationBudget(cfg.lane_budget, cfg.pack_length, layers)
+        return lane_budget.ActivationBudget(passes, self.cfg.pack_length, len(self.blocks))
 
     def _train_lane(
         self,
@@ -858,8 +857,8 @@ def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
         else:
             budget = 0.8 * psutil.virtual_memory().available
     passes = lane_count(cfg, lm.device)  # one pass's activations a lane, at most `lane_budget` passes' in all
-    if passes > 1 and cfg.lane_budget > 0 and not cfg.gradient_checkpointing:
-        passes = max(1.0, min(passes, cfg.lane_budget))
+    if passes > 1 and budget_passes(cfg):
+        passes = max(1.0, min(passes, budget_passes(cfg)))
     per_slot, activations = slot_bytes(lm, cfg), pass_bytes(lm, cfg) * passes
     capacity = max(1, min(cfg.max_adapters, int((budget - activations) // per_slot)))
     if capacity < cfg.max_adapters:
@@ -908,6 +907,12 @@ def _no_lanes(cfg: AdaptConfig, device: torch.device) -> str | None:
             "threads, and dropout's random masks would depend on the threads' timing"
         )
     return None
+
+
+def budget_passes(cfg: AdaptConfig) -> float:
+    """The passes' activations the lanes may hold together (`adapt.lane_budget`); 0: no limit, as with
+    gradient checkpointing, whose layers run forward again inside backward, where a lane must not wait."""
+    return 0.0 if cfg.gradient_checkpointing else max(0.0, cfg.lane_budget)
 
 
 def lane_count(cfg: AdaptConfig, device: torch.device) -> int:

@@ -210,8 +210,9 @@ def test_lanes_under_an_activation_budget_stay_within_it_and_equal_each_job_alon
 
 @lanes_need_a_cpu
 def test_lanes_of_a_model_with_unknown_decoder_layers_run_without_a_budget(sequential_mixed, monkeypatch):
-    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG, lanes=2), 4)
-    monkeypatch.setattr(updater.lm.model, "_no_split_modules", None)
+    lm = tiny_fp32()
+    monkeypatch.setattr(lm.model, "_no_split_modules", None)
+    updater = MultiLoraUpdater(lm, AdaptConfig(**MIXED_CFG, lanes=2), 4)
     for got, want in zip(updater.train(MIXED_JOBS), sequential_mixed, strict=True):
         assert_same_adapter(got, want)
     assert updater.budget is None
