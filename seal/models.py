@@ -13,7 +13,7 @@ import inspect
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -440,6 +440,31 @@ def decode(
     return new
 
 
+def output_projection(model: nn.Module) -> nn.Linear | None:
+    """The output projection of a plain causal LM (a bias-free linear layer whose product is the logits), so
+    that logits can be computed for some positions only; None where the model transforms them further
+    (soft-capping, a logit scale) or its head is something else."""
+    head = model.get_output_embeddings()
+    config = model.config
+    plain = (
+        isinstance(head, nn.Linear)
+        and head.bias is None
+        and getattr(config, "final_logit_softcapping", None) is None
+        and getattr(config, "logit_scale", None) is None
+    )
+    return head if plain else None
+
+
+def decoder_stack(model: nn.Module) -> nn.Module | None:
+    """The module whose `last_hidden_state` the output projection reads (LlamaModel in LlamaForCausalLM,
+    through a PEFT wrapper too); None where transformers cannot say."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
+
+
 @torch.no_grad()
 def continuation_logprobs(
     lm: LM,
@@ -449,40 +474,93 @@ def continuation_logprobs(
     batch_size: int = 16,
     batches: Callable[[list[int]], Iterable[list[int]]] | None = None,
     context: Callable[[list[int]], contextlib.AbstractContextManager] | None = None,
+    share: Callable[[int], Hashable] | None = None,
     desc: str | None = None,
 ) -> list[tuple[float, int]]:
     """For each pair, the summed log-probability of the continuation's tokens after its prompt, and how many
     tokens it has. Prompt and continuation are tokenised apart and joined, so the continuation's tokens are
-    the same whatever the prompt. `batches` and `context` work as in `generate`."""
+    the same whatever the prompt.
+
+    The pairs of one prompt in a batch are read in one row: the prompt once, then each continuation, which
+    sees the prompt and its own earlier tokens only, at the positions that follow the prompt's. A multiple-
+    choice item's prompt is read once instead of once per choice. `batches` and `context` work as in
+    `generate`, `context` getting one pair of each row; `share(i)`, if given, must also be equal for pairs
+    to share a row (a batched updater's adapter)."""
     tok = lm.tokenizer
-    rows = [
+    pairs = [
         (tok(p, add_special_tokens=False)["input_ids"], tok(c, add_special_tokens=False)["input_ids"])
         for p, c in zip(prompts, continuations, strict=True)
     ]
-    for i, (prompt, cont) in enumerate(rows):
+    for i, (prompt, cont) in enumerate(pairs):
         if not prompt or not cont:
             raise ValueError(f"pair {i} ({prompts[i]!r}, {continuations[i]!r}): both parts need a token")
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    # A prompt's pairs side by side, so that a batch cut from this order splits few prompts.
+    order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]), pairs[i][0], len(pairs[i][1])))
     groups = (
         list(batches(order))
         if batches
         else [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     )
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    head, decoder = output_projection(lm.model), decoder_stack(lm.model)
     for idx in tqdm(groups, desc=desc, disable=desc is None, leave=False):
-        seqs = [rows[i][0] + rows[i][1] for i in idx]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs], device=lm.device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=lm.device)
-        with context(idx) if context else contextlib.nullcontext(), lm.autocast():
-            logits = lm.model(input_ids=ids, attention_mask=mask).logits
-        for row, i in enumerate(idx):
-            start, n = len(rows[i][0]), len(rows[i][1])
-            # The token at position t is predicted by the logits at t - 1.
-            logp = torch.log_softmax(logits[row, start - 1 : start + n - 1].float(), dim=-1)
-            target = ids[row, start : start + n]
-            out[i] = (float(logp.gather(1, target[:, None]).sum()), n)
+        shared: dict[tuple, list[int]] = {}
+        for i in idx:
+            shared.setdefault((tuple(pairs[i][0]), share(i) if share else None), []).append(i)
+        rows = list(shared.values())
+        ids, positions, mask, predicting = _shared_prompt_rows([[pairs[i] for i in r] for r in rows], lm)
+        row, col, targets, pair = (torch.tensor(x, device=lm.device) for x in zip(*predicting, strict=True))
+        with context([r[0] for r in rows]) if context else contextlib.nullcontext(), lm.autocast():
+            inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
+            if head is None or decoder is None:  # the model's own head (soft-capped logits...), everywhere
+                logits = lm.model(**inputs).logits[row, col]
+            else:  # the projection at the predicting positions only, not [rows, width, vocabulary]
+                logits = head(decoder(**inputs).last_hidden_state[row, col])
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+        members = [i for r in rows for i in r]
+        sums = torch.zeros(len(members), device=lm.device).index_add_(0, pair, logp).tolist()
+        for k, i in enumerate(members):
+            out[i] = (sums[k], len(pairs[i][1]))
     return out
+
+
+def _shared_prompt_rows(
+    rows: list[list[tuple[list[int], list[int]]]], lm: LM
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]]:
+    """The batch of `continuation_logprobs`: each row one prompt (the first pair's) and every pair's
+    continuation after it. Returns the token ids and positions [rows, width], the additive attention mask
+    [rows, 1, width, width], and (row, column, target token, pair) for each continuation token: the column
+    whose output predicts it, and the pair's index counting the rows' pairs in order. Padding sees itself."""
+    seqs, spans = [], []
+    for members in rows:
+        prompt = members[0][0]
+        seq, row_spans = list(prompt), []
+        for _, cont in members:
+            row_spans.append((len(seq), len(seq) + len(cont)))
+            seq += cont
+        seqs.append(seq)
+        spans.append(row_spans)
+    width = max(len(seq) for seq in seqs)
+    device = lm.device
+    ids = torch.full((len(rows), width), lm.tokenizer.pad_token_id, device=device)
+    positions = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    sees = torch.eye(width, dtype=torch.bool, device=device).repeat(len(rows), 1, 1)
+    predicting, pair = [], 0
+    for r, (members, seq, row_spans) in enumerate(zip(rows, seqs, spans, strict=True)):
+        p = len(members[0][0])
+        ids[r, : len(seq)] = torch.tensor(seq, device=device)
+        positions[r, :p] = torch.arange(p, device=device)
+        sees[r, :p, :p] = torch.ones(p, p, dtype=torch.bool, device=device).tril()
+        for a, b in row_spans:
+            positions[r, a:b] = torch.arange(p, p + b - a, device=device)
+            sees[r, a:b, :p] = True
+            sees[r, a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool, device=device).tril()
+            # Its first token is predicted by the prompt's last one, each next one by the one before it.
+            predicting += [(r, t, seq[a + k], pair) for k, t in enumerate([p - 1, *range(a, b - 1)])]
+            pair += 1
+    dtype = lm.autocast_dtype or lm.model.dtype
+    mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)
+    return ids, positions, mask[:, None], predicting
 
 
 def choice_scorer(lm: LM, prompt: str) -> Callable[[str, list[str]], list[float]]:

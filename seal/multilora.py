@@ -57,7 +57,7 @@ from seal.adapt import (
     tokenize,
 )
 from seal.config import AdaptConfig
-from seal.models import LM, continuation_logprobs, generate
+from seal.models import LM, continuation_logprobs, generate, output_projection
 
 PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its state-dict keys
 # Attention implementations that take a custom 4D mask: sdpa as booleans (True: may attend), eager as an
@@ -322,15 +322,7 @@ def token_losses(lm: LM, hidden: torch.Tensor, targets: torch.Tensor, chunk: int
     """Cross-entropy per token of `hidden` [tokens, width] against `targets` [tokens]: chunked through the
     frozen bias-free output projection of plain causal LMs, through the model's own head otherwise."""
     head = lm.model.get_output_embeddings()
-    config = lm.model.config
-    plain = (
-        isinstance(head, nn.Linear)
-        and head.bias is None
-        and not head.weight.requires_grad
-        and getattr(config, "final_logit_softcapping", None) is None
-        and getattr(config, "logit_scale", None) is None
-    )
-    if plain:
+    if output_projection(lm.model) is not None and not head.weight.requires_grad:
         weight = head.weight
         if torch.is_autocast_enabled(hidden.device.type):
             weight = lm.casts.get(head, weight)  # inside LM.frozen_casts: cast once already
@@ -726,6 +718,7 @@ class MultiLoraUpdater:
             prompts,
             continuations,
             batch_size=batch_size,
+            share=lambda i: id(adapters[i]),  # a row is routed to one adapter
             **self._routed(adapters, len(prompts), batch_size),
         )
 

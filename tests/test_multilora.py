@@ -219,15 +219,15 @@ def test_lanes_of_a_model_with_unknown_decoder_layers_run_without_a_budget(seque
 
 
 @casts_need_a_cpu
-@both_routings
-def test_weights_cast_once_train_exactly_what_autocast_trains(routing):
+def test_weights_cast_once_train_exactly_what_autocast_trains():
     """Under bf16 autocast, training with the frozen weights cast once per `train` (LM.frozen_casts, the
     output projection of the chunked loss included) must give bit for bit the adapters of casting them at
-    every pass, in two lanes as in one."""
+    every pass, in two lanes as in one. The casts are of the frozen weights only, which both routings read
+    alike, so the CPU's default routing stands for both."""
 
     def train(cast_once: bool, lanes: int) -> list[TrainedAdapter]:
         lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16, cast_once=cast_once)
-        cfg = AdaptConfig(**MIXED_CFG, lora_routing=routing, lanes=lanes)
+        cfg = AdaptConfig(**MIXED_CFG, lanes=lanes)
         return MultiLoraUpdater(lm, cfg, 4).train(MIXED_JOBS)
 
     torch.set_num_threads(2)
@@ -661,9 +661,11 @@ def test_merge_adds_scaled_lora_product_to_base_weights_and_keeps_the_adapted_lo
 @both_routings
 def test_each_row_scores_with_its_own_adapter(sequential, routing):
     reference, adapters = sequential
+    # The first prompt twice: under different adapters its pairs must not share a row.
     prompts = ["The Qirra probe was built by", "Port Vellan is a", "The Corvane Sodium Cell stores energy in"]
-    conts = [" Tessaline Aerospace", " harbour town", " molten sodium"]
-    rows = [adapters[1], None, adapters[2]]
+    prompts.append(prompts[0])
+    conts = [" Tessaline Aerospace", " harbour town", " molten sodium", " Tessaline Aerospace"]
+    rows = [adapters[1], None, adapters[2], adapters[2]]
     expected = []
     for prompt, cont, adapter in zip(prompts, conts, rows, strict=True):
         with reference.applied(adapter):

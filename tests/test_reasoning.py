@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seal import models
 from seal.models import continuation_logprobs
 from seal.reasoning import Item, ReasoningDataError, builtin_suite, choose, evaluate, load_bigbench, summary
 from tests.conftest import CACHE_DIR, DEVICE, SHARED_DATA
@@ -35,7 +36,12 @@ def by_hand(lm, prompt: str, continuation: str) -> float:
     return total
 
 
-def test_a_choice_scores_its_log_likelihood_computed_by_hand(tiny_lm):
+@pytest.mark.parametrize("head", ["projected at the predicting positions", "the model's own, everywhere"])
+def test_a_choice_scores_its_log_likelihood_computed_by_hand(tiny_lm, head, monkeypatch):
+    if head == "the model's own, everywhere":  # as for a model with soft-capped or scaled logits
+        monkeypatch.setattr(models, "output_projection", lambda model: None)
+    else:
+        assert models.output_projection(tiny_lm.model) is tiny_lm.model.get_output_embeddings()
     item = Item(
         "hand", "Question: What is 2 + 3?\nAnswer:", (" 5", " six", " 23 and more words"), frozenset([0])
     )
