@@ -18,7 +18,7 @@ from seal.adapt import TrainedAdapter, Updater
 from seal.config import Config
 from seal.grading import accuracy_summary
 from seal.models import LM, continuation_logprobs, generate
-from seal.reasoning import Item, ScoreFn, evaluate, load_items, summary
+from seal.reasoning import Item, judged, load_items, summary
 
 PRIOR_MAX_NEW_TOKENS = 16  # the answers are a word or two
 
@@ -46,7 +46,7 @@ class Probe:
     def before(self) -> dict[str, Any]:
         """Measure the model before any update; remember which prior-knowledge questions it knows."""
         [result] = self.measure(self.lm)
-        graded = self._graded(self.lm, self.questions, None, None)
+        [graded] = self._graded(self.lm, self.questions, None, [None])
         self.known = [q for q, ok in zip(self.questions, graded, strict=True) if ok]
         return result
 
@@ -58,38 +58,50 @@ class Probe:
         prior: bool = True,
     ) -> list[dict[str, Any]]:
         """Per adapter, applied to `lm` through `updater` (no adapters: `lm` as it is): {"reasoning": [right?]
-        per item, "prior": [still right?] per known question (empty when not `prior`)}."""
-        out = []
-        for adapter in adapters or [None]:
-            reasoning = evaluate(self.items, self._scorer(lm, updater, adapter), self.cfg.reasoning.normalize)
-            known = self._graded(lm, self.known, updater, adapter) if prior else []
-            out.append({"reasoning": reasoning, "prior": known})
-        return out
-
-    def _scorer(self, lm: LM, updater: Updater | None, adapter: TrainedAdapter | None) -> ScoreFn:
+        per item, "prior": [still right?] per known question (empty when not `prior`)}. All the adapters'
+        rows go to one scoring and one generation call, which a batched updater routes row by row."""
+        models: list[TrainedAdapter | None] = list(adapters) if adapters else [None]
         size = self.cfg.reasoning.batch_size
-        if adapter is None:
-            return lambda p, c: continuation_logprobs(lm, p, c, batch_size=size)
-        return lambda p, c: updater.score(p, c, [adapter] * len(p), batch_size=size)
+        pairs = [(item.prompt, choice) for item in self.items for choice in item.choices]
+        prompts = [p for _ in models for p, _ in pairs]
+        continuations = [c for _ in models for _, c in pairs]
+        if adapters:
+            rows = [a for a in models for _ in pairs]
+            scores = updater.score(prompts, continuations, rows, batch_size=size)
+        else:
+            scores = continuation_logprobs(lm, prompts, continuations, batch_size=size)
+        known = self._graded(lm, self.known if prior else [], updater, models)
+        normalize, n = self.cfg.reasoning.normalize, len(pairs)
+        return [
+            {"reasoning": judged(self.items, scores[k * n : (k + 1) * n], normalize), "prior": known[k]}
+            for k in range(len(models))
+        ]
 
     def _graded(
-        self, lm: LM, questions: list[Known], updater: Updater | None, adapter: TrainedAdapter | None
-    ) -> list[bool]:
+        self,
+        lm: LM,
+        questions: list[Known],
+        updater: Updater | None,
+        models: list[TrainedAdapter | None],
+    ) -> list[list[bool]]:
+        """Per model (an adapter through `updater`, or None for `lm` as it is), whether it answers each of
+        `questions` right."""
         if not questions:
-            return []
+            return [[] for _ in models]
         task = self.cfg.task
         prompts = [
             lm.format(task.question_template.format(title=q.topic, question=q.question)) for q in questions
         ]
         kwargs = {"max_new_tokens": PRIOR_MAX_NEW_TOKENS, "batch_size": task.eval_batch_size}
-        if adapter is None:
+        if all(m is None for m in models):
             answers = generate(lm, prompts, **kwargs)
         else:
-            answers = updater.generate(prompts, [adapter] * len(prompts), **kwargs)
-        return [
+            answers = updater.generate(prompts * len(models), [m for m in models for _ in prompts], **kwargs)
+        graded = [
             any(self.grade(q.question, gold, a) for gold in q.answers)
-            for q, a in zip(questions, answers, strict=True)
+            for q, a in zip(questions * len(models), answers, strict=True)
         ]
+        return [graded[k * len(questions) : (k + 1) * len(questions)] for k in range(len(models))]
 
     def reasoning_metrics(self, prefix: str, results: list[dict[str, Any]]) -> dict[str, float]:
         """`prefix`/accuracy, n, ci95 and chance, pooled over the measured models."""

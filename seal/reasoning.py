@@ -239,7 +239,12 @@ def evaluate(items: list[Item], score: ScoreFn, normalize: bool) -> list[bool]:
     summed log-probability and token count of each continuation."""
     prompts = [item.prompt for item in items for _ in item.choices]
     continuations = [c for item in items for c in item.choices]
-    chosen = choose(items, score(prompts, continuations), normalize)
+    return judged(items, score(prompts, continuations), normalize)
+
+
+def judged(items: list[Item], scores: list[tuple[float, int]], normalize: bool) -> list[bool]:
+    """Whether each item's highest-scoring choice is right, from its choices' (log-prob, tokens) in order."""
+    chosen = choose(items, scores, normalize)
     return [c in item.correct for c, item in zip(chosen, items, strict=True)]
 
 
