@@ -440,6 +440,11 @@ def decode(
     return new
 
 
+# Attention implementations that take a custom 4D mask: sdpa as booleans (True: may attend), eager as an
+# additive float mask. Flash attention takes no such mask.
+PACKABLE_ATTENTION = ("sdpa", "eager")
+
+
 def output_projection(model: nn.Module) -> nn.Linear | None:
     """The output projection of a plain causal LM (a bias-free linear layer whose product is the logits), so
     that logits can be computed for some positions only; None where the model transforms them further
@@ -503,12 +508,17 @@ def continuation_logprobs(
     )
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     head, decoder = output_projection(lm.model), decoder_stack(lm.model)
+    masked = lm.model.config._attn_implementation in PACKABLE_ATTENTION  # flash attention: no 4-D mask
     for idx in tqdm(groups, desc=desc, disable=desc is None, leave=False):
-        shared: dict[tuple, list[int]] = {}
+        shared: dict[Hashable, list[int]] = {}
         for i in idx:
-            shared.setdefault((tuple(pairs[i][0]), share(i) if share else None), []).append(i)
+            key = (tuple(pairs[i][0]), share(i) if share else None) if masked else i
+            shared.setdefault(key, []).append(i)
         rows = list(shared.values())
         ids, positions, mask, predicting = _shared_prompt_rows([[pairs[i] for i in r] for r in rows], lm)
+        if not masked:  # a pair a row: a 2-D mask of its tokens, the padding after them left out
+            lengths = torch.tensor([sum(map(len, pairs[r[0]])) for r in rows], device=lm.device)
+            mask = (torch.arange(ids.shape[1], device=lm.device) < lengths[:, None]).long()
         row, col, targets, pair = (torch.tensor(x, device=lm.device) for x in zip(*predicting, strict=True))
         with context([r[0] for r in rows]) if context else contextlib.nullcontext(), lm.autocast():
             inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)

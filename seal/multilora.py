@@ -57,12 +57,9 @@ from seal.adapt import (
     tokenize,
 )
 from seal.config import AdaptConfig
-from seal.models import LM, continuation_logprobs, generate, output_projection
+from seal.models import LM, PACKABLE_ATTENTION, continuation_logprobs, generate, output_projection
 
 PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its state-dict keys
-# Attention implementations that take a custom 4D mask: sdpa as booleans (True: may attend), eager as an
-# additive float mask. Flash attention takes no such mask.
-PACKABLE_ATTENTION = ("sdpa", "eager")
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
 NO_TARGET = -100  # a packed token with nothing to predict (its row's last token, padding)

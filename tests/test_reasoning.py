@@ -36,10 +36,14 @@ def by_hand(lm, prompt: str, continuation: str) -> float:
     return total
 
 
-@pytest.mark.parametrize("head", ["projected at the predicting positions", "the model's own, everywhere"])
-def test_a_choice_scores_its_log_likelihood_computed_by_hand(tiny_lm, head, monkeypatch):
-    if head == "the model's own, everywhere":  # as for a model with soft-capped or scaled logits
+@pytest.mark.parametrize(
+    "reading", ["a prompt's choices in one row", "the model's own head everywhere", "a pair a row, 2-D mask"]
+)
+def test_a_choice_scores_its_log_likelihood_computed_by_hand(tiny_lm, reading, monkeypatch):
+    if reading == "the model's own head everywhere":  # as for a model with soft-capped or scaled logits
         monkeypatch.setattr(models, "output_projection", lambda model: None)
+    elif reading == "a pair a row, 2-D mask":  # as for flash attention, which takes no 4-D mask
+        monkeypatch.setattr(models, "PACKABLE_ATTENTION", ())
     else:
         assert models.output_projection(tiny_lm.model) is tiny_lm.model.get_output_embeddings()
     item = Item(
