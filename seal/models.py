@@ -515,10 +515,9 @@ def continuation_logprobs(
             key = (tuple(pairs[i][0]), share(i) if share else None) if masked else i
             shared.setdefault(key, []).append(i)
         rows = list(shared.values())
-        ids, positions, mask, predicting = _shared_prompt_rows([[pairs[i] for i in r] for r in rows], lm)
-        if not masked:  # a pair a row: a 2-D mask of its tokens, the padding after them left out
-            lengths = torch.tensor([sum(map(len, pairs[r[0]])) for r in rows], device=lm.device)
-            mask = (torch.arange(ids.shape[1], device=lm.device) < lengths[:, None]).long()
+        ids, positions, mask, predicting = _shared_prompt_rows(
+            [[pairs[i] for i in r] for r in rows], lm, masked
+        )
         row, col, targets, pair = (torch.tensor(x, device=lm.device) for x in zip(*predicting, strict=True))
         with context([r[0] for r in rows]) if context else contextlib.nullcontext(), lm.autocast():
             inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
@@ -535,12 +534,13 @@ def continuation_logprobs(
 
 
 def _shared_prompt_rows(
-    rows: list[list[tuple[list[int], list[int]]]], lm: LM
+    rows: list[list[tuple[list[int], list[int]]]], lm: LM, masked: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]]:
     """The batch of `continuation_logprobs`: each row one prompt (the first pair's) and every pair's
-    continuation after it. Returns the token ids and positions [rows, width], the additive attention mask
-    [rows, 1, width, width], and (row, column, target token, pair) for each continuation token: the column
-    whose output predicts it, and the pair's index counting the rows' pairs in order. Padding sees itself."""
+    continuation after it. Returns the token ids and positions [rows, width], the attention mask, and (row,
+    column, target token, pair) for each continuation token: the column whose output predicts it, and the
+    pair's index counting the rows' pairs in order. The mask is additive, [rows, 1, width, width], with
+    padding seeing itself; or, not `masked` (one pair a row), the 2-D mask of each row's tokens."""
     seqs, spans = [], []
     for members in rows:
         prompt = members[0][0]
@@ -554,20 +554,25 @@ def _shared_prompt_rows(
     device = lm.device
     ids = torch.full((len(rows), width), lm.tokenizer.pad_token_id, device=device)
     positions = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    sees = torch.eye(width, dtype=torch.bool, device=device).repeat(len(rows), 1, 1)
+    sees = torch.eye(width, dtype=torch.bool, device=device).repeat(len(rows), 1, 1) if masked else None
     predicting, pair = [], 0
     for r, (members, seq, row_spans) in enumerate(zip(rows, seqs, spans, strict=True)):
         p = len(members[0][0])
         ids[r, : len(seq)] = torch.tensor(seq, device=device)
         positions[r, :p] = torch.arange(p, device=device)
-        sees[r, :p, :p] = torch.ones(p, p, dtype=torch.bool, device=device).tril()
+        if sees is not None:
+            sees[r, :p, :p] = torch.ones(p, p, dtype=torch.bool, device=device).tril()
         for a, b in row_spans:
             positions[r, a:b] = torch.arange(p, p + b - a, device=device)
-            sees[r, a:b, :p] = True
-            sees[r, a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool, device=device).tril()
+            if sees is not None:
+                sees[r, a:b, :p] = True
+                sees[r, a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool, device=device).tril()
             # Its first token is predicted by the prompt's last one, each next one by the one before it.
             predicting += [(r, t, seq[a + k], pair) for k, t in enumerate([p - 1, *range(a, b - 1)])]
             pair += 1
+    if sees is None:
+        lengths = torch.tensor([len(seq) for seq in seqs], device=device)
+        return ids, positions, (torch.arange(width, device=device) < lengths[:, None]).long(), predicting
     dtype = lm.autocast_dtype or lm.model.dtype
     mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)
     return ids, positions, mask[:, None], predicting

@@ -318,13 +318,14 @@ class TokenLosses(torch.autograd.Function):
 def token_losses(lm: LM, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Cross-entropy per token of `hidden` [tokens, width] against `targets` [tokens]: chunked through the
     frozen bias-free output projection of plain causal LMs, through the model's own head otherwise."""
-    head = lm.model.get_output_embeddings()
-    if output_projection(lm.model) is not None and not head.weight.requires_grad:
+    head = output_projection(lm.model)
+    if head is not None and not head.weight.requires_grad:
         weight = head.weight
         if torch.is_autocast_enabled(hidden.device.type):
             weight = lm.casts.get(head, weight)  # inside LM.frozen_casts: cast once already
         return TokenLosses.apply(hidden, weight, targets, chunk)
-    return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+    logits = lm.model.get_output_embeddings()(hidden)
+    return nn.functional.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def adapter_losses(losses: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -847,8 +848,8 @@ def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
         else:
             budget = 0.8 * psutil.virtual_memory().available
     passes = lane_count(cfg, lm.device)  # one pass's activations a lane, at most `lane_budget` passes' in all
-    if passes > 1 and budget_passes(cfg):
-        passes = max(1.0, min(passes, budget_passes(cfg)))
+    if passes > 1 and (limit := budget_passes(cfg)):
+        passes = max(1.0, min(passes, limit))
     per_slot, activations = slot_bytes(lm, cfg), pass_bytes(lm, cfg) * passes
     capacity = max(1, min(cfg.max_adapters, int((budget - activations) // per_slot)))
     if capacity < cfg.max_adapters:
