@@ -445,18 +445,16 @@ def decode(
 PACKABLE_ATTENTION = ("sdpa", "eager")
 
 
+# Model types whose logits are their output projection of the last hidden state, nothing more. Others may
+# soft-cap the logits (Gemma 2), scale them (Cohere, Granite) or scale the hidden state first (MiniCPM).
+PLAIN_HEADS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3"})
+
+
 def output_projection(model: nn.Module) -> nn.Linear | None:
-    """The output projection of a plain causal LM (a bias-free linear layer whose product is the logits), so
-    that logits can be computed for some positions only; None where the model transforms them further
-    (soft-capping, a logit scale) or its head is something else."""
+    """The output projection of a plain causal LM (a bias-free linear layer whose product is the logits, in a
+    model type of PLAIN_HEADS), so that logits can be computed for some positions only; None otherwise."""
     head = model.get_output_embeddings()
-    config = model.config
-    plain = (
-        isinstance(head, nn.Linear)
-        and head.bias is None
-        and getattr(config, "final_logit_softcapping", None) is None
-        and getattr(config, "logit_scale", None) is None
-    )
+    plain = isinstance(head, nn.Linear) and head.bias is None and model.config.model_type in PLAIN_HEADS
     return head if plain else None
 
 

@@ -1,6 +1,7 @@
 """The reasoning probe: log-likelihood scoring checked by hand, the built-in suite's answers checked
 independently, BIG-bench files read (and refused when malformed), and the command line."""
 
+import dataclasses
 import datetime
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import GraniteConfig, GraniteForCausalLM
 
 from seal import models
 from seal.models import continuation_logprobs
@@ -60,6 +62,28 @@ def test_a_choice_scores_its_log_likelihood_computed_by_hand(tiny_lm, reading, m
     assert choose([item], scores[:3], normalize=False) == [max(range(3), key=hand.__getitem__)]
     per_token = [h / n for h, (_, n) in zip(hand, scores, strict=False)]
     assert choose([item], scores[:3], normalize=True) == [max(range(3), key=per_token.__getitem__)]
+
+
+def test_a_model_that_scales_its_logits_is_scored_through_its_own_head(tiny_lm):
+    """Granite divides its logits by `logits_scaling` after the projection: projecting the hidden state alone
+    would score it wrongly, so such a model keeps its own head."""
+    config = GraniteConfig(
+        vocab_size=len(tiny_lm.tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        logits_scaling=8.0,
+    )
+    torch.manual_seed(0)
+    granite = dataclasses.replace(tiny_lm, model=GraniteForCausalLM(config).eval())
+    assert models.output_projection(granite.model) is None
+    prompts, conts = ["Question: What is 2 + 3?\nAnswer:"] * 2, [" 5", " six"]
+    for (logp, _), prompt, cont in zip(
+        continuation_logprobs(granite, prompts, conts), prompts, conts, strict=True
+    ):
+        assert logp == pytest.approx(by_hand(granite, prompt, cont), abs=1e-4)
 
 
 def test_the_builtin_suite_is_fixed_by_its_seed_and_its_answers_are_right():
