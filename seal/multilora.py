@@ -315,17 +315,24 @@ class TokenLosses(torch.autograd.Function):
         return torch.where(scale != 0, grads * scale, 0), None, None, None
 
 
-def token_losses(lm: LM, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Cross-entropy per token of `hidden` [tokens, width] against `targets` [tokens]: chunked through the
-    frozen bias-free output projection of plain causal LMs, through the model's own head otherwise."""
+def token_losses(
+    lm: LM, inputs: dict[str, torch.Tensor], keep: torch.Tensor, targets: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
+    """Cross-entropy per kept token of the pass of `inputs` (the model's keyword arguments; `keep` [1, T]
+    picks the tokens) against `targets` [kept tokens]. A plain causal LM (`output_projection`): its last
+    hidden state through the frozen projection a chunk at a time. Any other model: its own logits
+    (soft-capped, scaled...), every position's at once."""
     head = output_projection(lm.model)
-    if head is not None and not head.weight.requires_grad:
-        weight = head.weight
-        if torch.is_autocast_enabled(hidden.device.type):
-            weight = lm.casts.get(head, weight)  # inside LM.frozen_casts: cast once already
-        return TokenLosses.apply(hidden, weight, targets, chunk)
-    logits = lm.model.get_output_embeddings()(hidden)
-    return nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    if head is None:
+        logits = lm.model(**inputs).logits[keep]
+        return nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    hidden = lm.model.base_model(**inputs).last_hidden_state[keep]
+    if head.weight.requires_grad:
+        return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+    weight = head.weight
+    if torch.is_autocast_enabled(hidden.device.type):
+        weight = lm.casts.get(head, weight)  # inside LM.frozen_casts: cast once already
+    return TokenLosses.apply(hidden, weight, targets, chunk)
 
 
 def adapter_losses(losses: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -635,13 +642,13 @@ class MultiLoraUpdater:
         # The routing stays set through backward: gradient checkpointing runs the layers again there.
         with self._adapted(batch.slots), self._counted(batch):
             with lm.autocast():
-                hidden = lm.model.base_model(
+                inputs = dict(
                     input_ids=batch.ids,
                     attention_mask=batch.attention_mask,
                     position_ids=batch.positions,
                     use_cache=False,
-                ).last_hidden_state
-                losses = adapter_losses(token_losses(lm, hidden[keep], batch.targets[keep]), slots, counts)
+                )
+                losses = adapter_losses(token_losses(lm, inputs, keep, batch.targets[keep]), slots, counts)
             shares = losses.tolist()
             failed = [k for k in present if not math.isfinite(shares[k])]
             for k in present:

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import GraniteConfig, GraniteForCausalLM
 
 from seal import models, multilora
 from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, make_updater, tokenize
@@ -724,3 +725,27 @@ def test_a_row_that_ends_early_leaves_the_batch_and_the_others_keep_their_adapte
             expected += generate(reference.lm, [prompt], max_new_tokens=8)
     assert len(tok(expected[1]).input_ids) == 1 and len(tok(expected[0]).input_ids) > 1
     assert updater.generate(prompts, adapters, max_new_tokens=8) == expected
+
+
+def test_a_model_that_scales_its_logits_trains_the_adapters_peft_trains():
+    """Granite divides its logits by `logits_scaling` after the output projection. The batched updater must
+    train on those logits, as PEFT does through the model's own forward, not on the bare projection."""
+    config = GraniteConfig(
+        vocab_size=len(load_tiny().tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        logits_scaling=8.0,
+    )
+
+    def granite() -> LM:
+        torch.manual_seed(0)
+        return dataclasses.replace(tiny_fp32(), model=GraniteForCausalLM(config).to(DEVICE).eval())
+
+    assert models.output_projection(granite().model) is None
+    want = LoraUpdater(granite(), AdaptConfig(**CFG)).train(JOBS)
+    got = MultiLoraUpdater(granite(), AdaptConfig(**CFG), 3).train(JOBS)
+    for g, w in zip(got, want, strict=True):
+        assert_same_adapter(g, w)
