@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+from transformers import GraniteConfig, GraniteForCausalLM
 
 from seal.config import ModelConfig, register_configs
 from seal.models import LM, load_model
@@ -65,6 +67,23 @@ def load_tiny(seed: int = 0) -> LM:
     )
     model_cfg = ModelConfig(name="tiny", tiny=shape, device=DEVICE, dtype="float32", autocast=False)
     return load_model(model_cfg, CACHE_DIR, seed=seed)
+
+
+def load_tiny_granite() -> LM:
+    """A tiny random Granite with the tiny model's tokenizer, float32, no autocast: a model whose logits are
+    more than its output projection (it divides them by `logits_scaling`)."""
+    lm = load_tiny()
+    config = GraniteConfig(
+        vocab_size=len(lm.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        logits_scaling=8.0,
+    )
+    torch.manual_seed(0)
+    return dataclasses.replace(lm, model=GraniteForCausalLM(config).to(lm.device).eval(), autocast_dtype=None)
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,13 @@ import threading
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import GraniteConfig, GraniteForCausalLM
 
 from seal import models, multilora
 from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, make_updater, tokenize
 from seal.config import AdaptConfig
 from seal.models import LM, continuation_logprobs, generate, weights_checksum
 from seal.multilora import MultiLoraUpdater, for_device, pack, pack_rows
-from tests.conftest import DEVICE, load_tiny
+from tests.conftest import DEVICE, load_tiny, load_tiny_granite
 
 # The project's learning rate (adapt.lr). At ten times it, AdamW's division by the root of each gradient's
 # running square turns float32 rounding in a near-zero gradient into a step-sized difference: on an AVX-512
@@ -730,22 +729,8 @@ def test_a_row_that_ends_early_leaves_the_batch_and_the_others_keep_their_adapte
 def test_a_model_that_scales_its_logits_trains_the_adapters_peft_trains():
     """Granite divides its logits by `logits_scaling` after the output projection. The batched updater must
     train on those logits, as PEFT does through the model's own forward, not on the bare projection."""
-    config = GraniteConfig(
-        vocab_size=len(load_tiny().tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        logits_scaling=8.0,
-    )
-
-    def granite() -> LM:
-        torch.manual_seed(0)
-        return dataclasses.replace(tiny_fp32(), model=GraniteForCausalLM(config).to(DEVICE).eval())
-
-    assert models.output_projection(granite().model) is None
-    want = LoraUpdater(granite(), AdaptConfig(**CFG)).train(JOBS)
-    got = MultiLoraUpdater(granite(), AdaptConfig(**CFG), 3).train(JOBS)
+    assert models.output_projection(load_tiny_granite().model) is None
+    want = LoraUpdater(load_tiny_granite(), AdaptConfig(**CFG)).train(JOBS)
+    got = MultiLoraUpdater(load_tiny_granite(), AdaptConfig(**CFG), 3).train(JOBS)
     for g, w in zip(got, want, strict=True):
         assert_same_adapter(g, w)

@@ -1,7 +1,6 @@
 """The reasoning probe: log-likelihood scoring checked by hand, the built-in suite's answers checked
 independently, BIG-bench files read (and refused when malformed), and the command line."""
 
-import dataclasses
 import datetime
 import json
 import os
@@ -12,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GraniteConfig, GraniteForCausalLM
 
 from seal import models
 from seal.models import continuation_logprobs
 from seal.reasoning import Item, ReasoningDataError, builtin_suite, choose, evaluate, load_bigbench, summary
-from tests.conftest import CACHE_DIR, DEVICE, SHARED_DATA
+from tests.conftest import CACHE_DIR, DEVICE, SHARED_DATA, load_tiny_granite
 
 ROOT = Path(__file__).resolve().parents[1]
 BIGBENCH = sorted((SHARED_DATA / "bigbench").glob("*.json"))
@@ -64,20 +62,10 @@ def test_a_choice_scores_its_log_likelihood_computed_by_hand(tiny_lm, reading, m
     assert choose([item], scores[:3], normalize=True) == [max(range(3), key=per_token.__getitem__)]
 
 
-def test_a_model_that_scales_its_logits_is_scored_through_its_own_head(tiny_lm):
+def test_a_model_that_scales_its_logits_is_scored_through_its_own_head():
     """Granite divides its logits by `logits_scaling` after the projection: projecting the hidden state alone
     would score it wrongly, so such a model keeps its own head."""
-    config = GraniteConfig(
-        vocab_size=len(tiny_lm.tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        logits_scaling=8.0,
-    )
-    torch.manual_seed(0)
-    granite = dataclasses.replace(tiny_lm, model=GraniteForCausalLM(config).eval())
+    granite = load_tiny_granite()
     assert models.output_projection(granite.model) is None
     prompts, conts = ["Question: What is 2 + 3?\nAnswer:"] * 2, [" 5", " six"]
     for (logp, _), prompt, cont in zip(
