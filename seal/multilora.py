@@ -828,7 +828,9 @@ def pass_bytes(lm: LM, cfg: AdaptConfig) -> int:
     """Estimated activations kept for backward by one pass of `cfg.pack_length` tokens. Per token and layer a
     Llama-style block keeps about 10 hidden-size and 3 intermediate-size vectors (inputs of the projections
     and norms, attention and MLP products); with gradient checkpointing, one hidden-size vector per layer
-    plus one whole layer's recomputed ones."""
+    plus one whole layer's recomputed ones. A model whose logits are more than its output projection (not
+    `output_projection`) also keeps every position's: float32 log-probabilities for the loss and one
+    logits-sized tensor of its own (a soft-cap's tanh), where a plain head keeps none (TokenLosses)."""
     config = lm.model.config
     width = getattr(config, "intermediate_size", 4 * config.hidden_size)
     block = (10 * config.hidden_size + 3 * width) * lm.model.dtype.itemsize
@@ -841,6 +843,8 @@ def pass_bytes(lm: LM, cfg: AdaptConfig) -> int:
         per_token = config.num_hidden_layers * config.hidden_size * lm.model.dtype.itemsize + block
     else:
         per_token = config.num_hidden_layers * block
+    if output_projection(lm.model) is None:
+        per_token += config.vocab_size * (4 + lm.model.dtype.itemsize)
     return max(cfg.pack_length, cfg.max_length) * per_token
 
 

@@ -618,6 +618,31 @@ def test_capacity_fits_the_memory_budget():
     assert 1 <= multilora.fit_capacity(lm, cfg) <= 6  # auto: from the available memory
 
 
+@pytest.mark.parametrize("load", [tiny_fp32, load_tiny_granite], ids=["plain head", "scaled logits"])
+def test_a_pass_keeps_no_more_for_backward_than_the_capacity_estimate(load):
+    """pass_bytes, which fit_capacity reserves per pass, must cover what a pass of pack_length tokens really
+    saves for backward (the tensors autograd keeps, weights aside), the model's own logits included where
+    they are more than the output projection's."""
+    lm = load()
+    cfg = for_device(AdaptConfig(**dict(CFG, epochs=1, max_length=64), pack_length=64), lm.device)
+    updater = MultiLoraUpdater(lm, cfg, 1)
+    weights = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        (adapter,) = updater.train([UpdateJob("one pass", [" ".join(["word"] * 100)], 0)])
+    assert adapter.result.tokens == 63  # one step of one row cut to max_length
+    vocabulary_sized = 64 * lm.model.config.vocab_size * 4  # float32 log-probabilities of every position
+    assert sum(saved.values()) > (vocabulary_sized if load is load_tiny_granite else 0)
+    assert sum(saved.values()) <= multilora.pass_bytes(lm, cfg)
+
+
 def test_generation_batches_hold_capacity_adapters_each_with_their_prompts_together():
     updater = batched(capacity=2)
     made = [TrainedAdapter(str(k), None, {}) for k in range(4)]
