@@ -559,12 +559,9 @@ def _shared_prompt_rows(
         ids[r, : len(seq)] = torch.tensor(seq, device=device)
         positions[r, :p] = torch.arange(p, device=device)
         if sees is not None:
-            sees[r, :p, :p] = torch.ones(p, p, dtype=torch.bool, device=device).tril()
+            sees[r, : len(seq), : len(seq)] = branches_see(p, row_spans, device)
         for a, b in row_spans:
             positions[r, a:b] = torch.arange(p, p + b - a, device=device)
-            if sees is not None:
-                sees[r, a:b, :p] = True
-                sees[r, a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool, device=device).tril()
             # Its first token is predicted by the prompt's last one, each next one by the one before it.
             predicting += [(r, t, seq[a + k], pair) for k, t in enumerate([p - 1, *range(a, b - 1)])]
             pair += 1
@@ -574,6 +571,18 @@ def _shared_prompt_rows(
     dtype = lm.autocast_dtype or lm.model.dtype
     mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)
     return ids, positions, mask[:, None], predicting
+
+
+def branches_see(trunk: int, branches: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """Which tokens each token of one row sees, [length, length]: the row is a trunk of `trunk` tokens, then
+    branches (the [start, end) spans of `branches`, one after another), each seeing the whole trunk and its
+    own earlier tokens, not the other branches. Trunk and branches are causal within themselves."""
+    length = branches[-1][1] if branches else trunk
+    sees = torch.zeros(length, length, dtype=torch.bool, device=device)
+    for a, b in [(0, trunk), *branches]:
+        sees[a:b, :trunk] = True
+        sees[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool, device=device).tril()
+    return sees
 
 
 def choice_scorer(lm: LM, prompt: str) -> Callable[[str, list[str]], list[float]]:
@@ -609,14 +618,8 @@ def choice_scorer(lm: LM, prompt: str) -> Callable[[str, list[str]], list[float]
             seq += r
             positions += range(start + s, start + s + len(r))
         n = len(seq)
-        sees = torch.zeros(n, start + n, dtype=torch.bool, device=lm.device)
-        sees[:, :start] = True  # the prompt
-        sees[:, start : start + s] = True  # the stem (causal within itself, below)
-        sees[:s, start : start + s] = torch.ones(s, s, dtype=torch.bool, device=lm.device).tril()
-        for a, b in spans:
-            sees[a:b, start + a : start + b] = torch.ones(
-                b - a, b - a, dtype=torch.bool, device=lm.device
-            ).tril()
+        sees = torch.ones(n, start + n, dtype=torch.bool, device=lm.device)  # the cached prompt: every token
+        sees[:, start:] = branches_see(s, spans, lm.device)  # the stem, then each choice after it
         dtype = lm.autocast_dtype or lm.model.dtype
         mask = torch.zeros(1, 1, n, start + n, dtype=dtype, device=lm.device)
         mask.masked_fill_(~sees, torch.finfo(dtype).min)
