@@ -626,7 +626,7 @@ def test_a_pass_keeps_no_more_for_backward_than_the_capacity_estimate(load):
     lm = load()
     cfg = for_device(AdaptConfig(**dict(CFG, epochs=1, max_length=64), pack_length=64), lm.device)
     updater = MultiLoraUpdater(lm, cfg, 1)
-    weights = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
+    weights = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}  # the adapter's too
     saved: dict[int, int] = {}
 
     def keep(tensor: torch.Tensor) -> torch.Tensor:
