@@ -18,7 +18,7 @@ from seal.adapt import TrainedAdapter, Updater
 from seal.config import Config
 from seal.grading import accuracy_summary
 from seal.models import LM, continuation_logprobs, generate
-from seal.reasoning import Item, judged, load_items, summary
+from seal.reasoning import Item, choice_pairs, judged, load_items, summary
 
 PRIOR_MAX_NEW_TOKENS = 16  # the answers are a word or two
 
@@ -62,16 +62,15 @@ class Probe:
         rows go to one scoring and one generation call, which a batched updater routes row by row."""
         models: list[TrainedAdapter | None] = list(adapters) if adapters else [None]
         size = self.cfg.reasoning.batch_size
-        pairs = [(item.prompt, choice) for item in self.items for choice in item.choices]
-        prompts = [p for _ in models for p, _ in pairs]
-        continuations = [c for _ in models for _, c in pairs]
+        prompts, continuations = choice_pairs(self.items)
+        n = len(prompts)
         if adapters:
-            rows = [a for a in models for _ in pairs]
-            scores = updater.score(prompts, continuations, rows, batch_size=size)
+            rows = [a for a in models for _ in range(n)]
+            scores = updater.score(prompts * len(models), continuations * len(models), rows, batch_size=size)
         else:
             scores = continuation_logprobs(lm, prompts, continuations, batch_size=size)
         known = self._graded(lm, self.known if prior else [], updater, models)
-        normalize, n = self.cfg.reasoning.normalize, len(pairs)
+        normalize = self.cfg.reasoning.normalize
         return [
             {"reasoning": judged(self.items, scores[k * n : (k + 1) * n], normalize), "prior": known[k]}
             for k in range(len(models))

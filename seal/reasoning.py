@@ -237,9 +237,12 @@ def choose(items: list[Item], scores: list[tuple[float, int]], normalize: bool) 
 def evaluate(items: list[Item], score: ScoreFn, normalize: bool) -> list[bool]:
     """Whether each item's highest-scoring choice is right. `score(prompts, continuations)` returns the
     summed log-probability and token count of each continuation."""
-    prompts = [item.prompt for item in items for _ in item.choices]
-    continuations = [c for item in items for c in item.choices]
-    return judged(items, score(prompts, continuations), normalize)
+    return judged(items, score(*choice_pairs(items)), normalize)
+
+
+def choice_pairs(items: list[Item]) -> tuple[list[str], list[str]]:
+    """The prompts and continuations to score: each item's prompt with each of its choices, in order."""
+    return [item.prompt for item in items for _ in item.choices], [c for item in items for c in item.choices]
 
 
 def judged(items: list[Item], scores: list[tuple[float, int]], normalize: bool) -> list[bool]:
