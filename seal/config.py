@@ -35,6 +35,9 @@ class ModelConfig:
     # generation batch, not at every pass or decoding step (LM.frozen_casts); costs half the float32
     # weights' memory meanwhile. No effect on CUDA.
     cast_once: bool = True
+    # On a CPU in float32, generation multiplies by a copy of the frozen weights laid out once by oneDNN
+    # (LM.packed_weights): decoding about 1.2x faster on 2 cores; costs a copy of the weights meanwhile.
+    pack_weights: bool = True
     prompt_style: str = "chat"  # chat (instruct models: chat template) | plain (base models: completion)
     attn_implementation: str = "sdpa"
     # CUDA: let SDPA use cuDNN's attention. Off by default: it builds a plan for every new sequence

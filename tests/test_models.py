@@ -189,3 +189,49 @@ def test_frozen_casts_are_off_without_autocast_or_when_configured_off_or_on_a_gp
     for lm in (tiny_lm, configured_off, on_a_gpu):
         with lm.frozen_casts():
             assert not lm.casts
+
+
+def _profiled_ops(fn) -> set[str]:
+    with torch.profiler.profile() as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+@pytest.mark.skipif(
+    DEVICE != "cpu" or not torch.backends.mkldnn.is_available(), reason="LM.packed_weights: CPU with oneDNN"
+)
+def test_packed_weights_compute_the_plain_products_and_generate_the_same_text(tiny_lm):
+    """Inside `packed_weights` (a CPU computing in float32) the frozen linear layers multiply by oneDNN's
+    layout of their weights where autograd records nothing, and by their own weights where it does; the logits
+    match the plain layers', greedy generation gives the same text, and afterwards the layers are plain."""
+    lm = dataclasses.replace(tiny_lm, autocast_dtype=None, pack_weights=True, packed={})
+    ids = lm.tokenizer(["The Qirra probe flew in 2026."], return_tensors="pt").input_ids
+    linears = [m for m in lm.model.modules() if type(m) is torch.nn.Linear]
+    with torch.no_grad():
+        plain = lm.model(ids).logits
+    with lm.packed_weights():
+        assert set(lm.packed) == set(linears)
+        with torch.no_grad():
+            ops = _profiled_ops(lambda: lm.model(ids))
+            packed = lm.model(ids).logits
+        with torch.enable_grad():
+            recording = _profiled_ops(lambda: lm.model(ids))
+            recorded = lm.model(ids).logits
+    assert "mkldnn::_linear_pointwise" in ops and "aten::mm" not in ops
+    assert "mkldnn::_linear_pointwise" not in recording
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(recorded, plain)
+    assert not lm.packed and not any("forward" in m.__dict__ for m in linears)
+    prompts = [lm.format(t) for t in ("Short one?", "A much longer question about the passage here?", "Hm")]
+    off = dataclasses.replace(lm, pack_weights=False)
+    assert generate(lm, prompts, max_new_tokens=8, batch_size=3) == generate(off, prompts, max_new_tokens=8)
+
+
+def test_packed_weights_are_off_under_autocast_or_when_configured_off_or_on_a_gpu(tiny_lm):
+    float32 = dataclasses.replace(tiny_lm, autocast_dtype=None, packed={})
+    under_autocast = dataclasses.replace(float32, autocast_dtype=torch.bfloat16)
+    configured_off = dataclasses.replace(float32, pack_weights=False)
+    on_a_gpu = dataclasses.replace(float32, device=torch.device("cuda"))  # only the device's type is read
+    for lm in (under_autocast, configured_off, on_a_gpu):
+        with lm.packed_weights():
+            assert not lm.packed
