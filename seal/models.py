@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import platform
 import shutil
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -96,14 +97,23 @@ class LM:
             or self.packed
             or self.autocast_dtype is not None
             or self.device.type != "cpu"
+            or platform.machine() not in ("x86_64", "AMD64")  # measured on x86 only
             or not torch.backends.mkldnn.is_available()
         ):
             yield
             return
-        for module in _frozen_linears(self.model):
-            if module.weight.dtype == torch.float32:
-                self.packed[module] = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
-                module.forward = functools.partial(_packed_linear, module, self.packed[module])
+        try:
+            for module in _frozen_linears(self.model):
+                if module.weight.dtype == torch.float32:
+                    self.packed[module] = torch.ops.mkldnn._reorder_linear_weight(
+                        module.weight.detach(), None
+                    )
+                    module.forward = functools.partial(_packed_linear, module, self.packed[module])
+        except RuntimeError as error:  # a torch built without these oneDNN operators
+            _restore(self.packed)
+            log.warning(
+                "model.pack_weights: oneDNN could not lay out the weights (%s); using them as they are", error
+            )
         try:
             yield
         finally:

@@ -4,6 +4,7 @@ import huggingface_hub
 import pytest
 import torch
 
+from seal import models
 from seal.config import ModelConfig
 from seal.models import (
     RowSampler,
@@ -235,3 +236,20 @@ def test_packed_weights_are_off_under_autocast_or_when_configured_off_or_on_a_gp
     for lm in (under_autocast, configured_off, on_a_gpu):
         with lm.packed_weights():
             assert not lm.packed
+
+
+def test_a_torch_that_cannot_lay_out_the_weights_generates_with_them_unchanged(tiny_lm, monkeypatch, caplog):
+    lm = dataclasses.replace(tiny_lm, autocast_dtype=None, packed={})
+    prompts = [lm.format("Short one?")]
+    want = generate(dataclasses.replace(lm, pack_weights=False), prompts, max_new_tokens=6)
+
+    def refuse(*args):
+        raise RuntimeError("no such oneDNN operator")
+
+    monkeypatch.setattr(models.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    with lm.packed_weights():
+        assert not lm.packed and not any("forward" in m.__dict__ for m in lm.model.modules())
+    assert generate(lm, prompts, max_new_tokens=6) == want
+    assert "oneDNN could not lay out the weights (no such oneDNN operator)" in caplog.text
