@@ -62,7 +62,7 @@ from seal.models import LM, PACKABLE_ATTENTION, continuation_logprobs, generate,
 PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its state-dict keys
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
-NO_TARGET = -100  # a packed token with nothing to predict (its row's last token, padding)
+NO_TARGET = -100  # a packed token with nothing to predict (before a row's first learnt token)
 
 
 class AdapterRouting:
@@ -232,40 +232,43 @@ class PackedBatch:
     ids: torch.Tensor  # [1, T] token ids
     positions: torch.Tensor  # [1, T] each token's position in its own row, so RoPE sees the row alone
     slots: torch.Tensor  # [1, T] each token's adapter slot
-    targets: torch.Tensor  # [1, T] the next token of the same row; NO_TARGET after a row's last token
+    targets: torch.Tensor  # [1, T] the next token of the same row; NO_TARGET before its first learnt one
     attention_mask: torch.Tensor  # [1, 1, T, T] causal within a row, nothing across rows
     present: list[int]  # the slots of its rows, ascending
 
 
 def pack_rows(rows: list[Row], row_slots: list[int], lm: LM, pack_length: int) -> list[PackedBatch]:
     """Pack `rows` (row i trains slot row_slots[i]) into sequences of at most `pack_length` tokens, a longer
-    row alone in its own, in the attention-mask format of `lm`'s attention implementation."""
-    long = [[i] for i, row in enumerate(rows) if len(row.ids) > pack_length]
-    short = [i for i, row in enumerate(rows) if len(row.ids) <= pack_length]
+    row alone in its own, in the attention-mask format of `lm`'s attention implementation.
+
+    A row's last token is left out: it predicts nothing, and under a causal mask no other token reads it, so
+    every loss and gradient is the same without it (one token in 15 for a self-edit line of 15 tokens). A row
+    with no target is left out whole, for the same reason."""
+    inputs = [(len(row.ids) - 1, i) for i, row in enumerate(rows) if row.targets]
+    long = [[i] for n, i in inputs if n > pack_length]
+    short = [i for n, i in inputs if n <= pack_length]
     bins = long + [
-        [short[j] for j in members] for members in pack([len(rows[i].ids) for i in short], pack_length)
+        [short[j] for j in members] for members in pack([len(rows[i].ids) - 1 for i in short], pack_length)
     ]
     return [_packed([rows[i] for i in members], [row_slots[i] for i in members], lm) for members in bins]
 
 
 def _packed(rows: list[Row], row_slots: list[int], lm: LM) -> PackedBatch:
-    """`rows` end to end in one sequence, each slot's rows side by side (one routing run per slot)."""
+    """`rows` end to end in one sequence, each slot's rows side by side (one routing run per slot), each
+    without its last token."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     targets: list[int] = []
     segments: list[int] = []  # which row each token belongs to
     for i in sorted(range(len(rows)), key=lambda i: row_slots[i]):
-        row, n = rows[i].ids, len(rows[i].ids)
-        ids += row
+        row, learn = rows[i].ids, rows[i].learn_from
+        n = len(row) - 1
+        ids += row[:n]
         positions += range(n)
         slots += [row_slots[i]] * n
-        # Token t predicts token t + 1 of its row, from the first learnt one on; the last predicts nothing
-        # (not the next row's first).
-        learn = rows[i].learn_from
-        row_targets = [NO_TARGET] * n
-        row_targets[learn - 1 : n - 1] = row[learn:]
-        targets += row_targets
+        # Token t predicts token t + 1 of its row, from the first learnt one on.
+        targets += [NO_TARGET] * (learn - 1) + row[learn:]
         segments += [i] * n
     device = lm.device
     allowed = attention.block_causal_mask(torch.tensor(segments, device=device))

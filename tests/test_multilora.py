@@ -9,10 +9,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from seal import models, multilora
-from seal.adapt import LoraUpdater, TrainedAdapter, UpdateJob, make_updater, tokenize
+from seal.adapt import LoraUpdater, Row, TrainedAdapter, UpdateJob, make_updater, tokenize
 from seal.config import AdaptConfig
 from seal.models import LM, continuation_logprobs, generate, weights_checksum
-from seal.multilora import MultiLoraUpdater, for_device, pack, pack_rows
+from seal.multilora import NO_TARGET, MultiLoraUpdater, for_device, pack, pack_rows
 from tests.conftest import DEVICE, load_tiny, load_tiny_granite
 
 # The project's learning rate (adapt.lr). At ten times it, AdamW's division by the root of each gradient's
@@ -546,17 +546,31 @@ def test_a_packed_row_gets_the_logits_it_gets_alone(attention):
     ]
     for row in rows:
         alone = lm.model(input_ids=torch.tensor([row.ids], device=lm.device)).logits[0]
-        # Each row lies whole in one packed sequence, starting where its ids appear at position 0.
+        # Each row lies in one packed sequence, without its last token (which predicts nothing), starting
+        # where its ids appear at position 0.
+        fed = row.ids[:-1]
         p, start = next(
             (p, t)
             for p, b in enumerate(batches)
-            for t in range(b.ids.shape[1] - len(row.ids) + 1)
-            if b.ids[0, t : t + len(row.ids)].tolist() == row.ids and b.positions[0, t] == 0
+            for t in range(b.ids.shape[1] - len(fed) + 1)
+            if b.ids[0, t : t + len(fed)].tolist() == fed and b.positions[0, t] == 0
         )
-        torch.testing.assert_close(packed[p][start : start + len(row.ids)], alone, atol=1e-5, rtol=0)
-        # It learns its own next tokens and nothing after its end.
-        targets = batches[p].targets[0, start : start + len(row.ids)].tolist()
-        assert targets == row.ids[1:] + [multilora.NO_TARGET]
+        torch.testing.assert_close(packed[p][start : start + len(fed)], alone[:-1], atol=1e-5, rtol=0)
+        # It learns its own next tokens, every one of them.
+        assert batches[p].targets[0, start : start + len(fed)].tolist() == row.ids[1:]
+    assert sum(b.ids.shape[1] for b in batches) == sum(len(row.ids) - 1 for row in rows)
+
+
+def test_rows_are_packed_from_their_first_learnt_token_and_without_what_predicts_nothing():
+    """A row's tokens before `learn_from` are read but not learnt; a row with nothing to learn is not read."""
+    lm = tiny_fp32()
+    rows = [Row([5, 6, 7, 8, 9], learn_from=3), Row([10]), Row([11, 12], learn_from=2), Row([13, 14])]
+    (batch,) = pack_rows(rows, [1, 0, 0, 2], lm, pack_length=64)
+    assert batch.ids[0].tolist() == [5, 6, 7, 8, 13]  # in slot order; rows 1 and 2 have no target
+    assert batch.targets[0].tolist() == [NO_TARGET, NO_TARGET, 8, 9, 14]
+    assert batch.positions[0].tolist() == [0, 1, 2, 3, 0]
+    assert batch.slots[0].tolist() == [1, 1, 1, 1, 2]
+    assert batch.present == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -579,19 +593,20 @@ def test_rows_of_very_different_lengths_pack_tightly_and_train_as_alone(
     for got, want in zip(adapters, sequential_mixed, strict=True):
         assert_same_adapter(got, want)
     # Every job has one step per epoch, so each step holds all jobs' sequences: the passage of 150 tokens
-    # and six short lines.
+    # and six short lines, each read without its last token.
     lengths = [len(r.ids) for job in MIXED_JOBS for r in tokenize(updater.lm, job.sequences, 150)]
     assert max(lengths) == 150 and sorted(lengths)[-2] < 12
+    fed = [n - 1 for n in lengths]
     passes = [shape[1] for shape in packed[: len(packed) // CFG["epochs"]]]
     if pack_length == 512:
-        assert passes == [sum(lengths)]
+        assert passes == [sum(fed)]
     elif pack_length == 160:
-        assert sorted(passes) == [sum(lengths) - 150, 150]
+        assert sorted(passes) == [sum(fed) - 149, 149]
     else:  # the passage alone (it is longer than a pass), the lines a few at a time
-        assert max(passes) == 150 and len(passes) >= 1 + sum(lengths[1:]) // 20
-    assert all(shape[0] == 1 and (shape[1] <= pack_length or shape[1] == 150) for shape in packed)
+        assert max(passes) == 149 and len(passes) >= 1 + sum(fed[1:]) // 20
+    assert all(shape[0] == 1 and (shape[1] <= pack_length or shape[1] == 149) for shape in packed)
     # No padding: the passes of a step hold its tokens exactly once.
-    assert sum(shape[1] for shape in packed) == sum(lengths) * CFG["epochs"]
+    assert sum(shape[1] for shape in packed) == sum(fed) * CFG["epochs"]
 
 
 def test_capacity_fits_the_memory_budget():
