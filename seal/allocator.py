@@ -15,8 +15,10 @@ starts the command again with `LD_PRELOAD` set, before anything else runs (PyTor
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ENV = "SEAL_ALLOCATOR"  # tcmalloc (default) | system
@@ -63,3 +65,19 @@ def in_use() -> str:
     except OSError:
         return "system"
     return "tcmalloc" if "libtcmalloc" in maps else "system"
+
+
+def release_free_memory() -> None:
+    """Hand the memory TCMalloc holds free back to the system, so that a large copy freed now (the weights
+    laid out for generation, `LM.packed_weights`) does not stay in the process's resident set. Nothing under
+    glibc's malloc, which returns large blocks itself."""
+    release = _tcmalloc_release()
+    if release is not None:
+        release()
+
+
+@functools.cache
+def _tcmalloc_release() -> Callable[[], None] | None:
+    if in_use() != "tcmalloc":
+        return None
+    return getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)  # LD_PRELOAD's symbols

@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from seal import allocator
 from seal.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class LM:
             yield
         finally:
             _restore(self.packed)
+            allocator.release_free_memory()  # else TCMalloc keeps the copy's pages, and the run's RSS grows
 
     def format(self, text: str) -> str:
         """The prompt the model sees for an instruction: its chat template, or plain completion text."""
