@@ -92,7 +92,8 @@ class LM:
         product runs on one thread far below the memory's speed and oneDNN's uses every core: 2 to 20 rows of
         SmolLM2's projections 1.7-2.5x faster on 2 cores (AVX2), the bench's 20 answers 14.2 s against 17.3 s,
         the same answers (benchmarks/README.md). The results may differ from the plain product's in the last
-        bits. Costs a copy of the weights while it lasts; `model.pack_weights=false` turns it off."""
+        bits. Costs a copy of the weights while it lasts, handed back to the system afterwards (under
+        TCMalloc, which would otherwise keep its pages); `model.pack_weights=false` turns it off."""
         if (
             not self.pack_weights
             or self.packed
