@@ -26,6 +26,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from seal import allocator
 from seal.adapt import collate, tokenize
 from seal.config import RLConfig, SFTConfig
 from seal.models import LM
@@ -158,6 +159,10 @@ def sft_merge(
     (`apply_adapter` merges them again on resume) and the last epoch's mean loss."""
     peft, state, epoch_loss = sft_train(generator, examples, cfg, seed)
     generator.model = peft.merge_and_unload().eval().requires_grad_(False)
+    # The SFT's activations, logits and optimizer state are freed by now; under TCMalloc their pages would
+    # stay in the resident set, beneath whatever the next phase allocates (a one-round run: 5.39 GB against
+    # 4.55 GB peak RSS, benchmarks/README.md).
+    allocator.release_free_memory()
     return state, epoch_loss
 
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from seal import multilora
+from seal import multilora, rl
 from seal.adapt import collate
 from seal.config import AdaptConfig, RewardConfig, RLConfig, SFTConfig
 from seal.multilora import MultiLoraUpdater
@@ -63,8 +63,14 @@ def _completion_nll(lm, prompt: str, completion: str) -> float:
         return lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
 
 
-def test_sft_merge_learns_the_completion_and_a_saved_adapter_merges_to_the_same_weights():
+def test_sft_merge_learns_the_completion_and_a_saved_adapter_merges_to_the_same_weights(monkeypatch):
     generator, replay = load_tiny(), load_tiny()
+    released = []  # whether the adapter was merged when the SFT's freed memory went back to the system
+    monkeypatch.setattr(
+        rl.allocator,
+        "release_free_memory",
+        lambda: released.append(not any("lora_" in n for n, _ in generator.model.named_parameters())),
+    )
     examples = [
         ("Write about the Corvane cell.\n", "The Corvane cell stores sodium."),
         ("Say hi.\n", "hi there"),
@@ -75,6 +81,7 @@ def test_sft_merge_learns_the_completion_and_a_saved_adapter_merges_to_the_same_
     assert torch.isfinite(torch.tensor(loss)) and len(state) == 2 * 2 * 7  # 2 layers x 7 projections x A, B
     assert _completion_nll(generator, *examples[0]) < before - 0.5
     assert not any("lora_" in n for n, _ in generator.model.named_parameters())  # merged, unwrapped
+    assert released == [True]
     apply_adapter(replay, state, cfg)
     for (name, a), (_, b) in zip(
         generator.model.named_parameters(), replay.model.named_parameters(), strict=True
