@@ -68,9 +68,10 @@ def in_use() -> str:
 
 
 def release_free_memory() -> None:
-    """Hand the memory TCMalloc holds free back to the system, so that a large copy freed now (the weights
-    laid out for generation, `LM.packed_weights`) does not stay in the process's resident set. Nothing under
-    glibc's malloc, which returns large blocks itself."""
+    """Hand the memory TCMalloc holds free back to the system, so that what was just freed in bulk does not
+    stay in the process's resident set beneath the next phase: the weights laid out for a generation batch
+    (`LM.packed_weights`), the RL fine-tuning's working memory (`seal.rl.sft_merge`). Nothing under glibc's
+    malloc, which returns large blocks itself."""
     release = _tcmalloc_release()
     if release is not None:
         release()
