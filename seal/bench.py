@@ -304,8 +304,8 @@ def summarise(
         "update_tokens_per_s": tokens / seconds["update"],
         "peak_mb": {phase: round(mb, 1) for phase, mb in peak_mb.items()},
         "final_losses": [round(r.epoch_losses[-1], 4) for r in results],
-        # Each job's update, start to end: ours trains its jobs side by side, so its update lasts about as long
-        # as its slowest job's chain of steps (a step cannot start before the job's previous one has ended).
+        # Each job's update, start to end: ours trains its jobs side by side, so its update lasts about as
+        # long as its slowest job's chain of steps (a step cannot start before the job's previous one ends).
         "job_seconds": [round(r.seconds, 2) for r in results],
         "correct": correct,
         "accuracy": sum(correct) / questions,
