@@ -62,10 +62,10 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, capsys, 
     assert ours["update_flops_per_s"] == 4 * params * ours["update_tokens_per_s"]
     assert record["speedup_self_edits_per_hour"] > 0
     # Each job's update time: the naive reference's jobs one after another within its update phase, ours'
-    # side by side within ours'.
+    # side by side within ours' (give or take the figures' rounding to 0.01 s).
     assert len(naive["job_seconds"]) == len(ours["job_seconds"]) == 2
-    assert 0 < sum(naive["job_seconds"]) <= naive["seconds"]["update"]
-    assert 0 < max(ours["job_seconds"]) <= ours["seconds"]["update"]
+    assert 0 < sum(naive["job_seconds"]) <= naive["seconds"]["update"] + 0.02
+    assert 0 < max(ours["job_seconds"]) <= ours["seconds"]["update"] + 0.02
     assert "slowest job's update s" in printed
     memory = record["memory"]
     if executor != "local":
