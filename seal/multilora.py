@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seal import attention, lane_budget
+from seal import allocator, attention, lane_budget
 from seal.adapt import (
     Row,
     TrainedAdapter,
@@ -57,12 +57,17 @@ from seal.adapt import (
     tokenize,
 )
 from seal.config import AdaptConfig
+from seal.kernels import lora_linear_kernel
 from seal.models import LM, PACKABLE_ATTENTION, continuation_logprobs, generate, output_projection
 
 PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its state-dict keys
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
 NO_TARGET = -100  # a packed token with nothing to predict (before a row's first learnt token)
+# Under bf16 autocast, the C++ kernel runs an adapter on a run of at most this many rows in float32: oneDNN's
+# bf16 product of [rows, 576] x [576, 32] costs about 30 us whatever the rows up to about 120 on the AMX CPU,
+# float32's 3-17 us up to 30 rows (benchmarks/README.md, "One autograd node per adapted layer").
+FLOAT32_ADAPTER_ROWS = 64
 
 
 class AdapterRouting:
@@ -138,10 +143,18 @@ class MultiLoraLinear(nn.Module):
         )
         self.scaling = cfg.alpha / cfg.rank
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        # While MultiLoraUpdater.train runs the C++ kernel: the kernel, the frozen tensors it multiplies by
+        # ([weight, bias] in the compute dtype, then oneDNN's packed weight and its transpose if any) and the
+        # most rows of a run whose adapter goes in float32. Otherwise None: PyTorch's operations below.
+        self.kernel: Any = None
+        self.kernel_frozen: list[torch.Tensor] = []
+        self.kernel_float32_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         routing = self.routing.current()
+        if self.kernel is not None and routing.runs and routing.mask is None:
+            return self._kernel_forward(x, routing)
+        result = self.base_layer(x)
         if not routing.runs:
             return result
         # Dim 0 of this view is what the routing counts: tokens of the flattened batch, or whole rows.
@@ -165,6 +178,22 @@ class MultiLoraLinear(nn.Module):
                 deltas.append(part @ self.lora_A[slot].T @ self.lora_B[slot].T)
         delta = (deltas[0] if len(deltas) == 1 else torch.cat(deltas)) * self.scaling
         return (result + delta.view(*result.shape[:-1], -1)).to(result.dtype)
+
+    def _kernel_forward(self, x: torch.Tensor, routing: AdapterRouting) -> torch.Tensor:
+        """The forward above, routed by runs, as one node of the C++ kernel (seal/kernels/lora_linear.cpp)."""
+        tokens = 1 if routing.per_token else x[0].numel() // x.shape[-1]  # flattened rows in a routed row
+        starts, lengths, a, b = [], [], [], []
+        offset = 0
+        for slot, n in routing.runs:
+            if slot >= 0:
+                starts.append(offset)
+                lengths.append(n * tokens)
+                a.append(self.lora_A[slot])
+                b.append(self.lora_B[slot])
+            offset += n * tokens
+        return self.kernel.lora_linear(
+            x, self.kernel_frozen, a, b, starts, lengths, self.scaling, self.kernel_float32_rows
+        )
 
     def _adapter_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`x` as the adapters read it: cast to their dtype, as PEFT casts it, then dropout. Under autocast
@@ -405,6 +434,9 @@ class MultiLoraUpdater:
             setattr(lm.model.get_submodule(parent_name), child, layer)
             self.layers.append((name, layer))
         self.compiled = compiled_blocks(lm, self.layers) if cfg.compile else []
+        # The C++ kernel where for_device chose it and it builds (auto: else PyTorch's operations, warned).
+        required = cfg.lora_kernel == "cpp"
+        self.kernel = None if cfg.lora_kernel == "python" else lora_linear_kernel(required=required)
         self.blocks = decoder_layers(lm)  # where the lanes' activation budget counts a pass's tokens
         self.budget: lane_budget.ActivationBudget | None = None  # the lanes' shared one, while they train
         self._init_lock = threading.Lock()  # lanes start jobs from the global random generator, one at a time
@@ -470,6 +502,7 @@ class MultiLoraUpdater:
                 swapped_forwards(self.compiled),
                 # Compiled blocks would guard on each layer's own cast forward and recompile layer by layer.
                 contextlib.nullcontext() if self.compiled else self.lm.frozen_casts(),
+                self._kernel_layers(),
                 attention.packed_attention(self.lm),  # a CPU: attention as batched products
             ):
                 if len(lanes) == 1:
@@ -485,6 +518,40 @@ class MultiLoraUpdater:
                     param.grad = None
             bar.close()
         return adapters
+
+    @contextlib.contextmanager
+    def _kernel_layers(self) -> Iterator[None]:
+        """Inside this block (within `LM.frozen_casts`) the adapted layers compute through the C++ kernel,
+        if there is one: each gets its frozen weight in the compute dtype (autocast's, else float32) and, in
+        bf16 with `model.pack_weights`, laid out once by oneDNN for the forward product and, transposed, for
+        the input's gradient (2 x 0.27 GB for SmolLM2, handed back afterwards)."""
+        lm = self.lm
+        dtype = lm.autocast_dtype or torch.float32
+        if self.kernel is None or any(m.base_layer.weight.dtype != torch.float32 for _, m in self.layers):
+            yield  # weights held in bf16 without autocast: PyTorch's operations, as they mix dtypes there
+            return
+        pack = lm.pack_weights and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        try:
+            for _, layer in self.layers:
+                base = layer.base_layer
+                weight = lm.casts.get(base)
+                if weight is None:
+                    weight = base.weight.detach().to(dtype)
+                bias = torch.empty(0) if base.bias is None else base.bias.detach()
+                layer.kernel_frozen = [weight, bias]
+                if pack:
+                    layer.kernel_frozen += [
+                        torch.ops.mkldnn._reorder_linear_weight(weight, None),
+                        torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), None),
+                    ]
+                layer.kernel_float32_rows = FLOAT32_ADAPTER_ROWS if dtype != torch.float32 else 0
+                layer.kernel = self.kernel
+            yield
+        finally:
+            for _, layer in self.layers:
+                layer.kernel, layer.kernel_frozen = None, []
+            if pack:
+                allocator.release_free_memory()  # else TCMalloc keeps the packed copies' pages
 
     def _lanes(self, jobs: list[UpdateJob]) -> list[tuple[list[int], deque[int]]]:
         """Each lane's slots and the jobs it trains, in order. The jobs are shared out by their estimated
@@ -890,11 +957,20 @@ def for_device(cfg: AdaptConfig, device: torch.device) -> AdaptConfig:
     if cfg.pack_length < 0:
         raise ValueError(f"adapt.pack_length must be positive (0: auto), got {cfg.pack_length}")
     pack_length = cfg.pack_length or (2048 if cuda else 256)
+    kernel_fits = not cuda and routing == "runs" and not cfg.compile and not cfg.dropout
+    if cfg.lora_kernel not in ("auto", "cpp", "python"):
+        raise ValueError(f"unknown adapt.lora_kernel {cfg.lora_kernel!r}: expected auto, cpp or python")
+    if cfg.lora_kernel == "cpp" and not kernel_fits:
+        raise ValueError(
+            "adapt.lora_kernel=cpp is for CPU training with adapt.lora_routing=runs, adapt.compile=false and "
+            "adapt.dropout=0"
+        )
+    kernel = cfg.lora_kernel if cfg.lora_kernel != "auto" or kernel_fits else "python"  # auto: if it builds
     if cfg.lanes < 0:
         raise ValueError(f"adapt.lanes must be 0 (auto) or more, got {cfg.lanes}")
     if cfg.lanes > 1 and (why := _no_lanes(cfg, device)):
         raise ValueError(f"adapt.lanes > 1 {why}")
-    return replace(cfg, lora_routing=routing, pack_length=pack_length)
+    return replace(cfg, lora_routing=routing, pack_length=pack_length, lora_kernel=kernel)
 
 
 def _no_lanes(cfg: AdaptConfig, device: torch.device) -> str | None:

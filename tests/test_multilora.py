@@ -244,12 +244,14 @@ def test_weights_cast_once_train_exactly_what_autocast_trains():
 def test_under_autocast_adapters_read_their_input_uncast_and_train_bit_for_bit_as_when_cast(
     routing, monkeypatch
 ):
-    """MultiLoraLinear._adapter_input leaves out PEFT's cast of a bf16 input to the adapters' float32 under
-    autocast: the very same adapters must come out as when it is cast."""
+    """MultiLoraLinear._adapter_input (PyTorch's operations, not the C++ kernel) leaves out PEFT's cast of a
+    bf16 input to the adapters' float32 under autocast: the very same adapters must come out as when it is
+    cast."""
 
     def train() -> list[TrainedAdapter]:
         lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
-        return MultiLoraUpdater(lm, AdaptConfig(**MIXED_CFG, lora_routing=routing), 4).train(MIXED_JOBS)
+        cfg = AdaptConfig(**MIXED_CFG, lora_routing=routing, lora_kernel="python")
+        return MultiLoraUpdater(lm, cfg, 4).train(MIXED_JOBS)
 
     uncast, dtypes = multilora.MultiLoraLinear._adapter_input, set()
 
@@ -399,8 +401,19 @@ def test_auto_settings_follow_the_device_and_bad_ones_are_refused():
     assert (auto.lora_routing, auto.pack_length) == ("auto", 0)
     assert (for_device(auto, cpu).lora_routing, for_device(auto, cpu).pack_length) == ("runs", 256)
     assert (for_device(auto, cuda).lora_routing, for_device(auto, cuda).pack_length) == ("mask", 2048)
-    chosen = AdaptConfig(**CFG, lora_routing="mask", pack_length=100)
+    chosen = AdaptConfig(**CFG, lora_routing="mask", pack_length=100, lora_kernel="python")
     assert for_device(chosen, cpu) == chosen
+    # The C++ kernel: auto keeps it where it applies (built on first use), else PyTorch's operations.
+    assert for_device(auto, cpu).lora_kernel == "auto"
+    assert for_device(auto, cuda).lora_kernel == "python"
+    assert for_device(AdaptConfig(lora_routing="mask"), cpu).lora_kernel == "python"
+    with pytest.raises(ValueError, match="lora_kernel 'triton'"):
+        for_device(AdaptConfig(lora_kernel="triton"), cpu)
+    for setting in (dict(compile=True), dict(dropout=0.1), dict(lora_routing="mask")):
+        with pytest.raises(ValueError, match="lora_kernel=cpp is for CPU training"):
+            for_device(AdaptConfig(lora_kernel="cpp", **setting), cpu)
+    with pytest.raises(ValueError, match="lora_kernel=cpp is for CPU training"):
+        for_device(AdaptConfig(lora_kernel="cpp"), cuda)
     with pytest.raises(ValueError, match="lora_routing 'gather'"):
         for_device(AdaptConfig(lora_routing="gather"), cpu)
     with pytest.raises(ValueError, match="pack_length must be positive"):

@@ -1,0 +1,47 @@
+"""Compiled CPU kernels for the batched updater, built once per machine from the C++ beside this file.
+
+`torch.utils.cpp_extension` compiles them with the machine's C++ compiler and ninja the first time a process
+asks (about 35 s on 2 cores), into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default
+~/.cache/torch_extensions); later processes load the built library. `make setup` builds them. Where they
+cannot be built (no compiler, no ninja), `lora_linear_kernel` says why and the updater keeps PyTorch's own
+operations (`adapt.lora_kernel`).
+"""
+
+import logging
+import threading
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("lora_linear.cpp")
+NAME = "seal_lora_linear"
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | Exception] = {}
+
+
+def lora_linear_kernel(required: bool = False) -> ModuleType | None:
+    """The compiled `lora_linear` extension (see lora_linear.cpp), built on first use. If it cannot be built
+    or loaded: with `required` a RuntimeError saying why, else a warning (once per process) and None."""
+    with _lock:
+        if NAME not in _loaded:
+            try:
+                from torch.utils import cpp_extension
+
+                _loaded[NAME] = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=["-O2"], verbose=False)
+            except Exception as error:  # a compiler, ninja or a header missing; a failed compile
+                _loaded[NAME] = error
+                if not required:
+                    log.warning(
+                        "adapt.lora_kernel: the C++ kernel could not be built (%s: %s); the batched updater "
+                        "uses PyTorch's own operations instead (slower on a CPU)",
+                        type(error).__name__,
+                        str(error).strip().splitlines()[-1] if str(error).strip() else "",
+                    )
+    loaded = _loaded[NAME]
+    if isinstance(loaded, Exception):
+        if required:
+            raise RuntimeError(
+                f"adapt.lora_kernel=cpp: the C++ kernel {SOURCE.name} could not be built or loaded: {loaded}"
+            ) from loaded
+        return None
+    return loaded

@@ -1,0 +1,130 @@
+// A frozen linear layer plus LoRA adapters on runs of its input's rows, as one autograd node.
+//
+// seal.multilora.MultiLoraLinear computes, for each run of consecutive rows routed to one adapter slot,
+//     out = x W^T (+ bias) + scaling * (x A^T) B^T
+// With PyTorch's own operations that is about a dozen autograd nodes, casts and views per layer and pass, each
+// with its dispatch and Python overhead; on a CPU, at the few tokens of SEAL's one-sequence steps, that
+// overhead costs more than the arithmetic. Here the forward and its backward are written out once in C++:
+// one node per layer, and the backward runs without Python's lock, so lanes (threads) do not wait on it.
+//
+// Arithmetic, in the compute dtype of `weight` (bf16 under autocast, float32 otherwise):
+// - base product: x W^T, through oneDNN's pre-packed weight when `packed` holds [W packed, W^T packed];
+// - a run's adapter in float32 when it has at most `float32_rows` rows (there a bf16 product costs a
+//   fixed ~30 us in oneDNN, a float32 one a few), else in the compute dtype, as autocast would;
+// - gradients for x (if needed) and for each run's A and B (float32, the adapters' dtype); none for W.
+// With float32_rows = 0 and no packed weights the results equal PyTorch's autograd of the same operations
+// bit for bit (tests/test_kernels.py).
+#include <torch/extension.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+at::Tensor packed_product(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                         c10::string_view, c10::List<c10::optional<at::Scalar>>,
+                                         c10::optional<c10::string_view>)>();
+  return op.call(x, packed, bias, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
+}
+
+// frozen: [weight, bias] or [weight, bias, W packed, W^T packed]; an absent bias is an empty tensor.
+struct LoraLinear : public torch::autograd::Function<LoraLinear> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList frozen, at::TensorList a,
+                            at::TensorList b, std::vector<int64_t> starts, std::vector<int64_t> lengths,
+                            double scaling, int64_t float32_rows) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto& weight = frozen[0];
+    const auto dtype = weight.scalar_type();
+    const bool packed = frozen.size() == 4;
+    c10::optional<at::Tensor> bias;
+    if (frozen[1].numel()) bias = frozen[1].to(dtype);
+    auto rows = x.reshape({-1, x.size(-1)});
+    auto xc = rows.to(dtype).contiguous();
+    at::Tensor out;
+    if (packed) {
+      out = packed_product(xc, frozen[2], bias);
+    } else {
+      out = bias ? at::addmm(*bias, xc, weight.t()) : at::mm(xc, weight.t());
+    }
+    std::vector<at::Tensor> saved;  // per run: its input, x A^T, and A and B as multiplied
+    for (size_t r = 0; r < a.size(); ++r) {
+      const bool small = lengths[r] <= float32_rows;
+      const auto run_dtype = small ? at::kFloat : dtype;
+      auto part = (small ? rows : xc).narrow(0, starts[r], lengths[r]).to(run_dtype);
+      auto ar = a[r].to(run_dtype), br = b[r].to(run_dtype);
+      auto h = at::mm(part, ar.t());
+      out.narrow(0, starts[r], lengths[r]).add_(at::mm(h, br.t()).mul(scaling));
+      saved.insert(saved.end(), {part, h, ar, br});
+    }
+    ctx->saved_data["weight"] = packed ? frozen[3] : weight;
+    ctx->saved_data["packed"] = packed;
+    ctx->saved_data["frozen"] = static_cast<int64_t>(frozen.size());
+    ctx->saved_data["saved"] = saved;
+    ctx->saved_data["starts"] = starts;
+    ctx->saved_data["lengths"] = lengths;
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    auto shape = x.sizes().vec();
+    shape.back() = out.size(-1);
+    return out.view(shape);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto weight = ctx->saved_data["weight"].toTensor();
+    const bool packed = ctx->saved_data["packed"].toBool();
+    const auto saved = ctx->saved_data["saved"].toTensorVector();
+    const auto starts = ctx->saved_data["starts"].toIntVector();
+    const auto lengths = ctx->saved_data["lengths"].toIntVector();
+    const double scaling = ctx->saved_data["scaling"].toDouble();
+    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType();
+    const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
+    const size_t runs = starts.size();
+    auto g = grads[0].reshape({-1, grads[0].size(-1)});
+    const bool need_x = ctx->needs_input_grad(0);
+    at::Tensor dx;
+    if (need_x) {
+      dx = (packed ? packed_product(g.contiguous(), weight, c10::nullopt) : at::mm(g, weight)).to(x_dtype);
+    }
+    variable_list da(runs), db(runs);
+    for (size_t r = 0; r < runs; ++r) {
+      const auto &part = saved[4 * r], &h = saved[4 * r + 1], &ar = saved[4 * r + 2], &br = saved[4 * r + 3];
+      auto gr = g.narrow(0, starts[r], lengths[r]).to(h.scalar_type()).mul(scaling);
+      auto dh = at::mm(gr, br);
+      // The same products, in the same layouts, as autograd's mm backward for x A^T and h B^T.
+      db[r] = at::mm(gr.t(), h).to(at::kFloat);
+      da[r] = at::mm(dh.t(), part).to(at::kFloat);
+      if (need_x) dx.narrow(0, starts[r], lengths[r]).add_(at::mm(dh, ar).to(x_dtype));
+    }
+    variable_list out{need_x ? dx.view(x_sizes) : at::Tensor()};
+    out.resize(1 + ctx->saved_data["frozen"].toInt());  // the frozen tensors get no gradient
+    out.insert(out.end(), da.begin(), da.end());
+    out.insert(out.end(), db.begin(), db.end());
+    out.resize(out.size() + 4);  // starts, lengths, scaling, float32_rows
+    return out;
+  }
+};
+
+at::Tensor lora_linear(const at::Tensor& x, std::vector<at::Tensor> frozen, std::vector<at::Tensor> a,
+                       std::vector<at::Tensor> b, std::vector<int64_t> starts, std::vector<int64_t> lengths,
+                       double scaling, int64_t float32_rows) {
+  TORCH_CHECK(frozen.size() == 2 || frozen.size() == 4, "frozen: [weight, bias] or [weight, bias, packed, packed^T]");
+  TORCH_CHECK(a.size() == b.size() && a.size() == starts.size() && a.size() == lengths.size(),
+              "one A, one B, one start and one length per run");
+  // As TensorLists, so that autograd sees their tensors as the node's inputs (a std::vector it would not).
+  return LoraLinear::apply(x, at::TensorList(frozen), at::TensorList(a), at::TensorList(b), starts, lengths,
+                           scaling, float32_rows);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lora_linear", &lora_linear, "x W^T + bias + scaling (x A^T) B^T on runs of rows, one autograd node",
+        py::call_guard<py::gil_scoped_release>());
+}

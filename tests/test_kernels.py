@@ -1,0 +1,133 @@
+"""The C++ kernel of an adapted layer (seal/kernels/lora_linear.cpp) against PyTorch's own operations."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from seal import kernels
+from seal.config import AdaptConfig
+from seal.multilora import FLOAT32_ADAPTER_ROWS, AdapterRouting, MultiLoraLinear, MultiLoraUpdater
+from tests.conftest import DEVICE
+from tests.test_multilora import CFG, JOBS, tiny_fp32
+
+pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="the C++ kernel is for CPUs")
+# Rows 0-4 through slot 0, 5-7 through no adapter, 8-16 through slot 2 (slot 1 is not in this pass).
+RUNS = [(0, 5), (-1, 3), (2, 9)]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """Built here if `make setup` has not built it yet; the tests need the compiler the machine has."""
+    return kernels.lora_linear_kernel(required=True)
+
+
+def layer_and_input(bias: bool, dtype: torch.dtype, per_token: bool):
+    torch.manual_seed(0)
+    routing = AdapterRouting()
+    base = nn.Linear(48, 40, bias=bias).requires_grad_(False)
+    layer = MultiLoraLinear(base, 3, AdaptConfig(rank=4), routing)
+    with torch.no_grad():
+        for p in [*layer.lora_A, *layer.lora_B]:
+            p.normal_()  # B starts at zero in training; here every product must count
+    slots = torch.tensor([slot for slot, n in RUNS for _ in range(n)])
+    if per_token:  # one packed row of 17 tokens, each routed on its own
+        x, ids = torch.randn(1, 17, 48), slots[None, :]
+    else:  # 17 rows of 2 tokens each, routed row by row
+        x, ids = torch.randn(17, 2, 48), slots
+    routing.set(ids)
+    return layer, x.to(dtype).requires_grad_(True)
+
+
+def forward_backward(layer: MultiLoraLinear, x: torch.Tensor, autocast: bool):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    params = [layer.lora_A[0], layer.lora_A[2], layer.lora_B[0], layer.lora_B[2]]
+    return [y, *torch.autograd.grad(y, [x, *params], grad)], layer.lora_A[1].grad
+
+
+def use_kernel(layer: MultiLoraLinear, kernel, dtype: torch.dtype, packed: bool, float32_rows: int) -> None:
+    base = layer.base_layer
+    weight = base.weight.detach().to(dtype)
+    layer.kernel_frozen = [weight, torch.empty(0) if base.bias is None else base.bias.detach()]
+    if packed:
+        layer.kernel_frozen += [
+            torch.ops.mkldnn._reorder_linear_weight(weight, None),
+            torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), None),
+        ]
+    layer.kernel, layer.kernel_float32_rows = kernel, float32_rows
+
+
+@pytest.mark.parametrize("per_token", [True, False], ids=["tokens", "rows"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+@pytest.mark.parametrize(
+    ("x_dtype", "autocast"),
+    [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)],
+    ids=["float32", "float32 input, bf16 autocast", "bf16 input, bf16 autocast"],
+)
+def test_the_kernel_computes_what_pytorch_computes_bit_for_bit(kernel, per_token, bias, x_dtype, autocast):
+    """Without packed weights or float32 adapters, the kernel's output and the gradients of the input and of
+    every adapter in the pass equal autograd's of MultiLoraLinear's own operations, bit for bit."""
+    layer, x = layer_and_input(bias, x_dtype, per_token)
+    want, _ = forward_backward(layer, x, autocast)
+    use_kernel(layer, kernel, torch.bfloat16 if autocast else torch.float32, packed=False, float32_rows=0)
+    got, unused_grad = forward_backward(layer, x, autocast)
+    for name, g, w in zip(["output", "x", "A0", "A2", "B0", "B2"], got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w), name
+    assert unused_grad is None  # slot 1 took no part in the pass
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain weights", "packed weights"])
+def test_packed_weights_and_float32_adapters_stay_within_bf16_rounding(kernel, packed):
+    """Under bf16 autocast with oneDNN's packed weights and the adapters of short runs in float32 (as the
+    updater runs it on a CPU), the results differ from autocast's only by bf16 rounding."""
+    layer, x = layer_and_input(False, torch.float32, per_token=True)
+    want, _ = forward_backward(layer, x, autocast=True)
+    use_kernel(layer, kernel, torch.bfloat16, packed=packed, float32_rows=FLOAT32_ADAPTER_ROWS)
+    got, _ = forward_backward(layer, x, autocast=True)
+    for name, g, w in zip(["output", "x", "A0", "A2", "B0", "B2"], got, want, strict=True):
+        assert g.dtype == w.dtype, name
+        scale = w.float().abs().max()
+        assert (g.float() - w.float()).abs().max() <= 0.02 * scale, name  # bf16 keeps 8 bits of mantissa
+        assert not torch.equal(g, w) or name == "x"  # the float32 adapters did change the rounding
+
+
+def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):
+    """`adapt.lora_kernel=auto` on a CPU: the updater holds the kernel, each adapted layer computes through
+    it while `train` runs (so the equivalence tests of tests/test_multilora.py go through it), and not
+    afterwards."""
+    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG), 2)
+    assert updater.kernel is kernel
+    calls = []
+    real = kernel.lora_linear
+
+    class Counting:
+        def lora_linear(self, *args):
+            calls.append(len(args[2]))  # the adapters in the pass
+            return real(*args)
+
+    updater.kernel = Counting()
+    adapters = updater.train(JOBS[:2])
+    assert all(a.result.error is None for a in adapters)
+    assert calls and max(calls) >= 1
+    assert all(layer.kernel is None and layer.kernel_frozen == [] for _, layer in updater.layers)
+    python = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, lora_kernel="python"), 2)
+    assert python.kernel is None
+
+
+def test_a_kernel_that_cannot_be_built_is_an_error_only_when_required(monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(kernels, "_loaded", {})
+    with caplog.at_level(logging.WARNING, logger="seal.kernels"):
+        assert kernels.lora_linear_kernel() is None
+    assert "could not be built" in caplog.text and "Ninja is required" in caplog.text
+    with pytest.raises(RuntimeError, match=r"lora_kernel=cpp: the C\+\+ kernel lora_linear.cpp could not"):
+        kernels.lora_linear_kernel(required=True)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, lora_kernel="cpp"), 2)
+    assert MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG), 2).kernel is None  # auto: PyTorch's operations
