@@ -540,10 +540,16 @@ class MultiLoraUpdater:
                 bias = torch.empty(0) if base.bias is None else base.bias.detach()
                 layer.kernel_frozen = [weight, bias]
                 if pack:
-                    layer.kernel_frozen += [
-                        torch.ops.mkldnn._reorder_linear_weight(weight, None),
-                        torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), None),
-                    ]
+                    try:
+                        layer.kernel_frozen += [
+                            torch.ops.mkldnn._reorder_linear_weight(weight, None),
+                            torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), None),
+                        ]
+                    except RuntimeError as error:  # a torch or CPU without oneDNN's bf16 layout
+                        log.warning("model.pack_weights: oneDNN could not lay out %s (%s)", dtype, error)
+                        pack = False
+                        for _, done in self.layers:
+                            done.kernel_frozen = done.kernel_frozen[:2]
                 layer.kernel_float32_rows = FLOAT32_ADAPTER_ROWS if dtype != torch.float32 else 0
                 layer.kernel = self.kernel
             yield

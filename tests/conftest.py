@@ -22,6 +22,12 @@ CACHE_DIR = os.environ.get("SEAL_CACHE_DIR", str(Path.home() / ".cache" / "seal"
 # equivalence tolerances keep their meaning.
 DEVICE = os.environ.get("SEAL_TEST_DEVICE", "cpu")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as seal.models.setup_runtime sets it
+# Intel's MKL splits a float32 product with a long inner dimension between threads (the output projection's
+# input gradient sums over the 49,152-token vocabulary), so on an Intel CPU the last digits of a run depend on
+# its thread count. The executor tests compare a run on 2 threads with workers on one each, digit for digit.
+# Strict conditional numerical reproducibility (read by MKL at its first call; child processes inherit it)
+# makes those products independent of the thread count. Runs leave it to the user (README, "Scaling out").
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 register_configs()
 torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -1,5 +1,6 @@
 """The C++ kernel of an adapted layer (seal/kernels/lora_linear.cpp) against PyTorch's own operations."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -8,9 +9,10 @@ from torch import nn
 
 from seal import kernels
 from seal.config import AdaptConfig
+from seal.models import cpu_supports_bf16
 from seal.multilora import FLOAT32_ADAPTER_ROWS, AdapterRouting, MultiLoraLinear, MultiLoraUpdater
 from tests.conftest import DEVICE
-from tests.test_multilora import CFG, JOBS, tiny_fp32
+from tests.test_multilora import CFG, JOBS, MIXED_CFG, MIXED_JOBS, tiny_fp32
 
 pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="the C++ kernel is for CPUs")
 # Rows 0-4 through slot 0, 5-7 through no adapter, 8-16 through slot 2 (slot 1 is not in this pass).
@@ -79,7 +81,19 @@ def test_the_kernel_computes_what_pytorch_computes_bit_for_bit(kernel, per_token
     assert unused_grad is None  # slot 1 took no part in the pass
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain weights", "packed weights"])
+@pytest.mark.parametrize(
+    "packed",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not cpu_supports_bf16(), reason="the updater packs bf16 weights only on CPUs with fast bf16"
+            ),
+        ),
+    ],
+    ids=["plain weights", "packed weights"],
+)
 def test_packed_weights_and_float32_adapters_stay_within_bf16_rounding(kernel, packed):
     """Under bf16 autocast with oneDNN's packed weights and the adapters of short runs in float32 (as the
     updater runs it on a CPU), the results differ from autocast's only by bf16 rounding."""
@@ -131,3 +145,25 @@ def test_a_kernel_that_cannot_be_built_is_an_error_only_when_required(monkeypatc
     with pytest.raises(RuntimeError, match="could not be built"):
         MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, lora_kernel="cpp"), 2)
     assert MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG), 2).kernel is None  # auto: PyTorch's operations
+
+
+def test_weights_onednn_cannot_lay_out_are_multiplied_as_they_are(kernel, monkeypatch, caplog):
+    """Under bf16 autocast the updater packs the frozen weights for the kernel; where oneDNN refuses, it
+    says so and trains with the weights as they are: the adapters of `model.pack_weights=false`."""
+
+    def train(pack_weights: bool) -> list:
+        lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16, pack_weights=pack_weights)
+        return MultiLoraUpdater(lm, AdaptConfig(**MIXED_CFG), 2).train(MIXED_JOBS[:2])
+
+    want = train(pack_weights=False)
+
+    def refuse(*args):
+        raise RuntimeError("no bf16 layout on this CPU")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    with caplog.at_level(logging.WARNING, logger="seal.multilora"):
+        got = train(pack_weights=True)
+    assert "oneDNN could not lay out" in caplog.text and "no bf16 layout" in caplog.text
+    for g, w in zip(got, want, strict=True):
+        assert g.result.error is None and g.result.epoch_losses == w.result.epoch_losses
+        assert all(torch.equal(g.state[k], v) for k, v in w.state.items())
