@@ -204,11 +204,9 @@ class AdaptConfig:
     # How the batched updater computes an adapted layer on a CPU (routing by runs, no dropout, no compile):
     # cpp, one autograd node per layer written in C++ (seal/kernels/lora_linear.cpp, compiled once per
     # machine; an error if it cannot be), python, PyTorch's own operations, or auto: cpp where it builds,
-    # else python with a warning. The C++ node also multiplies by weights laid out once by oneDNN
-    # (model.pack_weights), and under bf16 autocast runs the adapter of a run of at most 64 rows in float32,
-    # where oneDNN's bf16 product has a fixed cost of about 30 us. On the AMX CPU, one adapter's steps of 2-30
-    # tokens took 24-25 % less time, the bench's update 13 % less (benchmarks/README.md, "One autograd node
-    # per adapted layer").
+    # else python with a warning. Under bf16 autocast the C++ node also multiplies by weights laid out once by
+    # oneDNN (model.pack_weights). On the AMX CPU, one adapter's steps of 2-30 tokens took 20-25 % less time,
+    # the bench's update 13-16 % less (benchmarks/README.md, "One autograd node per adapted layer").
     lora_kernel: str = "auto"
 
 

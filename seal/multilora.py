@@ -64,10 +64,6 @@ PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
 NO_TARGET = -100  # a packed token with nothing to predict (before a row's first learnt token)
-# Under bf16 autocast, the C++ kernel runs an adapter on a run of at most this many rows in float32: oneDNN's
-# bf16 product of [rows, 576] x [576, 32] costs about 30 us whatever the rows up to about 120 on the AMX CPU,
-# float32's 3-17 us up to 30 rows (benchmarks/README.md, "One autograd node per adapted layer").
-FLOAT32_ADAPTER_ROWS = 64
 
 
 class AdapterRouting:
@@ -143,12 +139,11 @@ class MultiLoraLinear(nn.Module):
         )
         self.scaling = cfg.alpha / cfg.rank
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        # While MultiLoraUpdater.train runs the C++ kernel: the kernel, the frozen tensors it multiplies by
-        # ([weight, bias] in the compute dtype, then oneDNN's packed weight and its transpose if any) and the
-        # most rows of a run whose adapter goes in float32. Otherwise None: PyTorch's operations below.
+        # While MultiLoraUpdater.train runs the C++ kernel: the kernel and the frozen tensors it multiplies by
+        # ([weight, bias] in the compute dtype, then oneDNN's packed weight and its transpose if any).
+        # Otherwise None: PyTorch's operations below.
         self.kernel: Any = None
         self.kernel_frozen: list[torch.Tensor] = []
-        self.kernel_float32_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.routing.current()
@@ -191,9 +186,7 @@ class MultiLoraLinear(nn.Module):
                 a.append(self.lora_A[slot])
                 b.append(self.lora_B[slot])
             offset += n * tokens
-        return self.kernel.lora_linear(
-            x, self.kernel_frozen, a, b, starts, lengths, self.scaling, self.kernel_float32_rows
-        )
+        return self.kernel.lora_linear(x, self.kernel_frozen, a, b, starts, lengths, self.scaling)
 
     def _adapter_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`x` as the adapters read it: cast to their dtype, as PEFT casts it, then dropout. Under autocast
@@ -550,7 +543,6 @@ class MultiLoraUpdater:
                         pack = False
                         for _, done in self.layers:
                             done.kernel_frozen = done.kernel_frozen[:2]
-                layer.kernel_float32_rows = FLOAT32_ADAPTER_ROWS if dtype != torch.float32 else 0
                 layer.kernel = self.kernel
             yield
         finally:

@@ -7,13 +7,12 @@
 // overhead costs more than the arithmetic. Here the forward and its backward are written out once in C++:
 // one node per layer, and the backward runs without Python's lock, so lanes (threads) do not wait on it.
 //
-// Arithmetic, in the compute dtype of `weight` (bf16 under autocast, float32 otherwise):
-// - base product: x W^T, through oneDNN's pre-packed weight when `packed` holds [W packed, W^T packed];
-// - a run's adapter in float32 when it has at most `float32_rows` rows (there a bf16 product costs a
-//   fixed ~30 us in oneDNN, a float32 one a few), else in the compute dtype, as autocast would;
+// Arithmetic in the compute dtype of `weight` (bf16 under autocast, float32 otherwise), as autocast has it:
+// - the frozen product x W^T, through oneDNN's packed weight when `frozen` holds [W packed, W^T packed];
+// - each run's adapter products, with A and B cast to the compute dtype;
 // - gradients for x (if needed) and for each run's A and B (float32, the adapters' dtype); none for W.
-// With float32_rows = 0 and no packed weights the results equal PyTorch's autograd of the same operations
-// bit for bit (tests/test_kernels.py).
+// Without packed weights the results equal PyTorch's autograd of the same operations bit for bit
+// (tests/test_kernels.py).
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -36,7 +35,7 @@ at::Tensor packed_product(const at::Tensor& x, const at::Tensor& packed, const c
 struct LoraLinear : public torch::autograd::Function<LoraLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList frozen, at::TensorList a,
                             at::TensorList b, std::vector<int64_t> starts, std::vector<int64_t> lengths,
-                            double scaling, int64_t float32_rows) {
+                            double scaling) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const auto& weight = frozen[0];
     const auto dtype = weight.scalar_type();
@@ -53,10 +52,8 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     }
     std::vector<at::Tensor> saved;  // per run: its input, x A^T, and A and B as multiplied
     for (size_t r = 0; r < a.size(); ++r) {
-      const bool small = lengths[r] <= float32_rows;
-      const auto run_dtype = small ? at::kFloat : dtype;
-      auto part = (small ? rows : xc).narrow(0, starts[r], lengths[r]).to(run_dtype);
-      auto ar = a[r].to(run_dtype), br = b[r].to(run_dtype);
+      auto part = xc.narrow(0, starts[r], lengths[r]);
+      auto ar = a[r].to(dtype), br = b[r].to(dtype);
       auto h = at::mm(part, ar.t());
       out.narrow(0, starts[r], lengths[r]).add_(at::mm(h, br.t()).mul(scaling));
       saved.insert(saved.end(), {part, h, ar, br});
@@ -95,7 +92,7 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     variable_list da(runs), db(runs);
     for (size_t r = 0; r < runs; ++r) {
       const auto &part = saved[4 * r], &h = saved[4 * r + 1], &ar = saved[4 * r + 2], &br = saved[4 * r + 3];
-      auto gr = g.narrow(0, starts[r], lengths[r]).to(h.scalar_type()).mul(scaling);
+      auto gr = g.narrow(0, starts[r], lengths[r]).mul(scaling);
       auto dh = at::mm(gr, br);
       // The same products, in the same layouts, as autograd's mm backward for x A^T and h B^T.
       db[r] = at::mm(gr.t(), h).to(at::kFloat);
@@ -106,20 +103,20 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     out.resize(1 + ctx->saved_data["frozen"].toInt());  // the frozen tensors get no gradient
     out.insert(out.end(), da.begin(), da.end());
     out.insert(out.end(), db.begin(), db.end());
-    out.resize(out.size() + 4);  // starts, lengths, scaling, float32_rows
+    out.resize(out.size() + 3);  // starts, lengths, scaling
     return out;
   }
 };
 
 at::Tensor lora_linear(const at::Tensor& x, std::vector<at::Tensor> frozen, std::vector<at::Tensor> a,
                        std::vector<at::Tensor> b, std::vector<int64_t> starts, std::vector<int64_t> lengths,
-                       double scaling, int64_t float32_rows) {
+                       double scaling) {
   TORCH_CHECK(frozen.size() == 2 || frozen.size() == 4, "frozen: [weight, bias] or [weight, bias, packed, packed^T]");
   TORCH_CHECK(a.size() == b.size() && a.size() == starts.size() && a.size() == lengths.size(),
               "one A, one B, one start and one length per run");
   // As TensorLists, so that autograd sees their tensors as the node's inputs (a std::vector it would not).
   return LoraLinear::apply(x, at::TensorList(frozen), at::TensorList(a), at::TensorList(b), starts, lengths,
-                           scaling, float32_rows);
+                           scaling);
 }
 
 }  // namespace
