@@ -205,8 +205,8 @@ class AdaptConfig:
     # cpp, one autograd node per layer written in C++ (seal/kernels/lora_linear.cpp, compiled once per
     # machine; an error if it cannot be), python, PyTorch's own operations, or auto: cpp where it builds,
     # else python with a warning. Under bf16 autocast the C++ node also multiplies by weights laid out once by
-    # oneDNN (model.pack_weights). On the AMX CPU, one adapter's steps of 2-120 tokens took 13-14 % less time
-    # and `make bench`'s update 22 % less (benchmarks/README.md, "One autograd node per adapted layer").
+    # oneDNN (model.pack_weights). On the AMX CPU, one adapter's steps of 2-120 tokens took 13-14 % less time,
+    # the bench's whole update 13 % less (benchmarks/README.md, "One autograd node per adapted layer").
     lora_kernel: str = "auto"
 
 
