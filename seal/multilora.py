@@ -524,26 +524,20 @@ class MultiLoraUpdater:
             yield  # weights held in bf16 without autocast: PyTorch's operations, as they mix dtypes there
             return
         pack = lm.pack_weights and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+
+        def frozen(base: nn.Linear) -> list[torch.Tensor]:
+            weight = lm.casts.get(base)  # the copy LM.frozen_casts made, if any
+            return kernel_tensors(base, base.weight.detach().to(dtype) if weight is None else weight, pack)
+
         try:
-            for _, layer in self.layers:
-                base = layer.base_layer
-                weight = lm.casts.get(base)
-                if weight is None:
-                    weight = base.weight.detach().to(dtype)
-                bias = torch.empty(0) if base.bias is None else base.bias.detach()
-                layer.kernel_frozen = [weight, bias]
-                if pack:
-                    try:
-                        layer.kernel_frozen += [
-                            torch.ops.mkldnn._reorder_linear_weight(weight, None),
-                            torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), None),
-                        ]
-                    except RuntimeError as error:  # a torch or CPU without oneDNN's bf16 layout
-                        log.warning("model.pack_weights: oneDNN could not lay out %s (%s)", dtype, error)
-                        pack = False
-                        for _, done in self.layers:
-                            done.kernel_frozen = done.kernel_frozen[:2]
-                layer.kernel = self.kernel
+            tensors = [frozen(layer.base_layer) for _, layer in self.layers]
+        except RuntimeError as error:  # a torch or CPU without oneDNN's bf16 layout
+            log.warning("model.pack_weights: oneDNN could not lay out %s (%s)", dtype, error)
+            pack = False
+            tensors = [frozen(layer.base_layer) for _, layer in self.layers]
+        try:
+            for (_, layer), layer_tensors in zip(self.layers, tensors, strict=True):
+                layer.kernel, layer.kernel_frozen = self.kernel, layer_tensors
             yield
         finally:
             for _, layer in self.layers:
@@ -840,6 +834,19 @@ class MultiLoraUpdater:
                 distinct.add(id(adapter))
         if batch:
             yield batch
+
+
+def kernel_tensors(base: nn.Linear, weight: torch.Tensor, pack: bool) -> list[torch.Tensor]:
+    """The frozen tensors the C++ kernel multiplies `base`'s input by: `weight` (the base weight in the
+    compute dtype) and the bias (empty if none), then with `pack` the weight and its transpose laid out by
+    oneDNN, for the forward product and the input's gradient (seal/kernels/lora_linear.cpp)."""
+    tensors = [weight, torch.empty(0) if base.bias is None else base.bias.detach()]
+    if pack:
+        tensors += [
+            torch.ops.mkldnn._reorder_linear_weight(weight, None),
+            torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), None),
+        ]
+    return tensors
 
 
 def compiled_blocks(lm: LM, layers: list[tuple[str, MultiLoraLinear]]) -> list[tuple[nn.Module, Callable]]:

@@ -10,7 +10,7 @@ from torch import nn
 from seal import kernels
 from seal.config import AdaptConfig
 from seal.models import cpu_supports_bf16
-from seal.multilora import AdapterRouting, MultiLoraLinear, MultiLoraUpdater
+from seal.multilora import AdapterRouting, MultiLoraLinear, MultiLoraUpdater, kernel_tensors
 from tests.conftest import DEVICE
 from tests.test_multilora import CFG, JOBS, MIXED_CFG, MIXED_JOBS, tiny_fp32
 
@@ -51,14 +51,9 @@ def forward_backward(layer: MultiLoraLinear, x: torch.Tensor, autocast: bool):
 
 
 def use_kernel(layer: MultiLoraLinear, kernel, dtype: torch.dtype, packed: bool) -> None:
+    """What MultiLoraUpdater.train gives each adapted layer while it runs the kernel."""
     base = layer.base_layer
-    weight = base.weight.detach().to(dtype)
-    layer.kernel_frozen = [weight, torch.empty(0) if base.bias is None else base.bias.detach()]
-    if packed:
-        layer.kernel_frozen += [
-            torch.ops.mkldnn._reorder_linear_weight(weight, None),
-            torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), None),
-        ]
+    layer.kernel_frozen = kernel_tensors(base, base.weight.detach().to(dtype), packed)
     layer.kernel = kernel
 
 
