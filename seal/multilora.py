@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import platform
 import random
 import threading
 import time
@@ -513,21 +514,30 @@ class MultiLoraUpdater:
         return adapters
 
     @contextlib.contextmanager
-    def _kernel_layers(self) -> Iterator[None]:
+    def _kernel_layers(self, backward: bool = True) -> Iterator[None]:
         """Inside this block (within `LM.frozen_casts`) the adapted layers compute through the C++ kernel,
         if there is one: each gets its frozen weight in the compute dtype (autocast's, else float32) and, in
         bf16 with `model.pack_weights`, laid out once by oneDNN for the forward product and, transposed, for
-        the input's gradient (2 x 0.27 GB for SmolLM2, handed back afterwards)."""
+        the input's gradient (2 x 0.27 GB for SmolLM2, handed back afterwards). Without `backward` (decoding,
+        scoring) only the forward's layout is made, in float32 too (on x86, as `LM.packed_weights`, whose
+        copies are used if its block is entered first)."""
         lm = self.lm
         dtype = lm.autocast_dtype or torch.float32
         if self.kernel is None or any(m.base_layer.weight.dtype != torch.float32 for _, m in self.layers):
             yield  # weights held in bf16 without autocast: PyTorch's operations, as they mix dtypes there
             return
-        pack = lm.pack_weights and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        pack = (
+            lm.pack_weights
+            and torch.backends.mkldnn.is_available()
+            and (dtype == torch.bfloat16 or (not backward and platform.machine() in ("x86_64", "AMD64")))
+        )
 
         def frozen(base: nn.Linear) -> list[torch.Tensor]:
             weight = lm.casts.get(base)  # the copy LM.frozen_casts made, if any
-            return kernel_tensors(base, base.weight.detach().to(dtype) if weight is None else weight, pack)
+            weight = base.weight.detach().to(dtype) if weight is None else weight
+            if pack and not backward and base in lm.packed:  # LM.packed_weights laid it out already
+                return kernel_tensors(base, weight, pack=False) + [lm.packed[base]]
+            return kernel_tensors(base, weight, pack, backward)
 
         try:
             tensors = [frozen(layer.base_layer) for _, layer in self.layers]
@@ -544,6 +554,13 @@ class MultiLoraUpdater:
                 layer.kernel, layer.kernel_frozen = None, []
             if pack:
                 allocator.release_free_memory()  # else TCMalloc keeps the packed copies' pages
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Decoding and scoring through the C++ kernel where training uses it, the frozen weights cast and
+        laid out once for the whole call."""
+        with self.lm.frozen_casts(), self.lm.packed_weights(), self._kernel_layers(backward=False):
+            yield
 
     def _lanes(self, jobs: list[UpdateJob]) -> list[tuple[list[int], deque[int]]]:
         """Each lane's slots and the jobs it trains, in order. The jobs are shared out by their estimated
@@ -761,13 +778,14 @@ class MultiLoraUpdater:
     ) -> list[str]:
         """As `seal.models.generate`, but prompt i is completed by base + adapters[i] (None: the base
         model), so prompts for different adapters share batches."""
-        return generate(
-            self.lm,
-            prompts,
-            batch_size=batch_size,
-            **self._routed(adapters, len(prompts), batch_size),
-            **kwargs,
-        )
+        with self._inference():
+            return generate(
+                self.lm,
+                prompts,
+                batch_size=batch_size,
+                **self._routed(adapters, len(prompts), batch_size),
+                **kwargs,
+            )
 
     def score(
         self,
@@ -778,14 +796,15 @@ class MultiLoraUpdater:
         batch_size: int = 16,
     ) -> list[tuple[float, int]]:
         """As `seal.models.continuation_logprobs`, with pair i scored by base + adapters[i]."""
-        return continuation_logprobs(
-            self.lm,
-            prompts,
-            continuations,
-            batch_size=batch_size,
-            share=lambda i: id(adapters[i]),  # a row is routed to one adapter
-            **self._routed(adapters, len(prompts), batch_size),
-        )
+        with self._inference():
+            return continuation_logprobs(
+                self.lm,
+                prompts,
+                continuations,
+                batch_size=batch_size,
+                share=lambda i: id(adapters[i]),  # a row is routed to one adapter
+                **self._routed(adapters, len(prompts), batch_size),
+            )
 
     def _routed(self, adapters: list[TrainedAdapter | None], n: int, batch_size: int) -> dict[str, Callable]:
         """`batches` and `context` for the batched calls of seal.models on `n` rows: a batch holds at most
@@ -794,15 +813,20 @@ class MultiLoraUpdater:
             raise ValueError(f"{n} rows but {len(adapters)} adapters")
         check_applicable(adapters)
 
+        holds: dict[int, int] = {}  # slot -> id of the adapter loaded into it by this call
+
         def route(idx: list[int]) -> contextlib.AbstractContextManager:
-            slot_of: dict[int, int] = {}  # id(adapter) -> its slot in this batch
-            ids = []
-            for i in idx:
-                adapter = adapters[i]
-                if adapter is not None and id(adapter) not in slot_of:
-                    slot_of[id(adapter)] = len(slot_of)
-                    self._load(slot_of[id(adapter)], adapter)
-                ids.append(-1 if adapter is None else slot_of[id(adapter)])
+            # Each adapter keeps the slot it was loaded into while it is in use, so that routing the rows
+            # still decoding when some end loads nothing again.
+            wanted = {id(adapters[i]): adapters[i] for i in idx if adapters[i] is not None}
+            slot_of = {held: slot for slot, held in holds.items() if held in wanted}
+            free = [slot for slot in range(self.capacity) if holds.get(slot) not in slot_of]
+            for key, adapter in wanted.items():
+                if key not in slot_of:
+                    slot_of[key] = slot = free.pop(0)
+                    self._load(slot, adapter)
+                    holds[slot] = key
+            ids = [-1 if adapters[i] is None else slot_of[id(adapters[i])] for i in idx]
             return self._adapted(torch.tensor(ids, device=self.lm.device))
 
         return {
@@ -836,16 +860,18 @@ class MultiLoraUpdater:
             yield batch
 
 
-def kernel_tensors(base: nn.Linear, weight: torch.Tensor, pack: bool) -> list[torch.Tensor]:
+def kernel_tensors(
+    base: nn.Linear, weight: torch.Tensor, pack: bool, backward: bool = True
+) -> list[torch.Tensor]:
     """The frozen tensors the C++ kernel multiplies `base`'s input by: `weight` (the base weight in the
-    compute dtype) and the bias (empty if none), then with `pack` the weight and its transpose laid out by
-    oneDNN, for the forward product and the input's gradient (seal/kernels/lora_linear.cpp)."""
+    compute dtype) and the bias (empty if none), then with `pack` the weight laid out by oneDNN for the
+    forward product and, for a `backward`, its transpose for the input's gradient
+    (seal/kernels/lora_linear.cpp)."""
     tensors = [weight, torch.empty(0) if base.bias is None else base.bias.detach()]
     if pack:
-        tensors += [
-            torch.ops.mkldnn._reorder_linear_weight(weight, None),
-            torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), None),
-        ]
+        tensors.append(torch.ops.mkldnn._reorder_linear_weight(weight, None))
+        if backward:
+            tensors.append(torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), None))
     return tensors
 
 

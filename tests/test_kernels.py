@@ -91,6 +91,45 @@ def test_packed_weights_stay_within_bf16_rounding(kernel):
         assert (g.float() - w.float()).abs().max() <= 0.02 * w.float().abs().max(), name  # bf16: 8 bits
 
 
+def test_without_gradients_no_node_is_built_and_few_rows_go_through_float32_adapters(kernel):
+    """Decoding and scoring run the kernel without gradients: it builds no autograd node, and a run of a few
+    rows (5 and 9 here) goes through its adapter in float32, where bf16's fixed cost would dominate. In
+    float32 that is the same arithmetic, bit for bit; under bf16 autocast it is the float32 result within the
+    base product's bf16 rounding."""
+    layer, x = layer_and_input(True, torch.float32, per_token=True)
+    for dtype, autocast in ((torch.float32, False), (torch.bfloat16, True)):
+        use_kernel(layer, kernel, dtype, packed=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with_grad = layer(x)
+            with torch.no_grad():
+                got = layer(x)
+        assert with_grad.grad_fn is not None and got.grad_fn is None and got.dtype == with_grad.dtype
+        if dtype == torch.float32:
+            assert torch.equal(got, with_grad)
+        else:
+            layer.kernel = None
+            with torch.no_grad():  # base and adapters all in float32
+                exact = layer(x)
+            assert (got.float() - exact).abs().max() <= 0.02 * exact.abs().max()
+            assert (got.float() - exact).abs().max() < (with_grad.float() - exact).abs().max()
+
+
+def test_a_weight_laid_out_for_the_forward_only_refuses_a_backward(kernel):
+    """Decoding lays out each frozen weight for the forward product only (no transpose): the same output as
+    the weight as it is, and a pass with gradients is refused rather than computed wrong."""
+    layer, x = layer_and_input(False, torch.float32, per_token=False)
+    use_kernel(layer, kernel, torch.float32, packed=False)
+    with torch.no_grad():
+        want = layer(x)
+    base = layer.base_layer
+    layer.kernel_frozen = kernel_tensors(base, base.weight.detach(), pack=True, backward=False)
+    assert len(layer.kernel_frozen) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="has no backward"):
+        layer(x)
+
+
 def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):
     """`adapt.lora_kernel=auto` on a CPU: the updater holds the kernel, each adapted layer computes through
     it while `train` runs (so the equivalence tests of tests/test_multilora.py go through it), and not

@@ -685,6 +685,38 @@ def test_generation_batches_hold_capacity_adapters_each_with_their_prompts_toget
         assert len(runs) == len(set(runs))  # one run per adapter
 
 
+def test_rows_still_decoding_keep_their_adapters_slots_and_nothing_is_loaded_again(sequential, monkeypatch):
+    """When some rows of a batch end, generation routes the others again: each adapter keeps the slot it was
+    loaded into, so nothing is copied again; a new batch loads only the adapters not already in a slot."""
+    _, (one, three, five) = sequential
+    updater = batched(capacity=2)
+    loads, real = [], updater._load
+
+    def load(slot: int, adapter: TrainedAdapter) -> None:
+        loads.append((slot, adapter.key))
+        real(slot, adapter)
+
+    monkeypatch.setattr(updater, "_load", load)
+    adapters = [three, three, None, five, five, one]
+    route = updater._routed(adapters, len(adapters), batch_size=8)["context"]
+
+    def routed(idx: list[int]) -> list[tuple[int, int]]:
+        with route(idx):
+            return updater.routing.runs
+
+    assert routed([0, 1, 2, 3, 4]) == [(0, 2), (-1, 1), (1, 2)]
+    assert loads == [(0, "three"), (1, "five")]
+    assert routed([1, 3, 4]) == [(0, 1), (1, 2)]  # "three" and "five" stay where they are
+    assert routed([3, 4]) == [(1, 2)]
+    assert routed([4, 5]) == [(1, 1), (0, 1)]  # "one" takes the slot "three" left
+    assert loads == [(0, "three"), (1, "five"), (0, "one")]
+    with route([4, 5]), torch.no_grad():  # what each slot holds now is what its rows get
+        for name, layer in updater.layers:
+            for slot, adapter in ((1, five), (0, one)):
+                key = f"{multilora.PEFT_PREFIX}{name}.lora_A.weight"
+                assert torch.equal(layer.lora_A[slot].cpu(), adapter.state[key])
+
+
 def test_merge_adds_scaled_lora_product_to_base_weights_and_keeps_the_adapted_logits():
     lm = tiny_fp32()
     updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), capacity=2)

@@ -8,9 +8,11 @@
 // one node per layer, and the backward runs without Python's lock, so lanes (threads) do not wait on it.
 //
 // Arithmetic in the compute dtype of `weight` (bf16 under autocast, float32 otherwise), as autocast has it:
-// - the frozen product x W^T, through oneDNN's packed weight when `frozen` holds [W packed, W^T packed];
+// - the frozen product x W^T, through oneDNN's packed weight when `frozen` holds one;
 // - each run's adapter products, with A and B cast to the compute dtype;
 // - gradients for x (if needed) and for each run's A and B (float32, the adapters' dtype); none for W.
+// `frozen` holds [W, bias], [W, bias, W packed] (a forward only: decoding, scoring) or [W, bias, W packed,
+// W^T packed].
 // Without packed weights the results equal PyTorch's autograd of the same operations bit for bit
 // (tests/test_kernels.py).
 #include <torch/extension.h>
@@ -31,34 +33,51 @@ at::Tensor packed_product(const at::Tensor& x, const at::Tensor& packed, const c
   return op.call(x, packed, bias, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
 }
 
-// frozen: [weight, bias] or [weight, bias, W packed, W^T packed]; an absent bias is an empty tensor.
+constexpr int64_t kFewRows = 16;
+
+// frozen: [weight, bias], [weight, bias, W packed] or [weight, bias, W packed, W^T packed]; an absent bias is
+// an empty tensor. The forward, its output shaped as x with the last size W's; with `saved`, each run's input,
+// x A^T, and A and B as multiplied go there for the backward.
+at::Tensor compute(const at::Tensor& x, at::TensorList frozen, at::TensorList a, at::TensorList b,
+                   const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths, double scaling,
+                   std::vector<at::Tensor>* saved) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto& weight = frozen[0];
+  const auto dtype = weight.scalar_type();
+  c10::optional<at::Tensor> bias;
+  if (frozen[1].numel()) bias = frozen[1].to(dtype);
+  auto xc = x.reshape({-1, x.size(-1)}).to(dtype).contiguous();
+  at::Tensor out;
+  if (frozen.size() >= 3) {
+    out = packed_product(xc, frozen[2], bias);
+  } else {
+    out = bias ? at::addmm(*bias, xc, weight.t()) : at::mm(xc, weight.t());
+  }
+  for (size_t r = 0; r < a.size(); ++r) {
+    auto part = xc.narrow(0, starts[r], lengths[r]);
+    // Without a backward, a run of a few rows (a decoding step's) goes through its adapter in A's own dtype
+    // (float32): oneDNN's bf16 product of an adapter's sizes costs 20-30 us whatever the rows, float32's
+    // a few at 1-5 rows.
+    const auto adapter_dtype = !saved && lengths[r] <= kFewRows ? a[r].scalar_type() : dtype;
+    auto ar = a[r].to(adapter_dtype), br = b[r].to(adapter_dtype);
+    auto h = at::mm(part.to(adapter_dtype), ar.t());
+    out.narrow(0, starts[r], lengths[r]).add_(at::mm(h, br.t()).mul(scaling));
+    if (saved) saved->insert(saved->end(), {part, h, ar, br});
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = out.size(-1);
+  return out.view(shape);
+}
+
 struct LoraLinear : public torch::autograd::Function<LoraLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList frozen, at::TensorList a,
                             at::TensorList b, std::vector<int64_t> starts, std::vector<int64_t> lengths,
                             double scaling) {
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const auto& weight = frozen[0];
-    const auto dtype = weight.scalar_type();
+    TORCH_CHECK(frozen.size() != 3, "a weight packed without its transpose has no backward: pass W^T packed too");
+    std::vector<at::Tensor> saved;
+    auto out = compute(x, frozen, a, b, starts, lengths, scaling, &saved);
     const bool packed = frozen.size() == 4;
-    c10::optional<at::Tensor> bias;
-    if (frozen[1].numel()) bias = frozen[1].to(dtype);
-    auto rows = x.reshape({-1, x.size(-1)});
-    auto xc = rows.to(dtype).contiguous();
-    at::Tensor out;
-    if (packed) {
-      out = packed_product(xc, frozen[2], bias);
-    } else {
-      out = bias ? at::addmm(*bias, xc, weight.t()) : at::mm(xc, weight.t());
-    }
-    std::vector<at::Tensor> saved;  // per run: its input, x A^T, and A and B as multiplied
-    for (size_t r = 0; r < a.size(); ++r) {
-      auto part = xc.narrow(0, starts[r], lengths[r]);
-      auto ar = a[r].to(dtype), br = b[r].to(dtype);
-      auto h = at::mm(part, ar.t());
-      out.narrow(0, starts[r], lengths[r]).add_(at::mm(h, br.t()).mul(scaling));
-      saved.insert(saved.end(), {part, h, ar, br});
-    }
-    ctx->saved_data["weight"] = packed ? frozen[3] : weight;
+    ctx->saved_data["weight"] = packed ? frozen[3] : frozen[0];
     ctx->saved_data["packed"] = packed;
     ctx->saved_data["frozen"] = static_cast<int64_t>(frozen.size());
     ctx->saved_data["saved"] = saved;
@@ -67,9 +86,7 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["x_dtype"] = x.scalar_type();
     ctx->saved_data["x_sizes"] = x.sizes().vec();
-    auto shape = x.sizes().vec();
-    shape.back() = out.size(-1);
-    return out.view(shape);
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -111,9 +128,12 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
 at::Tensor lora_linear(const at::Tensor& x, std::vector<at::Tensor> frozen, std::vector<at::Tensor> a,
                        std::vector<at::Tensor> b, std::vector<int64_t> starts, std::vector<int64_t> lengths,
                        double scaling) {
-  TORCH_CHECK(frozen.size() == 2 || frozen.size() == 4, "frozen: [weight, bias] or [weight, bias, packed, packed^T]");
+  TORCH_CHECK(frozen.size() >= 2 && frozen.size() <= 4, "frozen: [weight, bias], then packed, then packed^T");
   TORCH_CHECK(a.size() == b.size() && a.size() == starts.size() && a.size() == lengths.size(),
               "one A, one B, one start and one length per run");
+  if (!at::GradMode::is_enabled()) {  // decoding, scoring: no node, nothing saved
+    return compute(x, frozen, a, b, starts, lengths, scaling, nullptr);
+  }
   // As TensorLists, so that autograd sees their tensors as the node's inputs (a std::vector it would not).
   return LoraLinear::apply(x, at::TensorList(frozen), at::TensorList(a), at::TensorList(b), starts, lengths,
                            scaling);
@@ -122,6 +142,7 @@ at::Tensor lora_linear(const at::Tensor& x, std::vector<at::Tensor> frozen, std:
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_linear", &lora_linear, "x W^T + bias + scaling (x A^T) B^T on runs of rows, one autograd node",
+  m.def("lora_linear", &lora_linear,
+        "x W^T + bias + scaling (x A^T) B^T on runs of rows: one autograd node, or none without gradients",
         py::call_guard<py::gil_scoped_release>());
 }
