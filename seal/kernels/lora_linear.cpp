@@ -53,17 +53,28 @@ at::Tensor compute(const at::Tensor& x, at::TensorList frozen, at::TensorList a,
   } else {
     out = bias ? at::addmm(*bias, xc, weight.t()) : at::mm(xc, weight.t());
   }
+  at::Tensor x_few, delta_few;  // without a backward: runs of a few rows, through adapters in their own dtype
   for (size_t r = 0; r < a.size(); ++r) {
     auto part = xc.narrow(0, starts[r], lengths[r]);
-    // Without a backward, a run of a few rows (a decoding step's) goes through its adapter in A's own dtype
-    // (float32): oneDNN's bf16 product of an adapter's sizes costs 20-30 us whatever the rows, float32's
-    // a few at 1-5 rows.
-    const auto adapter_dtype = !saved && lengths[r] <= kFewRows ? a[r].scalar_type() : dtype;
-    auto ar = a[r].to(adapter_dtype), br = b[r].to(adapter_dtype);
-    auto h = at::mm(part.to(adapter_dtype), ar.t());
+    if (!saved && lengths[r] <= kFewRows) {
+      // A decoding step's run: oneDNN's bf16 product of an adapter's sizes costs 15-30 us whatever the
+      // rows, float32's 3-15 at 1-5 rows. Its share goes into one float32 sum for all such runs, added at
+      // the end: a few operations a run instead of a dozen.
+      if (!x_few.defined()) {
+        x_few = xc.to(a[r].scalar_type());
+        delta_few = at::zeros({xc.size(0), out.size(1)}, x_few.options());
+      }
+      auto h = at::mm(x_few.narrow(0, starts[r], lengths[r]), a[r].to(x_few.scalar_type()).t());
+      auto target = delta_few.narrow(0, starts[r], lengths[r]);
+      at::mm_out(target, h, b[r].to(x_few.scalar_type()).t());
+      continue;
+    }
+    auto ar = a[r].to(dtype), br = b[r].to(dtype);
+    auto h = at::mm(part, ar.t());
     out.narrow(0, starts[r], lengths[r]).add_(at::mm(h, br.t()).mul(scaling));
     if (saved) saved->insert(saved->end(), {part, h, ar, br});
   }
+  if (delta_few.defined()) out.add_(delta_few, scaling);
   auto shape = x.sizes().vec();
   shape.back() = out.size(-1);
   return out.view(shape);
