@@ -21,7 +21,8 @@ their own slots as described, single-threaded, side by side on the one model. A 
 keep several cores busy; several passes at once do. Each lane holds one pass's activations, and the lanes
 share a budget of them (`adapt.lane_budget`, seal/lane_budget.py) so that their peaks do not coincide.
 
-The same slots, given per row, let one `generate` call serve prompts that each need a different adapter.
+The same slots, given per row, let one `generate` call serve prompts that each need a different adapter;
+on a CPU its passes go through the same C++ kernel, without autograd.
 Adapter weights use PEFT's state-dict keys, so adapters from either updater can be applied by the other.
 """
 
