@@ -203,7 +203,7 @@ class AdaptConfig:
     lane_budget: float = 1.0
     # How the batched updater computes an adapted layer on a CPU (routing by runs, no dropout, no compile):
     # cpp, one autograd node per layer written in C++ (seal/kernels/lora_linear.cpp, compiled once per
-    # machine; an error if it cannot be), python, PyTorch's own operations, or auto: cpp where it builds,
+    # checkout; an error if it cannot be), python, PyTorch's own operations, or auto: cpp where it builds,
     # else python with a warning. Under bf16 autocast the C++ node also multiplies by weights laid out once by
     # oneDNN (model.pack_weights). On the AMX CPU, one adapter's steps of 2-120 tokens took 13-14 % less time,
     # the bench's whole update 13 % less (benchmarks/README.md, "One autograd node per adapted layer").

@@ -153,6 +153,18 @@ def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):
     assert python.kernel is None
 
 
+def test_each_checkout_and_version_of_the_source_builds_under_a_name_of_its_own(tmp_path):
+    """Two checkouts on one machine must not rebuild each other's kernel: its name follows path and text."""
+    copy = tmp_path / kernels.SOURCE.name
+    copy.write_text(kernels.SOURCE.read_text())
+    assert kernels.extension_name(kernels.SOURCE) == kernels.NAME
+    assert kernels.extension_name(copy) != kernels.NAME
+    before = kernels.extension_name(copy)
+    copy.write_text(kernels.SOURCE.read_text() + "\n// changed\n")
+    assert kernels.extension_name(copy) != before
+    assert kernels.NAME.isidentifier()  # the module name pybind11 gives it
+
+
 def test_a_kernel_that_cannot_be_built_is_an_error_only_when_required(monkeypatch, caplog):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")

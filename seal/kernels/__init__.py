@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for the batched updater, built once per machine from the C++ beside this file.
+"""Compiled CPU kernels for the batched updater, built once per checkout from the C++ beside this file.
 
 `torch.utils.cpp_extension` compiles them with the machine's C++ compiler and ninja the first time a process
 asks (about 35 s on 2 cores), into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default
@@ -7,6 +7,7 @@ cannot be built (no compiler, no ninja), `lora_linear_kernel` says why and the u
 operations (`adapt.lora_kernel`).
 """
 
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -14,7 +15,17 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lora_linear.cpp")
-NAME = "seal_lora_linear"
+
+
+def extension_name(source: Path) -> str:
+    """The extension's name for this source file, at this path with this text. torch builds an extension in a
+    folder of its name and rebuilds it whenever the source's path or text differs from the last build's, so
+    two checkouts (or versions) sharing one name would rebuild it in turn, about 35 s each time."""
+    key = f"{source.resolve()}\n{source.read_text()}".encode()
+    return f"seal_{source.stem}_{hashlib.sha1(key).hexdigest()[:10]}"
+
+
+NAME = extension_name(SOURCE)
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | Exception] = {}
 
