@@ -557,9 +557,12 @@ class MultiLoraUpdater:
                 allocator.release_free_memory()  # else TCMalloc keeps the packed copies' pages
 
     @contextlib.contextmanager
-    def _inference(self) -> Iterator[None]:
+    def _inference(self, adapters: list[TrainedAdapter | None]) -> Iterator[None]:
         """Decoding and scoring through the C++ kernel where training uses it, the frozen weights cast and
-        laid out once for the whole call."""
+        laid out once for the whole call; with no adapter among `adapters`, the base model as it is."""
+        if all(adapter is None for adapter in adapters):
+            yield
+            return
         with self.lm.frozen_casts(), self.lm.packed_weights(), self._kernel_layers(backward=False):
             yield
 
@@ -779,7 +782,7 @@ class MultiLoraUpdater:
     ) -> list[str]:
         """As `seal.models.generate`, but prompt i is completed by base + adapters[i] (None: the base
         model), so prompts for different adapters share batches."""
-        with self._inference():
+        with self._inference(adapters):
             return generate(
                 self.lm,
                 prompts,
@@ -797,7 +800,7 @@ class MultiLoraUpdater:
         batch_size: int = 16,
     ) -> list[tuple[float, int]]:
         """As `seal.models.continuation_logprobs`, with pair i scored by base + adapters[i]."""
-        with self._inference():
+        with self._inference(adapters):
             return continuation_logprobs(
                 self.lm,
                 prompts,

@@ -153,6 +153,31 @@ def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):
     assert python.kernel is None
 
 
+def test_generation_and_scoring_go_through_the_kernel_without_autograd(kernel):
+    """The updater's generation and scoring run each adapted layer through the kernel as training does,
+    without gradients; with no adapter among the rows, the base model as it is, and nothing is laid out."""
+    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG), 2)
+    adapters = updater.train(JOBS[:2])
+    calls = []
+
+    class Counting:
+        def lora_linear(self, *args):
+            calls.append((torch.is_grad_enabled(), len(args[2])))
+            return kernel.lora_linear(*args)
+
+    updater.kernel = Counting()
+    updater.generate(["Port Vellan is a", "It flew in"], adapters, max_new_tokens=3)
+    assert calls and all(not grad and runs == 2 for grad, runs in calls[:1])
+    assert not any(grad for grad, _ in calls)
+    calls.clear()
+    updater.score(["Port Vellan is a"], [" harbour town"], [adapters[1]])
+    assert calls and not any(grad for grad, _ in calls)
+    calls.clear()
+    updater.generate(["Port Vellan is a"], [None], max_new_tokens=3)
+    assert calls == []
+    assert all(layer.kernel is None and layer.kernel_frozen == [] for _, layer in updater.layers)
+
+
 def test_each_checkout_and_version_of_the_source_builds_under_a_name_of_its_own(tmp_path):
     """Two checkouts on one machine must not rebuild each other's kernel: its name follows path and text."""
     copy = tmp_path / kernels.SOURCE.name
