@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import platform
 import random
 import threading
 import time
@@ -520,24 +519,20 @@ class MultiLoraUpdater:
         if there is one: each gets its frozen weight in the compute dtype (autocast's, else float32) and, in
         bf16 with `model.pack_weights`, laid out once by oneDNN for the forward product and, transposed, for
         the input's gradient (2 x 0.27 GB for SmolLM2, handed back afterwards). Without `backward` (decoding,
-        scoring) only the forward's layout is made, in float32 too (on x86, as `LM.packed_weights`, whose
-        copies are used if its block is entered first)."""
+        scoring) only the forward's layout is made; in float32, inside `LM.packed_weights`, its copies."""
         lm = self.lm
         dtype = lm.autocast_dtype or torch.float32
         if self.kernel is None or any(m.base_layer.weight.dtype != torch.float32 for _, m in self.layers):
             yield  # weights held in bf16 without autocast: PyTorch's operations, as they mix dtypes there
             return
-        pack = (
-            lm.pack_weights
-            and torch.backends.mkldnn.is_available()
-            and (dtype == torch.bfloat16 or (not backward and platform.machine() in ("x86_64", "AMD64")))
-        )
+        pack = lm.pack_weights and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
         def frozen(base: nn.Linear) -> list[torch.Tensor]:
             weight = lm.casts.get(base)  # the copy LM.frozen_casts made, if any
             weight = base.weight.detach().to(dtype) if weight is None else weight
-            if pack and not backward and base in lm.packed:  # LM.packed_weights laid it out already
-                return kernel_tensors(base, weight, pack=False) + [lm.packed[base]]
+            laid_out = None if backward else lm.packed.get(base)  # float32 decoding: LM.packed_weights' copy
+            if laid_out is not None:
+                return kernel_tensors(base, weight, pack=False) + [laid_out]
             return kernel_tensors(base, weight, pack, backward)
 
         try:
