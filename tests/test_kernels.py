@@ -167,7 +167,7 @@ def test_generation_and_scoring_go_through_the_kernel_without_autograd(kernel):
 
     updater.kernel = Counting()
     updater.generate(["Port Vellan is a", "It flew in"], adapters, max_new_tokens=3)
-    assert calls and all(not grad and runs == 2 for grad, runs in calls[:1])
+    assert calls and calls[0] == (False, 2)  # the prompts' pass: both adapters, no gradient
     assert not any(grad for grad, _ in calls)
     calls.clear()
     updater.score(["Port Vellan is a"], [" harbour town"], [adapters[1]])
