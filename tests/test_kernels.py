@@ -64,15 +64,22 @@ def use_kernel(layer: MultiLoraLinear, kernel, dtype: torch.dtype, packed: bool)
     [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)],
     ids=["float32", "float32 input, bf16 autocast", "bf16 input, bf16 autocast"],
 )
-def test_the_kernel_computes_what_pytorch_computes_bit_for_bit(kernel, per_token, bias, x_dtype, autocast):
-    """Without packed weights, the kernel's output and the gradients of the input and of
-    every adapter in the pass equal autograd's of MultiLoraLinear's own operations, bit for bit."""
+def test_the_kernel_computes_what_pytorch_computes(kernel, per_token, bias, x_dtype, autocast):
+    """Without packed weights, the kernel's output and the gradients of the input and of every adapter in the
+    pass equal autograd's of MultiLoraLinear's own operations: in float32 bit for bit; under bf16 autocast
+    within one bf16 rounding, since the kernel adds each adapter's product to the base product inside the
+    matrix product and rounds the sum to bf16 once, where autocast rounds each term."""
     layer, x = layer_and_input(bias, x_dtype, per_token)
     want, _ = forward_backward(layer, x, autocast)
     use_kernel(layer, kernel, torch.bfloat16 if autocast else torch.float32, packed=False)
     got, unused_grad = forward_backward(layer, x, autocast)
     for name, g, w in zip(["output", "x", "A0", "A2", "B0", "B2"], got, want, strict=True):
-        assert g.dtype == w.dtype and torch.equal(g, w), name
+        assert g.dtype == w.dtype, name
+        if autocast:
+            ulp, scale = 2**-7, w.float().abs().max().item()  # bf16 keeps 8 significant bits
+            torch.testing.assert_close(g.float(), w.float(), rtol=ulp, atol=ulp * scale, msg=name)
+        else:
+            assert torch.equal(g, w), name
     assert unused_grad is None  # slot 1 took no part in the pass
 
 

@@ -9,12 +9,16 @@
 //
 // Arithmetic in the compute dtype of `weight` (bf16 under autocast, float32 otherwise), as autocast has it:
 // - the frozen product x W^T, through oneDNN's packed weight when `frozen` holds one;
-// - each run's adapter products, with A and B cast to the compute dtype;
-// - gradients for x (if needed) and for each run's A and B (float32, the adapters' dtype); none for W.
+// - each run's adapter products, with A and (scaling B) cast to the compute dtype, the second one added to
+//   the frozen product inside the matrix product (addmm_): no scaled copy of the output, no separate sum;
+// - gradients for x (if needed; its terms summed in the compute dtype, then cast once) and for each run's A
+//   and B (float32, the adapters' dtype); none for W.
 // `frozen` holds [W, bias], [W, bias, W packed] (a forward only: decoding, scoring) or [W, bias, W packed,
 // W^T packed].
-// Without packed weights the results equal PyTorch's autograd of the same operations bit for bit
-// (tests/test_kernels.py).
+// On memory-bound CPUs every pass over an activation costs about as much as a small product, so the scaling
+// goes on the adapters' small matrices rather than on [tokens, features] tensors.
+// Without packed weights the results equal PyTorch's autograd of the same operations: in float32 bit for bit
+// (a scaling of 2, LoRA's usual alpha = 2 rank, is exact), in bf16 within one rounding (tests/test_kernels.py).
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -69,9 +73,9 @@ at::Tensor compute(const at::Tensor& x, at::TensorList frozen, at::TensorList a,
       at::mm_out(target, h, b[r].to(x_few.scalar_type()).t());
       continue;
     }
-    auto ar = a[r].to(dtype), br = b[r].to(dtype);
+    auto ar = a[r].to(dtype), br = at::mul(b[r], scaling).to(dtype);
     auto h = at::mm(part, ar.t());
-    out.narrow(0, starts[r], lengths[r]).add_(at::mm(h, br.t()).mul(scaling));
+    out.narrow(0, starts[r], lengths[r]).addmm_(h, br.t());
     if (saved) saved->insert(saved->end(), {part, h, ar, br});
   }
   if (delta_few.defined()) out.add_(delta_few, scaling);
@@ -115,18 +119,18 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     const bool need_x = ctx->needs_input_grad(0);
     at::Tensor dx;
     if (need_x) {
-      dx = (packed ? packed_product(g.contiguous(), weight, c10::nullopt) : at::mm(g, weight)).to(x_dtype);
+      dx = packed ? packed_product(g.contiguous(), weight, c10::nullopt) : at::mm(g, weight);
     }
     variable_list da(runs), db(runs);
     for (size_t r = 0; r < runs; ++r) {
       const auto &part = saved[4 * r], &h = saved[4 * r + 1], &ar = saved[4 * r + 2], &br = saved[4 * r + 3];
-      auto gr = g.narrow(0, starts[r], lengths[r]).mul(scaling);
-      auto dh = at::mm(gr, br);
-      // The same products, in the same layouts, as autograd's mm backward for x A^T and h B^T.
-      db[r] = at::mm(gr.t(), h).to(at::kFloat);
+      auto gr = g.narrow(0, starts[r], lengths[r]);
+      auto dh = at::mm(gr, br);  // br is scaling B: dh is d(loss)/d(x A^T) already
+      db[r] = at::mm(gr.t(), h).to(at::kFloat).mul_(scaling);
       da[r] = at::mm(dh.t(), part).to(at::kFloat);
-      if (need_x) dx.narrow(0, starts[r], lengths[r]).add_(at::mm(dh, ar).to(x_dtype));
+      if (need_x) dx.narrow(0, starts[r], lengths[r]).addmm_(dh, ar);
     }
+    if (need_x) dx = dx.to(x_dtype);
     variable_list out{need_x ? dx.view(x_sizes) : at::Tensor()};
     out.resize(1 + ctx->saved_data["frozen"].toInt());  // the frozen tensors get no gradient
     out.insert(out.end(), da.begin(), da.end());
