@@ -35,7 +35,7 @@ tcmalloc:  ## unpack TCMalloc into .venv for CPU runs (make setup does it; for a
 # The C++ kernel of the batched updater (seal/kernels/), compiled once into torch's extension cache. Without a
 # C++ compiler runs fall back to PyTorch's operations (adapt.lora_kernel=auto), with a warning.
 kernels:  ## build the C++ kernel (make setup does it; rebuilt by itself when its source changes)
-	@$(PY) -c "from seal.kernels import lora_linear_kernel as k; print('C++ kernel:', 'built' if k() else 'not built')"
+	@$(PY) -c "from seal.kernels import cpu_kernels as k; print('C++ kernels:', 'built' if k() else 'not built')"
 
 setup: $(STAMP)  ## create .venv and install torch, the project and the bundled model (idempotent)
 

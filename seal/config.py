@@ -202,7 +202,7 @@ class AdaptConfig:
     # 8 % with 1.25 (benchmarks/README.md, "The lanes' activation budget").
     lane_budget: float = 1.0
     # How the batched updater computes an adapted layer on a CPU (routing by runs, no dropout, no compile):
-    # cpp, one autograd node per layer written in C++ (seal/kernels/lora_linear.cpp, compiled once per
+    # cpp, one autograd node per layer written in C++ (seal/kernels/cpu.cpp, compiled once per
     # checkout; an error if it cannot be), python, PyTorch's own operations, or auto: cpp where it builds,
     # else python with a warning. Under bf16 autocast the C++ node also multiplies by weights laid out once by
     # oneDNN (model.pack_weights). On the AMX CPU, one adapter's steps of 2-120 tokens took 13-14 % less time,

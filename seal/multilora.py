@@ -58,7 +58,7 @@ from seal.adapt import (
     tokenize,
 )
 from seal.config import AdaptConfig
-from seal.kernels import lora_linear_kernel
+from seal.kernels import cpu_kernels
 from seal.models import LM, PACKABLE_ATTENTION, continuation_logprobs, generate, output_projection
 
 PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its state-dict keys
@@ -176,7 +176,7 @@ class MultiLoraLinear(nn.Module):
         return (result + delta.view(*result.shape[:-1], -1)).to(result.dtype)
 
     def _kernel_forward(self, x: torch.Tensor, routing: AdapterRouting) -> torch.Tensor:
-        """The forward above, routed by runs, as one node of the C++ kernel (seal/kernels/lora_linear.cpp)."""
+        """The forward above, routed by runs, as one node of the C++ kernel (seal/kernels/cpu.cpp)."""
         tokens = 1 if routing.per_token else x[0].numel() // x.shape[-1]  # flattened rows in a routed row
         starts, lengths, a, b = [], [], [], []
         offset = 0
@@ -314,10 +314,24 @@ class TokenLosses(torch.autograd.Function):
     of tokens at a time, so the [tokens, vocabulary] logits (50k wide for SmolLM2) never exist whole.
     The loss's gradient with respect to `hidden`, (softmax - onehot) @ weight, is computed in the same pass
     and scaled in backward by each token's incoming gradient: the same FLOPs as autograd, a fraction of the
-    memory. A token whose incoming gradient is zero gets exactly zero, even if its loss is not finite."""
+    memory. A token whose incoming gradient is zero gets exactly zero, even if its loss is not finite.
+    With `kernel` (seal/kernels/cpu.cpp) and its `frozen` tensors ([weight, weight and its transpose laid out
+    by oneDNN, or two empty tensors]) the forward runs in C++, each row's softmax in the core's cache."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        kernel: Any = None,
+        frozen: list[torch.Tensor] | None = None,
+    ):
+        if kernel is not None:
+            losses, grads = kernel.token_losses(hidden, frozen, targets, chunk)
+            ctx.save_for_backward(grads)
+            return losses
         losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
         grads = torch.empty_like(hidden)
         for start in range(0, len(hidden), chunk):
@@ -336,16 +350,22 @@ class TokenLosses(torch.autograd.Function):
     def backward(ctx, grad_losses: torch.Tensor):
         (grads,) = ctx.saved_tensors
         scale = grad_losses[:, None].to(grads.dtype)
-        return torch.where(scale != 0, grads * scale, 0), None, None, None
+        return torch.where(scale != 0, grads * scale, 0), None, None, None, None, None
 
 
 def token_losses(
-    lm: LM, inputs: dict[str, torch.Tensor], keep: torch.Tensor, targets: torch.Tensor, chunk: int = 256
+    lm: LM,
+    inputs: dict[str, torch.Tensor],
+    keep: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = 256,
+    kernel: Any = None,
+    frozen: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Cross-entropy per kept token of the pass of `inputs` (the model's keyword arguments; `keep` [1, T]
     picks the tokens) against `targets` [kept tokens]. A plain causal LM (`output_projection`): its last
-    hidden state through the frozen projection a chunk at a time. Any other model: its own logits
-    (soft-capped, scaled...), every position's at once."""
+    hidden state through the frozen projection a chunk at a time, in C++ with `kernel` and `frozen` (see
+    TokenLosses). Any other model: its own logits (soft-capped, scaled...), every position's at once."""
     head = output_projection(lm.model)
     if head is None:
         logits = lm.model(**inputs).logits[keep]
@@ -353,6 +373,8 @@ def token_losses(
     hidden = lm.model.base_model(**inputs).last_hidden_state[keep]
     if head.weight.requires_grad:
         return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
+    if kernel is not None and frozen is not None:
+        return TokenLosses.apply(hidden, frozen[0], targets, chunk, kernel, frozen)
     weight = head.weight
     if torch.is_autocast_enabled(hidden.device.type):
         weight = lm.casts.get(head, weight)  # inside LM.frozen_casts: cast once already
@@ -430,7 +452,9 @@ class MultiLoraUpdater:
         self.compiled = compiled_blocks(lm, self.layers) if cfg.compile else []
         # The C++ kernel where for_device chose it and it builds (auto: else PyTorch's operations, warned).
         required = cfg.lora_kernel == "cpp"
-        self.kernel = None if cfg.lora_kernel == "python" else lora_linear_kernel(required=required)
+        self.kernel = None if cfg.lora_kernel == "python" else cpu_kernels(required=required)
+        # While training through the kernel: the frozen output projection's tensors for the loss (TokenLosses)
+        self.head: list[torch.Tensor] | None = None
         self.blocks = decoder_layers(lm)  # where the lanes' activation budget counts a pass's tokens
         self.budget: lane_budget.ActivationBudget | None = None  # the lanes' shared one, while they train
         self._init_lock = threading.Lock()  # lanes start jobs from the global random generator, one at a time
@@ -519,7 +543,8 @@ class MultiLoraUpdater:
         if there is one: each gets its frozen weight in the compute dtype (autocast's, else float32) and, in
         bf16 with `model.pack_weights`, laid out once by oneDNN for the forward product and, transposed, for
         the input's gradient (2 x 0.27 GB for SmolLM2, handed back afterwards). Without `backward` (decoding,
-        scoring) only the forward's layout is made; in float32, inside `LM.packed_weights`, its copies."""
+        scoring) only the forward's layout is made; in float32, inside `LM.packed_weights`, its copies. For a
+        `backward` the frozen output projection gets the same (`self.head`) for the training loss."""
         lm = self.lm
         dtype = lm.autocast_dtype or torch.float32
         if self.kernel is None or any(m.base_layer.weight.dtype != torch.float32 for _, m in self.layers):
@@ -535,17 +560,32 @@ class MultiLoraUpdater:
                 return kernel_tensors(base, weight, pack=False) + [laid_out]
             return kernel_tensors(base, weight, pack, backward)
 
+        head = output_projection(lm.model) if backward else None
+        if head is not None and head.weight.requires_grad:
+            head = None  # a trained head: autograd's cross-entropy (token_losses)
+
+        def head_tensors() -> list[torch.Tensor] | None:
+            if head is None:
+                return None
+            weight = lm.casts.get(head)
+            weight = head.weight.detach().to(dtype) if weight is None else weight
+            laid_out = kernel_tensors(head, weight, pack)[2:] or [torch.empty(0), torch.empty(0)]
+            return [weight, *laid_out]
+
         try:
             tensors = [frozen(layer.base_layer) for _, layer in self.layers]
+            self.head = head_tensors()
         except RuntimeError as error:  # a torch or CPU without oneDNN's bf16 layout
             log.warning("model.pack_weights: oneDNN could not lay out %s (%s)", dtype, error)
             pack = False
             tensors = [frozen(layer.base_layer) for _, layer in self.layers]
+            self.head = head_tensors()
         try:
             for (_, layer), layer_tensors in zip(self.layers, tensors, strict=True):
                 layer.kernel, layer.kernel_frozen = self.kernel, layer_tensors
             yield
         finally:
+            self.head = None
             for _, layer in self.layers:
                 layer.kernel, layer.kernel_frozen = None, []
             if pack:
@@ -724,7 +764,9 @@ class MultiLoraUpdater:
                     position_ids=batch.positions,
                     use_cache=False,
                 )
-                losses = adapter_losses(token_losses(lm, inputs, keep, batch.targets[keep]), slots, counts)
+                targets = batch.targets[keep]
+                kept = token_losses(lm, inputs, keep, targets, kernel=self.kernel, frozen=self.head)
+                losses = adapter_losses(kept, slots, counts)
             shares = losses.tolist()
             failed = [k for k in present if not math.isfinite(shares[k])]
             for k in present:
@@ -865,7 +907,7 @@ def kernel_tensors(
     """The frozen tensors the C++ kernel multiplies `base`'s input by: `weight` (the base weight in the
     compute dtype) and the bias (empty if none), then with `pack` the weight laid out by oneDNN for the
     forward product and, for a `backward`, its transpose for the input's gradient
-    (seal/kernels/lora_linear.cpp)."""
+    (seal/kernels/cpu.cpp)."""
     tensors = [weight, torch.empty(0) if base.bias is None else base.bias.detach()]
     if pack:
         tensors.append(torch.ops.mkldnn._reorder_linear_weight(weight, None))

@@ -1,4 +1,4 @@
-"""The C++ kernel of an adapted layer (seal/kernels/lora_linear.cpp) against PyTorch's own operations."""
+"""The C++ kernels of the batched updater (seal/kernels/cpu.cpp) against PyTorch's own operations."""
 
 import dataclasses
 import logging
@@ -10,7 +10,7 @@ from torch import nn
 from seal import kernels
 from seal.config import AdaptConfig
 from seal.models import cpu_supports_bf16
-from seal.multilora import AdapterRouting, MultiLoraLinear, MultiLoraUpdater, kernel_tensors
+from seal.multilora import AdapterRouting, MultiLoraLinear, MultiLoraUpdater, TokenLosses, kernel_tensors
 from tests.conftest import DEVICE
 from tests.test_multilora import CFG, JOBS, MIXED_CFG, MIXED_JOBS, tiny_fp32
 
@@ -22,7 +22,7 @@ RUNS = [(0, 5), (-1, 3), (2, 9)]
 @pytest.fixture(scope="module")
 def kernel():
     """Built here if `make setup` has not built it yet; the tests need the compiler the machine has."""
-    return kernels.lora_linear_kernel(required=True)
+    return kernels.cpu_kernels(required=True)
 
 
 def layer_and_input(bias: bool, dtype: torch.dtype, per_token: bool):
@@ -137,25 +137,71 @@ def test_a_weight_laid_out_for_the_forward_only_refuses_a_backward(kernel):
         layer(x)
 
 
+def loss_and_gradient(hidden, weight, targets, autocast, **kernel):
+    hidden = hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        losses = TokenLosses.apply(hidden, weight, targets, 16, *kernel.values())
+    scale = torch.rand(len(targets), generator=torch.Generator().manual_seed(2))
+    scale[5] = 0  # the token with a non-finite loss takes no part in the total
+    (grad,) = torch.autograd.grad((losses.nan_to_num() * scale).sum(), [hidden])
+    return losses.detach(), grad
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["as it is", "laid out"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16 autocast"])
+def test_the_loss_kernel_computes_what_token_losses_computes(kernel, autocast, pack):
+    """The loss through the frozen output projection in C++ against TokenLosses' own operations, over chunks
+    of 16 of 37 tokens: each token's loss within float32 rounding of the same logits, the gradient for the
+    hidden rows within the rounding of its dtype. A target far too unlikely for float32's softmax (p ~ e^-500)
+    still gets its finite loss, from the logits; a row of NaN gets a NaN loss and, with no incoming gradient,
+    a zero gradient."""
+    if pack and not (autocast and cpu_supports_bf16()):
+        pytest.skip("oneDNN lays out bf16 weights on CPUs with fast bf16")
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(37, 24), torch.randn(300, 24) * 0.3
+    targets = torch.randperm(300)[:37]
+    weight[targets[3]] = -hidden[3]  # row 3's target logit about -24, the others a few units
+    hidden[3] *= 20  # and now about -500
+    hidden[5] = float("nan")
+    dtype = torch.bfloat16 if autocast else torch.float32
+    frozen = kernel_tensors(nn.Linear(24, 300, bias=False), weight.to(dtype), pack)
+    frozen = [frozen[0], *(frozen[2:] or [torch.empty(0), torch.empty(0)])]
+    want, want_grad = loss_and_gradient(hidden, weight.to(dtype), targets, autocast)
+    got, got_grad = loss_and_gradient(hidden, weight, targets, autocast, kernel=kernel, frozen=frozen)
+    assert 450 < got[3] < 600 and got[5].isnan() and got.isfinite().sum() == 36
+    if pack:  # oneDNN's own products: the same logits within bf16 rounding
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=0.2, equal_nan=True)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert got_grad[5].eq(0).all() and got_grad.isfinite().all()
+    ulp = 2**-7 if autocast else 1e-5
+    torch.testing.assert_close(got_grad, want_grad, rtol=ulp, atol=ulp * want_grad.abs().max().item())
+
+
 def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):
-    """`adapt.lora_kernel=auto` on a CPU: the updater holds the kernel, each adapted layer computes through
-    it while `train` runs (so the equivalence tests of tests/test_multilora.py go through it), and not
-    afterwards."""
+    """`adapt.lora_kernel=auto` on a CPU: the updater holds the kernels, each adapted layer and the loss
+    compute through them while `train` runs (so the equivalence tests of tests/test_multilora.py go through
+    them), and not afterwards."""
     updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG), 2)
     assert updater.kernel is kernel
-    calls = []
-    real = kernel.lora_linear
+    calls, losses = [], []
 
     class Counting:
         def lora_linear(self, *args):
             calls.append(len(args[2]))  # the adapters in the pass
-            return real(*args)
+            return kernel.lora_linear(*args)
+
+        def token_losses(self, hidden, frozen, targets, chunk):
+            losses.append(len(hidden))  # the pass's tokens with a target
+            return kernel.token_losses(hidden, frozen, targets, chunk)
 
     updater.kernel = Counting()
     adapters = updater.train(JOBS[:2])
     assert all(a.result.error is None for a in adapters)
     assert calls and max(calls) >= 1
+    assert losses and min(losses) >= 1
     assert all(layer.kernel is None and layer.kernel_frozen == [] for _, layer in updater.layers)
+    assert updater.head is None
     python = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, lora_kernel="python"), 2)
     assert python.kernel is None
 
@@ -204,10 +250,10 @@ def test_a_kernel_that_cannot_be_built_is_an_error_only_when_required(monkeypatc
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     monkeypatch.setattr(kernels, "_loaded", {})
     with caplog.at_level(logging.WARNING, logger="seal.kernels"):
-        assert kernels.lora_linear_kernel() is None
+        assert kernels.cpu_kernels() is None
     assert "could not be built" in caplog.text and "Ninja is required" in caplog.text
-    with pytest.raises(RuntimeError, match=r"lora_kernel=cpp: the C\+\+ kernel lora_linear.cpp could not"):
-        kernels.lora_linear_kernel(required=True)
+    with pytest.raises(RuntimeError, match=r"lora_kernel=cpp: the C\+\+ kernels of cpu.cpp could not"):
+        kernels.cpu_kernels(required=True)
     with pytest.raises(RuntimeError, match="could not be built"):
         MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, lora_kernel="cpp"), 2)
     assert MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG), 2).kernel is None  # auto: PyTorch's operations

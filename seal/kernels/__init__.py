@@ -3,7 +3,7 @@
 `torch.utils.cpp_extension` compiles them with the machine's C++ compiler and ninja the first time a process
 asks (about 35 s on 2 cores), into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default
 ~/.cache/torch_extensions); later processes load the built library. `make setup` builds them. Where they
-cannot be built (no compiler, no ninja), `lora_linear_kernel` says why and the updater keeps PyTorch's own
+cannot be built (no compiler, no ninja), `cpu_kernels` says why and the updater keeps PyTorch's own
 operations (`adapt.lora_kernel`).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("lora_linear.cpp")
+SOURCE = Path(__file__).with_name("cpu.cpp")
 
 
 def extension_name(source: Path) -> str:
@@ -30,9 +30,9 @@ _lock = threading.Lock()
 _loaded: dict[str, ModuleType | Exception] = {}
 
 
-def lora_linear_kernel(required: bool = False) -> ModuleType | None:
-    """The compiled `lora_linear` extension (see lora_linear.cpp), built on first use. If it cannot be built
-    or loaded: with `required` a RuntimeError saying why, else a warning (once per process) and None."""
+def cpu_kernels(required: bool = False) -> ModuleType | None:
+    """The compiled extension of cpu.cpp (`lora_linear`, `token_losses`), built on first use. If it cannot be
+    built or loaded: with `required` a RuntimeError saying why, else a warning (once per process) and None."""
     with _lock:
         if NAME not in _loaded:
             try:
@@ -43,7 +43,7 @@ def lora_linear_kernel(required: bool = False) -> ModuleType | None:
                 _loaded[NAME] = error
                 if not required:
                     log.warning(
-                        "adapt.lora_kernel: the C++ kernel could not be built (%s: %s); the batched updater "
+                        "adapt.lora_kernel: the C++ kernels could not be built (%s: %s); the batched updater "
                         "uses PyTorch's own operations instead (slower on a CPU)",
                         type(error).__name__,
                         str(error).strip().splitlines()[-1] if str(error).strip() else "",
@@ -52,7 +52,8 @@ def lora_linear_kernel(required: bool = False) -> ModuleType | None:
     if isinstance(loaded, Exception):
         if required:
             raise RuntimeError(
-                f"adapt.lora_kernel=cpp: the C++ kernel {SOURCE.name} could not be built or loaded: {loaded}"
+                f"adapt.lora_kernel=cpp: the C++ kernels of {SOURCE.name} could not be built or loaded: "
+                f"{loaded}"
             ) from loaded
         return None
     return loaded

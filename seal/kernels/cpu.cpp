@@ -1,4 +1,8 @@
-// A frozen linear layer plus LoRA adapters on runs of its input's rows, as one autograd node.
+// The batched updater's CPU kernels (seal/multilora.py), compiled once per machine (seal/kernels/__init__.py):
+// - lora_linear: a frozen linear layer plus LoRA adapters on runs of its input's rows, as one autograd node;
+// - token_losses: next-token cross-entropy through the frozen output projection, and its gradient.
+//
+// lora_linear
 //
 // seal.multilora.MultiLoraLinear computes, for each run of consecutive rows routed to one adapter slot,
 //     out = x W^T (+ bias) + scaling * (x A^T) B^T
@@ -22,6 +26,8 @@
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -154,10 +160,57 @@ at::Tensor lora_linear(const at::Tensor& x, std::vector<at::Tensor> frozen, std:
                            scaling);
 }
 
+// token_losses
+//
+// The loss of each row of `hidden` [tokens, features] predicting `targets` through the frozen output
+// projection, and the loss's gradient with respect to `hidden`, (softmax - onehot) W, computed in the same pass
+// (seal.multilora.TokenLosses scales it in backward). `frozen` holds [W, W packed, W^T packed] in the compute
+// dtype, the packed ones empty where oneDNN does not lay them out. A chunk of rows at a time, the logits of
+// the chunk (in the compute dtype) are turned into probabilities one row at a time in float32, the row (200 kB
+// for a 50k vocabulary) staying in the core's cache, and written back in place: one read and one write of the
+// logits where whole-chunk float32 operations (cast, logsumexp, subtract, exp, cast back) each pass over
+// [chunk, vocabulary] floats in memory.
+std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::Tensor> frozen,
+                                     const at::Tensor& targets, int64_t chunk) {
+  TORCH_CHECK(frozen.size() == 3, "frozen: [W, W packed, W^T packed], the packed ones empty if none");
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto &weight = frozen[0], &packed = frozen[1], &packed_t = frozen[2];
+  const int64_t tokens = hidden.size(0), vocabulary = weight.size(0);
+  auto losses = at::empty({tokens}, hidden.options().dtype(at::kFloat));
+  auto grads = at::empty_like(hidden);
+  auto row = at::empty({vocabulary}, losses.options()), probs = at::empty({vocabulary}, losses.options());
+  const auto target = targets.to(at::kLong).contiguous();
+  const int64_t* target_of = target.data_ptr<int64_t>();
+  float* loss = losses.data_ptr<float>();
+  float* prob = probs.data_ptr<float>();
+  for (int64_t start = 0; start < tokens; start += chunk) {
+    const int64_t rows = std::min(chunk, tokens - start);
+    auto h = hidden.narrow(0, start, rows).to(weight.scalar_type()).contiguous();
+    auto logits = packed.numel() ? packed_product(h, packed, c10::nullopt) : at::mm(h, weight.t());
+    for (int64_t i = 0; i < rows; ++i) {
+      auto logit = logits[i];
+      row.copy_(logit);
+      at::_softmax_out(probs, row, 0, false);
+      const int64_t k = target_of[start + i];
+      const float p = prob[k];
+      // -log p, unless p is too small for float32 to hold it well (or not finite): then from the logits.
+      loss[start + i] = std::isnormal(p) ? -std::log(p) : (at::logsumexp(row, 0) - row[k]).item<float>();
+      prob[k] = p - 1.0f;
+      logit.copy_(probs);
+    }
+    grads.narrow(0, start, rows)
+        .copy_(packed_t.numel() ? packed_product(logits, packed_t, c10::nullopt) : at::mm(logits, weight));
+  }
+  return {losses, grads};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_linear", &lora_linear,
         "x W^T + bias + scaling (x A^T) B^T on runs of rows: one autograd node, or none without gradients",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("token_losses", &token_losses,
+        "each row's cross-entropy through the frozen output projection, and its gradient for the rows",
         py::call_guard<py::gil_scoped_release>());
 }
