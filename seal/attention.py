@@ -19,6 +19,7 @@ cache, dropout) goes to SDPA as before.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -30,6 +31,7 @@ from seal.models import LM
 
 NAME = "seal_packed"
 MAX_TOKENS = 256  # longer passes go to SDPA
+_last_bias = threading.local()  # per thread (lanes train side by side): the last mask's bias
 
 
 def packed_attention_forward(
@@ -61,9 +63,8 @@ def packed_attention_forward(
         )
     groups = heads // kv_heads  # query head h reads key/value head h // groups, as transformers' repeat_kv
     scaling = width**-0.5 if scaling is None else scaling
-    bias = torch.zeros(length, length, device=query.device).masked_fill_(~attention_mask[0, 0], -torch.inf)
     scores = torch.baddbmm(
-        bias.repeat(groups, 1),  # [groups x T, T], the same for every key/value head
+        mask_bias(attention_mask, groups),
         query.reshape(kv_heads, groups * length, width).float(),
         key[0].float().transpose(1, 2),
         alpha=scaling,
@@ -71,6 +72,21 @@ def packed_attention_forward(
     probs = scores.softmax(-1).to(value.dtype)
     output = (probs @ value[0]).view(1, heads, length, width)
     return output.transpose(1, 2).contiguous(), None
+
+
+def mask_bias(attention_mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """The float32 bias [groups x T, T] (0 where the boolean [1, 1, T, T] mask allows, -inf elsewhere) that
+    every key/value head's `groups` query heads add to their scores. Every layer of a pass gets the same mask
+    tensor, so it is built once a pass on each thread rather than once a layer."""
+    key = (attention_mask._version, groups)
+    last = getattr(_last_bias, "value", None)
+    if last is not None and last[0] is attention_mask and last[1] == key:
+        return last[2]
+    length = attention_mask.shape[-1]
+    bias = torch.zeros(length, length, device=attention_mask.device)
+    bias = bias.masked_fill_(~attention_mask[0, 0], -torch.inf).repeat(groups, 1)
+    _last_bias.value = (attention_mask, key, bias)
+    return bias
 
 
 AttentionInterface.register(NAME, packed_attention_forward)

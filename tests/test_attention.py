@@ -58,6 +58,20 @@ def test_in_bf16_the_scores_are_float32_and_the_output_is_bf16_within_its_roundi
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
 
 
+def test_the_layers_of_a_pass_share_one_bias_built_from_their_mask():
+    """Every layer of a pass gets the same mask tensor: its bias is built once and reused; another mask, or
+    this one changed in place, gets a bias of its own, each equal to the mask's."""
+    mask = block_causal_mask(torch.tensor([0, 0, 0, 1, 1]))
+    bias = attention.mask_bias(mask, 3)
+    assert attention.mask_bias(mask, 3) is bias
+    assert bias.shape == (15, 5) and torch.equal(bias.isfinite(), mask[0, 0].repeat(3, 1))
+    other = block_causal_mask(torch.tensor([0, 1, 1, 1, 1]))
+    assert torch.equal(attention.mask_bias(other, 3).isfinite(), other[0, 0].repeat(3, 1))
+    assert attention.mask_bias(mask, 2).shape == (10, 5)
+    mask[0, 0, 4, 0] = True
+    assert attention.mask_bias(mask, 2)[4, 0] == 0
+
+
 @pytest.mark.parametrize(
     "case",
     ["longer than MAX_TOKENS", "two rows in a batch", "no mask", "dropout", "a query shorter than keys"],
