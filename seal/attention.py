@@ -77,15 +77,18 @@ def packed_attention_forward(
 def mask_bias(attention_mask: torch.Tensor, groups: int) -> torch.Tensor:
     """The float32 bias [groups x T, T] (0 where the boolean [1, 1, T, T] mask allows, -inf elsewhere) that
     every key/value head's `groups` query heads add to their scores. Every layer of a pass gets the same mask
-    tensor, so it is built once a pass on each thread rather than once a layer."""
+    tensor, so it is built once a pass on each thread rather than once a layer (not under torch.compile,
+    which traces the building into its graph)."""
     key = (attention_mask._version, groups)
     last = getattr(_last_bias, "value", None)
-    if last is not None and last[0] is attention_mask and last[1] == key:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and last is not None and last[0] is attention_mask and last[1] == key:
         return last[2]
     length = attention_mask.shape[-1]
     bias = torch.zeros(length, length, device=attention_mask.device)
     bias = bias.masked_fill_(~attention_mask[0, 0], -torch.inf).repeat(groups, 1)
-    _last_bias.value = (attention_mask, key, bias)
+    if not compiling:
+        _last_bias.value = (attention_mask, key, bias)
     return bias
 
 

@@ -29,6 +29,7 @@ Adapter weights use PEFT's state-dict keys, so adapters from either updater can 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -521,6 +522,7 @@ class MultiLoraUpdater:
                 # Compiled blocks would guard on each layer's own cast forward and recompile layer by layer.
                 contextlib.nullcontext() if self.compiled else self.lm.frozen_casts(),
                 self._kernel_layers(),
+                norms_in_compute_dtype(self.lm) if self.kernel else contextlib.nullcontext(),
                 attention.packed_attention(self.lm),  # a CPU: attention as batched products
             ):
                 if len(lanes) == 1:
@@ -914,6 +916,60 @@ def kernel_tensors(
         if backward:
             tensors.append(torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), None))
     return tensors
+
+
+# Norms that compute exactly as Llama's RMSNorm (transformers copies its code into these model types).
+LLAMA_NORMS = frozenset(
+    f"{kind}RMSNorm" for kind in ("Llama", "Mistral", "Mixtral", "Qwen2", "Qwen3", "Phi3")
+)
+
+
+class NormInComputeDtype(torch.autograd.Function):
+    """Llama's RMSNorm of a float32 `x`, x / sqrt(mean(x^2) + eps) * weight in float32 as transformers
+    computes it, handed on in `dtype`, the compute dtype every adapted layer reading it casts it to (under
+    bf16 autocast, q, k and v each cast the same output, then add their three float32 input gradients). Cast
+    once here, its gradient comes back in `dtype` too: one cast a norm rather than one per reading layer each
+    way. The weight is frozen (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            rstd = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+            ctx.save_for_backward(x, rstd, weight)
+            return (x * rstd).mul_(weight).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, rstd, weight = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            g = grad.float().mul_(weight)  # d(loss)/d(x rstd)
+            normed = x * rstd
+            grad_x = g.sub_(normed.mul_((g * normed).mean(-1, keepdim=True))).mul_(rstd)
+        return grad_x, None, None, None
+
+
+@contextlib.contextmanager
+def norms_in_compute_dtype(lm: LM) -> Iterator[None]:
+    """Inside this block, under bf16 or float16 autocast on a CPU, each Llama RMSNorm with a frozen weight
+    hands its output on in the autocast dtype (NormInComputeDtype): the same numbers the layers reading it
+    multiply by, fewer casts. Its input in another dtype than float32 goes through the norm as it is."""
+    dtype = lm.autocast_dtype
+    if dtype is None or dtype == torch.float32 or lm.device.type != "cpu":
+        yield
+        return
+
+    def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return type(module).forward(module, x)
+        return NormInComputeDtype.apply(x, module.weight, module.variance_epsilon, dtype)
+
+    norms = [
+        (module, functools.partial(forward, module))
+        for module in lm.model.modules()
+        if type(module).__name__ in LLAMA_NORMS and not module.weight.requires_grad
+    ]
+    with swapped_forwards(norms):
+        yield
 
 
 def compiled_blocks(lm: LM, layers: list[tuple[str, MultiLoraLinear]]) -> list[tuple[nn.Module, Callable]]:

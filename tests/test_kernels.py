@@ -6,11 +6,20 @@ import logging
 import pytest
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from seal import kernels
 from seal.config import AdaptConfig
 from seal.models import cpu_supports_bf16
-from seal.multilora import AdapterRouting, MultiLoraLinear, MultiLoraUpdater, TokenLosses, kernel_tensors
+from seal.multilora import (
+    AdapterRouting,
+    MultiLoraLinear,
+    MultiLoraUpdater,
+    NormInComputeDtype,
+    TokenLosses,
+    kernel_tensors,
+    norms_in_compute_dtype,
+)
 from tests.conftest import DEVICE
 from tests.test_multilora import CFG, JOBS, MIXED_CFG, MIXED_JOBS, tiny_fp32
 
@@ -176,6 +185,43 @@ def test_the_loss_kernel_computes_what_token_losses_computes(kernel, autocast, p
     assert got_grad[5].eq(0).all() and got_grad.isfinite().all()
     ulp = 2**-7 if autocast else 1e-5
     torch.testing.assert_close(got_grad, want_grad, rtol=ulp, atol=ulp * want_grad.abs().max().item())
+
+
+def test_a_norm_handed_on_in_bf16_computes_what_the_norm_then_a_cast_computes():
+    """NormInComputeDtype against transformers' RMSNorm followed by the cast the adapted layers would make:
+    the same bf16 output bit for bit, and the input's gradient for the same bf16 output gradient within
+    float32 rounding."""
+    norm = LlamaRMSNorm(48, eps=1e-5).requires_grad_(False)
+    torch.manual_seed(0)
+    norm.weight.normal_()
+    x = (torch.randn(2, 17, 48) * 3).requires_grad_(True)
+    grad = torch.randn(2, 17, 48).to(torch.bfloat16)
+    want = norm(x).to(torch.bfloat16)
+    (want_grad,) = torch.autograd.grad(want, [x], grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = NormInComputeDtype.apply(x, norm.weight, norm.variance_epsilon, torch.bfloat16)
+    (got_grad,) = torch.autograd.grad(got, [x], grad)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5 * want_grad.abs().max().item())
+
+
+def test_under_bf16_autocast_the_updater_trains_with_its_norms_in_bf16(kernel):
+    """While the updater trains through the kernel under bf16 autocast, each frozen RMSNorm of the model hands
+    its output on in bf16; before and afterwards, the model's own norms in float32."""
+    lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
+    norms = [m for m in lm.model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert norms and all("forward" not in vars(norm) for norm in norms)
+    x = torch.randn(1, 3, norms[0].weight.shape[0])
+    with norms_in_compute_dtype(lm), lm.autocast():
+        assert all(norm(x).dtype == torch.bfloat16 for norm in norms)
+    seen = []
+    real = NormInComputeDtype.apply
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NormInComputeDtype, "apply", lambda *a: seen.append(a[3]) or real(*a))
+        adapters = MultiLoraUpdater(lm, AdaptConfig(**CFG), 2).train(JOBS[:2])
+    assert all(a.result.error is None for a in adapters)
+    assert len(seen) >= len(norms) and set(seen) == {torch.bfloat16}
+    assert all("forward" not in vars(norm) and norm(x).dtype == torch.float32 for norm in norms)
 
 
 def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):
