@@ -66,6 +66,7 @@ PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
 NO_TARGET = -100  # a packed token with nothing to predict (before a row's first learnt token)
+STACKED_ROWS = 16  # decoding: runs of at most this many rows a slot go through the stacked adapters
 
 
 class AdapterRouting:
@@ -84,10 +85,14 @@ class AdapterRouting:
       larger operations where each one has a fixed cost (kernel launches on a GPU).
 
     A lane of MultiLoraUpdater.train (a thread training its own slots) routes its passes with a routing of its
-    own (`lane`); every other thread, the autograd engine's included, uses this shared one."""
+    own (`lane`); every other thread, the autograd engine's included, uses this shared one.
+
+    While `stacked` is set (the updater's decoding through the C++ kernel), runs are worked out with the mask
+    as well: the kernel takes a decoding step's rows, one token each, through the stacked adapters."""
 
     def __init__(self, by_mask: bool = False, rank: int = 0) -> None:
         self.by_mask, self.rank = by_mask, rank
+        self.stacked = False
         self.per_token = False  # True: rows or tokens count tokens of the flattened batch; False: rows
         self.runs: list[tuple[int, int]] = []  # (slot, length); slot -1 is the base model alone
         self.slots: list[int] = []  # mask: the slots in use, in the order of their stacked columns
@@ -116,7 +121,7 @@ class AdapterRouting:
         self.per_token = ids.dim() == 2
         slots, counts = torch.unique_consecutive(ids.flatten(), return_counts=True)
         self.runs = list(zip(slots.tolist(), counts.tolist(), strict=True))
-        if self.by_mask:
+        if self.by_mask or self.stacked:
             self.slots = sorted({slot for slot, _ in self.runs if slot >= 0})
             own = ids.flatten()[:, None] == torch.tensor(self.slots, device=ids.device)
             mask = own.float().repeat_interleave(self.rank, dim=1)  # [rows or tokens, slots x rank]
@@ -146,17 +151,20 @@ class MultiLoraLinear(nn.Module):
         # Otherwise None: PyTorch's operations below.
         self.kernel: Any = None
         self.kernel_frozen: list[torch.Tensor] = []
+        # Decoding through the kernel: the adapters of these slots stacked as A [slots x rank, in] and B [out,
+        # slots x rank], made once per set of slots; emptied whenever a slot is loaded.
+        self.stacks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.routing.current()
-        if self.kernel is not None and routing.runs and routing.mask is None:
+        if self.kernel is not None and routing.runs and not routing.by_mask:
             return self._kernel_forward(x, routing)
         result = self.base_layer(x)
         if not routing.runs:
             return result
         # Dim 0 of this view is what the routing counts: tokens of the flattened batch, or whole rows.
         inputs = x.flatten(0, -2) if routing.per_token else x
-        if routing.mask is not None:
+        if routing.by_mask:
             if len(routing.slots) == 1:  # no stack to build: cat would copy the lone slot's matrices
                 a, b = self.lora_A[routing.slots[0]], self.lora_B[routing.slots[0]]
             else:
@@ -177,8 +185,16 @@ class MultiLoraLinear(nn.Module):
         return (result + delta.view(*result.shape[:-1], -1)).to(result.dtype)
 
     def _kernel_forward(self, x: torch.Tensor, routing: AdapterRouting) -> torch.Tensor:
-        """The forward above, routed by runs, as one node of the C++ kernel (seal/kernels/cpu.cpp)."""
+        """The forward above, routed by runs, as one node of the C++ kernel (seal/kernels/cpu.cpp); a
+        decoding step of a few rows a slot, with `routing.stacked`, through the slots' stacked adapters."""
         tokens = 1 if routing.per_token else x[0].numel() // x.shape[-1]  # flattened rows in a routed row
+        if routing.mask is not None and tokens == 1 and max(n for _, n in routing.runs) <= STACKED_ROWS:
+            slots = tuple(routing.slots)
+            if slots not in self.stacks:
+                a = torch.cat([self.lora_A[slot].detach() for slot in slots])
+                self.stacks[slots] = a, torch.cat([self.lora_B[slot].detach() for slot in slots], dim=1)
+            a, b = self.stacks[slots]
+            return self.kernel.lora_linear_stacked(x, self.kernel_frozen, a, b, routing.mask, self.scaling)
         starts, lengths, a, b = [], [], [], []
         offset = 0
         for slot, n in routing.runs:
@@ -596,12 +612,19 @@ class MultiLoraUpdater:
     @contextlib.contextmanager
     def _inference(self, adapters: list[TrainedAdapter | None]) -> Iterator[None]:
         """Decoding and scoring through the C++ kernel where training uses it, the frozen weights cast and
-        laid out once for the whole call; with no adapter among `adapters`, the base model as it is."""
+        laid out once for the whole call, a decoding step's rows through their slots' stacked adapters; with
+        no adapter among `adapters`, the base model as it is."""
         if all(adapter is None for adapter in adapters):
             yield
             return
-        with self.lm.frozen_casts(), self.lm.packed_weights(), self._kernel_layers(backward=False):
-            yield
+        self.routing.stacked = self.kernel is not None
+        try:
+            with self.lm.frozen_casts(), self.lm.packed_weights(), self._kernel_layers(backward=False):
+                yield
+        finally:
+            self.routing.stacked = False
+            for _, layer in self.layers:
+                layer.stacks.clear()
 
     def _lanes(self, jobs: list[UpdateJob]) -> list[tuple[list[int], deque[int]]]:
         """Each lane's slots and the jobs it trains, in order. The jobs are shared out by their estimated
@@ -794,6 +817,7 @@ class MultiLoraUpdater:
     @torch.no_grad()
     def _load(self, slot: int, adapter: TrainedAdapter) -> None:
         for name, layer in self.layers:
+            layer.stacks.clear()
             layer.lora_A[slot].copy_(adapter.state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             layer.lora_B[slot].copy_(adapter.state[f"{PEFT_PREFIX}{name}.lora_B.weight"])
 

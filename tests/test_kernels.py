@@ -130,6 +130,27 @@ def test_without_gradients_no_node_is_built_and_few_rows_go_through_float32_adap
             assert (got.float() - exact).abs().max() < (with_grad.float() - exact).abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decoding_step_through_stacked_adapters_computes_what_its_runs_compute(kernel, dtype):
+    """One token a row, rows routed to slots 0 and 2 and to no adapter: the stacked adapters (both slots'
+    columns side by side, each row's other columns zeroed) give the runs' result within float32 rounding,
+    and refuse to build an autograd node."""
+    layer, x = layer_and_input(True, torch.float32, per_token=False)
+    x = x.detach()[:, :1]  # 17 rows of one token
+    use_kernel(layer, kernel, dtype, packed=False)
+    routing = layer.routing
+    with torch.no_grad():
+        want = layer(x)
+        routing.stacked, routing.rank = True, 4
+        routing.set(torch.tensor([slot for slot, n in RUNS for _ in range(n)]))
+        assert routing.slots == [0, 2] and routing.mask is not None
+        got = layer(x)
+    assert list(layer.stacks) == [(0, 2)] and got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="no backward"):
+        layer(x)
+
+
 def test_a_weight_laid_out_for_the_forward_only_refuses_a_backward(kernel):
     """Decoding lays out each frozen weight for the forward product only (no transpose): the same output as
     the weight as it is, and a pass with gradients is refused rather than computed wrong."""
@@ -254,27 +275,34 @@ def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):
 
 def test_generation_and_scoring_go_through_the_kernel_without_autograd(kernel):
     """The updater's generation and scoring run each adapted layer through the kernel as training does,
-    without gradients; with no adapter among the rows, the base model as it is, and nothing is laid out."""
+    without gradients, a decoding step's rows through their slots' stacked adapters; with no adapter among
+    the rows, the base model as it is, and nothing is laid out."""
     updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG), 2)
     adapters = updater.train(JOBS[:2])
-    calls = []
+    calls, stacked = [], []
 
     class Counting:
         def lora_linear(self, *args):
             calls.append((torch.is_grad_enabled(), len(args[2])))
             return kernel.lora_linear(*args)
 
+        def lora_linear_stacked(self, x, frozen, a, b, mask, scaling):
+            stacked.append((torch.is_grad_enabled(), len(a) // CFG["rank"]))  # the slots stacked
+            return kernel.lora_linear_stacked(x, frozen, a, b, mask, scaling)
+
     updater.kernel = Counting()
     updater.generate(["Port Vellan is a", "It flew in"], adapters, max_new_tokens=3)
-    assert calls and calls[0] == (False, 2)  # the prompts' pass: both adapters, no gradient
-    assert not any(grad for grad, _ in calls)
+    assert calls and set(calls) == {(False, 2)}  # the prompts' pass: both adapters, no gradient
+    assert len(stacked) == 2 * len(calls) and set(stacked) == {(False, 2)}  # the 2 decoding steps after it
     calls.clear()
+    stacked.clear()
     updater.score(["Port Vellan is a"], [" harbour town"], [adapters[1]])
-    assert calls and not any(grad for grad, _ in calls)
+    assert calls and not any(grad for grad, _ in calls) and stacked == []
     calls.clear()
     updater.generate(["Port Vellan is a"], [None], max_new_tokens=3)
-    assert calls == []
+    assert calls == [] and stacked == []
     assert all(layer.kernel is None and layer.kernel_frozen == [] for _, layer in updater.layers)
+    assert all(layer.stacks == {} for _, layer in updater.layers) and not updater.routing.stacked
 
 
 def test_each_checkout_and_version_of_the_source_builds_under_a_name_of_its_own(tmp_path):

@@ -48,21 +48,29 @@ constexpr int64_t kFewRows = 16;
 // frozen: [weight, bias], [weight, bias, W packed] or [weight, bias, W packed, W^T packed]; an absent bias is
 // an empty tensor. The forward, its output shaped as x with the last size W's; with `saved`, each run's input,
 // x A^T, and A and B as multiplied go there for the backward.
-at::Tensor compute(const at::Tensor& x, at::TensorList frozen, at::TensorList a, at::TensorList b,
-                   const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths, double scaling,
-                   std::vector<at::Tensor>* saved) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+// x's rows in the compute dtype, and their frozen product x W^T (+ bias).
+std::pair<at::Tensor, at::Tensor> frozen_product(const at::Tensor& x, at::TensorList frozen) {
   const auto& weight = frozen[0];
   const auto dtype = weight.scalar_type();
   c10::optional<at::Tensor> bias;
   if (frozen[1].numel()) bias = frozen[1].to(dtype);
   auto xc = x.reshape({-1, x.size(-1)}).to(dtype).contiguous();
-  at::Tensor out;
-  if (frozen.size() >= 3) {
-    out = packed_product(xc, frozen[2], bias);
-  } else {
-    out = bias ? at::addmm(*bias, xc, weight.t()) : at::mm(xc, weight.t());
-  }
+  if (frozen.size() >= 3) return {xc, packed_product(xc, frozen[2], bias)};
+  return {xc, bias ? at::addmm(*bias, xc, weight.t()) : at::mm(xc, weight.t())};
+}
+
+at::Tensor shaped_as(const at::Tensor& out, const at::Tensor& x) {
+  auto shape = x.sizes().vec();
+  shape.back() = out.size(-1);
+  return out.view(shape);
+}
+
+at::Tensor compute(const at::Tensor& x, at::TensorList frozen, at::TensorList a, at::TensorList b,
+                   const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths, double scaling,
+                   std::vector<at::Tensor>* saved) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto dtype = frozen[0].scalar_type();
+  auto [xc, out] = frozen_product(x, frozen);
   at::Tensor x_few, delta_few;  // without a backward: runs of a few rows, through adapters in their own dtype
   for (size_t r = 0; r < a.size(); ++r) {
     auto part = xc.narrow(0, starts[r], lengths[r]);
@@ -85,9 +93,22 @@ at::Tensor compute(const at::Tensor& x, at::TensorList frozen, at::TensorList a,
     if (saved) saved->insert(saved->end(), {part, h, ar, br});
   }
   if (delta_few.defined()) out.add_(delta_few, scaling);
-  auto shape = x.sizes().vec();
-  shape.back() = out.size(-1);
-  return out.view(shape);
+  return shaped_as(out, x);
+}
+
+// A decoding step of rows routed to several adapters, without gradients: the adapters' A matrices stacked
+// [slots x rank, in] and their B matrices [out, slots x rank], each row's columns of the other slots zeroed by
+// `mask` [rows, slots x rank]: out = x W^T (+ bias) + scaling ((x A^T) * mask) B^T, the adapters' part in
+// their dtype (float32). Two products a layer whatever the number of adapters, where runs cost two each.
+at::Tensor lora_linear_stacked(const at::Tensor& x, std::vector<at::Tensor> frozen, const at::Tensor& a,
+                               const at::Tensor& b, const at::Tensor& mask, double scaling) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "lora_linear_stacked has no backward: call it without gradients");
+  TORCH_CHECK(frozen.size() >= 2 && frozen.size() <= 4, "frozen: [weight, bias], then packed, then packed^T");
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  auto [xc, out] = frozen_product(x, frozen);
+  auto h = at::mm(xc.to(a.scalar_type()), a.t()).mul_(mask.reshape({xc.size(0), -1}));
+  out.add_(at::mm(h, b.t()), scaling);
+  return shaped_as(out, x);
 }
 
 struct LoraLinear : public torch::autograd::Function<LoraLinear> {
@@ -209,6 +230,9 @@ std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_linear", &lora_linear,
         "x W^T + bias + scaling (x A^T) B^T on runs of rows: one autograd node, or none without gradients",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("lora_linear_stacked", &lora_linear_stacked,
+        "x W^T + bias + scaling ((x A^T) * mask) B^T with stacked adapters, without gradients",
         py::call_guard<py::gil_scoped_release>());
   m.def("token_losses", &token_losses,
         "each row's cross-entropy through the frozen output projection, and its gradient for the rows",
