@@ -245,6 +245,58 @@ def test_under_bf16_autocast_the_updater_trains_with_its_norms_in_bf16(kernel):
     assert all("forward" not in vars(norm) and norm(x).dtype == torch.float32 for norm in norms)
 
 
+@pytest.fixture
+def swiglu(kernel):
+    if not kernel.swiglu_available():
+        pytest.skip("swiglu is written for AVX-512")
+    return kernel.swiglu
+
+
+def test_swiglu_computes_silu_times_up_within_bf16_rounding(swiglu):
+    """The fused silu(gate) * up and its gradients against PyTorch's silu then mul, in bf16, over a size that
+    leaves a tail after the 16-wide loop: each within one bf16 rounding of the largest value. NaN and infinite
+    gates give what PyTorch gives."""
+    torch.manual_seed(0)
+    gate, up = (torch.randn(3, 37) * 4).bfloat16(), torch.randn(3, 37).bfloat16()
+    gate[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    grad = torch.randn(3, 37).bfloat16()
+    results = []
+    for function in (swiglu, lambda g, u: nn.functional.silu(g) * u):
+        g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+        out = function(g, u)
+        out.backward(grad)
+        results.append([out, g.grad, u.grad])
+    for name, got, want in zip(["output", "gate", "up"], *results, strict=True):
+        assert got.dtype == torch.bfloat16, name
+        assert torch.equal(got[0, :3].isnan(), want[0, :3].isnan()), name
+        got, want = got[:, 3:].float(), want[:, 3:].float()
+        ulp, scale = 2**-7, want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=ulp, atol=ulp * scale, msg=name)
+
+
+def test_under_bf16_autocast_the_updater_trains_its_mlps_through_swiglu(kernel, swiglu):
+    """While the updater trains through the kernels under bf16 autocast on an AVX-512 CPU, each Llama MLP
+    multiplies through `swiglu`, once a layer and pass; before and afterwards, through its own forward."""
+    lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
+    mlps = [m for m in lm.model.modules() if type(m).__name__ == "LlamaMLP"]
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(kernel, name)
+
+        def swiglu(self, gate, up):
+            calls.append(gate.dtype)
+            return kernel.swiglu(gate, up)
+
+    updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 2)
+    updater.kernel = Counting()
+    adapters = updater.train(JOBS[:2])
+    assert all(a.result.error is None for a in adapters)
+    assert mlps and len(calls) >= len(mlps) and set(calls) == {torch.bfloat16}
+    assert all("forward" not in vars(mlp) for mlp in mlps)
+
+
 def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):
     """`adapt.lora_kernel=auto` on a CPU: the updater holds the kernels, each adapted layer and the loss
     compute through them while `train` runs (so the equivalence tests of tests/test_multilora.py go through
