@@ -208,8 +208,9 @@ class AdaptConfig:
     # oneDNN (model.pack_weights). On the AMX CPU, one adapter's steps of 2-120 tokens took 13-14 % less time,
     # the bench's whole update 13 % less (benchmarks/README.md, "One autograd node per adapted layer").
     # Generation and scoring use it too, without a node (the bench's answers in 7.2 s against 10.6 s). With
-    # cpp the training loss goes through the output projection in C++ as well, and under bf16 autocast the
-    # frozen RMSNorms hand their output on in bf16 (seal.multilora.norms_in_compute_dtype).
+    # cpp the training loss goes through the output projection in C++ as well; under bf16 autocast the frozen
+    # RMSNorms hand their output on in bf16 (seal.multilora.norms_in_compute_dtype) and, on AVX-512, the MLPs'
+    # silu(gate) * up is one node (seal.multilora.fused_mlps).
     lora_kernel: str = "auto"
 
 
