@@ -87,8 +87,9 @@ class AdapterRouting:
     A lane of MultiLoraUpdater.train (a thread training its own slots) routes its passes with a routing of its
     own (`lane`); every other thread, the autograd engine's included, uses this shared one.
 
-    While `stacked` is set (the updater's decoding through the C++ kernel), runs are worked out with the mask
-    as well: the kernel takes a decoding step's rows, one token each, through the stacked adapters."""
+    While `stacked` is set (the updater's decoding through the C++ kernel), runs of at most STACKED_ROWS
+    get the mask as well: the kernel takes a decoding step's rows, one token each, through the stacked
+    adapters."""
 
     def __init__(self, by_mask: bool = False, rank: int = 0) -> None:
         self.by_mask, self.rank = by_mask, rank
@@ -121,7 +122,7 @@ class AdapterRouting:
         self.per_token = ids.dim() == 2
         slots, counts = torch.unique_consecutive(ids.flatten(), return_counts=True)
         self.runs = list(zip(slots.tolist(), counts.tolist(), strict=True))
-        if self.by_mask or self.stacked:
+        if self.by_mask or (self.stacked and max(n for _, n in self.runs) <= STACKED_ROWS):
             self.slots = sorted({slot for slot, _ in self.runs if slot >= 0})
             own = ids.flatten()[:, None] == torch.tensor(self.slots, device=ids.device)
             mask = own.float().repeat_interleave(self.rank, dim=1)  # [rows or tokens, slots x rank]
@@ -188,7 +189,7 @@ class MultiLoraLinear(nn.Module):
         """The forward above, routed by runs, as one node of the C++ kernel (seal/kernels/cpu.cpp); a
         decoding step of a few rows a slot, with `routing.stacked`, through the slots' stacked adapters."""
         tokens = 1 if routing.per_token else x[0].numel() // x.shape[-1]  # flattened rows in a routed row
-        if routing.mask is not None and tokens == 1 and max(n for _, n in routing.runs) <= STACKED_ROWS:
+        if routing.mask is not None and tokens == 1:
             slots = tuple(routing.slots)
             if slots not in self.stacks:
                 a = torch.cat([self.lora_A[slot].detach() for slot in slots])
@@ -332,8 +333,8 @@ class TokenLosses(torch.autograd.Function):
     The loss's gradient with respect to `hidden`, (softmax - onehot) @ weight, is computed in the same pass
     and scaled in backward by each token's incoming gradient: the same FLOPs as autograd, a fraction of the
     memory. A token whose incoming gradient is zero gets exactly zero, even if its loss is not finite.
-    With `kernel` (seal/kernels/cpu.cpp) and its `frozen` tensors ([weight, weight and its transpose laid out
-    by oneDNN, or two empty tensors]) the forward runs in C++, each row's softmax in the core's cache."""
+    With `kernel` (seal/kernels/cpu.cpp) and the projection's `frozen` tensors (`kernel_tensors`, as an
+    adapted layer's) the forward runs in C++, each row's softmax in the core's cache."""
 
     @staticmethod
     def forward(
@@ -571,9 +572,12 @@ class MultiLoraUpdater:
             return
         pack = lm.pack_weights and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
-        def frozen(base: nn.Linear) -> list[torch.Tensor]:
+        def compute_weight(base: nn.Linear) -> torch.Tensor:
             weight = lm.casts.get(base)  # the copy LM.frozen_casts made, if any
-            weight = base.weight.detach().to(dtype) if weight is None else weight
+            return base.weight.detach().to(dtype) if weight is None else weight
+
+        def frozen(base: nn.Linear) -> list[torch.Tensor]:
+            weight = compute_weight(base)
             laid_out = None if backward else lm.packed.get(base)  # float32 decoding: LM.packed_weights' copy
             if laid_out is not None:
                 return kernel_tensors(base, weight, pack=False) + [laid_out]
@@ -584,12 +588,7 @@ class MultiLoraUpdater:
             head = None  # a trained head: autograd's cross-entropy (token_losses)
 
         def head_tensors() -> list[torch.Tensor] | None:
-            if head is None:
-                return None
-            weight = lm.casts.get(head)
-            weight = head.weight.detach().to(dtype) if weight is None else weight
-            laid_out = kernel_tensors(head, weight, pack)[2:] or [torch.empty(0), torch.empty(0)]
-            return [weight, *laid_out]
+            return None if head is None else kernel_tensors(head, compute_weight(head), pack)
 
         try:
             tensors = [frozen(layer.base_layer) for _, layer in self.layers]
@@ -973,6 +972,18 @@ class NormInComputeDtype(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+def module_forwards(
+    lm: LM, kinds: frozenset[str], forward: Callable, keep: Callable[[nn.Module], bool]
+) -> list[tuple[nn.Module, Callable]]:
+    """For `swapped_forwards`: `forward(module, ...)` for each module of `lm` of a class named in `kinds` that
+    `keep` accepts."""
+    return [
+        (module, functools.partial(forward, module))
+        for module in lm.model.modules()
+        if type(module).__name__ in kinds and keep(module)
+    ]
+
+
 @contextlib.contextmanager
 def norms_in_compute_dtype(lm: LM) -> Iterator[None]:
     """Inside this block, under bf16 or float16 autocast on a CPU, each Llama RMSNorm with a frozen weight
@@ -988,17 +999,14 @@ def norms_in_compute_dtype(lm: LM) -> Iterator[None]:
             return type(module).forward(module, x)
         return NormInComputeDtype.apply(x, module.weight, module.variance_epsilon, dtype)
 
-    norms = [
-        (module, functools.partial(forward, module))
-        for module in lm.model.modules()
-        if type(module).__name__ in LLAMA_NORMS and not module.weight.requires_grad
-    ]
-    with swapped_forwards(norms):
+    frozen = module_forwards(lm, LLAMA_NORMS, forward, lambda norm: not norm.weight.requires_grad)
+    with swapped_forwards(frozen):
         yield
 
 
 # Gated MLPs that compute exactly as Llama's, down(act(gate(x)) * up(x)).
 LLAMA_MLPS = frozenset(f"{kind}MLP" for kind in ("Llama", "Mistral", "Qwen2", "Qwen3"))
+SILU = frozenset({"SiLU", "SiLUActivation"})  # SiLU's classes in torch and in transformers
 
 
 @contextlib.contextmanager
@@ -1016,12 +1024,8 @@ def fused_mlps(lm: LM, kernel: Any) -> Iterator[None]:
             return module.down_proj(module.act_fn(gate) * up)
         return module.down_proj(kernel.swiglu(gate, up))
 
-    mlps = [
-        (module, functools.partial(forward, module))
-        for module in lm.model.modules()
-        if type(module).__name__ in LLAMA_MLPS and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
-    ]
-    with swapped_forwards(mlps):
+    silu = module_forwards(lm, LLAMA_MLPS, forward, lambda mlp: type(mlp.act_fn).__name__ in SILU)
+    with swapped_forwards(silu):
         yield
 
 

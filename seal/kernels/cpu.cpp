@@ -192,17 +192,19 @@ at::Tensor lora_linear(const at::Tensor& x, std::vector<at::Tensor> frozen, std:
 //
 // The loss of each row of `hidden` [tokens, features] predicting `targets` through the frozen output
 // projection, and the loss's gradient with respect to `hidden`, (softmax - onehot) W, computed in the same pass
-// (seal.multilora.TokenLosses scales it in backward). `frozen` holds [W, W packed, W^T packed] in the compute
-// dtype, the packed ones empty where oneDNN does not lay them out. A chunk of rows at a time, the logits of
+// (seal.multilora.TokenLosses scales it in backward). `frozen` is laid out as lora_linear's: [W, no bias] in
+// the compute dtype, then W and W^T packed by oneDNN if it lays them out. A chunk of rows at a time, the logits of
 // the chunk (in the compute dtype) are turned into probabilities one row at a time in float32, the row (200 kB
 // for a 50k vocabulary) staying in the core's cache, and written back in place: one read and one write of the
 // logits where whole-chunk float32 operations (cast, logsumexp, subtract, exp, cast back) each pass over
 // [chunk, vocabulary] floats in memory.
 std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::Tensor> frozen,
                                      const at::Tensor& targets, int64_t chunk) {
-  TORCH_CHECK(frozen.size() == 3, "frozen: [W, W packed, W^T packed], the packed ones empty if none");
+  TORCH_CHECK(frozen.size() == 2 || frozen.size() == 4, "frozen: [W, bias], then W packed and W^T packed");
+  TORCH_CHECK(frozen[1].numel() == 0, "token_losses: an output projection with a bias is not plain");
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const auto &weight = frozen[0], &packed = frozen[1], &packed_t = frozen[2];
+  const auto& weight = frozen[0];
+  const bool packed = frozen.size() == 4;
   const int64_t tokens = hidden.size(0), vocabulary = weight.size(0);
   auto losses = at::empty({tokens}, hidden.options().dtype(at::kFloat));
   auto grads = at::empty_like(hidden);
@@ -214,7 +216,7 @@ std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::T
   for (int64_t start = 0; start < tokens; start += chunk) {
     const int64_t rows = std::min(chunk, tokens - start);
     auto h = hidden.narrow(0, start, rows).to(weight.scalar_type()).contiguous();
-    auto logits = packed.numel() ? packed_product(h, packed, c10::nullopt) : at::mm(h, weight.t());
+    auto logits = packed ? packed_product(h, frozen[2], c10::nullopt) : at::mm(h, weight.t());
     for (int64_t i = 0; i < rows; ++i) {
       auto logit = logits[i];
       row.copy_(logit);
@@ -227,7 +229,7 @@ std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::T
       logit.copy_(probs);
     }
     grads.narrow(0, start, rows)
-        .copy_(packed_t.numel() ? packed_product(logits, packed_t, c10::nullopt) : at::mm(logits, weight));
+        .copy_(packed ? packed_product(logits, frozen[3], c10::nullopt) : at::mm(logits, weight));
   }
   return {losses, grads};
 }
