@@ -31,8 +31,9 @@ _loaded: dict[str, ModuleType | Exception] = {}
 
 
 def cpu_kernels(required: bool = False) -> ModuleType | None:
-    """The compiled extension of cpu.cpp (`lora_linear`, `token_losses`), built on first use. If it cannot be
-    built or loaded: with `required` a RuntimeError saying why, else a warning (once per process) and None."""
+    """The compiled extension of cpu.cpp (its functions are listed at the top of that file), built on first
+    use. If it cannot be built or loaded: with `required` a RuntimeError saying why, else a warning (once per
+    process) and None."""
     with _lock:
         if NAME not in _loaded:
             try:

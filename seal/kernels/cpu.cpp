@@ -1,5 +1,6 @@
-// The batched updater's CPU kernels (seal/multilora.py), compiled once per machine (seal/kernels/__init__.py):
+// The batched updater's CPU kernels (seal/multilora.py), compiled once per checkout (seal/kernels/__init__.py):
 // - lora_linear: a frozen linear layer plus LoRA adapters on runs of its input's rows, as one autograd node;
+// - lora_linear_stacked: a decoding step's rows through their adapters stacked side by side, without gradients;
 // - token_losses: next-token cross-entropy through the frozen output projection, and its gradient;
 // - swiglu: silu(gate) * up in bf16 and its backward, one pass over the activations each way (AVX-512).
 //
