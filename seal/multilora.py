@@ -541,6 +541,7 @@ class MultiLoraUpdater:
                 self._kernel_layers(),
                 norms_in_compute_dtype(self.lm) if self.kernel else contextlib.nullcontext(),
                 fused_mlps(self.lm, self.kernel),
+                fused_attentions(self.lm, self.kernel),
                 attention.packed_attention(self.lm),  # a CPU: attention as batched products
             ):
                 if len(lanes) == 1:
@@ -1026,6 +1027,47 @@ def fused_mlps(lm: LM, kernel: Any) -> Iterator[None]:
 
     silu = module_forwards(lm, LLAMA_MLPS, forward, lambda mlp: type(mlp.act_fn).__name__ in SILU)
     with swapped_forwards(silu):
+        yield
+
+
+# Attentions that compute as Llama's: q, k and v projections, the rotary embedding, attention, o projection.
+LLAMA_ATTENTIONS = frozenset(f"{kind}Attention" for kind in ("Llama", "Mistral", "Qwen2"))
+
+
+@contextlib.contextmanager
+def fused_attentions(lm: LM, kernel: Any) -> Iterator[None]:
+    """Inside this block, on a CPU with AVX-512 and the C++ kernels, each Llama-style attention computes a
+    packed pass under bf16 autocast (`attention.fusable`) as one node of the kernel (`packed_attention`): the
+    rotary embedding, scores, softmax and the weighted values between its projections, in autocast's numbers
+    for transformers' rotary embedding and `attention.packed_attention_forward`. Any other call goes through
+    the module's own forward."""
+    if kernel is None or lm.autocast_dtype != torch.bfloat16 or not kernel.swiglu_available():
+        yield
+        return
+
+    def forward(
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        starts = attention.fusable(module, hidden_states, position_embeddings, attention_mask, kwargs)
+        if starts is None:
+            return type(module).forward(
+                module,
+                hidden_states=hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
+        q, k, v = module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states)
+        heads = q.shape[-1] // module.head_dim
+        cos, sin = position_embeddings
+        return module.o_proj(kernel.packed_attention(q, k, v, cos, sin, starts, heads, module.scaling)), None
+
+    attentions = module_forwards(lm, LLAMA_ATTENTIONS, forward, lambda module: True)
+    with swapped_forwards(attentions):
         yield
 
 

@@ -72,6 +72,19 @@ def test_the_layers_of_a_pass_share_one_bias_built_from_their_mask():
     assert attention.mask_bias(mask, 2)[4, 0] == 0
 
 
+def test_the_first_keys_of_a_packed_pass_come_from_its_mask_and_from_no_other_mask():
+    """`block_starts` reads each token's first key from a block-diagonal causal mask; a mask with a hole, one
+    that lets a token see later tokens, and one with a token that sees nothing are not a packed pass's."""
+    mask = block_causal_mask(torch.tensor([0, 0, 0, 1, 1, 2]))
+    assert attention.block_starts(mask).tolist() == [0, 0, 0, 3, 3, 5]
+    hole, seen_later, blind = mask.clone(), mask.clone(), mask.clone()
+    hole[0, 0, 2, 1] = False
+    seen_later[0, 0, 1, 2] = True
+    blind[0, 0, 4] = False
+    for other in (hole, seen_later, blind):
+        assert attention.block_starts(other) is None
+
+
 @pytest.mark.parametrize(
     "case",
     ["longer than MAX_TOKENS", "two rows in a batch", "no mask", "dropout", "a query shorter than keys"],

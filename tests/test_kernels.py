@@ -6,9 +6,9 @@ import logging
 import pytest
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from seal import kernels
+from seal import attention, kernels
 from seal.config import AdaptConfig
 from seal.models import cpu_supports_bf16
 from seal.multilora import (
@@ -297,6 +297,90 @@ def test_under_bf16_autocast_the_updater_trains_its_mlps_through_swiglu(kernel, 
     assert all(a.result.error is None for a in adapters)
     assert mlps and len(calls) >= len(mlps) and set(calls) == {torch.bfloat16}
     assert all("forward" not in vars(mlp) for mlp in mlps)
+
+
+@pytest.fixture
+def avx512_kernel(kernel):
+    if not kernel.swiglu_available():
+        pytest.skip("swiglu and packed_attention are written for AVX-512")
+    return kernel
+
+
+def rotary(length: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's rotary cos and sin, [1, length, width] float32."""
+    angles = torch.arange(length).float()[:, None] / 500.0 ** (torch.arange(0, width, 2).float() / width)
+    angles = torch.cat([angles, angles], -1)[None]
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize(
+    ("length", "rows", "heads", "kv_heads", "width"),
+    [(37, 3, 6, 2, 48), (70, 1, 9, 3, 64), (1, 1, 4, 4, 16)],
+    ids=["3 rows, a width with a tail", "one row, SmolLM2's heads", "one token"],
+)
+def test_packed_attention_computes_what_the_rotary_embedding_and_attention_compute(
+    avx512_kernel, length, rows, heads, kv_heads, width
+):
+    """The one-node attention against transformers' rotary embedding and seal.attention's products, both
+    under bf16 autocast: output and the gradients of q, k and v in bf16, each within one bf16 rounding of the
+    largest value."""
+    generator = torch.Generator().manual_seed(length)
+    q, k, v = (
+        (2 * torch.randn(1, length, n * width, generator=generator)).bfloat16()
+        for n in (heads, kv_heads, kv_heads)
+    )
+    cos, sin = rotary(length, width)
+    mask = attention.block_causal_mask(torch.arange(length) * rows // length)
+    upstream = torch.randn(1, length, heads * width, generator=generator).bfloat16()
+
+    class Module:
+        num_key_value_groups = heads // kv_heads
+
+    def transformers_way(q, k, v):
+        shaped = [x.view(1, length, -1, width).transpose(1, 2) for x in (q, k, v)]
+        rq, rk = apply_rotary_pos_emb(shaped[0], shaped[1], cos, sin)
+        out, _ = attention.packed_attention_forward(Module(), rq, rk, shaped[2], mask, scaling=width**-0.5)
+        return out.reshape(1, length, -1)
+
+    def kernel_way(q, k, v):
+        starts = attention.block_starts(mask)
+        return avx512_kernel.packed_attention(q, k, v, cos, sin, starts, heads, width**-0.5)
+
+    results = []
+    for function in (kernel_way, transformers_way):
+        inputs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = function(*inputs)
+        out.backward(upstream)
+        results.append([out, *(x.grad for x in inputs)])
+    for name, got, want in zip(["output", "q", "k", "v"], *results, strict=True):
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape, name
+        ulp, scale = 2**-7, want.abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=ulp * scale, msg=name)
+
+
+def test_under_bf16_autocast_the_updater_trains_its_attentions_through_the_kernel(avx512_kernel):
+    """While the updater trains through the kernels under bf16 autocast on an AVX-512 CPU, each Llama
+    attention computes a pass as one `packed_attention` node; before and afterwards, through its own forward.
+    (What the node computes is held to PyTorch's operations by the test above.)"""
+    lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
+    attentions = [m for m in lm.model.modules() if type(m).__name__ == "LlamaAttention"]
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(avx512_kernel, name)
+
+        def packed_attention(self, q, *rest):
+            calls.append(q.dtype)
+            return avx512_kernel.packed_attention(q, *rest)
+
+    updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 2)
+    updater.kernel = Counting()
+    adapters = updater.train(JOBS[:2])
+    assert all(a.result.error is None for a in adapters)
+    assert attentions and len(calls) >= len(attentions) and set(calls) == {torch.bfloat16}
+    assert all("forward" not in vars(module) for module in attentions)
 
 
 def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):

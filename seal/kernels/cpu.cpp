@@ -2,7 +2,8 @@
 // - lora_linear: a frozen linear layer plus LoRA adapters on runs of its input's rows, as one autograd node;
 // - lora_linear_stacked: a decoding step's rows through their adapters stacked side by side, without gradients;
 // - token_losses: next-token cross-entropy through the frozen output projection, and its gradient;
-// - swiglu: silu(gate) * up in bf16 and its backward, one pass over the activations each way (AVX-512).
+// - swiglu: silu(gate) * up in bf16 and its backward, one pass over the activations each way (AVX-512);
+// - packed_attention: rotary embedding and attention of a packed training pass in bf16, one node (AVX-512).
 //
 // lora_linear
 //
@@ -345,6 +346,272 @@ struct Swiglu : public torch::autograd::Function<Swiglu> {
 
 at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) { return Swiglu::apply(gate, up); }
 
+// packed_attention
+//
+// One Llama-style attention of a packed training pass under bf16 autocast (seal.multilora.fused_attentions),
+// from the outputs of the q, k and v projections to the input of the output projection, as one autograd node:
+// the rotary embedding, the scores, each query's softmax over the keys of its own row up to itself, the weighted
+// sum of the values; and the backward. PyTorch's operations for the same (transformers' rotary embedding, then
+// seal.attention's batched products) make about thirty nodes, casts, transposes and masks a layer, most of them
+// a pass over the activations. And where those products cover the whole pass, masked, these go row by row of the
+// pass (a segment of tokens that attend only among themselves): a pass of two rows of equal length does half
+// the arithmetic. The numbers are autocast's for those operations: the rotation in float32 from the bf16
+// projections and rounded to bf16; products of bf16 matrices (float32 sums, bf16 results); the softmax and its
+// gradient in float32 from bf16 and rounded to bf16.
+// A key/value head's query heads lie side by side: [kv heads, T x groups, width], where groups is the number of
+// query heads a key/value head serves, with token t's j-th query head at row t x groups + j. For a row of the
+// pass of n tokens from token s, a key/value head's scores and probabilities are [n x groups, n], with token t's
+// j-th query head at row (t - s) x groups + j.
+// `starts[t]` is the first token of t's row: t attends to keys starts[t]..t. AVX-512 only (`swiglu_available`);
+// a head's width must be even.
+
+#if defined(__x86_64__)
+// out = x cos + rotate_half(x) sin over one head of 2 half features, from bf16 x and float32 cos and sin, in
+// float32, rounded to bf16.
+SEAL_AVX512 inline void rotate(const c10::BFloat16* x, const float* c, const float* s, c10::BFloat16* out,
+                               int64_t half) {
+  int64_t i = 0;
+  for (; i + 16 <= half; i += 16) {
+    const auto lo = widen(x + i), hi = widen(x + half + i);
+    narrow(out + i, _mm512_sub_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(c + i)), _mm512_mul_ps(hi, _mm512_loadu_ps(s + i))));
+    narrow(out + half + i, _mm512_add_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(c + half + i)),
+                                         _mm512_mul_ps(lo, _mm512_loadu_ps(s + half + i))));
+  }
+  for (; i < half; ++i) {
+    const float lo = x[i], hi = x[half + i];
+    out[i] = lo * c[i] - hi * s[i];
+    out[half + i] = hi * c[half + i] + lo * s[half + i];
+  }
+}
+
+// x's gradient through `rotate`, from the gradient d of its output, in float32, rounded to bf16.
+SEAL_AVX512 inline void unrotate(const c10::BFloat16* d, const float* c, const float* s, c10::BFloat16* out,
+                                 int64_t half) {
+  int64_t i = 0;
+  for (; i + 16 <= half; i += 16) {
+    const auto lo = widen(d + i), hi = widen(d + half + i);
+    narrow(out + i, _mm512_add_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(c + i)),
+                                  _mm512_mul_ps(hi, _mm512_loadu_ps(s + half + i))));
+    narrow(out + half + i, _mm512_sub_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(c + half + i)),
+                                         _mm512_mul_ps(lo, _mm512_loadu_ps(s + i))));
+  }
+  for (; i < half; ++i) {
+    const float lo = d[i], hi = d[half + i];
+    out[i] = lo * c[i] + hi * s[half + i];
+    out[half + i] = hi * c[half + i] - lo * s[i];
+  }
+}
+
+SEAL_AVX512 inline __mmask16 lanes_left(int64_t left) {  // the first min(left, 16) lanes
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+SEAL_AVX512 inline __m512 widen(const c10::BFloat16* p, __mmask16 m) {  // the lanes of m from p; zeros elsewhere
+  const auto half = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(static_cast<__mmask32>(m), p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// `values` (float32, in `row`'s lanes [0, count)) to bf16 in out[0, count), and zeros in out[count, length).
+SEAL_AVX512 void narrow_row(const float* row, c10::BFloat16* out, int64_t count, int64_t length) {
+  int64_t j = 0;
+  for (; j + 16 <= count; j += 16) narrow(out + j, _mm512_loadu_ps(row + j));
+  for (; j < count; ++j) out[j] = c10::BFloat16(row[j]);
+  std::fill(out + count, out + length, c10::BFloat16(0.0f));
+}
+
+// One query's probabilities p[0, length): the softmax of `scaling` times its scores over keys [0, last], zero
+// after; `row` (float32, length floats) is scratch.
+SEAL_AVX512 void softmax_row(const c10::BFloat16* scores, c10::BFloat16* p, float* row, int64_t length,
+                             int64_t last, float scaling) {
+  const auto scale = _mm512_set1_ps(scaling);
+  auto top = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j <= last; j += 16) {
+    const auto m = lanes_left(last + 1 - j);
+    top = _mm512_mask_max_ps(top, m, top, _mm512_mul_ps(widen(scores + j, m), scale));
+  }
+  const auto most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  auto total = _mm512_setzero_ps();
+  for (int64_t j = 0; j <= last; j += 16) {
+    const auto m = lanes_left(last + 1 - j);
+    const auto e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_mul_ps(widen(scores + j, m), scale), most));
+    total = _mm512_mask_add_ps(total, m, total, e);
+    _mm512_mask_storeu_ps(row + j, m, e);
+  }
+  const auto inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  for (int64_t j = 0; j <= last; j += 16) {
+    const auto m = lanes_left(last + 1 - j);
+    _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), inverse));
+  }
+  narrow_row(row, p, last + 1, length);
+}
+
+// The scores' gradient for one query, `scaling` p (dp - sum(dp p)) over keys [0, last], zero after; `row`
+// (float32, length floats) is scratch.
+SEAL_AVX512 void softmax_backward_row(const c10::BFloat16* dp, const c10::BFloat16* p, c10::BFloat16* ds, float* row,
+                                      int64_t length, int64_t last, float scaling) {
+  auto dot = _mm512_setzero_ps();
+  for (int64_t j = 0; j <= last; j += 16) {
+    const auto m = lanes_left(last + 1 - j);
+    dot = _mm512_add_ps(dot, _mm512_mul_ps(widen(dp + j, m), widen(p + j, m)));
+  }
+  const auto d = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), scale = _mm512_set1_ps(scaling);
+  for (int64_t j = 0; j <= last; j += 16) {
+    const auto m = lanes_left(last + 1 - j);
+    const auto g = _mm512_mul_ps(widen(p + j, m), _mm512_sub_ps(widen(dp + j, m), d));
+    _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(g, scale));
+  }
+  narrow_row(row, ds, last + 1, length);
+}
+#endif
+
+constexpr int64_t kRowGrain = 16;  // rows a thread takes at least
+
+struct Segment {
+  int64_t start, end;
+};
+
+std::vector<Segment> segments_of(const at::Tensor& first) {
+  const int64_t* fp = first.data_ptr<int64_t>();
+  std::vector<Segment> segments;
+  for (int64_t t = 0; t < first.size(0); ++t) {
+    if (fp[t] == t) segments.push_back({t, t + 1});
+    TORCH_CHECK(!segments.empty() && fp[t] == segments.back().start,
+                "packed_attention: starts[t] must be the first token of t's row");
+    segments.back().end = t + 1;
+  }
+  return segments;
+}
+
+struct PackedAttention : public torch::autograd::Function<PackedAttention> {
+  // q [.., T, heads x width], k and v [.., T, kv heads x width] bf16; cos and sin [.., T, width] float32;
+  // starts [T] int64. Returns [.., T, heads x width] bf16.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& starts, int64_t heads,
+                            double scaling) {
+    TORCH_CHECK(swiglu_available(), "packed_attention needs AVX-512");
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                    v.scalar_type() == at::kBFloat16,
+                "packed_attention: q, k and v must be bf16");
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+                "packed_attention: cos and sin must be float32");
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const int64_t length = starts.size(0), width = cos.size(-1), half = width / 2;
+    const int64_t kv_heads = k.size(-1) / width, groups = heads / kv_heads;
+    TORCH_CHECK(width % 2 == 0 && q.size(-1) == heads * width && heads % kv_heads == 0 &&
+                    q.numel() == length * heads * width && k.sizes() == v.sizes() &&
+                    k.numel() == length * kv_heads * width && cos.numel() == length * width &&
+                    sin.numel() == length * width,
+                "packed_attention: shapes do not agree");
+    auto qc = q.contiguous(), kc = k.contiguous();
+    auto c = cos.reshape({length, width}).contiguous(), s = sin.reshape({length, width}).contiguous();
+    auto first = starts.to(at::kLong).contiguous();
+    const auto segments = segments_of(first);
+    auto qr = at::empty({kv_heads, length * groups, width}, qc.options());
+    auto kr = at::empty({kv_heads, length, width}, qc.options());
+    auto vt = v.reshape({length, kv_heads, width}).transpose(0, 1).contiguous();
+    auto out = at::empty({kv_heads, length * groups, width}, qc.options());
+    std::vector<at::Tensor> saved{qr, kr, vt, c, s, first};
+#if defined(__x86_64__)
+    const auto *qp = qc.data_ptr<c10::BFloat16>(), *kp = kc.data_ptr<c10::BFloat16>();
+    const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+    auto *qrp = qr.data_ptr<c10::BFloat16>(), *krp = kr.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, length, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t h = 0; h < heads; ++h)
+          rotate(qp + (t * heads + h) * width, cp + t * width, sp + t * width,
+                 qrp + (((h / groups) * length + t) * groups + h % groups) * width, half);
+        for (int64_t h = 0; h < kv_heads; ++h)
+          rotate(kp + (t * kv_heads + h) * width, cp + t * width, sp + t * width, krp + (h * length + t) * width,
+                 half);
+      }
+    });
+    const float scale = static_cast<float>(scaling);
+    for (const auto& seg : segments) {
+      const int64_t size = seg.end - seg.start, rows = size * groups;
+      const auto scores = at::bmm(qr.narrow(1, seg.start * groups, rows), kr.narrow(1, seg.start, size).transpose(1, 2));
+      auto probs = at::empty_like(scores);
+      const auto* scp = scores.data_ptr<c10::BFloat16>();
+      auto* pp = probs.data_ptr<c10::BFloat16>();
+      at::parallel_for(0, kv_heads * rows, kRowGrain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(size);
+        for (int64_t i = begin; i < end; ++i)
+          softmax_row(scp + i * size, pp + i * size, scratch.data(), size, (i % rows) / groups, scale);
+      });
+      out.narrow(1, seg.start * groups, rows).copy_(at::bmm(probs, vt.narrow(1, seg.start, size)));
+      saved.push_back(probs);
+    }
+#endif
+    ctx->save_for_backward(saved);
+    ctx->saved_data["scaling"] = scaling;
+    // [kv heads, T, query heads, width] -> [T, heads x width], shaped as q.
+    return out.view({kv_heads, length, groups, width}).transpose(0, 1).reshape(q.sizes());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto saved = ctx->get_saved_variables();
+    const auto &qr = saved[0], &kr = saved[1], &vt = saved[2], &c = saved[3], &s = saved[4], &first = saved[5];
+    const float scale = static_cast<float>(ctx->saved_data["scaling"].toDouble());
+    const int64_t kv_heads = kr.size(0), length = kr.size(1), width = kr.size(2), half = width / 2;
+    const int64_t groups = qr.size(1) / length, heads = kv_heads * groups;
+    const auto& grad = grads[0];
+    const auto segments = segments_of(first);
+    // The output's gradient laid out as the products' rows.
+    auto dout = grad.to(at::kBFloat16).reshape({length, kv_heads, groups * width}).transpose(0, 1).contiguous()
+                    .view({kv_heads, length * groups, width});
+    auto dqr = at::empty_like(qr), dkr = at::empty_like(kr), dv = at::empty_like(vt);
+    auto dq = at::empty({length, heads * width}, dout.options());
+    auto dk = at::empty({length, kv_heads * width}, dout.options());
+#if defined(__x86_64__)
+    for (size_t n = 0; n < segments.size(); ++n) {
+      const auto& seg = segments[n];
+      const auto& probs = saved[6 + n];
+      const int64_t size = seg.end - seg.start, rows = size * groups;
+      const auto d_seg = dout.narrow(1, seg.start * groups, rows), v_seg = vt.narrow(1, seg.start, size);
+      const auto dp = at::bmm(d_seg, v_seg.transpose(1, 2));
+      auto ds = at::empty_like(dp);
+      const auto *dpp = dp.data_ptr<c10::BFloat16>(), *pp = probs.data_ptr<c10::BFloat16>();
+      auto* dsp = ds.data_ptr<c10::BFloat16>();
+      at::parallel_for(0, kv_heads * rows, kRowGrain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(size);
+        for (int64_t i = begin; i < end; ++i)
+          softmax_backward_row(dpp + i * size, pp + i * size, dsp + i * size, scratch.data(), size,
+                               (i % rows) / groups, scale);
+      });
+      dqr.narrow(1, seg.start * groups, rows).copy_(at::bmm(ds, kr.narrow(1, seg.start, size)));
+      dkr.narrow(1, seg.start, size).copy_(at::bmm(ds.transpose(1, 2), qr.narrow(1, seg.start * groups, rows)));
+      dv.narrow(1, seg.start, size).copy_(at::bmm(probs.transpose(1, 2), d_seg));
+    }
+    const auto *dqrp = dqr.data_ptr<c10::BFloat16>(), *dkrp = dkr.data_ptr<c10::BFloat16>();
+    const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+    auto *dqp = dq.data_ptr<c10::BFloat16>(), *dkp = dk.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, length, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t h = 0; h < heads; ++h)
+          unrotate(dqrp + (((h / groups) * length + t) * groups + h % groups) * width, cp + t * width,
+                   sp + t * width, dqp + (t * heads + h) * width, half);
+        for (int64_t h = 0; h < kv_heads; ++h)
+          unrotate(dkrp + (h * length + t) * width, cp + t * width, sp + t * width,
+                   dkp + (t * kv_heads + h) * width, half);
+      }
+    });
+#endif
+    auto shaped = [&](const at::Tensor& g) {
+      auto shape = grad.sizes().vec();
+      shape.back() = g.size(-1);
+      return g.view(shape);
+    };
+    auto dv_rows = dv.transpose(0, 1).reshape({length, kv_heads * width});
+    return {shaped(dq), shaped(dk), shaped(dv_rows), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor packed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                            const at::Tensor& sin, const at::Tensor& starts, int64_t heads, double scaling) {
+  return PackedAttention::apply(q, k, v, cos, sin, starts, heads, scaling);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -359,5 +626,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("token_losses", &token_losses,
         "each row's cross-entropy through the frozen output projection, and its gradient for the rows",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("packed_attention", &packed_attention,
+        "rotary embedding and attention of a packed pass for bf16 q, k, v: one autograd node",
         py::call_guard<py::gil_scoped_release>());
 }
