@@ -1,21 +1,22 @@
 """Attention for the batched updater's packed training passes on a CPU.
 
 A packed pass lays several rows end to end under a block-diagonal causal mask (`seal.multilora.PackedBatch`).
-On a CPU, PyTorch's scaled_dot_product_attention takes such a masked pass through its flash kernel, which
-is made for long sequences: at the lengths of SEAL's passes (tens to a few hundred tokens) its backward costs
+On a CPU, PyTorch's scaled_dot_product_attention takes such a masked pass through its flash kernel, which is
+made for long sequences: at the lengths of SEAL's passes (tens to a few hundred tokens) its backward costs
 far more than its arithmetic. Written as batched matrix products instead, with each key/value head's query
-heads side by side (grouped-query attention without copying keys and values), the scores in float32 (in
-bf16 under bf16 autocast, which casts the products' operands) with the mask added as a bias, then softmax, forward and backward of one SmolLM2 layer in bf16 on one thread of
-the 2-core CPU, TCMalloc (`benchmarks/attention_speed.py`) took 0.47 ms against 0.88 at 41 tokens, 2.1
-against 3.8-4.0 at 160, 4.8-5.4 against 6.8-7.2 at 256 (and 20 against 25 at 512). Passes longer than
-`MAX_TOKENS` go to SDPA: the float32 scores and probabilities kept for backward grow with the square of the
+heads side by side (grouped-query attention without copying keys and values), the scores in float32 (in bf16
+under bf16 autocast, which casts the products' operands) with the mask added as a bias, then softmax, forward
+and backward of one SmolLM2 layer in bf16 on one thread of the 2-core CPU, TCMalloc
+(`benchmarks/attention_speed.py`) took 0.47 ms against 0.88 at 41 tokens, 2.1 against 3.8-4.0 at 160, 4.8-5.4
+against 6.8-7.2 at 256 (and 20 against 25 at 512). Passes longer than `MAX_TOKENS` go to SDPA: the float32
+scores and probabilities kept for backward grow with the square of the
 length (about 175 MB a SmolLM2 pass at 256 tokens, 700 MB at 512), for less and less gain.
 
 `packed_attention(lm)` switches a model from transformers' "sdpa" to this implementation for a block (the
 batched updater's training on a CPU). Anything that is not a packed pass (a batch of several rows, no mask, a
 cache, dropout) goes to SDPA as before. Under bf16 autocast on an AVX-512 CPU with the C++ kernels,
-`seal.multilora.fused_attentions` computes the same, rotary embedding included, in one node a layer, row by row
-of the pass (`fusable`, `block_starts`).
+`seal.multilora.fused_attentions` computes the same, rotary embedding included, in one node a layer, row by
+row of the pass (`fusable`, `block_starts`).
 """
 
 from __future__ import annotations
