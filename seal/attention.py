@@ -8,9 +8,9 @@ heads side by side (grouped-query attention without copying keys and values), th
 under bf16 autocast, which casts the products' operands) with the mask added as a bias, then softmax, forward
 and backward of one SmolLM2 layer in bf16 on one thread of the 2-core CPU, TCMalloc
 (`benchmarks/attention_speed.py`) took 0.47 ms against 0.88 at 41 tokens, 2.1 against 3.8-4.0 at 160, 4.8-5.4
-against 6.8-7.2 at 256 (and 20 against 25 at 512). Passes longer than `MAX_TOKENS` go to SDPA: the float32
-scores and probabilities kept for backward grow with the square of the
-length (about 175 MB a SmolLM2 pass at 256 tokens, 700 MB at 512), for less and less gain.
+against 6.8-7.2 at 256 (and 20 against 25 at 512). Passes longer than `MAX_TOKENS` go to SDPA: the scores
+and probabilities kept for backward grow with the square of the length (about 175 MB a SmolLM2 pass at 256
+tokens in float32, 700 MB at 512), for less and less gain.
 
 `packed_attention(lm)` switches a model from transformers' "sdpa" to this implementation for a block (the
 batched updater's training on a CPU). Anything that is not a packed pass (a batch of several rows, no mask, a
