@@ -34,6 +34,13 @@ def kernel():
     return kernels.cpu_kernels(required=True)
 
 
+@pytest.fixture
+def avx512_kernel(kernel):
+    if not kernel.swiglu_available():
+        pytest.skip("swiglu, rms_norm and packed_attention are written for AVX-512")
+    return kernel
+
+
 def layer_and_input(bias: bool, dtype: torch.dtype, per_token: bool):
     torch.manual_seed(0)
     routing = AdapterRouting()
@@ -230,21 +237,56 @@ def test_a_norm_handed_on_in_bf16_computes_what_the_norm_then_a_cast_computes():
 
 def test_under_bf16_autocast_the_updater_trains_with_its_norms_in_bf16(kernel):
     """While the updater trains through the kernel under bf16 autocast, each frozen RMSNorm of the model hands
-    its output on in bf16; before and afterwards, the model's own norms in float32."""
+    its output on in bf16, through the kernel's `rms_norm` on an AVX-512 CPU, else through NormInComputeDtype;
+    before and afterwards, the model's own norms in float32."""
     lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
     norms = [m for m in lm.model.modules() if type(m).__name__ == "LlamaRMSNorm"]
     assert norms and all("forward" not in vars(norm) for norm in norms)
     x = torch.randn(1, 3, norms[0].weight.shape[0])
-    with norms_in_compute_dtype(lm), lm.autocast():
+    with norms_in_compute_dtype(lm, kernel), lm.autocast():
         assert all(norm(x).dtype == torch.bfloat16 for norm in norms)
     seen = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(kernel, name)
+
+        def rms_norm(self, x, weight, eps):
+            out = kernel.rms_norm(x, weight, eps)
+            seen.append(out.dtype)
+            return out
+
     real = NormInComputeDtype.apply
+    updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 2)
+    updater.kernel = Counting()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(NormInComputeDtype, "apply", lambda *a: seen.append(a[3]) or real(*a))
-        adapters = MultiLoraUpdater(lm, AdaptConfig(**CFG), 2).train(JOBS[:2])
+        adapters = updater.train(JOBS[:2])
     assert all(a.result.error is None for a in adapters)
     assert len(seen) >= len(norms) and set(seen) == {torch.bfloat16}
     assert all("forward" not in vars(norm) and norm(x).dtype == torch.float32 for norm in norms)
+
+
+def test_rms_norm_computes_what_the_norm_handed_on_in_bf16_computes(avx512_kernel):
+    """The kernel's norm against NormInComputeDtype, over rows whose width leaves a tail after the 16-wide
+    loop: the bf16 output within one bf16 rounding, the input's gradient within float32 rounding."""
+    torch.manual_seed(0)
+    weight = torch.randn(50)
+    x = (torch.randn(2, 17, 50) * 3).requires_grad_(True)
+    grad = torch.randn(2, 17, 50).to(torch.bfloat16)
+    results = []
+
+    def in_bf16(x, weight, eps):
+        return NormInComputeDtype.apply(x, weight, eps, torch.bfloat16)
+
+    for norm in (avx512_kernel.rms_norm, in_bf16):
+        out = norm(x, weight, 1e-5)
+        results.append([out, *torch.autograd.grad(out, [x], grad)])
+    (got, got_grad), (want, want_grad) = results
+    assert got.dtype == torch.bfloat16 and got_grad.dtype == torch.float32
+    ulp = 2**-7
+    torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=ulp * want.abs().max().item())
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5 * want_grad.abs().max().item())
 
 
 @pytest.fixture
@@ -297,13 +339,6 @@ def test_under_bf16_autocast_the_updater_trains_its_mlps_through_swiglu(kernel, 
     assert all(a.result.error is None for a in adapters)
     assert mlps and len(calls) >= len(mlps) and set(calls) == {torch.bfloat16}
     assert all("forward" not in vars(mlp) for mlp in mlps)
-
-
-@pytest.fixture
-def avx512_kernel(kernel):
-    if not kernel.swiglu_available():
-        pytest.skip("swiglu and packed_attention are written for AVX-512")
-    return kernel
 
 
 def rotary(length: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
