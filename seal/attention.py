@@ -127,30 +127,37 @@ def fusable(
 ) -> torch.Tensor | None:
     """For a Llama-style attention module's call: the first key of each token (`block_starts`) where the call
     is a packed pass that `seal.multilora.fused_attentions` computes in one node (bf16 autocast on a CPU, this
-    module's implementation on, no cache, no dropout, at most MAX_TOKENS tokens, an even head width, float32
-    rotary embeddings), else None: the module's own forward computes it."""
+    module's implementation on, no cache, no dropout, rows of at most MAX_TOKENS tokens, an even head width,
+    float32 rotary embeddings), else None: the module's own forward computes it. The node keeps each row's
+    bf16 probabilities, not the pass's: a pass of several rows may be longer than MAX_TOKENS."""
     if (
         module.config._attn_implementation != NAME
         or not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         or hidden_states.dim() != 3
         or hidden_states.shape[0] != 1
-        or (length := hidden_states.shape[1]) > MAX_TOKENS
         or kwargs.get("cache") is not None
         or kwargs.get("past_key_values") is not None
         or (module.training and module.attention_dropout)
         or module.head_dim % 2
         or position_embeddings is None
         or position_embeddings[0].dtype != torch.float32
-        or position_embeddings[0].shape[-2:] != (length, module.head_dim)
+        or position_embeddings[0].shape[-2:] != ((length := hidden_states.shape[1]), module.head_dim)
         or attention_mask is None
         or attention_mask.dtype != torch.bool
         or attention_mask.shape != (1, 1, length, length)
     ):
         return None
-    window = getattr(module, "sliding_window", None) or getattr(module.config, "sliding_window", None)
-    if window is not None and length > window:
+    starts = block_starts(attention_mask)
+    if starts is None:
         return None
-    return block_starts(attention_mask)
+    longest = longest_row(attention_mask, starts)
+    window = getattr(module, "sliding_window", None) or getattr(module.config, "sliding_window", None)
+    return None if longest > MAX_TOKENS or (window is not None and longest > window) else starts
+
+
+def longest_row(attention_mask: torch.Tensor, starts: torch.Tensor) -> int:
+    """The most tokens of one row in a packed pass with these first keys (once a pass, `per_mask`)."""
+    return per_mask(attention_mask, "longest", lambda: int((torch.arange(len(starts)) - starts).max()) + 1)
 
 
 AttentionInterface.register(NAME, packed_attention_forward)

@@ -209,8 +209,8 @@ class AdaptConfig:
     # the bench's whole update 13 % less (benchmarks/README.md, "One autograd node per adapted layer").
     # Generation and scoring use it too, without a node (the bench's answers in 7.2 s against 10.6 s). With
     # cpp the training loss goes through the output projection in C++ as well; under bf16 autocast the frozen
-    # RMSNorms hand their output on in bf16 (seal.multilora.norms_in_compute_dtype) and, on AVX-512, each norm,
-    # the MLPs' silu(gate) * up and each attention with its rotary embedding is one node
+    # RMSNorms hand their output on in bf16 (seal.multilora.norms_in_compute_dtype) and, on AVX-512, each
+    # norm, the MLPs' silu(gate) * up and each attention with its rotary embedding is one node
     # (seal.multilora.fused_mlps, fused_attentions).
     lora_kernel: str = "auto"
 
