@@ -1,5 +1,7 @@
 """seal.attention must compute what SDPA computes for a packed pass, and hand everything else to SDPA."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,6 +85,32 @@ def test_the_first_keys_of_a_packed_pass_come_from_its_mask_and_from_no_other_ma
     blind[0, 0, 4] = False
     for other in (hole, seen_later, blind):
         assert attention.block_starts(other) is None
+
+
+def test_the_fused_attention_takes_packed_passes_whose_rows_fit_and_nothing_else():
+    """`fusable` hands a packed pass under bf16 autocast to the one-node attention, also a pass longer than
+    MAX_TOKENS whose rows are not; a row longer than MAX_TOKENS, a cache, no autocast, another mask or
+    another implementation go to the module's own forward."""
+    config = SimpleNamespace(_attn_implementation=NAME, sliding_window=None)
+    module = SimpleNamespace(config=config, training=True, attention_dropout=0.0, head_dim=WIDTH)
+
+    def decision(rows: list[int], autocast: bool = True, **change) -> torch.Tensor | None:
+        length = sum(rows)
+        mask = block_causal_mask(torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows)))
+        rotary = (torch.zeros(1, length, WIDTH), torch.zeros(1, length, WIDTH))
+        args = dict(hidden_states=torch.zeros(1, length, 8), position_embeddings=rotary, attention_mask=mask)
+        args = {**args, "kwargs": {}, **change}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return attention.fusable(module, **args)
+
+    half = MAX_TOKENS // 2 + 10
+    assert decision([half, half]).tolist() == [0] * half + [half] * half
+    assert decision([MAX_TOKENS + 1]) is None
+    assert decision([5, 7], kwargs={"cache": object()}) is None
+    assert decision([5, 7], attention_mask=torch.ones(1, 1, 12, 12, dtype=torch.bool)) is None
+    assert decision([5, 7], autocast=False) is None
+    config._attn_implementation = "sdpa"
+    assert decision([5, 7]) is None
 
 
 @pytest.mark.parametrize(
