@@ -41,6 +41,25 @@ def avx512_kernel(kernel):
     return kernel
 
 
+class Recording:
+    """The kernel, with its function `name` recording the dtype of each call's result in `seen`."""
+
+    def __init__(self, kernel, name: str, seen: list):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getattr__(self, attr: str):
+        function = getattr(self.kernel, attr)
+        if attr != self.name:
+            return function
+
+        def recorded(*args):
+            out = function(*args)
+            self.seen.append(out.dtype)
+            return out
+
+        return recorded
+
+
 def layer_and_input(bias: bool, dtype: torch.dtype, per_token: bool):
     torch.manual_seed(0)
     routing = AdapterRouting()
@@ -247,18 +266,9 @@ def test_under_bf16_autocast_the_updater_trains_with_its_norms_in_bf16(kernel):
         assert all(norm(x).dtype == torch.bfloat16 for norm in norms)
     seen = []
 
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(kernel, name)
-
-        def rms_norm(self, x, weight, eps):
-            out = kernel.rms_norm(x, weight, eps)
-            seen.append(out.dtype)
-            return out
-
     real = NormInComputeDtype.apply
     updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 2)
-    updater.kernel = Counting()
+    updater.kernel = Recording(kernel, "rms_norm", seen)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(NormInComputeDtype, "apply", lambda *a: seen.append(a[3]) or real(*a))
         adapters = updater.train(JOBS[:2])
@@ -325,16 +335,8 @@ def test_under_bf16_autocast_the_updater_trains_its_mlps_through_swiglu(kernel, 
     mlps = [m for m in lm.model.modules() if type(m).__name__ == "LlamaMLP"]
     calls = []
 
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(kernel, name)
-
-        def swiglu(self, gate, up):
-            calls.append(gate.dtype)
-            return kernel.swiglu(gate, up)
-
     updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 2)
-    updater.kernel = Counting()
+    updater.kernel = Recording(kernel, "swiglu", calls)
     adapters = updater.train(JOBS[:2])
     assert all(a.result.error is None for a in adapters)
     assert mlps and len(calls) >= len(mlps) and set(calls) == {torch.bfloat16}
@@ -402,16 +404,8 @@ def test_under_bf16_autocast_the_updater_trains_its_attentions_through_the_kerne
     attentions = [m for m in lm.model.modules() if type(m).__name__ == "LlamaAttention"]
     calls = []
 
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(avx512_kernel, name)
-
-        def packed_attention(self, q, *rest):
-            calls.append(q.dtype)
-            return avx512_kernel.packed_attention(q, *rest)
-
     updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 2)
-    updater.kernel = Counting()
+    updater.kernel = Recording(avx512_kernel, "packed_attention", calls)
     adapters = updater.train(JOBS[:2])
     assert all(a.result.error is None for a in adapters)
     assert attentions and len(calls) >= len(attentions) and set(calls) == {torch.bfloat16}

@@ -483,6 +483,20 @@ std::vector<Segment> segments_of(const at::Tensor& first) {
   return segments;
 }
 
+// `each(t, h, row, query)` for every token t: for each query head h (query true), with row its row in the
+// products' layout [kv heads, T x groups, width]; then for each key/value head h, with row its row in
+// [kv heads, T, width]. Tokens are shared out between torch's threads.
+template <typename Each>
+void by_token(int64_t length, int64_t heads, int64_t kv_heads, const Each& each) {
+  const int64_t groups = heads / kv_heads;
+  at::parallel_for(0, length, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t h = 0; h < heads; ++h) each(t, h, ((h / groups) * length + t) * groups + h % groups, true);
+      for (int64_t h = 0; h < kv_heads; ++h) each(t, h, h * length + t, false);
+    }
+  });
+}
+
 struct PackedAttention : public torch::autograd::Function<PackedAttention> {
   // q [.., T, heads x width], k and v [.., T, kv heads x width] bf16; cos and sin [.., T, width] float32;
   // starts [T] int64. Returns [.., T, heads x width] bf16.
@@ -516,15 +530,9 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
     const auto *qp = qc.data_ptr<c10::BFloat16>(), *kp = kc.data_ptr<c10::BFloat16>();
     const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
     auto *qrp = qr.data_ptr<c10::BFloat16>(), *krp = kr.data_ptr<c10::BFloat16>();
-    at::parallel_for(0, length, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t h = 0; h < heads; ++h)
-          rotate(qp + (t * heads + h) * width, cp + t * width, sp + t * width,
-                 qrp + (((h / groups) * length + t) * groups + h % groups) * width, half);
-        for (int64_t h = 0; h < kv_heads; ++h)
-          rotate(kp + (t * kv_heads + h) * width, cp + t * width, sp + t * width, krp + (h * length + t) * width,
-                 half);
-      }
+    by_token(length, heads, kv_heads, [&](int64_t t, int64_t h, int64_t row, bool query) {
+      const auto* x = query ? qp + (t * heads + h) * width : kp + (t * kv_heads + h) * width;
+      rotate(x, cp + t * width, sp + t * width, (query ? qrp : krp) + row * width, half);
     });
     const float scale = static_cast<float>(scaling);
     for (const auto& seg : segments) {
@@ -586,15 +594,9 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
     const auto *dqrp = dqr.data_ptr<c10::BFloat16>(), *dkrp = dkr.data_ptr<c10::BFloat16>();
     const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
     auto *dqp = dq.data_ptr<c10::BFloat16>(), *dkp = dk.data_ptr<c10::BFloat16>();
-    at::parallel_for(0, length, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t h = 0; h < heads; ++h)
-          unrotate(dqrp + (((h / groups) * length + t) * groups + h % groups) * width, cp + t * width,
-                   sp + t * width, dqp + (t * heads + h) * width, half);
-        for (int64_t h = 0; h < kv_heads; ++h)
-          unrotate(dkrp + (h * length + t) * width, cp + t * width, sp + t * width,
-                   dkp + (t * kv_heads + h) * width, half);
-      }
+    by_token(length, heads, kv_heads, [&](int64_t t, int64_t h, int64_t row, bool query) {
+      auto* out = query ? dqp + (t * heads + h) * width : dkp + (t * kv_heads + h) * width;
+      unrotate((query ? dqrp : dkrp) + row * width, cp + t * width, sp + t * width, out, half);
     });
 #endif
     auto shaped = [&](const at::Tensor& g) {
