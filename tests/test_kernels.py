@@ -328,21 +328,6 @@ def test_swiglu_computes_silu_times_up_within_bf16_rounding(swiglu):
         torch.testing.assert_close(got, want, rtol=ulp, atol=ulp * scale, msg=name)
 
 
-def test_under_bf16_autocast_the_updater_trains_its_mlps_through_swiglu(kernel, swiglu):
-    """While the updater trains through the kernels under bf16 autocast on an AVX-512 CPU, each Llama MLP
-    multiplies through `swiglu`, once a layer and pass; before and afterwards, through its own forward."""
-    lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
-    mlps = [m for m in lm.model.modules() if type(m).__name__ == "LlamaMLP"]
-    calls = []
-
-    updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 2)
-    updater.kernel = Recording(kernel, "swiglu", calls)
-    adapters = updater.train(JOBS[:2])
-    assert all(a.result.error is None for a in adapters)
-    assert mlps and len(calls) >= len(mlps) and set(calls) == {torch.bfloat16}
-    assert all("forward" not in vars(mlp) for mlp in mlps)
-
-
 def rotary(length: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Llama's rotary cos and sin, [1, length, width] float32."""
     angles = torch.arange(length).float()[:, None] / 500.0 ** (torch.arange(0, width, 2).float() / width)
@@ -396,20 +381,25 @@ def test_packed_attention_computes_what_the_rotary_embedding_and_attention_compu
         torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=ulp * scale, msg=name)
 
 
-def test_under_bf16_autocast_the_updater_trains_its_attentions_through_the_kernel(avx512_kernel):
-    """While the updater trains through the kernels under bf16 autocast on an AVX-512 CPU, each Llama
-    attention computes a pass as one `packed_attention` node; before and afterwards, through its own forward.
-    (What the node computes is held to PyTorch's operations by the test above.)"""
+@pytest.mark.parametrize(
+    ("kind", "node"),
+    [("LlamaMLP", "swiglu"), ("LlamaAttention", "packed_attention")],
+    ids=["mlp", "attention"],
+)
+def test_under_bf16_autocast_the_updater_trains_through_the_kernels_nodes(avx512_kernel, kind, node):
+    """While the updater trains through the kernels under bf16 autocast on an AVX-512 CPU, each Llama MLP
+    multiplies silu(gate) by up through `swiglu`, and each attention computes a pass through
+    `packed_attention`, at least once a layer; before and afterwards, each has its own forward. (What the
+    nodes compute is held to PyTorch's operations by the tests above.)"""
     lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
-    attentions = [m for m in lm.model.modules() if type(m).__name__ == "LlamaAttention"]
+    modules = [m for m in lm.model.modules() if type(m).__name__ == kind]
     calls = []
-
     updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 2)
-    updater.kernel = Recording(avx512_kernel, "packed_attention", calls)
+    updater.kernel = Recording(avx512_kernel, node, calls)
     adapters = updater.train(JOBS[:2])
     assert all(a.result.error is None for a in adapters)
-    assert attentions and len(calls) >= len(attentions) and set(calls) == {torch.bfloat16}
-    assert all("forward" not in vars(module) for module in attentions)
+    assert modules and len(calls) >= len(modules) and set(calls) == {torch.bfloat16}
+    assert all("forward" not in vars(module) for module in modules)
 
 
 def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):
