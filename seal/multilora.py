@@ -985,6 +985,12 @@ def module_forwards(
     ]
 
 
+def avx512_nodes(lm: LM, kernel: Any) -> bool:
+    """Whether training `lm` goes through the C++ kernels' AVX-512 nodes (`rms_norm`, `swiglu`,
+    `packed_attention`): the kernels built, bf16 autocast, a CPU with AVX-512."""
+    return kernel is not None and lm.autocast_dtype == torch.bfloat16 and kernel.avx512_available()
+
+
 @contextlib.contextmanager
 def norms_in_compute_dtype(lm: LM, kernel: Any = None) -> Iterator[None]:
     """Inside this block, under bf16 or float16 autocast on a CPU, each Llama RMSNorm with a frozen weight
@@ -996,7 +1002,7 @@ def norms_in_compute_dtype(lm: LM, kernel: Any = None) -> Iterator[None]:
     if dtype is None or dtype == torch.float32 or lm.device.type != "cpu":
         yield
         return
-    fused = kernel is not None and dtype == torch.bfloat16 and kernel.swiglu_available()
+    fused = avx512_nodes(lm, kernel)
 
     def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
@@ -1020,7 +1026,7 @@ def fused_mlps(lm: LM, kernel: Any) -> Iterator[None]:
     """Inside this block, under bf16 autocast on a CPU with AVX-512 and the C++ kernels, each Llama-style MLP
     whose activation is SiLU multiplies silu(gate) by up as one node of the kernel (`swiglu`): one pass over
     the activations each way instead of five, within bf16 rounding of PyTorch's. Anything else as it is."""
-    if kernel is None or lm.autocast_dtype != torch.bfloat16 or not kernel.swiglu_available():
+    if not avx512_nodes(lm, kernel):
         yield
         return
 
@@ -1046,7 +1052,7 @@ def fused_attentions(lm: LM, kernel: Any) -> Iterator[None]:
     rotary embedding, scores, softmax and the weighted values between its projections, in autocast's numbers
     for transformers' rotary embedding and `attention.packed_attention_forward`. Any other call goes through
     the module's own forward."""
-    if kernel is None or lm.autocast_dtype != torch.bfloat16 or not kernel.swiglu_available():
+    if not avx512_nodes(lm, kernel):
         yield
         return
 

@@ -244,9 +244,9 @@ std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::T
 // both gradients. PyTorch's operations make five passes forward and backward (silu, mul; mul, mul,
 // silu_backward) and save silu(gate) as well; on a CPU that reads memory at a few GB/s a core, each pass over a
 // [tokens, 1536] activation costs about what a small product does. The arithmetic is in float32, rounded to
-// bf16 once per result (PyTorch's rounds silu(gate) too). AVX-512 only: callers check `swiglu_available`.
+// bf16 once per result (PyTorch's rounds silu(gate) too). AVX-512 only: callers check `avx512_available`.
 
-bool swiglu_available() {
+bool avx512_available() {
 #if defined(__x86_64__)
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 #else
@@ -312,7 +312,7 @@ constexpr int64_t kGrain = 16384;  // elements a thread takes at least
 
 struct Swiglu : public torch::autograd::Function<Swiglu> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
-    TORCH_CHECK(swiglu_available(), "swiglu needs AVX-512");
+    TORCH_CHECK(avx512_available(), "swiglu needs AVX-512");
     TORCH_CHECK(gate.scalar_type() == at::kBFloat16 && up.scalar_type() == at::kBFloat16, "swiglu is for bf16");
     TORCH_CHECK(gate.sizes() == up.sizes(), "gate and up must have one shape");
     auto g = gate.contiguous(), u = up.contiguous();
@@ -363,8 +363,8 @@ at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) { return Swiglu:
 // query heads a key/value head serves, with token t's j-th query head at row t x groups + j. For a row of the
 // pass of n tokens from token s, a key/value head's scores and probabilities are [n x groups, n], with token t's
 // j-th query head at row (t - s) x groups + j.
-// `starts[t]` is the first token of t's row: t attends to keys starts[t]..t. AVX-512 only (`swiglu_available`);
-// a head's width must be even.
+// `starts[t]` is the first token of t's row: t attends to keys starts[t]..t. AVX-512 only
+// (`avx512_available`); a head's width must be even.
 
 #if defined(__x86_64__)
 // out = x cos + rotate_half(x) sin over one head of 2 half features, from bf16 x and float32 cos and sin, in
@@ -374,7 +374,8 @@ SEAL_AVX512 inline void rotate(const c10::BFloat16* x, const float* c, const flo
   int64_t i = 0;
   for (; i + 16 <= half; i += 16) {
     const auto lo = widen(x + i), hi = widen(x + half + i);
-    narrow(out + i, _mm512_sub_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(c + i)), _mm512_mul_ps(hi, _mm512_loadu_ps(s + i))));
+    narrow(out + i, _mm512_sub_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(c + i)),
+                                  _mm512_mul_ps(hi, _mm512_loadu_ps(s + i))));
     narrow(out + half + i, _mm512_add_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(c + half + i)),
                                          _mm512_mul_ps(lo, _mm512_loadu_ps(s + half + i))));
   }
@@ -503,7 +504,7 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& starts, int64_t heads,
                             double scaling) {
-    TORCH_CHECK(swiglu_available(), "packed_attention needs AVX-512");
+    TORCH_CHECK(avx512_available(), "packed_attention needs AVX-512");
     TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                     v.scalar_type() == at::kBFloat16,
                 "packed_attention: q, k and v must be bf16");
@@ -537,7 +538,8 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
     const float scale = static_cast<float>(scaling);
     for (const auto& seg : segments) {
       const int64_t size = seg.end - seg.start, rows = size * groups;
-      const auto scores = at::bmm(qr.narrow(1, seg.start * groups, rows), kr.narrow(1, seg.start, size).transpose(1, 2));
+      const auto scores =
+          at::bmm(qr.narrow(1, seg.start * groups, rows), kr.narrow(1, seg.start, size).transpose(1, 2));
       auto probs = at::empty_like(scores);
       const auto* scp = scores.data_ptr<c10::BFloat16>();
       auto* pp = probs.data_ptr<c10::BFloat16>();
@@ -670,7 +672,7 @@ SEAL_AVX512 void rms_norm_backward_rows(const c10::BFloat16* grad, const float* 
 
 struct RmsNorm : public torch::autograd::Function<RmsNorm> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps) {
-    TORCH_CHECK(swiglu_available(), "rms_norm needs AVX-512");
+    TORCH_CHECK(avx512_available(), "rms_norm needs AVX-512");
     TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
                 "rms_norm: x and weight must be float32");
     TORCH_CHECK(weight.dim() == 1 && x.size(-1) == weight.size(0), "rms_norm: weight must be [x's last size]");
@@ -721,7 +723,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_linear_stacked", &lora_linear_stacked,
         "x W^T + bias + scaling ((x A^T) * mask) B^T with stacked adapters, without gradients",
         py::call_guard<py::gil_scoped_release>());
-  m.def("swiglu_available", &swiglu_available, "whether this CPU runs swiglu (AVX-512)");
+  m.def("avx512_available", &avx512_available,
+        "whether this CPU runs swiglu, rms_norm and packed_attention (AVX-512)");
   m.def("swiglu", &swiglu, "silu(gate) * up for bf16 gate and up, one autograd node",
         py::call_guard<py::gil_scoped_release>());
   m.def("token_losses", &token_losses,
