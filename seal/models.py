@@ -402,12 +402,13 @@ def generate(
     desc: str | None = None,
     batches: Callable[[list[int]], Iterable[list[int]]] | None = None,
     context: Callable[[list[int]], contextlib.AbstractContextManager] | None = None,
+    steps: Callable[[], ModelSteps] | None = None,
 ) -> list[str]:
     """Completions of already-formatted prompts. Greedy when `seeds` is None, else sampled with one seed per
     prompt. Prompts are sorted by length so each batch wastes little compute on padding.
     `batches` may cut the sorted order differently (default: runs of `batch_size`), and `context(rows)` is
     entered around each batch, and again for the rows still decoding whenever some finish (the multi-adapter
-    updater routes each row to its adapter there)."""
+    updater routes each row to its adapter there); `steps` is handed to `decode`."""
     tok = lm.tokenizer
     tok.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -427,7 +428,7 @@ def generate(
         with contextlib.ExitStack() as routed, lm.autocast(), lm.frozen_casts(), lm.packed_weights():
             route = functools.partial(_reroute, routed, context, idx)
             tokens = decode(
-                lm, batch.input_ids, batch.attention_mask, max_new_tokens, eos_ids, sampler, route
+                lm, batch.input_ids, batch.attention_mask, max_new_tokens, eos_ids, sampler, route, steps
             )
         for row, i in enumerate(idx):
             outputs[i] = tok.decode(tokens[row], skip_special_tokens=True).strip()
@@ -446,6 +447,43 @@ def _reroute(
         stack.enter_context(context([idx[r] for r in rows]))
 
 
+class ModelSteps:
+    """Decoding steps through the model's own forward and transformers' cache: any causal LM."""
+
+    def __init__(self, lm: LM):
+        self.model = lm.model
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self.keep_last = {name: 1 for name in ("logits_to_keep", "num_logits_to_keep") if name in params}
+
+    def start(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The logits after each left-padded prompt ([rows, vocab])."""
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **self.keep_last
+        )
+        self.cache, self.mask, self.last = getattr(out, self.cache_arg), mask, positions[:, -1]
+        return out.logits[:, -1, :]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every row but `rows` (batch indices), cache included."""
+        self.cache.batch_select_indices(rows)
+        self.mask, self.last = self.mask[rows], self.last[rows]
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The logits after each row's `tokens` [rows]."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        self.last = self.last + 1
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.last[:, None],
+            use_cache=True,
+            **{self.cache_arg: self.cache},
+        )
+        self.cache = getattr(out, self.cache_arg)
+        return out.logits[:, -1, :]
+
+
 @torch.no_grad()
 def decode(
     lm: LM,
@@ -455,26 +493,23 @@ def decode(
     eos_ids: torch.Tensor,
     sampler: RowSampler | None = None,
     route: Callable[[list[int]], None] | None = None,
+    steps: Callable[[], ModelSteps] | None = None,
 ) -> list[list[int]]:
     """The new tokens of each left-padded row, up to and including its end-of-sequence token: greedy, or
     drawn by `sampler`. A row that ends leaves the batch (its cache rows too), so the rest decode without
     computing on it; `route(rows)` is called first with all rows, then with those still decoding whenever
     some end (batch indices). On the 2-core CPU the bench's 20 answers took 22.9 s this way against 31.8 s
-    when every row decoded until the longest ended (means of 4 paired runs, benchmarks/README.md)."""
-    model = lm.model
-    params = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
-    keep_last = {name: 1 for name in ("logits_to_keep", "num_logits_to_keep") if name in params}
+    when every row decoded until the longest ended (means of 4 paired runs, benchmarks/README.md). `steps`
+    makes what computes the steps (default: `ModelSteps`, the model's own forward), once routed."""
     new: list[list[int]] = [[] for _ in range(len(input_ids))]
     alive = list(range(len(input_ids)))  # the batch index of each row still decoding
-    mask = attention_mask
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: each row's tokens count from 0
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from 0
     if route:
         route(alive)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep_last)
-    cache, last = getattr(out, cache_arg), positions[:, -1]
+    stepper = steps() if steps else ModelSteps(lm)
+    logits = stepper.start(input_ids, attention_mask, positions)
     for step in range(max_new_tokens):
-        scores = out.logits[:, -1, :].float()
+        scores = logits.float()
         chosen = sampler(scores) if sampler else scores.argmax(-1)
         for row, token in zip(alive, chosen.tolist(), strict=True):
             new[row].append(token)
@@ -485,21 +520,13 @@ def decode(
             keep = (~ended).nonzero().squeeze(1)
             rows = keep.tolist()
             alive = [alive[r] for r in rows]
-            chosen, mask, last = chosen[keep], mask[keep], last[keep]
-            cache.batch_select_indices(keep)
+            chosen = chosen[keep]
+            stepper.keep(keep)
             if sampler:
                 sampler.select(rows)
             if route:
                 route(alive)
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-        last = last + 1
-        out = model(
-            input_ids=chosen[:, None],
-            attention_mask=mask,
-            position_ids=last[:, None],
-            use_cache=True,
-            **{cache_arg: cache},
-        )
+        logits = stepper.next(chosen)
     return new
 
 

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seal import allocator, attention, lane_budget
+from seal import allocator, attention, decoding, lane_budget
 from seal.adapt import (
     Row,
     TrainedAdapter,
@@ -60,7 +60,7 @@ from seal.adapt import (
 )
 from seal.config import AdaptConfig
 from seal.kernels import cpu_kernels
-from seal.models import LM, PACKABLE_ATTENTION, continuation_logprobs, generate, output_projection
+from seal.models import LM, PACKABLE_ATTENTION, ModelSteps, continuation_logprobs, generate, output_projection
 
 PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its state-dict keys
 log = logging.getLogger(__name__)
@@ -476,6 +476,8 @@ class MultiLoraUpdater:
         self.blocks = decoder_layers(lm)  # where the lanes' activation budget counts a pass's tokens
         self.budget: lane_budget.ActivationBudget | None = None  # the lanes' shared one, while they train
         self._init_lock = threading.Lock()  # lanes start jobs from the global random generator, one at a time
+        # While generating with seal.decoding: the layers' groups for the slots in use (emptied on a load).
+        self._decoding_groups: dict[tuple[int, ...], list[decoding.LayerGroups]] = {}
 
     def slot_parameters(self, slot: int) -> list[nn.Parameter]:
         return [p for _, layer in self.layers for p in (layer.lora_A[slot], layer.lora_B[slot])]
@@ -624,6 +626,7 @@ class MultiLoraUpdater:
                 yield
         finally:
             self.routing.stacked = False
+            self._decoding_groups.clear()
             for _, layer in self.layers:
                 layer.stacks.clear()
 
@@ -817,6 +820,7 @@ class MultiLoraUpdater:
 
     @torch.no_grad()
     def _load(self, slot: int, adapter: TrainedAdapter) -> None:
+        self._decoding_groups.clear()
         for name, layer in self.layers:
             layer.stacks.clear()
             layer.lora_A[slot].copy_(adapter.state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
@@ -851,9 +855,35 @@ class MultiLoraUpdater:
                 self.lm,
                 prompts,
                 batch_size=batch_size,
+                steps=self._steps() if any(a is not None for a in adapters) else None,
                 **self._routed(adapters, len(prompts), batch_size),
                 **kwargs,
             )
+
+    def _steps(self) -> Callable[[], ModelSteps] | None:
+        """What computes a routed batch's decoding steps: `seal.decoding.LlamaSteps` where the model fits it
+        and some row has an adapter, else the model's own forward (None)."""
+        if not decoding.fits(self.lm):
+            return None
+        dtype = self.lm.autocast_dtype or torch.float32
+        kernel = self.kernel if avx512_nodes(self.lm, self.kernel) else None
+
+        def groups(slots: tuple[int, ...]) -> list[decoding.LayerGroups]:
+            if slots not in self._decoding_groups:
+                self._decoding_groups.clear()  # one set at a time: each holds a copy of the frozen weights
+                self._decoding_groups[slots] = decoding.stacked_groups(self.lm.model, list(slots), dtype)
+            return self._decoding_groups[slots]
+
+        def steps() -> ModelSteps | decoding.LlamaSteps:
+            runs = self.routing.current().runs  # the batch was routed just before
+            if not any(slot >= 0 for slot, _ in runs):
+                return ModelSteps(self.lm)
+            row_slots = [slot for slot, n in runs for _ in range(n)]
+            return decoding.LlamaSteps(
+                self.lm, self.cfg.rank, row_slots, groups(tuple(sorted(set(row_slots) - {-1}))), kernel
+            )
+
+        return steps
 
     def score(
         self,

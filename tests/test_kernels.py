@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from seal import attention, kernels
+from seal import attention, decoding, kernels
 from seal.config import AdaptConfig
 from seal.models import cpu_supports_bf16
 from seal.multilora import (
@@ -39,6 +39,16 @@ def avx512_kernel(kernel):
     if not kernel.avx512_available():
         pytest.skip("swiglu, rms_norm and packed_attention are written for AVX-512")
     return kernel
+
+
+def counted(function, calls: list):
+    """`function`, appending each call's arguments to `calls`."""
+
+    def count(*args):
+        calls.append(args)
+        return function(*args)
+
+    return count
 
 
 class Recording:
@@ -430,10 +440,17 @@ def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):
     assert python.kernel is None
 
 
-def test_generation_and_scoring_go_through_the_kernel_without_autograd(kernel):
+@pytest.mark.parametrize("lean", [False, True], ids=["transformers' steps", "seal.decoding's steps"])
+def test_generation_and_scoring_go_through_the_kernel_without_autograd(kernel, lean, monkeypatch):
     """The updater's generation and scoring run each adapted layer through the kernel as training does,
-    without gradients, a decoding step's rows through their slots' stacked adapters; with no adapter among
-    the rows, the base model as it is, and nothing is laid out."""
+    without gradients. A decoding step's rows go through their slots' stacked adapters: in seal.decoding's
+    steps for a Llama model (the tiny one), else in transformers' forward. With no adapter among the rows,
+    the base model as it is, and nothing is laid out."""
+    steps = []
+    if lean:
+        monkeypatch.setattr(decoding.LlamaSteps, "next", counted(decoding.LlamaSteps.next, steps))
+    else:
+        monkeypatch.setattr(decoding, "fits", lambda lm: False)
     updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG), 2)
     adapters = updater.train(JOBS[:2])
     calls, stacked = [], []
@@ -450,14 +467,17 @@ def test_generation_and_scoring_go_through_the_kernel_without_autograd(kernel):
     updater.kernel = Counting()
     updater.generate(["Port Vellan is a", "It flew in"], adapters, max_new_tokens=3)
     assert calls and set(calls) == {(False, 2)}  # the prompts' pass: both adapters, no gradient
-    assert len(stacked) == 2 * len(calls) and set(stacked) == {(False, 2)}  # the 2 decoding steps after it
+    if lean:  # the 2 decoding steps after it
+        assert len(steps) == 2 and stacked == [] and updater._decoding_groups == {}
+    else:
+        assert len(stacked) == 2 * len(calls) and set(stacked) == {(False, 2)}
     calls.clear()
     stacked.clear()
     updater.score(["Port Vellan is a"], [" harbour town"], [adapters[1]])
     assert calls and not any(grad for grad, _ in calls) and stacked == []
     calls.clear()
     updater.generate(["Port Vellan is a"], [None], max_new_tokens=3)
-    assert calls == [] and stacked == []
+    assert calls == [] and stacked == [] and len(steps) == 2 * lean
     assert all(layer.kernel is None and layer.kernel_frozen == [] for _, layer in updater.layers)
     assert all(layer.stacks == {} for _, layer in updater.layers) and not updater.routing.stacked
 

@@ -1,0 +1,83 @@
+"""seal.decoding: the batched updater's lean decoding steps for Llama models, against transformers' own."""
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+from seal import decoding
+from seal.config import AdaptConfig
+from seal.models import ModelSteps, cpu_supports_bf16
+from seal.multilora import MultiLoraUpdater
+from tests.conftest import DEVICE
+from tests.test_multilora import CFG, JOBS, tiny_fp32
+
+pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="seal.decoding is for CPUs")
+PROMPTS = ["The Qirra probe was built by", "Port Vellan is a", "The Corvane Sodium Cell stores energy in"]
+
+
+def side_by_side(updater: MultiLoraUpdater, adapters: list, steps: int, drop_at: int):
+    """Decodes PROMPTS greedily with seal.decoding's steps and with transformers' (`ModelSteps`) from the same
+    routing, both fed transformers' tokens; the middle row leaves the batch after `drop_at` steps. Yields
+    both steps' logits at each step."""
+    lm = updater.lm
+    lm.tokenizer.padding_side = "left"
+    batch = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    route = updater._routed(adapters, len(PROMPTS), len(PROMPTS))["context"]
+    with (
+        torch.no_grad(),
+        updater._inference(adapters),
+        lm.autocast(),
+        lm.frozen_casts(),
+        contextlib.ExitStack() as routed,
+    ):
+        routed.enter_context(route([0, 1, 2]))
+        ours, theirs = updater._steps()(), ModelSteps(lm)
+        assert isinstance(ours, decoding.LlamaSteps)
+        a = ours.start(batch.input_ids, batch.attention_mask, positions)
+        b = theirs.start(batch.input_ids, batch.attention_mask, positions)
+        for step in range(steps):
+            yield a, b
+            tokens = b.argmax(-1)
+            if step == drop_at:
+                keep = torch.tensor([0, 2], device=lm.device)
+                ours.keep(keep)
+                theirs.keep(keep)
+                tokens = tokens[keep]
+                routed.close()
+                routed.enter_context(route([0, 2]))
+            a, b = ours.next(tokens), theirs.next(tokens)
+
+
+def test_lean_steps_compute_the_logits_of_transformers_steps_as_rows_leave_and_the_cache_grows():
+    """In float32, row by row through its own adapter or the base model: 70 steps outgrow the cache's first
+    64 positions, and a row that leaves takes its cache rows along."""
+    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG), 3)
+    _, three, five = updater.train(JOBS)
+    compared = 0
+    for ours, theirs in side_by_side(updater, [three, None, five], steps=70, drop_at=5):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        compared += 1
+    assert compared == 70
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="bf16 decoding needs a CPU that computes in bf16")
+def test_under_bf16_lean_steps_stay_within_bf16_rounding_of_transformers_steps():
+    """Under bf16 autocast (the C++ kernels' norms and SwiGLU where AVX-512 has them), each step's logits
+    differ from transformers' by bf16 roundings only, far less than the logits' spread."""
+    lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
+    updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 3)
+    _, three, five = updater.train(JOBS)
+    for ours, theirs in side_by_side(updater, [three, None, five], steps=8, drop_at=3):
+        assert (ours - theirs).abs().max() < 0.05 * theirs.std()
+
+
+def test_models_or_adapters_the_lean_steps_do_not_cover_decode_through_transformers():
+    """Adapters on some projections only: generation goes through the model's own forward."""
+    lm = tiny_fp32()
+    updater = MultiLoraUpdater(lm, AdaptConfig(**{**CFG, "target_modules": ["q_proj", "v_proj"]}), 2)
+    assert not decoding.fits(lm) and updater._steps() is None
+    _, three, _ = updater.train(JOBS)
+    assert len(updater.generate(PROMPTS[:2], [three, None], max_new_tokens=3)) == 2
