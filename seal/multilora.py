@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -264,6 +264,31 @@ def balanced(costs: list[float], groups: int) -> list[list[int]]:
         members[lightest].append(i)
         load[lightest] += costs[i]
     return [sorted(group) for group in members]
+
+
+# A pass's fixed cost in tokens' worth, for predicting the lanes' time (`lane_rounds`): on one thread of the
+# 2-core CPU a SmolLM2 pass took about 165 ms plus 1.9 ms a token.
+PASS_TOKENS = 90
+
+
+def lane_rounds(jobs: list[list[list[int]]], slots: int, pack_length: int) -> list[int]:
+    """The predicted cost, in tokens' worth, of each round of a lane (each `_step`, where every running job
+    steps once): its jobs, each given as its steps' rows' fed tokens, start in order as slots free up, and a
+    round's rows are packed as `pack_rows` packs them, each pass costing PASS_TOKENS more than its tokens."""
+    queue, running, costs = deque(jobs), [], []
+    while queue or running:
+        while queue and len(running) < slots:
+            job = queue.popleft()
+            if job:
+                running.append((job, 0))
+        if not running:
+            break
+        lengths = [n for job, done in running for n in job[done]]
+        short = [n for n in lengths if n <= pack_length]
+        passes = len(lengths) - len(short) + len(pack(short, pack_length))
+        costs.append(sum(lengths) + PASS_TOKENS * passes)
+        running = [(job, done + 1) for job, done in running if done + 1 < len(job)]
+    return costs
 
 
 @dataclass
@@ -638,6 +663,35 @@ class MultiLoraUpdater:
         slots = [list(range(self.slots_in_use)[lane::lanes]) for lane in range(lanes)]
         return [(slots[lane], deque(groups[lane])) for lane in range(lanes)]
 
+    def _tail(
+        self, lanes: list[tuple[list[int], deque[int]]], jobs: list[UpdateJob]
+    ) -> tuple[int, int] | None:
+        """(lane, round): where the lane predicted to end last takes every thread, from its first round that
+        starts once the other lanes are predicted to have ended (`lane_rounds`). It waits there for them, so
+        which rounds run on how many threads does not depend on timing. None with one lane, or when no round
+        is left by then."""
+        if len(lanes) < 2:
+            return None
+
+        def fed(step: _Step) -> list[int]:
+            return [len(row.ids) - 1 for row in step.rows if row.targets]
+
+        costs = [
+            lane_rounds(
+                [[fed(step) for step in self._plan(jobs[i])] for i in queue], len(slots), self.cfg.pack_length
+            )
+            for slots, queue in lanes
+        ]
+        totals = [sum(rounds) for rounds in costs]
+        last = totals.index(max(totals))
+        others = max(total for lane, total in enumerate(totals) if lane != last)
+        elapsed = 0
+        for round_, cost in enumerate(costs[last]):
+            if elapsed >= others:
+                return last, round_
+            elapsed += cost
+        return None
+
     def _train_lanes(
         self,
         lanes: list[tuple[list[int], deque[int]]],
@@ -645,27 +699,53 @@ class MultiLoraUpdater:
         adapters: list[TrainedAdapter | None],
         bar: tqdm,
     ) -> None:
-        """Each lane in a thread of its own, its operations single-threaded. An error in a lane stops the
-        other lanes at their next step and is raised here (the first lane's, if several fail)."""
+        """Each lane in a thread of its own, its operations single-threaded; the calling thread trains the
+        lane `_tail` chose (else the first), which computes on all the threads once the others have ended.
+        (Only the calling thread computes on several: a second thread that does makes OpenMP keep a second
+        team, and on the 2-core CPU every product on two threads then took longer than on one.) An error in
+        a lane stops the other lanes at their next step and is raised here (the first lane's, if several
+        fail)."""
         stop = threading.Event()
         budget = self.budget
+        threads = torch.get_num_threads()
+        tail = self._tail(lanes, jobs)
+        here = tail[0] if tail else 0
+        ended = [threading.Event() for _ in lanes]
+
+        def widen() -> None:
+            for other, event in enumerate(ended):
+                if other != here:
+                    event.wait()
+            torch.set_num_threads(threads)
 
         def lane(index: int, slots: list[int], queue: deque[int]) -> None:
             torch.set_num_threads(1)
-            with self.routing.lane(), budget.lane(index) if budget else contextlib.nullcontext():
-                self._train_lane(slots, queue, jobs, adapters, bar, stop)
+            at = (tail[1], widen) if tail and index == here else None
+            try:
+                with self.routing.lane(), budget.lane(index) if budget else contextlib.nullcontext():
+                    self._train_lane(slots, queue, jobs, adapters, bar, stop, at)
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                ended[index].set()
 
         with (
             lane_budget.budgeted(self.blocks, budget) if budget else contextlib.nullcontext(),
-            ThreadPoolExecutor(len(lanes), thread_name_prefix="seal-lane") as pool,
+            ThreadPoolExecutor(len(lanes) - 1, thread_name_prefix="seal-lane") as pool,
         ):
-            futures = [pool.submit(lane, i, slots, queue) for i, (slots, queue) in enumerate(lanes)]
+            futures = {i: pool.submit(lane, i, *lanes[i]) for i in range(len(lanes)) if i != here}
+            error: BaseException | None = None
             try:
-                wait(futures, return_when=FIRST_EXCEPTION)
-            finally:
-                stop.set()
-            for future in futures:
-                future.result()
+                lane(here, *lanes[here])
+            except BaseException as raised:
+                error = raised
+            wait(futures.values())
+            for i in range(len(lanes)):
+                if i == here and error is not None:
+                    raise error
+                if i != here:
+                    futures[i].result()
 
     def _budget(self) -> lane_budget.ActivationBudget | None:
         """The lanes' activation budget: `budget_passes` passes of `pack_length` tokens (or the longest
@@ -687,10 +767,13 @@ class MultiLoraUpdater:
         adapters: list[TrainedAdapter | None],
         bar: tqdm,
         stop: threading.Event | None = None,
+        widen: tuple[int, Callable[[], None]] | None = None,
     ) -> None:
         """Trains the jobs of `queue` in `slots`; a step that runs out of memory drops the upper half of
-        `slots`."""
+        `slots`. With `widen` = (round, call), `call()` comes before that round (a `_step` of every running
+        job)."""
         running: dict[int, _Running] = {}  # slot -> job
+        rounds = 0
 
         def finish(slot: int, error: str | None = None) -> None:
             job = running.pop(slot)
@@ -709,6 +792,9 @@ class MultiLoraUpdater:
                         finish(slot, "no training sequences")
             if not running:
                 continue
+            if widen and rounds == widen[0]:
+                widen[1]()
+            rounds += 1
             try:
                 self._step(running, finish)
             except torch.OutOfMemoryError:

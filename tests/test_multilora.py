@@ -162,8 +162,9 @@ def test_jobs_beyond_capacity_wait_for_a_free_slot(sequential):
 @lanes_need_a_cpu
 @both_routings
 def test_lanes_train_side_by_side_in_threads_and_equal_each_job_alone(sequential, routing, monkeypatch):
-    """adapt.lanes=2: two threads, each single-threaded with its own routing, are in a pass at the same time
-    (a barrier that needs both), and every adapter still equals PEFT's one at a time."""
+    """adapt.lanes=2: two threads, the calling one and another, each single-threaded with its own routing,
+    are in a pass at the same time (a barrier that needs both), and every adapter still equals PEFT's one at
+    a time. (These jobs leave no round for a lane alone: no lane takes both threads.)"""
     _, alone = sequential
     updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**CFG, lora_routing=routing, lanes=2), 3)
     lanes = updater._lanes(JOBS)
@@ -184,11 +185,67 @@ def test_lanes_train_side_by_side_in_threads_and_equal_each_job_alone(sequential
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
-    assert len({ident for ident, _, _ in seen}) == 2 and threading.get_ident() not in {i for i, _, _ in seen}
+    assert updater._tail(lanes, JOBS) is None
+    assert len({ident for ident, _, _ in seen}) == 2 and threading.get_ident() in {i for i, _, _ in seen}
     assert all(threads == 1 and not shared for _, threads, shared in seen)
     for got, want in zip(adapters, alone, strict=True):
         assert_same_adapter(got, want)
     assert updater.slots_in_use == 3 and not updater.routing.runs
+
+
+def test_a_lane_s_rounds_are_predicted_from_its_passes_tokens():
+    """Each round costs its rows' tokens plus PASS_TOKENS a pass; jobs start as slots free up."""
+    two_jobs = [[[10], [20]], [[5], [200, 100]]]  # each job's steps, each step's rows' tokens
+    pass_ = multilora.PASS_TOKENS
+    assert multilora.lane_rounds(two_jobs, slots=2, pack_length=256) == [15 + pass_, 320 + 2 * pass_]
+    assert multilora.lane_rounds(two_jobs, slots=1, pack_length=256) == [
+        10 + pass_,
+        20 + pass_,
+        5 + pass_,
+        300 + 2 * pass_,
+    ]
+    assert multilora.lane_rounds([[], [[300]]], slots=1, pack_length=256) == [
+        300 + pass_
+    ]  # a longer row alone
+
+
+@lanes_need_a_cpu
+def test_the_lane_left_alone_takes_every_thread_at_its_planned_round_and_still_equals_each_job_alone(
+    monkeypatch,
+):
+    """With one long job, its lane is predicted to outlast the other: from the planned round on, and only
+    once the other lane has ended, it computes on both threads, in the calling thread; its adapters are
+    still PEFT's."""
+    long_job = dataclasses.replace(MIXED_JOBS[3], sequences=MIXED_JOBS[3].sequences * 3)
+    jobs = [*MIXED_JOBS[:3], long_job]
+    updater = MultiLoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG, lanes=2), 4)
+    lanes = updater._lanes(jobs)
+    tail = updater._tail(lanes, jobs)
+    assert tail is not None and 3 in lanes[tail[0]][1] and tail[1] > 0
+    real_step, rounds, others_ended = updater._step, [], []
+
+    def step(running, finish):
+        lane_alone = [slot for slot in running if jobs[running[slot].index] is long_job]
+        if lane_alone:
+            rounds.append((torch.get_num_threads(), threading.get_ident()))
+        else:
+            others_ended.append(len(rounds))  # the long lane's rounds begun when this one begins
+        return real_step(running, finish)
+
+    monkeypatch.setattr(updater, "_step", step)
+    torch.set_num_threads(2)
+    try:
+        adapters = updater.train(jobs)
+    finally:
+        torch.set_num_threads(1)
+    threads = [n for n, _ in rounds]
+    assert threads == [1] * tail[1] + [2] * (len(rounds) - tail[1])
+    assert max(others_ended) <= tail[1]  # no round of the other lane began after the switch
+    assert {ident for _, ident in rounds} == {threading.get_ident()}
+    for got, want in zip(
+        adapters, LoraUpdater(tiny_fp32(), AdaptConfig(**MIXED_CFG)).train(jobs), strict=True
+    ):
+        assert_same_adapter(got, want)
 
 
 @lanes_need_a_cpu
