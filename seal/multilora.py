@@ -1302,7 +1302,7 @@ def for_device(cfg: AdaptConfig, device: torch.device) -> AdaptConfig:
     lanes are chosen by `MultiLoraUpdater.train`, from the threads torch has then). On a GPU a pass of
     SmolLM2 is bound by kernel launches, not arithmetic, so fewer, larger operations win: routing by mask and
     passes of 2,048 tokens (H100, 4 adapters: 1.9x faster than runs and 256, benchmarks/README.md). A CPU
-    pays for every multiply-add: routing by runs, and passes of 256 tokens, which hold a passage and some
+    pays for every multiply-add: routing by runs, and passes of 512 tokens, which hold two passages and some
     self-edit lines."""
     cuda = device.type == "cuda"
     routing = cfg.lora_routing if cfg.lora_routing != "auto" else ("mask" if cuda else "runs")
@@ -1310,7 +1310,7 @@ def for_device(cfg: AdaptConfig, device: torch.device) -> AdaptConfig:
         raise ValueError(f"unknown adapt.lora_routing {cfg.lora_routing!r}: expected auto, runs or mask")
     if cfg.pack_length < 0:
         raise ValueError(f"adapt.pack_length must be positive (0: auto), got {cfg.pack_length}")
-    pack_length = cfg.pack_length or (2048 if cuda else 256)
+    pack_length = cfg.pack_length or (2048 if cuda else 512)
     kernel_fits = not cuda and routing == "runs" and not cfg.compile and not cfg.dropout
     if cfg.lora_kernel not in ("auto", "cpp", "python"):
         raise ValueError(f"unknown adapt.lora_kernel {cfg.lora_kernel!r}: expected auto, cpp or python")

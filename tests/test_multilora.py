@@ -456,7 +456,7 @@ def test_auto_settings_follow_the_device_and_bad_ones_are_refused():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU needed
     auto = AdaptConfig(**CFG)
     assert (auto.lora_routing, auto.pack_length) == ("auto", 0)
-    assert (for_device(auto, cpu).lora_routing, for_device(auto, cpu).pack_length) == ("runs", 256)
+    assert (for_device(auto, cpu).lora_routing, for_device(auto, cpu).pack_length) == ("runs", 512)
     assert (for_device(auto, cuda).lora_routing, for_device(auto, cuda).pack_length) == ("mask", 2048)
     chosen = AdaptConfig(**CFG, lora_routing="mask", pack_length=100, lora_kernel="python")
     assert for_device(chosen, cpu) == chosen
