@@ -266,15 +266,18 @@ def balanced(costs: list[float], groups: int) -> list[list[int]]:
     return [sorted(group) for group in members]
 
 
-# A pass's fixed cost in tokens' worth, for predicting the lanes' time (`lane_rounds`): on one thread of the
-# 2-core CPU a SmolLM2 pass took about 165 ms plus 1.9 ms a token.
-PASS_TOKENS = 90
+# Fixed costs in tokens' worth, for predicting the lanes' time (`lane_rounds`). On one thread of the 2-core
+# CPU a SmolLM2 token cost about 1.9 ms, a pass about 100 ms more (the frozen weights read, the layers' calls)
+# and each job's step in it about 65 ms more (its adapters' casts and small products, AdamW).
+PASS_TOKENS = 50
+STEP_TOKENS = 35
 
 
 def lane_rounds(jobs: list[list[list[int]]], slots: int, pack_length: int) -> list[int]:
     """The predicted cost, in tokens' worth, of each round of a lane (each `_step`, where every running job
     steps once): its jobs, each given as its steps' rows' fed tokens, start in order as slots free up, and a
-    round's rows are packed as `pack_rows` packs them, each pass costing PASS_TOKENS more than its tokens."""
+    round's rows are packed as `pack_rows` packs them, each pass costing PASS_TOKENS more than its tokens and
+    each job's step STEP_TOKENS more."""
     queue, running, costs = deque(jobs), [], []
     while queue or running:
         while queue and len(running) < slots:
@@ -286,7 +289,7 @@ def lane_rounds(jobs: list[list[list[int]]], slots: int, pack_length: int) -> li
         lengths = [n for job, done in running for n in job[done]]
         short = [n for n in lengths if n <= pack_length]
         passes = len(lengths) - len(short) + len(pack(short, pack_length))
-        costs.append(sum(lengths) + PASS_TOKENS * passes)
+        costs.append(sum(lengths) + PASS_TOKENS * passes + STEP_TOKENS * len(running))
         running = [(job, done + 1) for job, done in running if done + 1 < len(job)]
     return costs
 

@@ -193,20 +193,15 @@ def test_lanes_train_side_by_side_in_threads_and_equal_each_job_alone(sequential
     assert updater.slots_in_use == 3 and not updater.routing.runs
 
 
-def test_a_lane_s_rounds_are_predicted_from_its_passes_tokens():
-    """Each round costs its rows' tokens plus PASS_TOKENS a pass; jobs start as slots free up."""
+def test_a_lane_s_rounds_are_predicted_from_its_passes_and_steps_tokens():
+    """Each round costs its rows' tokens plus PASS_TOKENS a pass and STEP_TOKENS a job; jobs start as slots
+    free up, and a row longer than a pass has one of its own."""
     two_jobs = [[[10], [20]], [[5], [200, 100]]]  # each job's steps, each step's rows' tokens
-    pass_ = multilora.PASS_TOKENS
-    assert multilora.lane_rounds(two_jobs, slots=2, pack_length=256) == [15 + pass_, 320 + 2 * pass_]
-    assert multilora.lane_rounds(two_jobs, slots=1, pack_length=256) == [
-        10 + pass_,
-        20 + pass_,
-        5 + pass_,
-        300 + 2 * pass_,
-    ]
-    assert multilora.lane_rounds([[], [[300]]], slots=1, pack_length=256) == [
-        300 + pass_
-    ]  # a longer row alone
+    p, s = multilora.PASS_TOKENS, multilora.STEP_TOKENS
+    assert multilora.lane_rounds(two_jobs, slots=2, pack_length=256) == [15 + p + 2 * s, 320 + 2 * p + 2 * s]
+    one_slot = [10 + p + s, 20 + p + s, 5 + p + s, 300 + 2 * p + s]
+    assert multilora.lane_rounds(two_jobs, slots=1, pack_length=256) == one_slot
+    assert multilora.lane_rounds([[], [[300]]], slots=1, pack_length=256) == [300 + p + s]
 
 
 @lanes_need_a_cpu
