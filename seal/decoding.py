@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.torch_version import TorchVersion
+
+from seal.models import ModelSteps
 
 _linear = torch.ops.mkldnn._linear_pointwise
 
@@ -93,17 +96,18 @@ def adapted_llama_layers(model: nn.Module) -> list[nn.Module] | None:
         projections += [getattr(mlp, f"{n}_proj", None) for n in ("gate", "up", "down")]
         if not all(hasattr(p, "lora_A") for p in projections):
             return None
-        if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+        if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation") or not hasattr(attn, "scaling"):
             return None
     return layers
 
 
 def fits(lm: Any) -> bool:
     """Whether `LlamaSteps` can decode for `lm`: a Llama model with every projection adapted, on an x86 CPU
-    whose torch has oneDNN's packed products."""
+    whose torch (2.5 or later) has oneDNN's packed products."""
     return (
         lm.device.type == "cpu"
         and platform.machine() in ("x86_64", "AMD64")
+        and TorchVersion(torch.__version__) >= "2.5"  # scaled_dot_product_attention's enable_gqa
         and torch.backends.mkldnn.is_available()
         and adapted_llama_layers(lm.model) is not None
     )
@@ -134,7 +138,7 @@ class LlamaSteps:
     def __init__(
         self, lm: Any, rank: int, row_slots: list[int], groups: list[LayerGroups], kernel: Any = None
     ):
-        self.model, self.weights = lm.model, groups
+        self.lm, self.model, self.weights = lm, lm.model, groups
         self.layers = adapted_llama_layers(lm.model) or []
         self.dtype = lm.autocast_dtype or torch.float32
         self.kernel = kernel if self.dtype == torch.bfloat16 else None
@@ -150,20 +154,19 @@ class LlamaSteps:
                 self.mask[row, at : at + rank] = 1
 
     def start(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        prompt = ModelSteps(self.lm)  # the prompt through the model's own forward
+        logits = prompt.start(input_ids, mask, positions)
         self.length = input_ids.shape[1]
-        self.keys = [self._buffer(layer.keys) for layer in cache.layers]
-        self.values = [self._buffer(layer.values) for layer in cache.layers]
+        layers = _cached(prompt.cache)
+        self.keys = [self._buffer(keys) for keys, _ in layers]
+        self.values = [self._buffer(values) for _, values in layers]
         # Where each row may attend: not its padding, nor the cache not yet written.
         self.allowed = torch.zeros(
             len(input_ids), self.keys[0].shape[2], dtype=torch.bool, device=mask.device
         )
         self.allowed[:, : self.length] = mask.bool()
         self.last = positions[:, -1]
-        return out.logits[:, -1, :]
+        return logits
 
     def _buffer(self, states: torch.Tensor, room: int = 64) -> torch.Tensor:
         """`states` [rows, kv_heads, length, head_dim] at the start of a cache with `room` more positions."""
@@ -215,6 +218,13 @@ class LlamaSteps:
         if self.kernel is not None:
             return self.kernel.swiglu(gate, up)
         return nn.functional.silu(gate) * up
+
+
+def _cached(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values in a transformers cache, [rows, kv_heads, length, head_dim]."""
+    if hasattr(cache, "layers"):  # transformers 4.56 and later
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
