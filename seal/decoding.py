@@ -1,13 +1,14 @@
 """Decoding steps of a Llama model whose rows each have their own adapter, written out lean for a CPU.
 
 The batched updater answers every question of K adapters in one generation call. Through transformers'
-forward, a decoding step of SmolLM2 with 20 rows took about 110 ms on the 2-core CPU, less than half of it in
-arithmetic: the rest went to dozens of small operations a layer (each adapter's two products, casts, masks,
-the cache's concatenations). Here, per decoder layer and set of adapters, the projections that read the same
-input are one product: the frozen weights of q, k and v (or gate and up) and every slot's A matrices
-stacked under them, laid out once by oneDNN. Their adapters' B matrices make one more product (block
-diagonal, the scaling folded in) that adds onto the frozen outputs. Keys and values go into a cache allocated
-ahead, attention is two batched products, and the norms and SwiGLU are the C++ kernels' nodes under bf16.
+forward, a decoding step of SmolLM2 with 20 rows took about 110 ms on the 2-core CPU: the adapters' stacked
+products as long as the frozen weights' (each slot's A and B a product of its own size), and much of the rest
+in dozens of small operations a layer (casts, masks, the cache's concatenations). Here, per decoder layer and
+set of adapters, the projections that read the same input are one product: the frozen weights of q, k and v
+(or gate and up) and every slot's A matrices stacked under them, laid out once by oneDNN. Their adapters' B
+matrices make one more product (block diagonal, the scaling folded in) that adds onto the frozen outputs.
+Keys and values go into a cache allocated ahead, attention is PyTorch's SDPA with a boolean mask, and the
+norms and SwiGLU are the C++ kernels' nodes under bf16.
 
 `LlamaSteps` has the interface of `seal.models.ModelSteps`; the prompt itself still goes through the model's
 own forward (one call a batch). The adapters' products run in the compute dtype, as in training (the
@@ -26,8 +27,6 @@ from torch import nn
 from torch.torch_version import TorchVersion
 
 from seal.models import ModelSteps
-
-_linear = torch.ops.mkldnn._linear_pointwise
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
@@ -69,7 +68,7 @@ class Group:
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """Each projection of `x` [rows, in] with its row's adapter; `mask` [rows, width] is 1 on the row's
         slot's columns, 0 elsewhere (all 0: the base model)."""
-        y = _linear(x, self.weight, self.bias, "none", [], None)
+        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], None)
         frozen = sum(self.outs)
         hidden = y[:, frozen:].view(len(x), len(self.outs), -1).mul(mask[:, None, :]).view(len(x), -1)
         out = torch.ops.mkldnn._linear_pointwise.binary(hidden, y[:, :frozen], self.b, None, "add")
