@@ -797,6 +797,8 @@ class MultiLoraUpdater:
                 continue
             if widen and rounds == widen[0]:
                 widen[1]()
+                if stop and stop.is_set():  # a lane that failed has ended too
+                    break
             rounds += 1
             try:
                 self._step(running, finish)
