@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.torch_version import TorchVersion
 
-from seal.models import ModelSteps
+from seal.models import SILU, ModelSteps
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ def adapted_llama_layers(model: nn.Module) -> list[nn.Module] | None:
         projections += [getattr(mlp, f"{n}_proj", None) for n in ("gate", "up", "down")]
         if not all(hasattr(p, "lora_A") for p in projections):
             return None
-        if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation") or not hasattr(attn, "scaling"):
+        if type(mlp.act_fn).__name__ not in SILU or not hasattr(attn, "scaling"):
             return None
     return layers
 
@@ -131,8 +131,8 @@ def stacked_groups(model: nn.Module, slots: list[int], dtype: torch.dtype) -> li
 class LlamaSteps:
     """Decoding steps as `seal.models.ModelSteps` computes them, row i through the adapter in slot
     `row_slots[i]` (-1: the base model alone). `groups` are the layers' groups with the adapters of the slots
-    in use stacked in ascending order (`stacked_groups`); `kernel` (the C++ kernels, with AVX-512) computes
-    the norms and SwiGLU under bf16, else PyTorch does."""
+    in use stacked in ascending order (`stacked_groups`); `kernel`, where training uses the kernels' AVX-512
+    nodes under bf16 (`seal.multilora.avx512_nodes`), computes the norms and SwiGLU, else PyTorch does."""
 
     def __init__(
         self, lm: Any, rank: int, row_slots: list[int], groups: list[LayerGroups], kernel: Any = None
@@ -140,7 +140,7 @@ class LlamaSteps:
         self.lm, self.model, self.weights = lm, lm.model, groups
         self.layers = adapted_llama_layers(lm.model) or []
         self.dtype = lm.autocast_dtype or torch.float32
-        self.kernel = kernel if self.dtype == torch.bfloat16 else None
+        self.kernel = kernel
         config = lm.model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim

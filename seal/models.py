@@ -535,6 +535,8 @@ def decode(
 PACKABLE_ATTENTION = ("sdpa", "eager")
 
 
+SILU = frozenset({"SiLU", "SiLUActivation"})  # SiLU's classes in torch and in transformers
+
 # Model types whose logits are their output projection of the last hidden state, nothing more. Others may
 # soft-cap the logits (Gemma 2), scale them (Cohere, Granite) or scale the hidden state first (MiniCPM).
 PLAIN_HEADS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3"})

@@ -60,7 +60,15 @@ from seal.adapt import (
 )
 from seal.config import AdaptConfig
 from seal.kernels import cpu_kernels
-from seal.models import LM, PACKABLE_ATTENTION, ModelSteps, continuation_logprobs, generate, output_projection
+from seal.models import (
+    LM,
+    PACKABLE_ATTENTION,
+    SILU,
+    ModelSteps,
+    continuation_logprobs,
+    generate,
+    output_projection,
+)
 
 PEFT_PREFIX = "base_model.model."  # where PEFT's wrapper puts the model in its state-dict keys
 log = logging.getLogger(__name__)
@@ -313,11 +321,17 @@ def pack_rows(rows: list[Row], row_slots: list[int], lm: LM, pack_length: int) -
     A row's last token is left out: it predicts nothing, and under a causal mask no other token reads it, so
     every loss and gradient is the same without it (one token in 15 for a self-edit line of 15 tokens). A row
     with no target is left out whole, for the same reason."""
-    fed = {i: len(row.ids) - 1 for i, row in enumerate(rows) if row.targets}  # the tokens each row reads
+    fed = fed_tokens(rows)
     long = [[i] for i, n in fed.items() if n > pack_length]
     short = [i for i, n in fed.items() if n <= pack_length]
     bins = long + [[short[j] for j in members] for members in pack([fed[i] for i in short], pack_length)]
     return [_packed([rows[i] for i in members], [row_slots[i] for i in members], lm) for members in bins]
+
+
+def fed_tokens(rows: list[Row]) -> dict[int, int]:
+    """The tokens each row reads in a pass, by index: all but its last; a row with no target not at all
+    (`pack_rows`)."""
+    return {i: len(row.ids) - 1 for i, row in enumerate(rows) if row.targets}
 
 
 def _packed(rows: list[Row], row_slots: list[int], lm: LM) -> PackedBatch:
@@ -677,7 +691,7 @@ class MultiLoraUpdater:
             return None
 
         def fed(step: _Step) -> list[int]:
-            return [len(row.ids) - 1 for row in step.rows if row.targets]
+            return list(fed_tokens(step.rows).values())
 
         costs = [
             lane_rounds(
@@ -1139,7 +1153,6 @@ def norms_in_compute_dtype(lm: LM, kernel: Any = None) -> Iterator[None]:
 
 # Gated MLPs that compute exactly as Llama's, down(act(gate(x)) * up(x)).
 LLAMA_MLPS = frozenset(f"{kind}MLP" for kind in ("Llama", "Mistral", "Qwen2", "Qwen3"))
-SILU = frozenset({"SiLU", "SiLUActivation"})  # SiLU's classes in torch and in transformers
 
 
 @contextlib.contextmanager
