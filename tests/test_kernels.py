@@ -70,19 +70,19 @@ class Recording:
         return recorded
 
 
-def layer_and_input(bias: bool, dtype: torch.dtype, per_token: bool):
+def layer_and_input(bias: bool, dtype: torch.dtype, per_token: bool, sizes=(48, 40), rank: int = 4):
     torch.manual_seed(0)
     routing = AdapterRouting()
-    base = nn.Linear(48, 40, bias=bias).requires_grad_(False)
-    layer = MultiLoraLinear(base, 3, AdaptConfig(rank=4), routing)
+    base = nn.Linear(*sizes, bias=bias).requires_grad_(False)
+    layer = MultiLoraLinear(base, 3, AdaptConfig(rank=rank), routing)
     with torch.no_grad():
         for p in [*layer.lora_A, *layer.lora_B]:
             p.normal_()  # B starts at zero in training; here every product must count
     slots = torch.tensor([slot for slot, n in RUNS for _ in range(n)])
     if per_token:  # one packed row of 17 tokens, each routed on its own
-        x, ids = torch.randn(1, 17, 48), slots[None, :]
+        x, ids = torch.randn(1, 17, sizes[0]), slots[None, :]
     else:  # 17 rows of 2 tokens each, routed row by row
-        x, ids = torch.randn(17, 2, 48), slots
+        x, ids = torch.randn(17, 2, sizes[0]), slots
     routing.set(ids)
     return layer, x.to(dtype).requires_grad_(True)
 
@@ -126,6 +126,35 @@ def test_the_kernel_computes_what_pytorch_computes(kernel, per_token, bias, x_dt
         else:
             assert torch.equal(g, w), name
     assert unused_grad is None  # slot 1 took no part in the pass
+
+
+@pytest.fixture
+def micro_kernel(kernel):
+    """The kernel where a bf16 run's adapter products go through oneDNN's micro-kernel (AMX, AVX-512 BF16)."""
+    if not kernel.brgemm_in_use():
+        pytest.skip("this CPU or torch offers no oneDNN bf16 micro-kernel")
+    yield kernel
+    kernel.set_brgemm(True)
+
+
+@pytest.mark.parametrize("per_token", [True, False], ids=["tokens", "rows"])
+def test_adapters_through_onednn_s_micro_kernel_compute_what_autocast_computes(micro_kernel, per_token):
+    """Sizes the micro-kernel takes (multiples of 16) and runs of odd length: with it, no at::mm is left for
+    the adapters, and the output and every gradient are within bf16 rounding of autocast's, as through at::mm
+    (A's and B's gradients are summed in float32 there, not rounded to bf16 first)."""
+    layer, x = layer_and_input(False, torch.float32, per_token, sizes=(64, 48), rank=16)
+    want, _ = forward_backward(layer, x, autocast=True)
+    use_kernel(layer, micro_kernel, torch.bfloat16, packed=True)
+    for micro in (False, True):
+        micro_kernel.set_brgemm(micro)
+        with torch.profiler.profile() as prof:
+            got, unused_grad = forward_backward(layer, x, autocast=True)
+        products = sum(e.name in ("aten::mm", "aten::addmm_") for e in prof.events())
+        assert (products == 0) == micro, products
+        for name, g, w in zip(["output", "x", "A0", "A2", "B0", "B2"], got, want, strict=True):
+            assert g.dtype == w.dtype, name
+            assert (g.float() - w.float()).abs().max() <= 0.02 * w.float().abs().max(), (micro, name)
+        assert unused_grad is None
 
 
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="the updater packs bf16 weights on CPUs with fast bf16")

@@ -30,9 +30,14 @@
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#if __has_include(<ATen/native/CPUBlas.h>)
+#include <ATen/native/CPUBlas.h>
+#endif
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -44,6 +49,33 @@ using torch::autograd::variable_list;
 
 namespace {
 
+// AVX-512 helpers: bf16 to float32 and back, 16 at a time.
+
+bool avx512_available() {
+#if defined(__x86_64__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__)
+#define SEAL_AVX512 __attribute__((target("avx512f,avx512bw")))
+
+SEAL_AVX512 inline __m512 widen(const c10::BFloat16* p) {
+  auto half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+SEAL_AVX512 inline void narrow(c10::BFloat16* p, __m512 v) {  // round to nearest even; a NaN stays a NaN
+  auto bits = _mm512_castps_si512(v);
+  auto odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  auto rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+#endif
+
 at::Tensor packed_product(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
@@ -52,6 +84,241 @@ at::Tensor packed_product(const at::Tensor& x, const at::Tensor& packed, const c
                                          c10::optional<c10::string_view>)>();
   return op.call(x, packed, bias, "none", c10::List<c10::optional<at::Scalar>>(), c10::nullopt);
 }
+
+// Adapter products through oneDNN's micro-kernel
+//
+// A run's adapter products are small ([tokens, 576] x [576, 32], [tokens, 32] x [32, 1536], and their
+// gradients), and through at::mm a bf16 product of those sizes costs about 30 us on an AMX Xeon whatever its
+// size: the oneDNN primitive around it, not the arithmetic. With the casts of A and B to bf16 and of their
+// gradients back, a run cost about 300 us a layer, most of a one-sequence step's adapter work. Where PyTorch
+// exposes oneDNN's batch-reduce GEMM micro-kernel for bf16 (the one its CPU flash attention uses) and the CPU
+// wants right-hand matrices laid out for it (AMX, AVX-512 BF16), a bf16 run goes through it instead: each
+// right-hand matrix is laid out here, cast and scaled on the way, straight from the float32 adapter or the bf16
+// activation, and each block of at most 64 of its columns is one call of a kernel that oneDNN generates once per
+// shape and thread. Products accumulate in float32, as oneDNN's do, and the results are rounded to bf16 where
+// at::mm's were (x A^T, the gradient of x A^T, the outputs); A's and B's gradients stay in float32, the
+// adapters' dtype, where at::mm rounded them to bf16 first.
+#if defined(__x86_64__) && defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#define SEAL_BRGEMM 1
+namespace cpublas = at::native::cpublas;
+#endif
+
+std::atomic<bool> brgemm_wanted{true};  // tests turn it off to compare with at::mm
+
+bool brgemm_available() {
+#ifdef SEAL_BRGEMM
+  static const bool packs = avx512_available() && cpublas::could_pack(at::kBFloat16);
+  return packs;
+#else
+  return false;
+#endif
+}
+
+void set_brgemm(bool wanted) { brgemm_wanted = wanted; }
+bool brgemm_in_use() { return brgemm_wanted && brgemm_available(); }
+
+// Whether a run of an adapter of `rank` on a [in -> out] layer goes through the micro-kernel: bf16, and sizes
+// its layout takes (columns in blocks of 16).
+bool brgemm_fits(at::ScalarType dtype, int64_t in, int64_t out, int64_t rank) {
+  return dtype == at::kBFloat16 && in % 16 == 0 && out % 16 == 0 && rank % 16 == 0 &&
+         brgemm_wanted.load(std::memory_order_relaxed) && brgemm_available();
+}
+
+#ifdef SEAL_BRGEMM
+using Bf16 = c10::BFloat16;
+constexpr int64_t kBlock = 64;  // the widest block of columns the layout takes
+
+int64_t even(int64_t k) { return k + (k & 1); }
+
+// Scratch memory, left uninitialised (every element is written before it is read).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
+}
+
+// The bf16 bits of 16 float32 values, rounded to nearest even (a NaN stays a NaN), in the low half of each
+// 32-bit lane.
+SEAL_AVX512 inline __m512i bf16_bits(__m512 v) {
+  auto bits = _mm512_castps_si512(v);
+  auto odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  auto rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  return _mm512_srli_epi32(rounded, 16);
+}
+
+SEAL_AVX512 inline __m512 load16(const float* p, __m512 scale) { return _mm512_mul_ps(_mm512_loadu_ps(p), scale); }
+SEAL_AVX512 inline __m512 load16(const Bf16* p, __m512 scale) { return _mm512_mul_ps(widen(p), scale); }
+
+// 32 consecutive values from p (the last 16 zeros unless `both`), times scale, as 16 words of two bf16: word q
+// holds values 2q (low half) and 2q + 1.
+template <typename T>
+SEAL_AVX512 inline __m512i pair_words(const T* p, __m512 scale, bool both) {
+  const auto low = bf16_bits(load16(p, scale));
+  const auto high = both ? bf16_bits(load16(p + 16, scale)) : _mm512_setzero_si512();
+  const auto even_lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const auto odd_lanes = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return _mm512_or_si512(_mm512_permutex2var_epi32(low, even_lanes, high),
+                         _mm512_slli_epi32(_mm512_permutex2var_epi32(low, odd_lanes, high), 16));
+}
+
+// A 16 x 16 matrix of 32-bit lanes, r[i] its row i, transposed in place.
+SEAL_AVX512 inline void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+// A right-hand matrix [k, n] laid out for the micro-kernel, in bf16: its rows in pairs (k padded to even with a
+// row of zeros), its columns in blocks of at most 64; block j0 (width w) at even(k) * j0, element (i, j0 + j) at
+// (i / 2) * 2w + 2j + i % 2, so that each pair is one 32-bit word. From `src` (float32 or bf16) times `scale`:
+// element (i, j) at src[i * step + j] (`src` the matrix) or, `transposed`, at src[j * step + i] (`src` its
+// transpose, k % 16 == 0). n % 16 == 0.
+template <typename T>
+SEAL_AVX512 std::unique_ptr<Bf16[]> lay_out(const T* src, int64_t step, bool transposed, int64_t k, int64_t n,
+                                            float scale) {
+  const int64_t ke = even(k);
+  auto out = scratch<Bf16>(ke * n);
+  auto* words = reinterpret_cast<uint32_t*>(out.get());
+  const auto factor = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t w = std::min(kBlock, n - j0);
+    uint32_t* block = words + ke * j0 / 2;
+    if (transposed) {  // 16 columns of the matrix are 16 rows of src, whose pairs are adjacent there
+      for (int64_t j = 0; j < w; j += 16) {
+        for (int64_t i = 0; i < k; i += 32) {
+          const bool both = i + 16 < k;
+          __m512i r[16];
+          for (int t = 0; t < 16; ++t) r[t] = pair_words(src + (j0 + j + t) * step + i, factor, both);
+          transpose16(r);  // r[q]: the pair of rows i + 2q, i + 2q + 1 across the 16 columns
+          for (int64_t q = 0; q < (both ? 16 : 8); ++q) _mm512_storeu_si512(block + (i / 2 + q) * w + j, r[q]);
+        }
+      }
+      continue;
+    }
+    for (int64_t i = 0; i < ke; i += 2) {
+      for (int64_t j = 0; j < w; j += 16) {
+        const auto low = bf16_bits(load16(src + i * step + j0 + j, factor));
+        const auto high =
+            i + 1 < k ? bf16_bits(load16(src + (i + 1) * step + j0 + j, factor)) : _mm512_setzero_si512();
+        _mm512_storeu_si512(block + (i / 2) * w + j, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+      }
+    }
+  }
+  return out;
+}
+
+// c [m, n] float32 (row stride ldc) = a [m, ke] bf16 (row stride lda) times a matrix laid out by lay_out.
+void brgemm_product(const Bf16* a, int64_t lda, int64_t m, const Bf16* laid, int64_t ke, int64_t n, float* c,
+                    int64_t ldc) {
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t w = std::min(kBlock, n - j0);
+    cpublas::brgemm(m, w, ke, lda, w, ldc, false, a, laid + ke * j0, c + j0, true);
+  }
+}
+
+// out [m, n] (bf16, row stride ldo) = c rounded, or with `add` out + c rounded once. n % 16 == 0.
+SEAL_AVX512 void round_rows(const float* c, int64_t m, int64_t n, Bf16* out, int64_t ldo, bool add) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; j += 16) {
+      auto v = _mm512_loadu_ps(c + i * n + j);
+      if (add) v = _mm512_add_ps(v, widen(out + i * ldo + j));
+      narrow(out + i * ldo + j, v);
+    }
+  }
+}
+
+// out [n, m] float32 = scale c^T for c [m, n]; m and n multiples of 16.
+SEAL_AVX512 void transpose_scaled(const float* c, int64_t m, int64_t n, float scale, float* out) {
+  const auto factor = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < m; i += 16) {
+    for (int64_t j = 0; j < n; j += 16) {
+      __m512i r[16];
+      for (int t = 0; t < 16; ++t) r[t] = _mm512_castps_si512(load16(c + (i + t) * n + j, factor));
+      transpose16(r);
+      for (int q = 0; q < 16; ++q) _mm512_storeu_si512(out + (j + q) * m + i, r[q]);
+    }
+  }
+}
+
+// src [m, n] bf16 (row stride lds) transposed, [n, even(m)] with a column of zeros if m is odd.
+std::unique_ptr<Bf16[]> transposed(const Bf16* src, int64_t lds, int64_t m, int64_t n) {
+  const int64_t me = even(m);
+  auto out = scratch<Bf16>(n * me);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) out[j * me + i] = src[i * lds + j];
+    if (me > m) out[j * me + m] = Bf16(0.0f);
+  }
+  return out;
+}
+
+// One run's forward in bf16: out_rows += (part A^T) (scaling B)^T; returns part A^T (bf16, for the backward).
+// part [L, in] and out_rows [L, out] bf16 with contiguous rows; a [rank, in] and b [out, rank] contiguous.
+template <typename T>
+at::Tensor brgemm_forward(const at::Tensor& part, const T* a, const T* b, int64_t rank, double scaling,
+                          at::Tensor& out_rows) {
+  const int64_t rows = part.size(0), in = part.size(1), out = out_rows.size(1);
+  auto c = scratch<float>(rows * std::max(rank, out));
+  brgemm_product(part.data_ptr<Bf16>(), part.stride(0), rows, lay_out(a, in, true, in, rank, 1.0f).get(), in, rank,
+                 c.get(), rank);
+  auto h = at::empty({rows, rank}, part.options());
+  round_rows(c.get(), rows, rank, h.data_ptr<Bf16>(), rank, false);
+  brgemm_product(h.data_ptr<Bf16>(), rank, rows, lay_out(b, rank, true, rank, out, static_cast<float>(scaling)).get(),
+                 rank, out, c.get(), out);
+  round_rows(c.get(), rows, out, out_rows.data_ptr<Bf16>(), out_rows.stride(0), true);
+  cpublas::brgemm_release(true);
+  return h;
+}
+
+// One run's backward in bf16, from gr (the output's gradient, [L, out]): A's gradient [rank, in] and B's
+// [out, rank] in float32, and dx_rows += (gr scaling B) A if dx_rows is defined.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> brgemm_backward(const at::Tensor& gr, const at::Tensor& part, const at::Tensor& h,
+                                                  const T* a, const T* b, double scaling, at::Tensor dx_rows) {
+  const int64_t rows = part.size(0), in = part.size(1), rank = h.size(1), out = gr.size(1);
+  const int64_t re = even(rows);
+  const float s = static_cast<float>(scaling);
+  auto c = scratch<float>(std::max(rows, rank) * std::max(in, out));
+  // dh = gr (scaling B), rounded to bf16: d(loss)/d(part A^T)
+  brgemm_product(gr.data_ptr<Bf16>(), gr.stride(0), rows, lay_out(b, rank, false, out, rank, s).get(), out, rank,
+                 c.get(), rank);
+  auto dh = scratch<Bf16>(rows * rank);
+  round_rows(c.get(), rows, rank, dh.get(), rank, false);
+  // B's gradient: scaling gr^T h, the transpose of h^T gr
+  brgemm_product(transposed(h.data_ptr<Bf16>(), rank, rows, rank).get(), re, rank,
+                 lay_out(gr.data_ptr<Bf16>(), gr.stride(0), false, rows, out, 1.0f).get(), re, out, c.get(), out);
+  auto db = at::empty({out, rank}, part.options().dtype(at::kFloat));
+  transpose_scaled(c.get(), rank, out, s, db.data_ptr<float>());
+  // A's gradient: dh^T part
+  auto da = at::empty({rank, in}, db.options());
+  brgemm_product(transposed(dh.get(), rank, rows, rank).get(), re, rank,
+                 lay_out(part.data_ptr<Bf16>(), part.stride(0), false, rows, in, 1.0f).get(), re, in,
+                 da.data_ptr<float>(), in);
+  if (dx_rows.defined()) {
+    brgemm_product(dh.get(), rank, rows, lay_out(a, in, false, rank, in, 1.0f).get(), rank, in, c.get(), in);
+    round_rows(c.get(), rows, in, dx_rows.data_ptr<Bf16>(), dx_rows.stride(0), true);
+  }
+  cpublas::brgemm_release(true);
+  return {da, db};
+}
+#endif
 
 constexpr int64_t kFewRows = 16;
 
@@ -75,15 +342,43 @@ at::Tensor shaped_as(const at::Tensor& out, const at::Tensor& x) {
   return out.view(shape);
 }
 
+// Whether the runs of a layer's adapters `a` and `b` on bf16 input xc and output `out` go through the micro-kernel
+// (brgemm_forward and brgemm_backward): all of them or none, so that the backward knows from one flag.
+bool micro_runs(const at::Tensor& xc, const at::Tensor& out, at::TensorList a, at::TensorList b) {
+  if (a.empty() || !brgemm_fits(out.scalar_type(), xc.size(1), out.size(1), a[0].size(0))) return false;
+  for (size_t r = 0; r < a.size(); ++r) {
+    const auto type = a[r].scalar_type();
+    if ((type != at::kFloat && type != at::kBFloat16) || b[r].scalar_type() != type || !a[r].is_contiguous() ||
+        !b[r].is_contiguous() || a[r].size(0) != a[0].size(0))
+      return false;
+  }
+  return true;
+}
+
+// The forward; with `saved`, each run's input, x A^T, and A and B as multiplied (or, through the micro-kernel, A
+// and B themselves) go there for the backward, and *micro says which.
 at::Tensor compute(const at::Tensor& x, at::TensorList frozen, at::TensorList a, at::TensorList b,
                    const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths, double scaling,
-                   std::vector<at::Tensor>* saved) {
+                   std::vector<at::Tensor>* saved, bool* micro = nullptr) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto dtype = frozen[0].scalar_type();
   auto [xc, out] = frozen_product(x, frozen);
+  const bool through_micro = micro_runs(xc, out, a, b);
+  if (micro) *micro = through_micro;
   at::Tensor x_few, delta_few;  // without a backward: runs of a few rows, through adapters in their own dtype
   for (size_t r = 0; r < a.size(); ++r) {
     auto part = xc.narrow(0, starts[r], lengths[r]);
+#ifdef SEAL_BRGEMM
+    if (through_micro && (saved || lengths[r] > kFewRows)) {
+      auto rows = out.narrow(0, starts[r], lengths[r]);
+      const int64_t rank = a[r].size(0);
+      auto h = a[r].scalar_type() == at::kFloat
+                   ? brgemm_forward(part, a[r].data_ptr<float>(), b[r].data_ptr<float>(), rank, scaling, rows)
+                   : brgemm_forward(part, a[r].data_ptr<Bf16>(), b[r].data_ptr<Bf16>(), rank, scaling, rows);
+      if (saved) saved->insert(saved->end(), {part, h, a[r], b[r]});
+      continue;
+    }
+#endif
     if (!saved && lengths[r] <= kFewRows) {
       // A decoding step's run: oneDNN's bf16 product of an adapter's sizes costs 15-30 us whatever the
       // rows, float32's 3-15 at 1-5 rows. Its share goes into one float32 sum for all such runs, added at
@@ -127,7 +422,9 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
                             double scaling) {
     TORCH_CHECK(frozen.size() != 3, "a weight packed without its transpose has no backward: pass W^T packed too");
     std::vector<at::Tensor> saved;
-    auto out = compute(x, frozen, a, b, starts, lengths, scaling, &saved);
+    bool micro = false;
+    auto out = compute(x, frozen, a, b, starts, lengths, scaling, &saved, &micro);
+    ctx->saved_data["micro"] = micro;
     const bool packed = frozen.size() == 4;
     ctx->saved_data["weight"] = packed ? frozen[3] : frozen[0];
     ctx->saved_data["packed"] = packed;
@@ -152,7 +449,9 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType();
     const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
     const size_t runs = starts.size();
+    const bool micro = ctx->saved_data["micro"].toBool();
     auto g = grads[0].reshape({-1, grads[0].size(-1)});
+    if (micro) g = g.contiguous();
     const bool need_x = ctx->needs_input_grad(0);
     at::Tensor dx;
     if (need_x) {
@@ -162,6 +461,16 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     for (size_t r = 0; r < runs; ++r) {
       const auto &part = saved[4 * r], &h = saved[4 * r + 1], &ar = saved[4 * r + 2], &br = saved[4 * r + 3];
       auto gr = g.narrow(0, starts[r], lengths[r]);
+#ifdef SEAL_BRGEMM
+      if (micro) {
+        auto dx_rows = need_x ? dx.narrow(0, starts[r], lengths[r]) : at::Tensor();
+        std::tie(da[r], db[r]) =
+            ar.scalar_type() == at::kFloat
+                ? brgemm_backward(gr, part, h, ar.data_ptr<float>(), br.data_ptr<float>(), scaling, dx_rows)
+                : brgemm_backward(gr, part, h, ar.data_ptr<Bf16>(), br.data_ptr<Bf16>(), scaling, dx_rows);
+        continue;
+      }
+#endif
       auto dh = at::mm(gr, br);  // br is scaling B: dh is d(loss)/d(x A^T) already
       db[r] = at::mm(gr.t(), h).to(at::kFloat).mul_(scaling);
       da[r] = at::mm(dh.t(), part).to(at::kFloat);
@@ -246,30 +555,7 @@ std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::T
 // [tokens, 1536] activation costs about what a small product does. The arithmetic is in float32, rounded to
 // bf16 once per result (PyTorch's rounds silu(gate) too). AVX-512 only: callers check `avx512_available`.
 
-bool avx512_available() {
 #if defined(__x86_64__)
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-#else
-  return false;
-#endif
-}
-
-#if defined(__x86_64__)
-#define SEAL_AVX512 __attribute__((target("avx512f,avx512bw")))
-
-SEAL_AVX512 inline __m512 widen(const c10::BFloat16* p) {
-  auto half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
-SEAL_AVX512 inline void narrow(c10::BFloat16* p, __m512 v) {  // round to nearest even; a NaN stays a NaN
-  auto bits = _mm512_castps_si512(v);
-  auto odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  auto rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
-}
-
 SEAL_AVX512 inline __m512 sigmoid(__m512 x) {
   const auto one = _mm512_set1_ps(1.0f);
   return _mm512_div_ps(one, _mm512_add_ps(one, Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), x))));
@@ -723,6 +1009,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_linear_stacked", &lora_linear_stacked,
         "x W^T + bias + scaling ((x A^T) * mask) B^T with stacked adapters, without gradients",
         py::call_guard<py::gil_scoped_release>());
+  m.def("set_brgemm", &set_brgemm, "turn the adapters' products through oneDNN's micro-kernel on or off");
+  m.def("brgemm_in_use", &brgemm_in_use, "whether the adapters' bf16 products go through oneDNN's micro-kernel");
   m.def("avx512_available", &avx512_available,
         "whether this CPU runs swiglu, rms_norm and packed_attention (AVX-512)");
   m.def("swiglu", &swiglu, "silu(gate) * up for bf16 gate and up, one autograd node",
