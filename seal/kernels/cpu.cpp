@@ -21,6 +21,8 @@
 //   the frozen product inside the matrix product (addmm_): no scaled copy of the output, no separate sum;
 // - gradients for x (if needed; its terms summed in the compute dtype, then cast once) and for each run's A
 //   and B (float32, the adapters' dtype); none for W.
+// In bf16, where oneDNN's micro-kernel is offered (AMX, AVX-512 BF16), each run's six adapter products go through
+// it instead of at::mm (see "Adapter products through oneDNN's micro-kernel" below).
 // `frozen` holds [W, bias], [W, bias, W packed] (a forward only: decoding, scoring) or [W, bias, W packed,
 // W^T packed].
 // On memory-bound CPUs every pass over an activation costs about as much as a small product, so the scaling
