@@ -69,12 +69,18 @@ SEAL_AVX512 inline __m512 widen(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-SEAL_AVX512 inline void narrow(c10::BFloat16* p, __m512 v) {  // round to nearest even; a NaN stays a NaN
+// The bf16 bits of 16 float32 values, rounded to nearest even (a NaN stays a NaN), in the low half of each
+// 32-bit lane.
+SEAL_AVX512 inline __m512i bf16_bits(__m512 v) {
   auto bits = _mm512_castps_si512(v);
   auto odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   auto rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
   rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  return _mm512_srli_epi32(rounded, 16);
+}
+
+SEAL_AVX512 inline void narrow(c10::BFloat16* p, __m512 v) {  // 16 float32 values to bf16 at p
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
 }
 #endif
 
@@ -122,8 +128,7 @@ bool brgemm_in_use() { return brgemm_wanted && brgemm_available(); }
 // Whether a run of an adapter of `rank` on a [in -> out] layer goes through the micro-kernel: bf16, and sizes
 // its layout takes (columns in blocks of 16).
 bool brgemm_fits(at::ScalarType dtype, int64_t in, int64_t out, int64_t rank) {
-  return dtype == at::kBFloat16 && in % 16 == 0 && out % 16 == 0 && rank % 16 == 0 &&
-         brgemm_wanted.load(std::memory_order_relaxed) && brgemm_available();
+  return dtype == at::kBFloat16 && in % 16 == 0 && out % 16 == 0 && rank % 16 == 0 && brgemm_in_use();
 }
 
 #ifdef SEAL_BRGEMM
@@ -136,16 +141,6 @@ int64_t even(int64_t k) { return k + (k & 1); }
 template <typename T>
 std::unique_ptr<T[]> scratch(int64_t n) {
   return std::unique_ptr<T[]>(new T[n]);
-}
-
-// The bf16 bits of 16 float32 values, rounded to nearest even (a NaN stays a NaN), in the low half of each
-// 32-bit lane.
-SEAL_AVX512 inline __m512i bf16_bits(__m512 v) {
-  auto bits = _mm512_castps_si512(v);
-  auto odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  auto rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-  return _mm512_srli_epi32(rounded, 16);
 }
 
 SEAL_AVX512 inline __m512 load16(const float* p, __m512 scale) { return _mm512_mul_ps(_mm512_loadu_ps(p), scale); }
