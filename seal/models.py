@@ -144,7 +144,18 @@ def setup_runtime(cfg: Config, threads: int | None = None) -> None:
         # Deterministic mode also fills every new tensor's memory with NaN, a debugging aid that makes no
         # result repeat any better: a sixth of a CPU update's time went to it (the bench's jobs, bf16).
         torch.utils.deterministic.fill_uninitialized_memory = False
+    warm_vector_maths()
     torch.set_num_threads(threads or cfg.num_threads or psutil.cpu_count(logical=False) or 1)
+
+
+def warm_vector_maths() -> None:
+    """One call into Intel MKL's vector maths, on this thread alone, before any that torch shares out between
+    threads. PyTorch's CPU build computes float cos, sin, exp, log, tanh and others with it. Measured on the
+    2-core CPU: once MKL's float32 matrix products had run, the first cos that two threads computed at once
+    came back wrong, by up to 1.5e-4, in one thread's half of the tensor in 11 of 16 fresh processes (the
+    rotary embedding's cos, so the sampled self-edits of one seed differed between runs); with this call
+    first, in none of 34."""
+    torch.ones(8).cos()
 
 
 def resolve_device(name: str) -> torch.device:

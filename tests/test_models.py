@@ -1,5 +1,7 @@
 import dataclasses
 import platform
+import subprocess
+import sys
 
 import huggingface_hub
 import pytest
@@ -68,6 +70,32 @@ def test_row_sampler_respects_top_p():
     scores = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
     picks = {int(RowSampler([s], 1.0, 0.6)(scores)[0]) for s in range(20)}
     assert picks == {0}  # token 0 alone reaches 0.6 of the mass
+
+
+# A fresh process as a run starts: setup_runtime, MKL's float32 products (the bench's peak measurement), then
+# the rotary embedding's cos shared out between two threads; prints its largest error against float64.
+FIRST_COS = """
+import torch
+from seal.config import Config
+from seal.models import setup_runtime
+setup_runtime(Config(num_threads=2))
+a = torch.randn(2048, 2048)
+for _ in range(3):
+    a @ a
+angles = (torch.arange(4 * 274 * 64) % 274 * 0.6978305578231812).reshape(4, -1)
+print((angles.cos() - angles.double().cos()).abs().max().item())
+"""
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two threads")
+def test_the_first_cos_that_two_threads_share_is_exact_after_setup_runtime():
+    """Without models.warm_vector_maths, one thread's half of that cos came back up to 1.5e-4 off in most
+    fresh processes on the 2-core CPU (MKL's vector maths setting itself up from two threads at once), and
+    one seed sampled different self-edits from one run to the next. Five processes: all exact."""
+    for _ in range(5):
+        done = subprocess.run([sys.executable, "-c", FIRST_COS], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert float(done.stdout.split()[-1]) < 1e-6
 
 
 def test_row_sampler_draws_do_not_depend_on_batch_mates():
