@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import sys
 
 import pytest
 import torch
@@ -521,6 +522,19 @@ def test_each_checkout_and_version_of_the_source_builds_under_a_name_of_its_own(
     copy.write_text(kernels.SOURCE.read_text() + "\n// changed\n")
     assert kernels.extension_name(copy) != before
     assert kernels.NAME.isidentifier()  # the module name pybind11 gives it
+
+
+@pytest.mark.skipif(sys.platform != "linux" or torch.get_num_threads() < 2, reason="OpenMP, 2 threads")
+def test_the_kernels_share_their_loops_between_torch_s_threads(kernel):
+    """ATen's parallel_for is compiled into the extension: built without OpenMP, every loop ran on one thread
+    (swiglu, rms_norm, the attention's rows) whatever torch's threads."""
+    threads = torch.get_num_threads()
+    assert kernel.parallel_threads() == threads
+    torch.set_num_threads(1)
+    try:
+        assert kernel.parallel_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_kernel_that_cannot_be_built_is_an_error_only_when_required(monkeypatch, caplog):

@@ -9,6 +9,7 @@ operations (`adapt.lora_kernel`).
 
 import hashlib
 import logging
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +27,10 @@ def extension_name(source: Path) -> str:
 
 
 NAME = extension_name(SOURCE)
+# -fopenmp: ATen's parallel_for is a template compiled into the extension, and without OpenMP it runs its
+# whole range on the calling thread. Its OpenMP calls resolve to the runtime libtorch_cpu already loaded (one
+# thread pool). Linux only: other compilers may lack the flag, and the kernels would not build at all.
+FLAGS = ["-O2", "-fopenmp"] if sys.platform == "linux" else ["-O2"]
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | Exception] = {}
 
@@ -39,7 +44,7 @@ def cpu_kernels(required: bool = False) -> ModuleType | None:
             try:
                 from torch.utils import cpp_extension
 
-                _loaded[NAME] = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=["-O2"], verbose=False)
+                _loaded[NAME] = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=FLAGS, verbose=False)
             except Exception as error:  # a compiler, ninja or a header missing; a failed compile
                 _loaded[NAME] = error
                 if not required:

@@ -997,6 +997,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return RmsNorm::apply(x, weight, eps);
 }
 
+// How many of torch's threads an at::parallel_for of this extension runs on, given as many items as threads.
+int64_t parallel_threads() {
+  std::vector<char> ran(at::get_num_threads(), 0);
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { ran[at::get_thread_num()] = 1; });
+  return std::count(ran.begin(), ran.end(), 1);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1008,6 +1015,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("set_brgemm", &set_brgemm, "turn the adapters' products through oneDNN's micro-kernel on or off");
   m.def("brgemm_in_use", &brgemm_in_use, "whether the adapters' bf16 products go through oneDNN's micro-kernel");
+  m.def("parallel_threads", &parallel_threads, "how many of torch's threads this extension's parallel_for uses");
   m.def("avx512_available", &avx512_available,
         "whether this CPU runs swiglu, rms_norm and packed_attention (AVX-512)");
   m.def("swiglu", &swiglu, "silu(gate) * up for bf16 gate and up, one autograd node",
