@@ -502,7 +502,7 @@ class MultiLoraUpdater:
             if isinstance(module, nn.Linear) and _is_target(name, cfg.target_modules)
         ]
         if not targets:
-            raise ValueError(f"no linear layer matches adapt.target_modules={cfg.target_modules}")
+            raise ValueError(no_targets(lm, cfg))
         self.layers: list[tuple[str, MultiLoraLinear]] = []
         for name, module in targets:  # named_modules order, which is also the order PEFT initialises in
             parent_name, _, child = name.rpartition(".")
@@ -1261,7 +1261,19 @@ def slot_bytes(lm: LM, cfg: AdaptConfig) -> int:
         for name, module in lm.model.named_modules()
         if isinstance(module, nn.Linear) and _is_target(name, cfg.target_modules)
     )
+    if not adapter:
+        raise ValueError(no_targets(lm, cfg))
     return 4 * 4 * adapter
+
+
+def no_targets(lm: LM, cfg: AdaptConfig) -> str:
+    """Why no layer of the model can take an adapter."""
+    if any(isinstance(module, MultiLoraLinear) for module in lm.model.modules()):
+        return (
+            "this model's layers already hold a batched updater's adapters (seal.multilora.MultiLoraUpdater):"
+            " train with that updater rather than making another on the same model"
+        )
+    return f"no linear layer matches adapt.target_modules={cfg.target_modules}"
 
 
 def pass_bytes(lm: LM, cfg: AdaptConfig) -> int:

@@ -153,6 +153,17 @@ def test_compiled_layers_train_the_same_adapters_and_generation_stays_eager(sequ
         make_updater(tiny_fp32(), AdaptConfig(**CFG, compile=True, batch_adapters=False))
 
 
+def test_a_second_batched_updater_on_one_model_or_no_matching_layer_is_a_clear_error():
+    """A model whose layers already hold a batched updater's adapters has no plain linear layer left (a
+    second updater divided by its zero adapter size); a target that matches nothing says so too."""
+    lm = tiny_fp32()
+    with pytest.raises(ValueError, match="no linear layer matches adapt.target_modules=.'nowhere'."):
+        make_updater(lm, AdaptConfig(**CFG, target_modules=["nowhere"]))
+    make_updater(lm, AdaptConfig(**CFG))
+    with pytest.raises(ValueError, match="already hold a batched updater's adapters"):
+        make_updater(lm, AdaptConfig(**CFG))
+
+
 def test_jobs_beyond_capacity_wait_for_a_free_slot(sequential):
     _, alone = sequential
     for got, want in zip(batched(capacity=2).train(JOBS), alone, strict=True):
