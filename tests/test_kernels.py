@@ -380,12 +380,16 @@ def rotary(length: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     [(37, 3, 6, 2, 48), (70, 1, 9, 3, 64), (1, 1, 4, 4, 16)],
     ids=["3 rows, a width with a tail", "one row, SmolLM2's heads", "one token"],
 )
+@pytest.mark.parametrize("micro", [False, True], ids=["at::bmm", "micro-kernel"])
 def test_packed_attention_computes_what_the_rotary_embedding_and_attention_compute(
-    avx512_kernel, length, rows, heads, kv_heads, width
+    avx512_kernel, length, rows, heads, kv_heads, width, micro
 ):
     """The one-node attention against transformers' rotary embedding and seal.attention's products, both
     under bf16 autocast: output and the gradients of q, k and v in bf16, each within one bf16 rounding of the
-    largest value."""
+    largest value; its products through at::bmm, or through oneDNN's micro-kernel where the CPU offers it."""
+    if micro and not avx512_kernel.brgemm_in_use():
+        pytest.skip("this CPU or torch offers no oneDNN bf16 micro-kernel")
+    avx512_kernel.set_brgemm(micro)
     generator = torch.Generator().manual_seed(length)
     q, k, v = (
         (2 * torch.randn(1, length, n * width, generator=generator)).bfloat16()
@@ -409,12 +413,18 @@ def test_packed_attention_computes_what_the_rotary_embedding_and_attention_compu
         return avx512_kernel.packed_attention(q, k, v, cos, sin, starts, heads, width**-0.5)
 
     results = []
-    for function in (kernel_way, transformers_way):
-        inputs = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = function(*inputs)
-        out.backward(upstream)
-        results.append([out, *(x.grad for x in inputs)])
+    try:
+        for function in (kernel_way, transformers_way):
+            inputs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            with torch.profiler.profile() as prof:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = function(*inputs)
+                out.backward(upstream)
+            results.append([out, *(x.grad for x in inputs)])
+            if function is kernel_way:
+                assert any(e.name == "aten::bmm" for e in prof.events()) != micro
+    finally:
+        avx512_kernel.set_brgemm(True)
     for name, got, want in zip(["output", "q", "k", "v"], *results, strict=True):
         assert got.dtype == torch.bfloat16 and got.shape == want.shape, name
         ulp, scale = 2**-7, want.abs().max().item()

@@ -82,6 +82,10 @@ SEAL_AVX512 inline __m512i bf16_bits(__m512 v) {
 SEAL_AVX512 inline void narrow(c10::BFloat16* p, __m512 v) {  // 16 float32 values to bf16 at p
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
 }
+
+SEAL_AVX512 inline __mmask16 lanes_left(int64_t left) {  // the first min(left, 16) lanes
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
 #endif
 
 at::Tensor packed_product(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
@@ -255,13 +259,30 @@ SEAL_AVX512 void transpose_scaled(const float* c, int64_t m, int64_t n, float sc
   }
 }
 
-// src [m, n] bf16 (row stride lds) transposed, [n, even(m)] with a column of zeros if m is odd.
-std::unique_ptr<Bf16[]> transposed(const Bf16* src, int64_t lds, int64_t m, int64_t n) {
+// src [m, n] bf16 (row stride lds) transposed, [n, even(m)] with a column of zeros if m is odd; n % 16 == 0.
+// 32 rows by 16 columns at a time: each pair of rows as 16 words of two bf16 (the pair of one column in each
+// word), the 16 x 16 words transposed, so that a column's 32 values land in one store.
+SEAL_AVX512 inline __m512i words16(const Bf16* p, bool present) {  // 16 bf16 from p in 32-bit lanes, or zeros
+  if (!present) return _mm512_setzero_si512();
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+SEAL_AVX512 std::unique_ptr<Bf16[]> transposed(const Bf16* src, int64_t lds, int64_t m, int64_t n) {
   const int64_t me = even(m);
   auto out = scratch<Bf16>(n * me);
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < m; ++i) out[j * me + i] = src[i * lds + j];
-    if (me > m) out[j * me + m] = Bf16(0.0f);
+  auto* words = reinterpret_cast<uint32_t*>(out.get());
+  for (int64_t j = 0; j < n; j += 16) {
+    for (int64_t i = 0; i < me; i += 32) {
+      __m512i r[16];
+      for (int64_t q = 0; q < 16; ++q) {
+        const int64_t a = i + 2 * q, b = a + 1;
+        r[q] = _mm512_or_si512(words16(src + std::min(a, m - 1) * lds + j, a < m),
+                               _mm512_slli_epi32(words16(src + std::min(b, m - 1) * lds + j, b < m), 16));
+      }
+      transpose16(r);  // r[t]: column j + t's values of rows i .. i + 31, in pairs
+      const auto keep = lanes_left((me - i) / 2);
+      for (int t = 0; t < 16; ++t) _mm512_mask_storeu_epi32(words + ((j + t) * me + i) / 2, keep, r[t]);
+    }
   }
   return out;
 }
@@ -648,6 +669,11 @@ at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) { return Swiglu:
 // j-th query head at row (t - s) x groups + j.
 // `starts[t]` is the first token of t's row: t attends to keys starts[t]..t. AVX-512 only
 // (`avx512_available`); a head's width must be even.
+// Where the adapters' products go through oneDNN's micro-kernel (`brgemm_in_use`) and a head's width is a
+// multiple of 16, so do the attention's six products a row and key/value head, in place of at::bmm and the copies
+// around it: the row's keys and values copied with zero rows up to a multiple of 16 keys, the probabilities
+// [n x groups, n rounded up to 16] (zeros after each query's last key), the float32 sums rounded to bf16 where
+// at::bmm's results were. The bench's update, paired: 17.53-19.14 s against 18.11-20.31 (benchmarks/README.md).
 
 #if defined(__x86_64__)
 // out = x cos + rotate_half(x) sin over one head of 2 half features, from bf16 x and float32 cos and sin, in
@@ -685,10 +711,6 @@ SEAL_AVX512 inline void unrotate(const c10::BFloat16* d, const float* c, const f
     out[i] = lo * c[i] + hi * s[half + i];
     out[half + i] = hi * c[half + i] - lo * s[i];
   }
-}
-
-SEAL_AVX512 inline __mmask16 lanes_left(int64_t left) {  // the first min(left, 16) lanes
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
 }
 
 SEAL_AVX512 inline __m512 widen(const c10::BFloat16* p, __mmask16 m) {  // the lanes of m from p; zeros elsewhere
@@ -781,6 +803,78 @@ void by_token(int64_t length, int64_t heads, int64_t kv_heads, const Each& each)
   });
 }
 
+#ifdef SEAL_BRGEMM
+// Whether the attention's products go through the micro-kernel: bf16 heads of a width its layout takes.
+bool micro_attention(int64_t width) { return brgemm_fits(at::kBFloat16, width, width, 16); }
+
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// rows [n, width] of one head from src (row stride width) in a [padded, width] copy, zeros after row n.
+std::unique_ptr<Bf16[]> padded_rows(const Bf16* src, int64_t n, int64_t padded, int64_t width) {
+  auto out = scratch<Bf16>(padded * width);
+  std::copy(src, src + n * width, out.get());
+  std::fill(out.get() + n * width, out.get() + padded * width, Bf16(0.0f));
+  return out;
+}
+
+// out [n, width] bf16 (row stride width) = the first n columns of c [width, padded] float32, transposed, rounded.
+SEAL_AVX512 void round_transposed(const float* c, int64_t width, int64_t padded, int64_t n, Bf16* out) {
+  auto t = scratch<float>(padded * width);
+  transpose_scaled(c, width, padded, 1.0f, t.get());
+  round_rows(t.get(), n, width, out, width, false);
+}
+
+// One row of the pass (n tokens from `start`) and one key/value head through the micro-kernel, forward: the
+// scores q k^T rounded to bf16, each query's softmax (probs [rows, padded], zeros after its last key), and
+// out = probs v rounded to bf16. padded = n rounded up to 16: the keys and values are copied with zero rows
+// after n, the layout's columns come in blocks of 16.
+SEAL_AVX512 void micro_attention_forward(const Bf16* qh, const Bf16* kh, const Bf16* vh, Bf16* probs, Bf16* out,
+                                         int64_t n, int64_t groups, int64_t width, float scale) {
+  const int64_t rows = n * groups, padded = round16(n);
+  const auto keys = padded_rows(kh, n, padded, width), values = padded_rows(vh, n, padded, width);
+  auto c = scratch<float>(rows * std::max(padded, width));
+  brgemm_product(qh, width, rows, lay_out(keys.get(), width, true, width, padded, 1.0f).get(), width, padded,
+                 c.get(), padded);
+  auto scores = scratch<Bf16>(rows * padded);
+  round_rows(c.get(), rows, padded, scores.get(), padded, false);
+  std::vector<float> row(padded);
+  for (int64_t i = 0; i < rows; ++i)
+    softmax_row(scores.get() + i * padded, probs + i * padded, row.data(), padded, i / groups, scale);
+  brgemm_product(probs, padded, rows, lay_out(values.get(), width, false, padded, width, 1.0f).get(), padded,
+                 width, c.get(), width);
+  round_rows(c.get(), rows, width, out, width, false);
+}
+
+// Its backward, from dout [rows, width]: dq [rows, width], dk and dv [n, width], bf16.
+SEAL_AVX512 void micro_attention_backward(const Bf16* qh, const Bf16* kh, const Bf16* vh, const Bf16* probs,
+                                          const Bf16* dout, Bf16* dq, Bf16* dk, Bf16* dv, int64_t n, int64_t groups,
+                                          int64_t width, float scale) {
+  const int64_t rows = n * groups, padded = round16(n), re = even(rows);
+  const auto keys = padded_rows(kh, n, padded, width), values = padded_rows(vh, n, padded, width);
+  auto c = scratch<float>(std::max(rows, width) * std::max(padded, width));
+  // dp = dout v^T, rounded; ds = the softmax's backward
+  brgemm_product(dout, width, rows, lay_out(values.get(), width, true, width, padded, 1.0f).get(), width, padded,
+                 c.get(), padded);
+  auto dp = scratch<Bf16>(rows * padded), ds = scratch<Bf16>(rows * padded);
+  round_rows(c.get(), rows, padded, dp.get(), padded, false);
+  std::vector<float> row(padded);
+  for (int64_t i = 0; i < rows; ++i)
+    softmax_backward_row(dp.get() + i * padded, probs + i * padded, ds.get() + i * padded, row.data(), padded,
+                         i / groups, scale);
+  // dq = ds k
+  brgemm_product(ds.get(), padded, rows, lay_out(keys.get(), width, false, padded, width, 1.0f).get(), padded,
+                 width, c.get(), width);
+  round_rows(c.get(), rows, width, dq, width, false);
+  // dk = ds^T q, as (q^T ds)^T; dv = probs^T dout, as (dout^T probs)^T
+  brgemm_product(transposed(qh, width, rows, width).get(), re, width,
+                 lay_out(ds.get(), padded, false, rows, padded, 1.0f).get(), re, padded, c.get(), padded);
+  round_transposed(c.get(), width, padded, n, dk);
+  brgemm_product(transposed(dout, width, rows, width).get(), re, width,
+                 lay_out(probs, padded, false, rows, padded, 1.0f).get(), re, padded, c.get(), padded);
+  round_transposed(c.get(), width, padded, n, dv);
+}
+#endif
+
 struct PackedAttention : public torch::autograd::Function<PackedAttention> {
   // q [.., T, heads x width], k and v [.., T, kv heads x width] bf16; cos and sin [.., T, width] float32;
   // starts [T] int64. Returns [.., T, heads x width] bf16.
@@ -819,7 +913,34 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
       rotate(x, cp + t * width, sp + t * width, (query ? qrp : krp) + row * width, half);
     });
     const float scale = static_cast<float>(scaling);
+#ifdef SEAL_BRGEMM
+    const bool micro = micro_attention(width);
+#else
+    const bool micro = false;
+#endif
+    ctx->saved_data["micro"] = micro;
+#ifdef SEAL_BRGEMM
+    if (micro) {
+      const auto *vp = vt.data_ptr<c10::BFloat16>();
+      auto* op = out.data_ptr<c10::BFloat16>();
+      for (const auto& seg : segments) {
+        const int64_t size = seg.end - seg.start, rows = size * groups, padded = round16(size);
+        auto probs = at::empty({kv_heads, rows, padded}, qc.options());
+        auto* pp = probs.data_ptr<c10::BFloat16>();
+        at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t h = begin; h < end; ++h) {
+            const int64_t q0 = (h * length + seg.start) * groups * width, k0 = (h * length + seg.start) * width;
+            micro_attention_forward(qrp + q0, krp + k0, vp + k0, pp + h * rows * padded, op + q0, size, groups,
+                                    width, scale);
+          }
+          cpublas::brgemm_release(true);
+        });
+        saved.push_back(probs);
+      }
+    }
+#endif
     for (const auto& seg : segments) {
+      if (micro) break;
       const int64_t size = seg.end - seg.start, rows = size * groups;
       const auto scores =
           at::bmm(qr.narrow(1, seg.start * groups, rows), kr.narrow(1, seg.start, size).transpose(1, 2));
@@ -857,7 +978,29 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
     auto dq = at::empty({length, heads * width}, dout.options());
     auto dk = at::empty({length, kv_heads * width}, dout.options());
 #if defined(__x86_64__)
+#ifdef SEAL_BRGEMM
+    if (ctx->saved_data["micro"].toBool()) {
+      const auto *qp = qr.data_ptr<c10::BFloat16>(), *kp = kr.data_ptr<c10::BFloat16>();
+      const auto *vp = vt.data_ptr<c10::BFloat16>(), *dp = dout.data_ptr<c10::BFloat16>();
+      auto *dqp = dqr.data_ptr<c10::BFloat16>(), *dkp = dkr.data_ptr<c10::BFloat16>();
+      auto* dvp = dv.data_ptr<c10::BFloat16>();
+      for (size_t n = 0; n < segments.size(); ++n) {
+        const auto& seg = segments[n];
+        const int64_t size = seg.end - seg.start, rows = size * groups, padded = round16(size);
+        const auto* pp = saved[6 + n].data_ptr<c10::BFloat16>();
+        at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t h = begin; h < end; ++h) {
+            const int64_t q0 = (h * length + seg.start) * groups * width, k0 = (h * length + seg.start) * width;
+            micro_attention_backward(qp + q0, kp + k0, vp + k0, pp + h * rows * padded, dp + q0, dqp + q0,
+                                     dkp + k0, dvp + k0, size, groups, width, scale);
+          }
+          cpublas::brgemm_release(true);
+        });
+      }
+    }
+#endif
     for (size_t n = 0; n < segments.size(); ++n) {
+      if (ctx->saved_data["micro"].toBool()) break;
       const auto& seg = segments[n];
       const auto& probs = saved[6 + n];
       const int64_t size = seg.end - seg.start, rows = size * groups;
@@ -996,6 +1139,7 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return RmsNorm::apply(x, weight, eps);
 }
+
 
 // How many of torch's threads an at::parallel_for of this extension runs on, given as many items as threads.
 int64_t parallel_threads() {
