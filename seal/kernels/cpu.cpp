@@ -824,7 +824,7 @@ SEAL_AVX512 void round_transposed(const float* c, int64_t width, int64_t padded,
   round_rows(t.get(), n, width, out, width, false);
 }
 
-// One row of the pass (n tokens from `start`) and one key/value head through the micro-kernel, forward: the
+// One row of the pass (n tokens) and one key/value head through the micro-kernel, forward: the
 // scores q k^T rounded to bf16, each query's softmax (probs [rows, padded], zeros after its last key), and
 // out = probs v rounded to bf16. padded = n rounded up to 16: the keys and values are copied with zero rows
 // after n, the layout's columns come in blocks of 16.
