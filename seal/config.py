@@ -213,7 +213,7 @@ class AdaptConfig:
     # norm, the MLPs' silu(gate) * up and each attention with its rotary embedding is one node
     # (seal.multilora.fused_mlps, fused_attentions). In bf16 on a CPU that offers oneDNN's micro-kernel (AMX,
     # AVX-512 BF16), each run's adapter products go through it: the bench's update 15 % faster on the AMX CPU
-    # (benchmarks/README.md, "The adapters' products through oneDNN's micro-kernel").
+    # (benchmarks/README.md, "The adapters' products through oneDNN's micro-kernel"); so do the attention's.
     lora_kernel: str = "auto"
 
 
