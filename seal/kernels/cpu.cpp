@@ -805,7 +805,7 @@ void by_token(int64_t length, int64_t heads, int64_t kv_heads, const Each& each)
 
 #ifdef SEAL_BRGEMM
 // Whether the attention's products go through the micro-kernel: bf16 heads of a width its layout takes.
-bool micro_attention(int64_t width) { return brgemm_fits(at::kBFloat16, width, width, 16); }
+bool micro_attention(int64_t width) { return width % 16 == 0 && brgemm_in_use(); }
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -939,8 +939,8 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
       }
     }
 #endif
-    for (const auto& seg : segments) {
-      if (micro) break;
+    for (size_t n = 0; !micro && n < segments.size(); ++n) {
+      const auto& seg = segments[n];
       const int64_t size = seg.end - seg.start, rows = size * groups;
       const auto scores =
           at::bmm(qr.narrow(1, seg.start * groups, rows), kr.narrow(1, seg.start, size).transpose(1, 2));
@@ -977,9 +977,10 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
     auto dqr = at::empty_like(qr), dkr = at::empty_like(kr), dv = at::empty_like(vt);
     auto dq = at::empty({length, heads * width}, dout.options());
     auto dk = at::empty({length, kv_heads * width}, dout.options());
+    const bool micro = ctx->saved_data["micro"].toBool();
 #if defined(__x86_64__)
 #ifdef SEAL_BRGEMM
-    if (ctx->saved_data["micro"].toBool()) {
+    if (micro) {
       const auto *qp = qr.data_ptr<c10::BFloat16>(), *kp = kr.data_ptr<c10::BFloat16>();
       const auto *vp = vt.data_ptr<c10::BFloat16>(), *dp = dout.data_ptr<c10::BFloat16>();
       auto *dqp = dqr.data_ptr<c10::BFloat16>(), *dkp = dkr.data_ptr<c10::BFloat16>();
@@ -999,8 +1000,7 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
       }
     }
 #endif
-    for (size_t n = 0; n < segments.size(); ++n) {
-      if (ctx->saved_data["micro"].toBool()) break;
+    for (size_t n = 0; !micro && n < segments.size(); ++n) {
       const auto& seg = segments[n];
       const auto& probs = saved[6 + n];
       const int64_t size = seg.end - seg.start, rows = size * groups;
@@ -1140,7 +1140,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return RmsNorm::apply(x, weight, eps);
 }
 
-
 // How many of torch's threads an at::parallel_for of this extension runs on, given as many items as threads.
 int64_t parallel_threads() {
   std::vector<char> ran(at::get_num_threads(), 0);
@@ -1157,8 +1156,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_linear_stacked", &lora_linear_stacked,
         "x W^T + bias + scaling ((x A^T) * mask) B^T with stacked adapters, without gradients",
         py::call_guard<py::gil_scoped_release>());
-  m.def("set_brgemm", &set_brgemm, "turn the adapters' products through oneDNN's micro-kernel on or off");
-  m.def("brgemm_in_use", &brgemm_in_use, "whether the adapters' bf16 products go through oneDNN's micro-kernel");
+  m.def("set_brgemm", &set_brgemm,
+        "turn the adapters' and the attention's products through oneDNN's micro-kernel on or off");
+  m.def("brgemm_in_use", &brgemm_in_use,
+        "whether the adapters' and the attention's bf16 products go through oneDNN's micro-kernel");
   m.def("parallel_threads", &parallel_threads, "how many of torch's threads this extension's parallel_for uses");
   m.def("avx512_available", &avx512_available,
         "whether this CPU runs swiglu, rms_norm and packed_attention (AVX-512)");
