@@ -10,8 +10,15 @@ matrices make one more product (block diagonal, the scaling folded in) that adds
 Keys and values go into a cache allocated ahead, attention is PyTorch's SDPA with a boolean mask, and the
 norms and SwiGLU are the C++ kernels' nodes under bf16.
 
-`LlamaSteps` has the interface of `seal.models.ModelSteps`; the prompt itself still goes through the model's
-own forward (one call a batch). The adapters' products run in the compute dtype, as in training (the
+Under bf16 on an AVX-512 CPU, with the C++ kernels built, each layer is one call of their `decode_layer`
+instead, for the prompt as well as each step: the same products, and the norms, rotary embedding, cache
+writes, attention and SwiGLU written out around them. The bench's evaluation (20 answers of 4 adapters) took
+4.5-4.8 s that way against 5.6-5.9 s with PyTorch's operations between the products and the prompt through
+transformers' forward (benchmarks/README.md). Its rotary embedding and attention compute in float32 where
+PyTorch's round to bf16 in between, so greedy answers may differ where two tokens are within bf16 rounding.
+
+`LlamaSteps` has the interface of `seal.models.ModelSteps`; without `decode_layer` the prompt goes through the
+model's own forward (one call a batch). The adapters' products run in the compute dtype, as in training (the
 transformers path multiplies the stacked adapters in float32), so greedy answers may differ where two tokens
 are within bf16 rounding of each other.
 """
@@ -82,6 +89,9 @@ class LayerGroups:
     gate_up: Group
     down: Group
 
+    def all(self) -> tuple[Group, Group, Group, Group]:
+        return self.qkv, self.o, self.gate_up, self.down
+
 
 def adapted_llama_layers(model: nn.Module) -> list[nn.Module] | None:
     """The decoder layers of a Llama model whose seven projections all carry the batched updater's
@@ -132,7 +142,9 @@ class LlamaSteps:
     """Decoding steps as `seal.models.ModelSteps` computes them, row i through the adapter in slot
     `row_slots[i]` (-1: the base model alone). `groups` are the layers' groups with the adapters of the slots
     in use stacked in ascending order (`stacked_groups`); `kernel`, where training uses the kernels' AVX-512
-    nodes under bf16 (`seal.multilora.avx512_nodes`), computes the norms and SwiGLU, else PyTorch does."""
+    nodes under bf16 (`seal.multilora.avx512_nodes`), computes whole layers (`decode_layer`, where the model
+    has no biases and its head and hidden sizes are multiples of 16) or the norms and SwiGLU, else PyTorch
+    does."""
 
     def __init__(
         self, lm: Any, rank: int, row_slots: list[int], groups: list[LayerGroups], kernel: Any = None
@@ -145,6 +157,18 @@ class LlamaSteps:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
         self.scaling = self.layers[0].self_attn.scaling
+        # The whole layer in one C++ call (`decode_layer`), where the kernels compute in bf16 and it fits.
+        self.fused = (
+            kernel is not None
+            and self.dtype == torch.bfloat16
+            and self.head_dim % 16 == 0
+            and config.hidden_size % 16 == 0
+            and all(group.bias is None for layer in groups for group in layer.all())
+            and all(
+                layer.input_layernorm.variance_epsilon == layer.post_attention_layernorm.variance_epsilon
+                for layer in self.layers
+            )
+        )
         slots = sorted({s for s in row_slots if s >= 0})
         self.mask = torch.zeros(len(row_slots), len(slots) * rank, dtype=self.dtype, device=lm.device)
         for row, slot in enumerate(row_slots):
@@ -153,19 +177,55 @@ class LlamaSteps:
                 self.mask[row, at : at + rank] = 1
 
     def start(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows, self.length = input_ids.shape
+        self.last = positions[:, -1]
+        if self.fused:  # the prompt through `decode_layer`, into a cache with room for 64 steps
+            shape = (rows, self.kv_heads, self.length + 64, self.head_dim)
+            self.keys = [input_ids.new_empty(shape, dtype=self.dtype) for _ in self.layers]
+            self.values = [input_ids.new_empty(shape, dtype=self.dtype) for _ in self.layers]
+            self._allow(mask)
+            x = self._fused_layers(input_ids, positions, 0)
+            return self._logits(x.view(rows, self.length, -1)[:, -1])
         prompt = ModelSteps(self.lm)  # the prompt through the model's own forward
         logits = prompt.start(input_ids, mask, positions)
-        self.length = input_ids.shape[1]
         layers = _cached(prompt.cache)
         self.keys = [self._buffer(keys) for keys, _ in layers]
         self.values = [self._buffer(values) for _, values in layers]
-        # Where each row may attend: not its padding, nor the cache not yet written.
-        self.allowed = torch.zeros(
-            len(input_ids), self.keys[0].shape[2], dtype=torch.bool, device=mask.device
-        )
-        self.allowed[:, : self.length] = mask.bool()
-        self.last = positions[:, -1]
+        self._allow(mask)
         return logits
+
+    def _allow(self, mask: torch.Tensor) -> None:
+        """Where each row may attend: not its padding, nor the cache not yet written."""
+        self.allowed = torch.zeros(len(mask), self.keys[0].shape[2], dtype=torch.bool, device=mask.device)
+        self.allowed[:, : self.length] = mask.bool()
+
+    def _fused_layers(self, tokens: torch.Tensor, positions: torch.Tensor, t: int) -> torch.Tensor:
+        """The residual stream [rows x n, hidden] after every layer for `tokens` [rows, n] at `positions`,
+        their keys and values written into the cache from position `t` (`decode_layer`)."""
+        x = self.model.model.embed_tokens(tokens).float()
+        cos, sin = self.model.model.rotary_emb(x, positions)
+        x, cos, sin = (v.reshape(-1, v.shape[-1]).contiguous() for v in (x, cos, sin))
+        for i, (layer, groups) in enumerate(zip(self.layers, self.weights, strict=True)):
+            x = self.kernel.decode_layer(
+                x,
+                layer.input_layernorm.weight,
+                layer.post_attention_layernorm.weight,
+                layer.input_layernorm.variance_epsilon,
+                [tensor for group in groups.all() for tensor in (group.weight, group.b)],
+                self.mask,
+                cos,
+                sin,
+                self.keys[i],
+                self.values[i],
+                self.allowed,
+                t,
+                self.heads,
+                self.scaling,
+            )
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self._norm(self.model.model.norm, x)).float()
 
     def _buffer(self, states: torch.Tensor, room: int = 64) -> torch.Tensor:
         """`states` [rows, kv_heads, length, head_dim] at the start of a cache with `room` more positions."""
@@ -188,6 +248,8 @@ class LlamaSteps:
         self.allowed[:, t] = True
         self.last = self.last + 1
         self.length = t + 1
+        if self.fused:
+            return self._logits(self._fused_layers(tokens[:, None], self.last[:, None], t))
         x = self.model.model.embed_tokens(tokens).float()
         cos, sin = self.model.model.rotary_emb(x, self.last[:, None])
         rows, width = len(tokens), self.head_dim
@@ -206,7 +268,7 @@ class LlamaSteps:
             x = x + groups.o(attended.view(rows, -1), self.mask)[0]
             gate, up = groups.gate_up(self._norm(layer.post_attention_layernorm, x), self.mask)
             x = x + groups.down(self._swiglu(gate, up), self.mask)[0]
-        return self.model.lm_head(self._norm(self.model.model.norm, x)).float()
+        return self._logits(x)
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:

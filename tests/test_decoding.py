@@ -35,7 +35,6 @@ def side_by_side(updater: MultiLoraUpdater, adapters: list, steps: int, drop_at:
     ):
         routed.enter_context(route([0, 1, 2]))
         ours, theirs = updater._steps()(), ModelSteps(lm)
-        assert isinstance(ours, decoding.LlamaSteps)
         a = ours.start(batch.input_ids, batch.attention_mask, positions)
         b = theirs.start(batch.input_ids, batch.attention_mask, positions)
         for step in range(steps):
@@ -64,14 +63,30 @@ def test_lean_steps_compute_the_logits_of_transformers_steps_as_rows_leave_and_t
 
 
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="bf16 decoding needs a CPU that computes in bf16")
-def test_under_bf16_lean_steps_stay_within_bf16_rounding_of_transformers_steps():
-    """Under bf16 autocast (the C++ kernels' norms and SwiGLU where AVX-512 has them), each step's logits
-    differ from transformers' by bf16 roundings only, far less than the logits' spread."""
+@pytest.mark.parametrize("fused", [True, False], ids=["decode_layer", "PyTorch's operations"])
+def test_under_bf16_lean_steps_stay_within_bf16_rounding_of_transformers_steps(fused, monkeypatch):
+    """Under bf16 autocast each step's logits differ from transformers' by bf16 roundings only, far less than
+    the logits' spread: with the C++ kernels' `decode_layer` for whole layers, the left-padded prompts
+    included, where AVX-512 has it (tests/test_kernels.py checks the layer itself closely); and with PyTorch's
+    operations around the kernels' norms and SwiGLU."""
     lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
     updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 3)
+    if fused and (updater.kernel is None or not updater.kernel.avx512_available()):
+        pytest.skip("decode_layer needs the C++ kernels on an AVX-512 CPU")
+    made, lean_steps = [], decoding.LlamaSteps
+
+    def steps_made(*args, **kwargs):
+        made.append(lean_steps(*args, **kwargs))
+        made[-1].fused = made[-1].fused and fused
+        return made[-1]
+
+    monkeypatch.setattr(decoding, "LlamaSteps", steps_made)
     _, three, five = updater.train(JOBS)
+    compared = 0
     for ours, theirs in side_by_side(updater, [three, None, five], steps=8, drop_at=3):
         assert (ours - theirs).abs().max() < 0.05 * theirs.std()
+        compared += 1
+    assert compared == 8 and [steps.fused for steps in made] == [fused]
 
 
 def test_models_or_adapters_the_lean_steps_do_not_cover_decode_through_transformers():

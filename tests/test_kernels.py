@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -373,6 +374,109 @@ def rotary(length: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     angles = torch.arange(length).float()[:, None] / 500.0 ** (torch.arange(0, width, 2).float() / width)
     angles = torch.cat([angles, angles], -1)[None]
     return angles.cos(), angles.sin()
+
+
+def adapted_layer(inputs: int, outputs: int, rank: int, generator: torch.Generator, gain: float = 1.0):
+    """What seal.decoding.Group.of reads of a seal.multilora.MultiLoraLinear: a frozen weight (no bias) and
+    three slots' adapters, B not zero."""
+    weight = gain * torch.randn(outputs, inputs, generator=generator) / inputs**0.5
+    base = SimpleNamespace(out_features=outputs, weight=weight, bias=None)
+    a = [torch.randn(rank, inputs, generator=generator) / inputs**0.5 for _ in range(3)]
+    b = [torch.randn(outputs, rank, generator=generator) / rank**0.5 for _ in range(3)]
+    return SimpleNamespace(base_layer=base, lora_A=a, lora_B=b, scaling=2.0)
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "t"), [(3, 1, 6), (2, 5, 0)], ids=["a decoding step", "a left-padded prompt"]
+)
+def test_decode_layer_computes_a_llama_layer_through_each_row_s_adapter(avx512_kernel, rows, n, t):
+    """One call of `decode_layer` against the same layer written out in PyTorch in float32, rounded to bf16
+    where the kernel's products and nodes hand on bf16: rows through slots 0 and 2 and the base model, the
+    keys and values written into the cache at t..t+n-1 and nowhere else, each token attending to its row's
+    allowed positions up to its own (a padding token to none: zeros). The queries and keys are large enough
+    that the attention is peaked, so that a wrong scaling, rotation or position shows."""
+    generator = torch.Generator().manual_seed(rows * 10 + n)
+    hidden, inner, heads, kv_heads, width, rank, slots = 64, 96, 4, 2, 16, 4, [0, 2]
+    row_slots = [0, -1, 2][:rows]
+    layers = {
+        "q": adapted_layer(hidden, heads * width, rank, generator, gain=4.0),
+        "k": adapted_layer(hidden, kv_heads * width, rank, generator, gain=4.0),
+        "v": adapted_layer(hidden, kv_heads * width, rank, generator),
+        "o": adapted_layer(heads * width, hidden, rank, generator),
+        "gate": adapted_layer(hidden, inner, rank, generator),
+        "up": adapted_layer(hidden, inner, rank, generator),
+        "down": adapted_layer(inner, hidden, rank, generator),
+    }
+    names = [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
+    groups = [decoding.Group.of([layers[name] for name in group], slots, torch.bfloat16) for group in names]
+    mask = torch.zeros(rows, len(slots) * rank, dtype=torch.bfloat16)
+    for row, slot in enumerate(row_slots):
+        if slot >= 0:
+            mask[row, slots.index(slot) * rank : (slots.index(slot) + 1) * rank] = 1
+    capacity = t + n + 3
+    shape = (rows, kv_heads, capacity, width)
+    keys, values = (torch.randn(*shape, generator=generator).bfloat16() for _ in "kv")
+    allowed = torch.zeros(rows, capacity, dtype=torch.bool)
+    allowed[:, : t + n] = True
+    allowed[rows - 1, 0] = False  # the last row's first position is padding
+    x = torch.randn(rows * n, hidden, generator=generator)
+    norm_in, norm_post = (1 + 0.1 * torch.randn(hidden, generator=generator) for _ in range(2))
+    positions = torch.arange(t, t + n).repeat(rows)
+    cos, sin = (c[0, positions].contiguous() for c in rotary(t + n, width))
+
+    def bf(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.bfloat16().float()
+
+    def norm(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return bf(v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * weight)
+
+    def products(h: torch.Tensor, group: list[str]) -> list[torch.Tensor]:
+        keep = mask.float().repeat_interleave(n, dim=0)
+        outs = []
+        for layer in (layers[name] for name in group):
+            a = torch.cat([layer.lora_A[s] for s in slots])
+            b = torch.cat([layer.lora_B[s] for s in slots], dim=1) * layer.scaling
+            frozen = bf(h @ bf(layer.base_layer.weight).T)
+            outs.append(bf(frozen + (bf(h @ bf(a).T) * keep) @ bf(b).T))
+        return outs
+
+    def rotate(v: torch.Tensor) -> torch.Tensor:  # [tokens, heads, width]
+        half = width // 2
+        turned = torch.cat([-v[..., half:], v[..., :half]], dim=-1)
+        return bf(v * cos[:, None] + turned * sin[:, None])
+
+    want_keys, want_values = keys.float().clone(), values.float().clone()
+    q, k, v = products(norm(x, norm_in), names[0])
+    q, k = rotate(q.view(-1, heads, width)), rotate(k.view(-1, kv_heads, width))
+    v = v.view(-1, kv_heads, width)
+    attended = torch.zeros(rows * n, heads, width)
+    for i in range(rows * n):
+        r, position = i // n, t + i % n
+        want_keys[r, :, position], want_values[r, :, position] = k[i], v[i]
+    for i in range(rows * n):
+        r, position = i // n, t + i % n
+        seen = allowed[r, : position + 1]
+        if not seen.any():
+            continue
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            scores = (want_keys[r, kv, : position + 1] @ q[i, h]) * width**-0.5
+            probs = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+            attended[i, h] = bf(probs @ want_values[r, kv, : position + 1])
+    residual = x + products(attended.view(rows * n, -1), names[1])[0]
+    gate, up = products(norm(residual, norm_post), names[2])
+    want = residual + products(bf(nn.functional.silu(gate) * up), names[3])[0]
+
+    tensors = [tensor for group in groups for tensor in (group.weight, group.b)]
+    got = avx512_kernel.decode_layer(
+        x, norm_in, norm_post, 1e-5, tensors, mask, cos, sin, keys, values, allowed, t, heads, width**-0.5
+    )
+    ulp = 2**-7
+    compared = [("out", got, want), ("keys", keys, want_keys), ("values", values, want_values)]
+    for name, mine, theirs in compared:
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(mine.float(), theirs, rtol=ulp, atol=ulp * scale, msg=name)
+    assert (attended.abs().amax(dim=(1, 2)) == 0).sum() == (1 if t == 0 else 0)  # the padding token's query
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@
 // - token_losses: next-token cross-entropy through the frozen output projection, and its gradient;
 // - swiglu: silu(gate) * up in bf16 and its backward, one pass over the activations each way (AVX-512);
 // - packed_attention: rotary embedding and attention of a packed training pass in bf16, one node (AVX-512);
-// - rms_norm: Llama's RMSNorm of float32 rows handed on in bf16, one pass each way (AVX-512).
+// - rms_norm: Llama's RMSNorm of float32 rows handed on in bf16, one pass each way (AVX-512);
+// - decode_layer: a Llama decoder layer for a prompt or a decoding step, each row its own adapters (bf16, AVX-512).
 //
 // lora_linear
 //
@@ -1140,6 +1141,191 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return RmsNorm::apply(x, weight, eps);
 }
 
+// decode_layer
+//
+// A Llama decoder layer for `n` new tokens of each of `rows` rows, every row through its own adapter, without
+// gradients: seal.decoding's LlamaSteps under bf16 autocast on an AVX-512 CPU, for a prompt (n of its tokens,
+// left-padded) or a decoding step (n = 1), from the residual stream in to the residual stream out in one call.
+// LlamaSteps' PyTorch operations for a step are about forty a layer (views, casts, the rotary embedding's five,
+// the cache's writes, SDPA's flash kernel, about 250 us a layer for 20 rows of one query), and on the 2-core CPU
+// they cost about as much as the products: a step of 5 rows took about 70 ms, its frozen weights' products 15;
+// the prompt's pass through transformers' forward took about 1 s for 20 rows. Here the products are oneDNN's
+// calls of LlamaSteps (a group's frozen weights with its slots' A stacked under them, each row's own slot kept by
+// `mask`, then the block-diagonal B added on), and the rest is written out: the norms (rms_norm's rows), the
+// rotary embedding in float32 from the bf16 projections (packed_attention's `rotate`), the new keys and values
+// written into the cache at positions t..t+n-1, each query head's attention over its row's allowed positions up
+// to its own (scores, softmax and weighted sum in float32, rounded to bf16 once, where SDPA rounds the
+// probabilities to bf16 first; zeros for a padding token that may attend to nothing), SwiGLU (swiglu's rows) and
+// both residual sums in float32.
+
+#if defined(__x86_64__)
+// One query head: out = softmax(scaling q K^T) V over the positions p < length with allowed[p], K and V
+// [length, width] of its key/value head; zeros if none is allowed. `scores` is float32 scratch of length rounded
+// up to 16. width % 16 == 0.
+SEAL_AVX512 void decode_attention_head(const Bf16* q, const Bf16* keys, const Bf16* values, const bool* allowed,
+                                       int64_t length, int64_t width, float scaling, float* scores, Bf16* out) {
+  auto top = _mm512_set1_ps(-INFINITY);
+  for (int64_t p = 0; p < length; ++p) {
+    float s = -INFINITY;
+    if (allowed[p]) {
+      auto dot = _mm512_setzero_ps();
+      for (int64_t j = 0; j < width; j += 16)
+        dot = _mm512_fmadd_ps(widen(q + j), widen(keys + p * width + j), dot);
+      s = _mm512_reduce_add_ps(dot) * scaling;
+    }
+    scores[p] = s;
+  }
+  for (int64_t p = 0; p < length; p += 16) {
+    const auto m = lanes_left(length - p);
+    top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, scores + p));
+  }
+  const float highest = _mm512_reduce_max_ps(top);
+  if (highest == -INFINITY) {
+    std::fill(out, out + width, Bf16(0.0f));
+    return;
+  }
+  const auto most = _mm512_set1_ps(highest);
+  auto total = _mm512_setzero_ps();
+  for (int64_t p = 0; p < length; p += 16) {  // exp(-inf) = 0 where not allowed
+    const auto m = lanes_left(length - p);
+    const auto e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + p), most));
+    total = _mm512_mask_add_ps(total, m, total, e);
+    _mm512_mask_storeu_ps(scores + p, m, e);
+  }
+  const auto inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  for (int64_t j = 0; j < width; j += 16) {
+    auto sum = _mm512_setzero_ps();
+    for (int64_t p = 0; p < length; ++p)
+      if (scores[p] != 0.0f) sum = _mm512_fmadd_ps(_mm512_set1_ps(scores[p]), widen(values + p * width + j), sum);
+    narrow(out + j, _mm512_mul_ps(sum, inverse));
+  }
+}
+
+// out = x + y over [begin, end), float32 x and bf16 y, begin and end multiples of 16.
+SEAL_AVX512 void add_range(const float* x, const Bf16* y, float* out, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_loadu_ps(x + i), widen(y + i)));
+}
+#endif
+
+// A group's products for `h` [rows x n, in] (seal.decoding.Group): the frozen outputs plus each token's row's own
+// adapters'. `weight` and `b` are laid out by oneDNN; `parts` projections share them, each with mask's width of
+// A rows.
+at::Tensor decode_group(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& b, const at::Tensor& mask,
+                        int64_t parts, int64_t n) {
+  static auto binary = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("mkldnn::_linear_pointwise", "binary")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const c10::optional<at::Tensor>&, c10::string_view)>();
+  auto y = packed_product(h, weight, c10::nullopt);
+  const int64_t tokens = y.size(0), columns = y.size(1), width = mask.size(1), frozen = columns - parts * width;
+  auto hidden = at::empty({tokens, parts * width}, y.options());
+  const auto *yp = y.data_ptr<Bf16>(), *mp = mask.data_ptr<Bf16>();
+  auto* hp = hidden.data_ptr<Bf16>();
+  for (int64_t i = 0; i < tokens; ++i) {  // the columns of the row's own slot in each part; zeros elsewhere
+    const auto* keep = mp + (i / n) * width;
+    for (int64_t p = 0; p < parts; ++p)
+      for (int64_t j = 0; j < width; ++j)
+        hp[(i * parts + p) * width + j] =
+            static_cast<float>(keep[j]) != 0.0f ? yp[i * columns + frozen + p * width + j] : Bf16(0.0f);
+  }
+  return binary.call(hidden, y.narrow(1, 0, frozen).contiguous(), b, c10::nullopt, "add");
+}
+
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm_in, const at::Tensor& norm_post, double eps,
+                        std::vector<at::Tensor> groups, const at::Tensor& mask, const at::Tensor& cos,
+                        const at::Tensor& sin, const at::Tensor& keys, const at::Tensor& values,
+                        const at::Tensor& allowed, int64_t t, int64_t heads, double scaling) {
+  TORCH_CHECK(avx512_available(), "decode_layer needs AVX-512");
+  TORCH_CHECK(groups.size() == 8, "decode_layer: groups must be the weight and B of qkv, o, gate_up and down");
+  TORCH_CHECK(keys.dim() == 4 && keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() &&
+                  keys.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16,
+              "decode_layer: keys and values must be bf16 [rows, kv_heads, capacity, head_dim], contiguous");
+  const int64_t rows = keys.size(0), kv_heads = keys.size(1), capacity = keys.size(2), width = keys.size(3);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(0) % rows == 0,
+              "decode_layer: x must be float32 [rows x n, hidden]");
+  const int64_t tokens = x.size(0), n = tokens / rows, hidden_size = x.size(1), half = width / 2;
+  TORCH_CHECK(width % 16 == 0 && hidden_size % 16 == 0 && heads % kv_heads == 0 && t + n <= capacity,
+              "decode_layer: head_dim and hidden size must be multiples of 16, and t + n within the cache");
+  TORCH_CHECK(mask.scalar_type() == at::kBFloat16 && mask.is_contiguous() && mask.dim() == 2 && mask.size(0) == rows,
+              "decode_layer: mask must be bf16 [rows, width]");
+  TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.is_contiguous() && allowed.dim() == 2 &&
+                  allowed.size(0) == rows && allowed.size(1) == capacity,
+              "decode_layer: allowed must be bool [rows, capacity]");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == tokens * width && sin.numel() == tokens * width,
+              "decode_layer: cos and sin must be float32 [rows x n, head_dim]");
+  TORCH_CHECK(norm_in.scalar_type() == at::kFloat && norm_post.scalar_type() == at::kFloat &&
+                  norm_in.is_contiguous() && norm_post.is_contiguous() && norm_in.numel() == hidden_size &&
+                  norm_post.numel() == hidden_size,
+              "decode_layer: the norms' weights must be float32 [hidden]");
+  auto out = at::empty_like(x);
+#if defined(__x86_64__)
+  const auto by_token = [&](const auto& each) {
+    at::parallel_for(0, tokens, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) each(i);
+    });
+  };
+  const auto norm = [&](const at::Tensor& in, const at::Tensor& weight) {
+    auto normed = at::empty({tokens, hidden_size}, in.options().dtype(at::kBFloat16));
+    std::vector<float> rstd(tokens);
+    const float* ip = in.data_ptr<float>();
+    at::parallel_for(0, tokens, kRowGrain, [&](int64_t begin, int64_t end) {
+      rms_norm_rows(ip, weight.data_ptr<float>(), normed.data_ptr<Bf16>(), rstd.data(), begin, end, hidden_size,
+                    static_cast<float>(eps));
+    });
+    return normed;
+  };
+  const auto residual = [&](const float* in, const at::Tensor& y) {
+    const auto* yp = y.data_ptr<Bf16>();
+    auto* op = out.data_ptr<float>();
+    by_token([&](int64_t i) { add_range(in, yp, op, i * hidden_size, (i + 1) * hidden_size); });
+  };
+  auto qkv = decode_group(norm(x, norm_in), groups[0], groups[1], mask, 3, n);
+  const int64_t qkv_width = qkv.size(1);
+  TORCH_CHECK(qkv_width == (heads + 2 * kv_heads) * width, "decode_layer: q, k and v do not match the heads");
+  auto q = at::empty({tokens, heads, width}, qkv.options());
+  auto attended = at::empty({tokens, heads * width}, qkv.options());
+  const auto* qkvp = qkv.data_ptr<Bf16>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  auto *qp = q.data_ptr<Bf16>(), *kp = keys.data_ptr<Bf16>(), *vp = values.data_ptr<Bf16>();
+  by_token([&](int64_t i) {  // the rotated queries; the new key (rotated) and value into the cache
+    const int64_t r = i / n, position = t + i % n;
+    const auto* row = qkvp + i * qkv_width;
+    const float *c = cp + i * width, *s = sp + i * width;
+    for (int64_t h = 0; h < heads; ++h) rotate(row + h * width, c, s, qp + (i * heads + h) * width, half);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t cell = ((r * kv_heads + h) * capacity + position) * width;
+      rotate(row + (heads + h) * width, c, s, kp + cell, half);
+      std::copy(row + (heads + kv_heads + h) * width, row + (heads + kv_heads + h + 1) * width, vp + cell);
+    }
+  });
+  const bool* ap = allowed.data_ptr<bool>();
+  auto* op = attended.data_ptr<Bf16>();
+  const int64_t serves = heads / kv_heads;  // query heads a key/value head serves
+  at::parallel_for(0, tokens * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(round16(t + n));
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t i = j / heads, r = i / n, length = t + i % n + 1;
+      const int64_t kv = (r * kv_heads + (j % heads) / serves) * capacity * width;
+      decode_attention_head(qp + j * width, kp + kv, vp + kv, ap + r * capacity, length, width,
+                            static_cast<float>(scaling), scores.data(), op + j * width);
+    }
+  });
+  residual(x.data_ptr<float>(), decode_group(attended, groups[2], groups[3], mask, 1, n));
+  auto gate_up = decode_group(norm(out, norm_post), groups[4], groups[5], mask, 2, n);
+  const int64_t inner = gate_up.size(1) / 2;
+  auto product = at::empty({tokens, inner}, gate_up.options());
+  const auto* gp = gate_up.data_ptr<Bf16>();
+  auto* pp = product.data_ptr<Bf16>();
+  by_token([&](int64_t i) {
+    swiglu_forward_range(gp + 2 * i * inner, gp + (2 * i + 1) * inner, pp + i * inner, 0, inner);
+  });
+  residual(out.data_ptr<float>(), decode_group(product, groups[6], groups[7], mask, 1, n));
+#endif
+  return out;
+}
+
 // How many of torch's threads an at::parallel_for of this extension runs on, given as many items as threads.
 int64_t parallel_threads() {
   std::vector<char> ran(at::get_num_threads(), 0);
@@ -1169,6 +1355,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "each row's cross-entropy through the frozen output projection, and its gradient for the rows",
         py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm of float32 rows with a frozen weight, handed on in bf16",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("decode_layer", &decode_layer,
+        "a Llama decoder layer for n new tokens a row through stacked adapters in bf16, writing the cache from t",
         py::call_guard<py::gil_scoped_release>());
   m.def("packed_attention", &packed_attention,
         "rotary embedding and attention of a packed pass for bf16 q, k, v: one autograd node",
