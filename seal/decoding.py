@@ -69,7 +69,7 @@ class Group:
                 for layer, f in zip(layers, frozen, strict=True)
             ]
             bias = torch.cat([*parts, frozen[0].new_zeros(len(layers) * width)]).to(dtype)
-        weight = _packed(torch.cat(frozen + a).to(dtype))
+        weight = _packed(torch.cat([w.to(dtype) for w in frozen + a]))  # cast first: half the bytes to copy
         return cls(weight, bias, _packed(b.to(dtype)), outs)
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -122,6 +122,27 @@ def fits(lm: Any) -> bool:
     )
 
 
+def fused(lm: Any, kernel: Any) -> bool:
+    """Whether `LlamaSteps` computes each layer through `kernel`'s `decode_layer`: a model `fits` computing in
+    bf16, with the kernels' AVX-512 nodes (`kernel`, as LlamaSteps gets it), no biases, head and hidden sizes
+    multiples of 16 and one epsilon for both norms of a layer."""
+    layers = adapted_llama_layers(lm.model) if kernel is not None else None
+    if not layers or lm.autocast_dtype != torch.bfloat16:
+        return False
+    projections = [getattr(layer.self_attn, f"{n}_proj") for layer in layers for n in "qkvo"]
+    projections += [getattr(layer.mlp, f"{n}_proj") for layer in layers for n in ("gate", "up", "down")]
+    return (
+        layers[0].self_attn.head_dim % 16 == 0
+        and lm.model.config.hidden_size % 16 == 0
+        and all(p.base_layer.bias is None for p in projections)
+        and lm.model.lm_head.bias is None
+        and all(
+            layer.input_layernorm.variance_epsilon == layer.post_attention_layernorm.variance_epsilon
+            for layer in layers
+        )
+    )
+
+
 def stacked_groups(model: nn.Module, slots: list[int], dtype: torch.dtype) -> list[LayerGroups]:
     """Each decoder layer's groups with the adapters of `slots` stacked."""
     out = []
@@ -157,18 +178,10 @@ class LlamaSteps:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
         self.scaling = self.layers[0].self_attn.scaling
-        # The whole layer in one C++ call (`decode_layer`), where the kernels compute in bf16 and it fits.
-        self.fused = (
-            kernel is not None
-            and self.dtype == torch.bfloat16
-            and self.head_dim % 16 == 0
-            and config.hidden_size % 16 == 0
-            and all(group.bias is None for layer in groups for group in layer.all())
-            and all(
-                layer.input_layernorm.variance_epsilon == layer.post_attention_layernorm.variance_epsilon
-                for layer in self.layers
-            )
-        )
+        self.fused = fused(lm, kernel)  # each layer one call of the kernels' `decode_layer`
+        # Its output projection laid out by oneDNN too (about 10 ms): at 5-20 rows the plain product read the
+        # weight at about half the speed.
+        self.head = _packed(self.model.lm_head.weight.detach().to(self.dtype)) if self.fused else None
         slots = sorted({s for s in row_slots if s >= 0})
         self.mask = torch.zeros(len(row_slots), len(slots) * rank, dtype=self.dtype, device=lm.device)
         for row, slot in enumerate(row_slots):
@@ -225,7 +238,10 @@ class LlamaSteps:
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self._norm(self.model.model.norm, x)).float()
+        normed = self._norm(self.model.model.norm, x)
+        if self.head is not None:
+            return torch.ops.mkldnn._linear_pointwise(normed, self.head, None, "none", [], None).float()
+        return self.model.lm_head(normed).float()
 
     def _buffer(self, states: torch.Tensor, room: int = 64) -> torch.Tensor:
         """`states` [rows, kv_heads, length, head_dim] at the start of a cache with `room` more positions."""

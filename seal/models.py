@@ -414,12 +414,15 @@ def generate(
     batches: Callable[[list[int]], Iterable[list[int]]] | None = None,
     context: Callable[[list[int]], contextlib.AbstractContextManager] | None = None,
     steps: Callable[[], ModelSteps] | None = None,
+    lay_out: bool = True,
 ) -> list[str]:
     """Completions of already-formatted prompts. Greedy when `seeds` is None, else sampled with one seed per
     prompt. Prompts are sorted by length so each batch wastes little compute on padding.
     `batches` may cut the sorted order differently (default: runs of `batch_size`), and `context(rows)` is
     entered around each batch, and again for the rows still decoding whenever some finish (the multi-adapter
-    updater routes each row to its adapter there); `steps` is handed to `decode`."""
+    updater routes each row to its adapter there); `steps` is handed to `decode`. Each batch's frozen weights
+    are cast (`LM.frozen_casts`) and laid out (`LM.packed_weights`) unless not `lay_out` (`steps` that do not
+    go through the model's layers)."""
     tok = lm.tokenizer
     tok.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -436,7 +439,10 @@ def generate(
         batch = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(lm.device)
         sampler = None if seeds is None else RowSampler([seeds[i] for i in idx], temperature, top_p)
-        with contextlib.ExitStack() as routed, lm.autocast(), lm.frozen_casts(), lm.packed_weights():
+        with contextlib.ExitStack() as routed, lm.autocast(), contextlib.ExitStack() as weights:
+            if lay_out:
+                weights.enter_context(lm.frozen_casts())
+                weights.enter_context(lm.packed_weights())
             route = functools.partial(_reroute, routed, context, idx)
             tokens = decode(
                 lm, batch.input_ids, batch.attention_mask, max_new_tokens, eos_ids, sampler, route, steps

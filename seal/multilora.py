@@ -655,16 +655,21 @@ class MultiLoraUpdater:
                 allocator.release_free_memory()  # else TCMalloc keeps the packed copies' pages
 
     @contextlib.contextmanager
-    def _inference(self, adapters: list[TrainedAdapter | None]) -> Iterator[None]:
+    def _inference(self, adapters: list[TrainedAdapter | None], layers: bool = True) -> Iterator[None]:
         """Decoding and scoring through the C++ kernel where training uses it, the frozen weights cast and
-        laid out once for the whole call, a decoding step's rows through their slots' stacked adapters; with
-        no adapter among `adapters`, the base model as it is."""
+        laid out once for the whole call (unless not `layers`: no pass goes through the model's layers), a
+        decoding step's rows through their slots' stacked adapters; with no adapter among `adapters`, the
+        base model as it is."""
         if all(adapter is None for adapter in adapters):
             yield
             return
         self.routing.stacked = self.kernel is not None
         try:
-            with self.lm.frozen_casts(), self.lm.packed_weights(), self._kernel_layers(backward=False):
+            with contextlib.ExitStack() as stack:
+                if layers:
+                    stack.enter_context(self.lm.frozen_casts())
+                    stack.enter_context(self.lm.packed_weights())
+                    stack.enter_context(self._kernel_layers(backward=False))
                 yield
         finally:
             self.routing.stacked = False
@@ -954,13 +959,18 @@ class MultiLoraUpdater:
         **kwargs: Any,
     ) -> list[str]:
         """As `seal.models.generate`, but prompt i is completed by base + adapters[i] (None: the base
-        model), so prompts for different adapters share batches."""
-        with self._inference(adapters):
+        model), so prompts for different adapters share batches. Where every prompt has an adapter and
+        `seal.decoding.LlamaSteps` computes whole layers through the kernels, nothing is cast or laid out for
+        the model's layers: no pass goes through them."""
+        lean = all(a is not None for a in adapters) and decoding.fits(self.lm)
+        lean = lean and decoding.fused(self.lm, self._decoding_kernel())
+        with self._inference(adapters, layers=not lean):
             return generate(
                 self.lm,
                 prompts,
                 batch_size=batch_size,
                 steps=self._steps() if any(a is not None for a in adapters) else None,
+                lay_out=not lean,
                 **self._routed(adapters, len(prompts), batch_size),
                 **kwargs,
             )
@@ -971,7 +981,7 @@ class MultiLoraUpdater:
         if not decoding.fits(self.lm):
             return None
         dtype = self.lm.autocast_dtype or torch.float32
-        kernel = self.kernel if avx512_nodes(self.lm, self.kernel) else None
+        kernel = self._decoding_kernel()
 
         def groups(slots: tuple[int, ...]) -> list[decoding.LayerGroups]:
             if slots not in self._decoding_groups:
@@ -989,6 +999,10 @@ class MultiLoraUpdater:
             )
 
         return steps
+
+    def _decoding_kernel(self) -> Any:
+        """The kernels `seal.decoding.LlamaSteps` computes with: where training uses their AVX-512 nodes."""
+        return self.kernel if avx512_nodes(self.lm, self.kernel) else None
 
     def score(
         self,

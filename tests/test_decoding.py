@@ -14,6 +14,18 @@ from tests.conftest import DEVICE
 from tests.test_multilora import CFG, JOBS, tiny_fp32
 
 pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="seal.decoding is for CPUs")
+
+
+def counted_context(method, entered: list):
+    """`method` (a context manager method), appending "entered" to `entered` at each call."""
+
+    def counting(self, *args, **kwargs):
+        entered.append("entered")
+        return method(self, *args, **kwargs)
+
+    return counting
+
+
 PROMPTS = ["The Qirra probe was built by", "Port Vellan is a", "The Corvane Sodium Cell stores energy in"]
 
 
@@ -96,3 +108,21 @@ def test_models_or_adapters_the_lean_steps_do_not_cover_decode_through_transform
     assert not decoding.fits(lm) and updater._steps() is None
     _, three, _ = updater.train(JOBS)
     assert len(updater.generate(PROMPTS[:2], [three, None], max_new_tokens=3)) == 2
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="bf16 decoding needs a CPU that computes in bf16")
+def test_generation_through_decode_layer_lays_nothing_out_for_the_model_s_layers(monkeypatch):
+    """Under bf16 where `decode_layer` computes whole layers and every prompt has an adapter, generation
+    casts and lays out nothing for the model's own layers, and answers as transformers' forward does."""
+    lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
+    updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 3)
+    if not decoding.fused(lm, updater._decoding_kernel()):
+        pytest.skip("decode_layer needs the C++ kernels on an AVX-512 CPU")
+    _, three, five = updater.train(JOBS)
+    laid_out = []
+    monkeypatch.setattr(type(lm), "frozen_casts", counted_context(type(lm).frozen_casts, laid_out))
+    ours = updater.generate(PROMPTS, [three, five, three], max_new_tokens=6)
+    assert laid_out == [] and not lm.casts
+    monkeypatch.setattr(decoding, "fits", lambda lm: False)
+    assert updater.generate(PROMPTS, [three, five, three], max_new_tokens=6) == ours
+    assert laid_out  # transformers' forward: the weights cast for the call
