@@ -12,10 +12,11 @@ norms and SwiGLU are the C++ kernels' nodes under bf16.
 
 Under bf16 on an AVX-512 CPU, with the C++ kernels built, each layer is one call of their `decode_layer`
 instead, for the prompt as well as each step: the same products, and the norms, rotary embedding, cache
-writes, attention and SwiGLU written out around them. The bench's evaluation (20 answers of 4 adapters) took
-4.5-4.8 s that way against 5.6-5.9 s with PyTorch's operations between the products and the prompt through
-transformers' forward (benchmarks/README.md). Its rotary embedding and attention compute in float32 where
-PyTorch's round to bf16 in between, so greedy answers may differ where two tokens are within bf16 rounding.
+writes, attention and SwiGLU written out around them; the output projection is laid out by oneDNN. The
+bench's evaluation (20 answers of 4 adapters) took 3.4-3.5 s that way against 6.2-6.5 s with PyTorch's
+operations between the products and the prompt through transformers' forward (benchmarks/README.md). Its
+rotary embedding and attention compute in float32 where PyTorch's round to bf16 in between, so greedy answers
+may differ where two tokens are within bf16 rounding.
 
 `LlamaSteps` has the interface of `seal.models.ModelSteps`; without `decode_layer` the prompt goes through the
 model's own forward (one call a batch). The adapters' products run in the compute dtype, as in training (the
