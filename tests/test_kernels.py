@@ -21,6 +21,7 @@ from seal.multilora import (
     TokenLosses,
     kernel_tensors,
     norms_in_compute_dtype,
+    transposed,
 )
 from tests.conftest import DEVICE
 from tests.test_multilora import CFG, JOBS, MIXED_CFG, MIXED_JOBS, tiny_fp32
@@ -624,6 +625,19 @@ def test_generation_and_scoring_go_through_the_kernel_without_autograd(kernel, l
     assert calls == [] and stacked == [] and len(steps) == 2 * lean
     assert all(layer.kernel is None and layer.kernel_frozen == [] for _, layer in updater.layers)
     assert all(layer.stacks == {} for _, layer in updater.layers) and not updater.routing.stacked
+
+
+@pytest.mark.parametrize("shape", [(576, 1536), (2, 16), (49152 // 64, 576), (34, 48)])
+def test_a_weight_transposed_by_the_kernels_is_its_transpose(avx512_kernel, shape):
+    """`transposed_copy` (the backward's layout of a frozen weight) against `.t()`, bit for bit; weights it
+    does not take (an odd number of rows, columns not a multiple of 16, float32) are transposed by PyTorch."""
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])).bfloat16()
+    assert torch.equal(avx512_kernel.transposed_copy(weight), weight.t())
+    assert torch.equal(transposed(weight, avx512_kernel), weight.t())
+    for other in (weight[:-1], weight[:, :-1], weight.float()):
+        assert torch.equal(transposed(other, avx512_kernel), other.t())
+    with pytest.raises(RuntimeError, match="transposed_copy"):
+        avx512_kernel.transposed_copy(weight[:-1])
 
 
 def test_each_checkout_and_version_of_the_source_builds_under_a_name_of_its_own(tmp_path):

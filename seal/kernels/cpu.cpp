@@ -6,6 +6,7 @@
 // - packed_attention: rotary embedding and attention of a packed training pass in bf16, one node (AVX-512);
 // - rms_norm: Llama's RMSNorm of float32 rows handed on in bf16, one pass each way (AVX-512);
 // - decode_layer: a Llama decoder layer for a prompt or a decoding step, each row its own adapters (bf16, AVX-512).
+// - transposed_copy: a bf16 frozen weight transposed on all threads, for the backward's layout (AVX-512).
 //
 // lora_linear
 //
@@ -1326,6 +1327,28 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm_in, const at
   return out;
 }
 
+// A bf16 matrix [m, n] transposed into a new tensor [n, m] (m even, n % 16 == 0), its columns shared between
+// torch's threads 16 at a time, through `transposed`'s 32 x 16 tiles.
+at::Tensor transposed_copy(const at::Tensor& w) {
+  TORCH_CHECK(avx512_available() && w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(0) % 2 == 0 &&
+                  w.size(1) % 16 == 0,
+              "transposed_copy: a bf16 [m, n] matrix, m even and n a multiple of 16, on an AVX-512 CPU");
+  auto src = w.contiguous();
+  const int64_t m = src.size(0), n = src.size(1);
+  auto out = at::empty({n, m}, src.options());
+#ifdef SEAL_BRGEMM
+  const auto* sp = src.data_ptr<Bf16>();
+  auto* op = out.data_ptr<Bf16>();
+  at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      auto block = transposed(sp + b * 16, n, m, 16);  // [16, m]
+      std::copy(block.get(), block.get() + 16 * m, op + b * 16 * m);
+    }
+  });
+#endif
+  return out;
+}
+
 // How many of torch's threads an at::parallel_for of this extension runs on, given as many items as threads.
 int64_t parallel_threads() {
   std::vector<char> ran(at::get_num_threads(), 0);
@@ -1359,6 +1382,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layer", &decode_layer,
         "a Llama decoder layer for n new tokens a row through stacked adapters in bf16, writing the cache from t",
         py::call_guard<py::gil_scoped_release>());
+  m.def("transposed_copy", &transposed_copy, "a bf16 matrix transposed, on all of torch's threads");
   m.def("packed_attention", &packed_attention,
         "rotary embedding and attention of a packed pass for bf16 q, k, v: one autograd node",
         py::call_guard<py::gil_scoped_release>());
