@@ -55,13 +55,21 @@ class Group:
         """The group of `layers` (seal.multilora.MultiLoraLinear) with the adapters of `slots` stacked."""
         outs = [layer.base_layer.out_features for layer in layers]
         frozen = [layer.base_layer.weight.detach() for layer in layers]
-        a = [torch.cat([layer.lora_A[s].detach() for s in slots]) for layer in layers]
-        width = a[0].shape[0]
-        b = frozen[0].new_zeros(sum(outs), len(layers) * width)
+        rank = layers[0].lora_A[slots[0]].shape[0]
+        width = rank * len(slots)
+        # Each copied once, cast on the way: the frozen weights, then each one's A matrices (one per slot).
+        pieces = frozen + [layer.lora_A[s].detach() for layer in layers for s in slots]
+        stacked = frozen[0].new_empty(sum(outs) + len(layers) * width, frozen[0].shape[1], dtype=dtype)
+        row = 0
+        for piece in pieces:
+            stacked[row : row + len(piece)] = piece
+            row += len(piece)
+        b = frozen[0].new_zeros(sum(outs), len(layers) * width, dtype=dtype)
         row = 0
         for i, layer in enumerate(layers):
-            stacked = torch.cat([layer.lora_B[s].detach() for s in slots], dim=1)
-            b[row : row + outs[i], i * width : (i + 1) * width] = stacked * layer.scaling
+            for j, s in enumerate(slots):
+                columns = slice(i * width + j * rank, i * width + (j + 1) * rank)
+                b[row : row + outs[i], columns] = layer.lora_B[s].detach() * layer.scaling
             row += outs[i]
         bias = None
         if any(layer.base_layer.bias is not None for layer in layers):
@@ -70,8 +78,7 @@ class Group:
                 for layer, f in zip(layers, frozen, strict=True)
             ]
             bias = torch.cat([*parts, frozen[0].new_zeros(len(layers) * width)]).to(dtype)
-        weight = _packed(torch.cat([w.to(dtype) for w in frozen + a]))  # cast first: half the bytes to copy
-        return cls(weight, bias, _packed(b.to(dtype)), outs)
+        return cls(_packed(stacked), bias, _packed(b), outs)
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """Each projection of `x` [rows, in] with its row's adapter; `mask` [rows, width] is 1 on the row's
