@@ -269,10 +269,9 @@ SEAL_AVX512 inline __m512i words16(const Bf16* p, bool present) {  // 16 bf16 fr
   return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-SEAL_AVX512 std::unique_ptr<Bf16[]> transposed(const Bf16* src, int64_t lds, int64_t m, int64_t n) {
+SEAL_AVX512 void transpose_into(const Bf16* src, int64_t lds, int64_t m, int64_t n, Bf16* out) {
   const int64_t me = even(m);
-  auto out = scratch<Bf16>(n * me);
-  auto* words = reinterpret_cast<uint32_t*>(out.get());
+  auto* words = reinterpret_cast<uint32_t*>(out);
   for (int64_t j = 0; j < n; j += 16) {
     for (int64_t i = 0; i < me; i += 32) {
       __m512i r[16];
@@ -286,6 +285,11 @@ SEAL_AVX512 std::unique_ptr<Bf16[]> transposed(const Bf16* src, int64_t lds, int
       for (int t = 0; t < 16; ++t) _mm512_mask_storeu_epi32(words + ((j + t) * me + i) / 2, keep, r[t]);
     }
   }
+}
+
+SEAL_AVX512 std::unique_ptr<Bf16[]> transposed(const Bf16* src, int64_t lds, int64_t m, int64_t n) {
+  auto out = scratch<Bf16>(n * even(m));
+  transpose_into(src, lds, m, n, out.get());
   return out;
 }
 
@@ -1098,6 +1102,22 @@ SEAL_AVX512 void rms_norm_backward_rows(const c10::BFloat16* grad, const float* 
 }
 #endif
 
+// The norm of contiguous float32 x by a contiguous float32 weight: (the bf16 output, each row's 1 / rms).
+std::pair<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t width = w.size(0), rows = x.numel() / width;
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  auto rstd = at::empty({rows}, x.options());
+#if defined(__x86_64__)
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  float* rp = rstd.data_ptr<float>();
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    rms_norm_rows(xp, wp, op, rp, begin, end, width, static_cast<float>(eps));
+  });
+#endif
+  return {out, rstd};
+}
+
 struct RmsNorm : public torch::autograd::Function<RmsNorm> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps) {
     TORCH_CHECK(avx512_available(), "rms_norm needs AVX-512");
@@ -1105,17 +1125,7 @@ struct RmsNorm : public torch::autograd::Function<RmsNorm> {
                 "rms_norm: x and weight must be float32");
     TORCH_CHECK(weight.dim() == 1 && x.size(-1) == weight.size(0), "rms_norm: weight must be [x's last size]");
     auto xc = x.contiguous(), w = weight.contiguous();
-    const int64_t width = w.size(0), rows = xc.numel() / width;
-    auto out = at::empty(xc.sizes(), xc.options().dtype(at::kBFloat16));
-    auto rstd = at::empty({rows}, xc.options());
-#if defined(__x86_64__)
-    const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
-    auto* op = out.data_ptr<c10::BFloat16>();
-    float* rp = rstd.data_ptr<float>();
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      rms_norm_rows(xp, wp, op, rp, begin, end, width, static_cast<float>(eps));
-    });
-#endif
+    auto [out, rstd] = rms_norm_forward(xc, w, eps);
     ctx->save_for_backward({xc, w, rstd});
     return out;
   }
@@ -1268,14 +1278,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm_in, const at
     });
   };
   const auto norm = [&](const at::Tensor& in, const at::Tensor& weight) {
-    auto normed = at::empty({tokens, hidden_size}, in.options().dtype(at::kBFloat16));
-    std::vector<float> rstd(tokens);
-    const float* ip = in.data_ptr<float>();
-    at::parallel_for(0, tokens, kRowGrain, [&](int64_t begin, int64_t end) {
-      rms_norm_rows(ip, weight.data_ptr<float>(), normed.data_ptr<Bf16>(), rstd.data(), begin, end, hidden_size,
-                    static_cast<float>(eps));
-    });
-    return normed;
+    return rms_norm_forward(in, weight, eps).first;
   };
   const auto residual = [&](const float* in, const at::Tensor& y) {
     const auto* yp = y.data_ptr<Bf16>();
@@ -1328,7 +1331,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm_in, const at
 }
 
 // A bf16 matrix [m, n] transposed into a new tensor [n, m] (m even, n % 16 == 0), its columns shared between
-// torch's threads 16 at a time, through `transposed`'s 32 x 16 tiles.
+// torch's threads 16 at a time, through `transpose_into`'s 32 x 16 tiles.
 at::Tensor transposed_copy(const at::Tensor& w) {
   TORCH_CHECK(avx512_available() && w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(0) % 2 == 0 &&
                   w.size(1) % 16 == 0,
@@ -1340,10 +1343,7 @@ at::Tensor transposed_copy(const at::Tensor& w) {
   const auto* sp = src.data_ptr<Bf16>();
   auto* op = out.data_ptr<Bf16>();
   at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      auto block = transposed(sp + b * 16, n, m, 16);  // [16, m]
-      std::copy(block.get(), block.get() + 16 * m, op + b * 16 * m);
-    }
+    for (int64_t b = begin; b < end; ++b) transpose_into(sp + b * 16, n, m, 16, op + b * 16 * m);  // [16, m]
   });
 #endif
   return out;
