@@ -211,9 +211,11 @@ class AdaptConfig:
     # cpp the training loss goes through the output projection in C++ as well; under bf16 autocast the frozen
     # RMSNorms hand their output on in bf16 (seal.multilora.norms_in_compute_dtype) and, on AVX-512, each
     # norm, the MLPs' silu(gate) * up and each attention with its rotary embedding is one node
-    # (seal.multilora.fused_mlps, fused_attentions). In bf16 on a CPU that offers oneDNN's micro-kernel (AMX,
-    # AVX-512 BF16), each run's adapter products go through it: the bench's update 15 % faster on the AMX CPU
+    # (seal.multilora.fused_mlps, fused_attentions). In bf16 on a CPU that offers oneDNN's micro-kernel (AMX),
+    # each run's adapter products go through it: the bench's update 15 % faster on the AMX CPU
     # (benchmarks/README.md, "The adapters' products through oneDNN's micro-kernel"); so do the attention's.
+    # On AVX-512 BF16 without AMX, a kernel of our own computes the same products (AMD EPYC: 5 % off the
+    # update).
     lora_kernel: str = "auto"
 
 

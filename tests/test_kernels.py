@@ -131,13 +131,23 @@ def test_the_kernel_computes_what_pytorch_computes(kernel, per_token, bias, x_dt
     assert unused_grad is None  # slot 1 took no part in the pass
 
 
-@pytest.fixture
-def micro_kernel(kernel):
-    """The kernel where a bf16 run's adapter products go through oneDNN's micro-kernel (AMX, AVX-512 BF16)."""
-    if not kernel.brgemm_in_use():
-        pytest.skip("this CPU or torch offers no oneDNN bf16 micro-kernel")
+def use_products(kernel, products: str) -> None:
+    """The micro-kernel's products through oneDNN's (AMX) or the extension's own (AVX-512 BF16); a skip where
+    this CPU has not that one."""
+    offered = kernel.onednn_micro_kernel() if products == "oneDNN" else kernel.avx512_bf16_available()
+    if not offered:
+        pytest.skip(f"this CPU or torch does not offer the micro-kernel's products through {products}")
+    kernel.set_own_products(products == "own")
+
+
+@pytest.fixture(params=["oneDNN", "own"])
+def micro_kernel(kernel, request):
+    """The kernel where a bf16 run's adapter products go through oneDNN's micro-kernel (AMX) or the
+    extension's own kernel over the same layout (AVX-512 BF16, where oneDNN offers none)."""
+    use_products(kernel, request.param)
     yield kernel
     kernel.set_brgemm(True)
+    kernel.set_own_products(False)
 
 
 @pytest.mark.parametrize("per_token", [True, False], ids=["tokens", "rows"])
@@ -485,16 +495,16 @@ def test_decode_layer_computes_a_llama_layer_through_each_row_s_adapter(avx512_k
     [(37, 3, 6, 2, 48), (70, 1, 9, 3, 64), (1, 1, 4, 4, 16)],
     ids=["3 rows, a width with a tail", "one row, SmolLM2's heads", "one token"],
 )
-@pytest.mark.parametrize("micro", [False, True], ids=["at::bmm", "micro-kernel"])
+@pytest.mark.parametrize("micro", [None, "oneDNN", "own"], ids=["at::bmm", "oneDNN", "own micro-kernel"])
 def test_packed_attention_computes_what_the_rotary_embedding_and_attention_compute(
     avx512_kernel, length, rows, heads, kv_heads, width, micro
 ):
     """The one-node attention against transformers' rotary embedding and seal.attention's products, both
     under bf16 autocast: output and the gradients of q, k and v in bf16, each within one bf16 rounding of the
     largest value; its products through at::bmm, or through oneDNN's micro-kernel where the CPU offers it."""
-    if micro and not avx512_kernel.brgemm_in_use():
-        pytest.skip("this CPU or torch offers no oneDNN bf16 micro-kernel")
-    avx512_kernel.set_brgemm(micro)
+    if micro:
+        use_products(avx512_kernel, micro)
+    avx512_kernel.set_brgemm(bool(micro))
     generator = torch.Generator().manual_seed(length)
     q, k, v = (
         (2 * torch.randn(1, length, n * width, generator=generator)).bfloat16()
@@ -527,9 +537,10 @@ def test_packed_attention_computes_what_the_rotary_embedding_and_attention_compu
                 out.backward(upstream)
             results.append([out, *(x.grad for x in inputs)])
             if function is kernel_way:
-                assert any(e.name == "aten::bmm" for e in prof.events()) != micro
+                assert any(e.name == "aten::bmm" for e in prof.events()) != bool(micro)
     finally:
         avx512_kernel.set_brgemm(True)
+        avx512_kernel.set_own_products(False)
     for name, got, want in zip(["output", "q", "k", "v"], *results, strict=True):
         assert got.dtype == torch.bfloat16 and got.shape == want.shape, name
         ulp, scale = 2**-7, want.abs().max().item()

@@ -23,8 +23,9 @@
 //   the frozen product inside the matrix product (addmm_): no scaled copy of the output, no separate sum;
 // - gradients for x (if needed; its terms summed in the compute dtype, then cast once) and for each run's A
 //   and B (float32, the adapters' dtype); none for W.
-// In bf16, where oneDNN's micro-kernel is offered (AMX, AVX-512 BF16), each run's six adapter products go through
-// it instead of at::mm (see "Adapter products through oneDNN's micro-kernel" below).
+// In bf16, where oneDNN's micro-kernel is offered (AMX) or the CPU has AVX-512 BF16, each run's six adapter
+// products go through it (or a kernel of our own) instead of at::mm (see "Adapter products through oneDNN's
+// micro-kernel" below).
 // `frozen` holds [W, bias], [W, bias, W packed] (a forward only: decoding, scoring) or [W, bias, W packed,
 // W^T packed].
 // On memory-bound CPUs every pass over an activation costs about as much as a small product, so the scaling
@@ -41,6 +42,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 
 #if defined(__x86_64__)
@@ -119,7 +121,10 @@ namespace cpublas = at::native::cpublas;
 
 std::atomic<bool> brgemm_wanted{true};  // tests turn it off to compare with at::mm
 
-bool brgemm_available() {
+// Where oneDNN's micro-kernel is not offered for bf16 (PyTorch offers it where the CPU has AMX), a CPU with
+// AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake) computes the same products with a kernel of its own below
+// (`dot_product`): the layout and the rounding are the same, only the instructions differ.
+bool onednn_micro_kernel() {
 #ifdef SEAL_BRGEMM
   static const bool packs = avx512_available() && cpublas::could_pack(at::kBFloat16);
   return packs;
@@ -127,6 +132,24 @@ bool brgemm_available() {
   return false;
 #endif
 }
+
+bool avx512_bf16_available() {
+#if defined(__x86_64__) && defined(SEAL_BRGEMM)
+  return avx512_available() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+bool brgemm_available() {
+  static const bool available = onednn_micro_kernel() || avx512_bf16_available();
+  return available;
+}
+
+std::atomic<bool> own_wanted{false};  // tests turn it on to run our kernel where oneDNN's is offered too
+
+void set_own_products(bool wanted) { own_wanted = wanted; }
+bool onednn_products() { return onednn_micro_kernel() && !(own_wanted && avx512_bf16_available()); }
 
 void set_brgemm(bool wanted) { brgemm_wanted = wanted; }
 bool brgemm_in_use() { return brgemm_wanted && brgemm_available(); }
@@ -228,13 +251,78 @@ SEAL_AVX512 std::unique_ptr<Bf16[]> lay_out(const T* src, int64_t step, bool tra
   return out;
 }
 
+// The micro-kernel's products on AVX-512 BF16 without oneDNN's: c [R, 16 V] float32 (row stride ldc) = R rows
+// of a (row stride lda) times a block of V x 16 columns laid out by lay_out (`pairs` words a column, w columns
+// a pair). Each step takes one pair of a's columns: a row's pair broadcast to every lane, times the block's
+// pair row, summed into float32 by one vdpbf16ps per 16 columns (products exact, sums rounded as oneDNN's).
+#define SEAL_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define SEAL_UNROLL _Pragma("GCC unroll 32")  // the sums must stay in registers
+
+template <int R, int V>
+SEAL_AVX512_BF16 void dot_tile(const Bf16* a, int64_t lda, const uint32_t* block, int64_t pairs, int64_t w,
+                               float* c, int64_t ldc) {
+  __m512 sums[R][V];
+  SEAL_UNROLL for (int r = 0; r < R; ++r)
+    SEAL_UNROLL for (int v = 0; v < V; ++v) sums[r][v] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < pairs; ++q) {
+    __m512bh columns[V];
+    SEAL_UNROLL for (int v = 0; v < V; ++v) columns[v] = (__m512bh)_mm512_loadu_si512(block + q * w + 16 * v);
+    SEAL_UNROLL for (int r = 0; r < R; ++r) {
+      uint32_t word;
+      std::memcpy(&word, a + r * lda + 2 * q, sizeof(word));
+      const auto row = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
+      SEAL_UNROLL for (int v = 0; v < V; ++v) sums[r][v] = _mm512_dpbf16_ps(sums[r][v], row, columns[v]);
+    }
+  }
+  SEAL_UNROLL for (int r = 0; r < R; ++r)
+    SEAL_UNROLL for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, sums[r][v]);
+}
+
+// `rows` (1..R) rows through dot_tile<rows, V>.
+template <int V, int R>
+SEAL_AVX512_BF16 void dot_rows(int64_t rows, const Bf16* a, int64_t lda, const uint32_t* block, int64_t pairs,
+                               int64_t w, float* c, int64_t ldc) {
+  if constexpr (R > 1) {
+    if (rows < R) return dot_rows<V, R - 1>(rows, a, lda, block, pairs, w, c, ldc);
+  }
+  dot_tile<R, V>(a, lda, block, pairs, w, c, ldc);
+}
+
+// As many rows at a time as 24 of the 32 vector registers hold sums for.
+template <int V>
+SEAL_AVX512_BF16 void dot_block(const Bf16* a, int64_t lda, int64_t m, const uint32_t* block, int64_t pairs,
+                                float* c, int64_t ldc) {
+  constexpr int64_t kRows = 24 / V;
+  for (int64_t i = 0; i < m; i += kRows)
+    dot_rows<V, kRows>(std::min(kRows, m - i), a + i * lda, lda, block, pairs, 16 * V, c + i * ldc, ldc);
+}
+
+SEAL_AVX512_BF16 void dot_product(const Bf16* a, int64_t lda, int64_t m, const Bf16* laid, int64_t ke, int64_t n,
+                                  float* c, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const auto* block = reinterpret_cast<const uint32_t*>(laid + ke * j0);
+    switch (std::min(kBlock, n - j0) / 16) {
+      case 1: dot_block<1>(a, lda, m, block, ke / 2, c + j0, ldc); break;
+      case 2: dot_block<2>(a, lda, m, block, ke / 2, c + j0, ldc); break;
+      case 3: dot_block<3>(a, lda, m, block, ke / 2, c + j0, ldc); break;
+      default: dot_block<4>(a, lda, m, block, ke / 2, c + j0, ldc);
+    }
+  }
+}
+
 // c [m, n] float32 (row stride ldc) = a [m, ke] bf16 (row stride lda) times a matrix laid out by lay_out.
 void brgemm_product(const Bf16* a, int64_t lda, int64_t m, const Bf16* laid, int64_t ke, int64_t n, float* c,
                     int64_t ldc) {
+  if (!onednn_products()) return dot_product(a, lda, m, laid, ke, n, c, ldc);
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const int64_t w = std::min(kBlock, n - j0);
     cpublas::brgemm(m, w, ke, lda, w, ldc, false, a, laid + ke * j0, c + j0, true);
   }
+}
+
+// Hands back what oneDNN's micro-kernel holds on this thread (AMX's tile configuration); nothing to do without it.
+void release_micro_kernel() {
+  if (onednn_products()) cpublas::brgemm_release(true);
 }
 
 // out [m, n] (bf16, row stride ldo) = c rounded, or with `add` out + c rounded once. n % 16 == 0.
@@ -307,7 +395,7 @@ at::Tensor brgemm_forward(const at::Tensor& part, const T* a, const T* b, int64_
   brgemm_product(h.data_ptr<Bf16>(), rank, rows, lay_out(b, rank, true, rank, out, static_cast<float>(scaling)).get(),
                  rank, out, c.get(), out);
   round_rows(c.get(), rows, out, out_rows.data_ptr<Bf16>(), out_rows.stride(0), true);
-  cpublas::brgemm_release(true);
+  release_micro_kernel();
   return h;
 }
 
@@ -339,7 +427,7 @@ std::pair<at::Tensor, at::Tensor> brgemm_backward(const at::Tensor& gr, const at
     brgemm_product(dh.get(), rank, rows, lay_out(a, in, false, rank, in, 1.0f).get(), rank, in, c.get(), in);
     round_rows(c.get(), rows, in, dx_rows.data_ptr<Bf16>(), dx_rows.stride(0), true);
   }
-  cpublas::brgemm_release(true);
+  release_micro_kernel();
   return {da, db};
 }
 #endif
@@ -939,7 +1027,7 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
             micro_attention_forward(qrp + q0, krp + k0, vp + k0, pp + h * rows * padded, op + q0, size, groups,
                                     width, scale);
           }
-          cpublas::brgemm_release(true);
+          release_micro_kernel();
         });
         saved.push_back(probs);
       }
@@ -1001,7 +1089,7 @@ struct PackedAttention : public torch::autograd::Function<PackedAttention> {
             micro_attention_backward(qp + q0, kp + k0, vp + k0, pp + h * rows * padded, dp + q0, dqp + q0,
                                      dkp + k0, dvp + k0, size, groups, width, scale);
           }
-          cpublas::brgemm_release(true);
+          release_micro_kernel();
         });
       }
     }
@@ -1367,6 +1455,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("set_brgemm", &set_brgemm,
         "turn the adapters' and the attention's products through oneDNN's micro-kernel on or off");
+  m.def("set_own_products", &set_own_products,
+        "on a CPU with AVX-512 BF16, compute the micro-kernel's products with our own kernel even where oneDNN's "
+        "is offered (tests)");
+  m.def("onednn_micro_kernel", &onednn_micro_kernel, "whether oneDNN's bf16 micro-kernel is offered (AMX)");
+  m.def("avx512_bf16_available", &avx512_bf16_available, "whether this CPU runs our own micro-kernel (AVX-512 BF16)");
   m.def("brgemm_in_use", &brgemm_in_use,
         "whether the adapters' and the attention's bf16 products go through oneDNN's micro-kernel");
   m.def("parallel_threads", &parallel_threads, "how many of torch's threads this extension's parallel_for uses");
