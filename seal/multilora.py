@@ -515,6 +515,9 @@ class MultiLoraUpdater:
         self.kernel = None if cfg.lora_kernel == "python" else cpu_kernels(required=required)
         # While training through the kernel: the frozen output projection's tensors for the loss (TokenLosses)
         self.head: list[torch.Tensor] | None = None
+        # While training: whether every product of a pass sums the same way on any number of threads, so that
+        # the last lane may take the other threads the moment they are free (`_train_lanes`)
+        self.thread_invariant = False
         self.blocks = decoder_layers(lm)  # where the lanes' activation budget counts a pass's tokens
         self.budget: lane_budget.ActivationBudget | None = None  # the lanes' shared one, while they train
         self._init_lock = threading.Lock()  # lanes start jobs from the global random generator, one at a time
@@ -645,16 +648,31 @@ class MultiLoraUpdater:
             pack = False
             tensors = [frozen(layer.base_layer) for _, layer in self.layers]
             self.head = head_tensors()
+        self.thread_invariant = backward and self._own_products_only(tensors)
         try:
             for (_, layer), layer_tensors in zip(self.layers, tensors, strict=True):
                 layer.kernel, layer.kernel_frozen = self.kernel, layer_tensors
             yield
         finally:
-            self.head = None
+            self.head, self.thread_invariant = None, False
             for _, layer in self.layers:
                 layer.kernel, layer.kernel_frozen = None, []
             if pack:
                 allocator.release_free_memory()  # else TCMalloc keeps the packed copies' pages
+
+    def _own_products_only(self, tensors: list[list[torch.Tensor]]) -> bool:
+        """Whether a training pass multiplies only through the kernel's own products (laid_weight's layout for
+        every linear layer of the model, the output projection included; the adapters' and the attention's
+        products through the micro-kernel of our own), whose sums do not depend on the number of threads. The
+        other nodes (norms, silu, softmax, AdamW) compute each value alone."""
+        ours = [t[2:] and all(x.dim() == 1 for x in t[2:]) for t in [*tensors, self.head or []]]
+        if self.head is None or not all(ours):
+            return False  # some weight as it is, or laid out by oneDNN
+        config = self.lm.model.config
+        linears = sum(isinstance(m, nn.Linear) for m in self.lm.model.modules())
+        width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        micro = self.kernel.brgemm_in_use() and self.cfg.rank % 16 == 0 and width % 16 == 0
+        return micro and linears == len(self.layers) + 1
 
     @contextlib.contextmanager
     def _inference(self, adapters: list[TrainedAdapter | None], layers: bool = True) -> Iterator[None]:
@@ -724,27 +742,36 @@ class MultiLoraUpdater:
         bar: tqdm,
     ) -> None:
         """Each lane in a thread of its own, its operations single-threaded; the calling thread trains the
-        lane `_tail` chose (else the first), which computes on all the threads once the others have ended.
-        (Only the calling thread computes on several: a second thread that does makes OpenMP keep a second
-        team, and on the 2-core CPU every product on two threads then took longer than on one.) An error in
-        a lane stops the other lanes at their next step and is raised here (the first lane's, if several
-        fail)."""
+        lane `_tail` chose (else the first), which computes on all the threads once the others have ended:
+        where the sums of its products do not depend on the number of threads (`thread_invariant`), from its
+        first round after they end; elsewhere from the round `_tail` predicts, waiting there for them, so that
+        which rounds run on how many threads does not depend on timing. (Only the calling thread computes on
+        several: a second thread that does makes OpenMP keep a second team, and on the 2-core CPU every
+        product on two threads then took longer than on one.) An error in a lane stops the other lanes at
+        their next step and is raised here (the first lane's, if several fail)."""
         stop = threading.Event()
         budget = self.budget
         threads = torch.get_num_threads()
         tail = self._tail(lanes, jobs)
         here = tail[0] if tail else 0
         ended = [threading.Event() for _ in lanes]
+        others = [event for lane, event in enumerate(ended) if lane != here]
 
-        def widen() -> None:
-            for other, event in enumerate(ended):
-                if other != here:
-                    event.wait()
+        def widen(round_: int) -> bool:
+            """Before each round of lane `here`: whether it computes on every thread from this round on."""
+            if self.thread_invariant:
+                if not all(event.is_set() for event in others):
+                    return False
+            elif not tail or round_ != tail[1]:
+                return False
+            for event in others:
+                event.wait()
             torch.set_num_threads(threads)
+            return True
 
         def lane(index: int, slots: list[int], queue: deque[int]) -> None:
             torch.set_num_threads(1)
-            at = (tail[1], widen) if tail and index == here else None
+            at = widen if index == here else None
             try:
                 with self.routing.lane(), budget.lane(index) if budget else contextlib.nullcontext():
                     self._train_lane(slots, queue, jobs, adapters, bar, stop, at)
@@ -791,11 +818,11 @@ class MultiLoraUpdater:
         adapters: list[TrainedAdapter | None],
         bar: tqdm,
         stop: threading.Event | None = None,
-        widen: tuple[int, Callable[[], None]] | None = None,
+        widen: Callable[[int], bool] | None = None,
     ) -> None:
         """Trains the jobs of `queue` in `slots`; a step that runs out of memory drops the upper half of
-        `slots`. With `widen` = (round, call), `call()` comes before that round (a `_step` of every running
-        job)."""
+        `slots`. `widen(round)` comes before each round (a `_step` of every running job) until it returns
+        True."""
         running: dict[int, _Running] = {}  # slot -> job
         rounds = 0
 
@@ -816,8 +843,8 @@ class MultiLoraUpdater:
                         finish(slot, "no training sequences")
             if not running:
                 continue
-            if widen and rounds == widen[0]:
-                widen[1]()
+            if widen and widen(rounds):
+                widen = None
                 if stop and stop.is_set():  # a lane that failed has ended too
                     break
             rounds += 1
@@ -1083,17 +1110,32 @@ def kernel_tensors(
     base: nn.Linear, weight: torch.Tensor, pack: bool, backward: bool = True, kernel: Any = None
 ) -> list[torch.Tensor]:
     """The frozen tensors the C++ kernel multiplies `base`'s input by: `weight` (the base weight in the
-    compute dtype) and the bias (empty if none), then with `pack` the weight laid out by oneDNN for the
-    forward product and, for a `backward`, its transpose for the input's gradient
-    (seal/kernels/cpu.cpp). The transpose is `kernel`'s `transposed_copy` where it takes the weight (bf16 on
-    AVX-512, both of SmolLM2's threads: its 30 layers and output projection in about 0.07 s, where
-    `.t().contiguous()` took about 0.25 s, once per `train`)."""
+    compute dtype) and the bias (empty if none), then with `pack` the weight laid out for the forward product
+    and, for a `backward`, its transpose for the input's gradient (seal/kernels/cpu.cpp): by `kernel` itself
+    where `own_layout` holds (AVX-512 BF16 without AMX), else by oneDNN. oneDNN's transpose is `kernel`'s
+    `transposed_copy` where it takes the weight (bf16 on AVX-512, both of SmolLM2's threads: its 30 layers
+    and output projection in about 0.07 s, where `.t().contiguous()` took about 0.25 s, once per `train`)."""
     tensors = [weight, torch.empty(0) if base.bias is None else base.bias.detach()]
+    if pack and own_layout(base, weight, kernel):
+        return tensors + [kernel.laid_weight(weight, grad) for grad in (False, True)[: 1 + backward]]
     if pack:
         tensors.append(torch.ops.mkldnn._reorder_linear_weight(weight, None))
         if backward:
             tensors.append(torch.ops.mkldnn._reorder_linear_weight(transposed(weight, kernel), None))
     return tensors
+
+
+def own_layout(base: nn.Linear, weight: torch.Tensor, kernel: Any) -> bool:
+    """Whether `kernel` lays `weight` out for products of its own (seal/kernels/cpu.cpp, "Frozen weights
+    through our own products"): a CPU with AVX-512 BF16 where oneDNN offers no micro-kernel, a bf16 weight
+    without a bias, sizes multiples of 16."""
+    return (
+        kernel is not None
+        and kernel.own_frozen_products()
+        and weight.dtype == torch.bfloat16
+        and base.bias is None
+        and all(size % 16 == 0 for size in weight.shape)
+    )
 
 
 def transposed(weight: torch.Tensor, kernel: Any = None) -> torch.Tensor:

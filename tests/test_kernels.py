@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from seal import attention, decoding, kernels
+from seal import attention, decoding, kernels, multilora
 from seal.config import AdaptConfig
 from seal.models import cpu_supports_bf16
 from seal.multilora import (
@@ -183,6 +184,60 @@ def test_packed_weights_stay_within_bf16_rounding(kernel):
     for name, g, w in zip(["output", "x", "A0", "A2", "B0", "B2"], got, want, strict=True):
         assert g.dtype == w.dtype, name
         assert (g.float() - w.float()).abs().max() <= 0.02 * w.float().abs().max(), name  # bf16: 8 bits
+
+
+@pytest.fixture
+def own_products(kernel):
+    """The kernel where it lays frozen bf16 weights out for its own products (AVX-512 BF16 without AMX)."""
+    if not kernel.own_frozen_products():
+        pytest.skip("this CPU lays frozen weights out through oneDNN (AMX) or has no AVX-512 BF16")
+    return kernel
+
+
+@pytest.mark.parametrize(("inputs", "outputs", "rows"), [(64, 48, 17), (1056, 80, 7), (32, 1040, 30)])
+def test_weights_laid_out_for_our_own_products_multiply_within_bf16_rounding_on_any_threads(
+    own_products, inputs, outputs, rows
+):
+    """`laid_weight` and the products by it (`packed_product` of a 1-D layout): x W^T and g W against float32
+    products of the same bf16 numbers, each within one bf16 rounding of the largest value, with blocks of 16
+    to 64 columns and an inner size long enough to be summed in chunks (1056 > 1024); bit for bit the same on
+    one thread and on two (each block of columns is summed by one thread)."""
+    generator = torch.Generator().manual_seed(inputs)
+    weight = torch.randn(outputs, inputs, generator=generator).bfloat16()
+    x = torch.randn(rows, inputs, generator=generator).bfloat16()
+    g = torch.randn(rows, outputs, generator=generator).bfloat16()
+    base = nn.Linear(inputs, outputs, bias=False)
+    frozen = kernel_tensors(base, weight, pack=True, kernel=own_products)
+    assert [t.dim() for t in frozen[2:]] == [1, 1]  # our layout, not oneDNN's
+    for product, a, b in ((frozen[2], x, weight.t()), (frozen[3], g, weight)):
+        want = a.float() @ b.float()
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                results.append(own_products.laid_product(a, product))
+            finally:
+                torch.set_num_threads(1)
+        got = results[0]
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        assert torch.equal(results[0], results[1])
+        torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
+
+
+def test_a_layer_through_weights_laid_out_for_our_own_products_trains_as_autocast_does(own_products):
+    """The adapted layer with its frozen weight in our layout, forward and backward under bf16 autocast: no
+    oneDNN product is left, and the output and every gradient are within bf16 rounding of autocast's."""
+    layer, x = layer_and_input(False, torch.float32, per_token=True, sizes=(64, 48), rank=16)
+    want, _ = forward_backward(layer, x, autocast=True)
+    base = layer.base_layer
+    layer.kernel_frozen = kernel_tensors(base, base.weight.detach().bfloat16(), True, kernel=own_products)
+    layer.kernel = own_products
+    with torch.profiler.profile() as prof:
+        got, _ = forward_backward(layer, x, autocast=True)
+    assert not any(e.name in ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm") for e in prof.events())
+    for name, g, w in zip(["output", "x", "A0", "A2", "B0", "B2"], got, want, strict=True):
+        assert g.dtype == w.dtype, name
+        assert (g.float() - w.float()).abs().max() <= 0.02 * w.float().abs().max(), name
 
 
 def test_without_gradients_no_node_is_built_and_few_rows_go_through_float32_adapters(kernel):
@@ -706,9 +761,62 @@ def test_weights_onednn_cannot_lay_out_are_multiplied_as_they_are(kernel, monkey
         raise RuntimeError("no bf16 layout on this CPU")
 
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    monkeypatch.setattr(multilora, "own_layout", lambda *args: False)  # where we would lay them out ourselves
     with caplog.at_level(logging.WARNING, logger="seal.multilora"):
         got = train(pack_weights=True)
     assert "oneDNN could not lay out" in caplog.text and "no bf16 layout" in caplog.text
     for g, w in zip(got, want, strict=True):
         assert g.result.error is None and g.result.epoch_losses == w.result.epoch_losses
         assert all(torch.equal(g.state[k], v) for k, v in w.state.items())
+
+
+def test_with_only_our_own_products_the_last_lane_takes_both_threads_once_the_other_ends_and_trains_the_same(
+    own_products, monkeypatch
+):
+    """Under bf16 autocast with every product of a pass our own (frozen weights laid out by `laid_weight`,
+    rank 16, heads 16 wide), training does not depend on the number of threads: the lane left alone takes both
+    threads from its first round after the other lane has ended, not at a predicted round, and its adapters
+    are bit for bit those of the same lanes with one thread in all."""
+    long_job = dataclasses.replace(MIXED_JOBS[3], sequences=MIXED_JOBS[3].sequences * 8)
+    jobs = [*MIXED_JOBS[:3], long_job]
+
+    def train(threads: int) -> tuple[list, list, list]:
+        lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
+        updater = MultiLoraUpdater(lm, AdaptConfig(**dict(MIXED_CFG, rank=16, alpha=32), lanes=2), 4)
+        real_step, real_lane, rounds, ends = updater._step, updater._train_lane, [], {}
+
+        def step(running, finish):
+            if any(jobs[job.index] is long_job for job in running.values()):
+                rounds.append((time.perf_counter(), torch.get_num_threads(), updater.thread_invariant))
+            return real_step(running, finish)
+
+        def lane(slots, queue, *args, **kwargs):
+            long_lane = 3 in queue
+            try:
+                return real_lane(slots, queue, *args, **kwargs)
+            finally:
+                ends[long_lane] = time.perf_counter()
+
+        lanes = updater._lanes(jobs)
+        long_lane, _ = updater._tail(lanes, jobs)
+        assert 3 in lanes[long_lane][1]
+        # no round is predicted: where it matters, the lane would never take the other thread
+        monkeypatch.setattr(updater, "_tail", lambda lanes, jobs: (long_lane, 10**6))
+        monkeypatch.setattr(updater, "_step", step)
+        monkeypatch.setattr(updater, "_train_lane", lane)
+        torch.set_num_threads(threads)
+        try:
+            return updater.train(jobs), rounds, ends
+        finally:
+            torch.set_num_threads(1)
+
+    adapters, rounds, ends = train(threads=2)
+    assert ends[True] > ends[False] and all(invariant for _, _, invariant in rounds)
+    before = [threads for start, threads, _ in rounds if start < ends[False]]
+    after = [threads for start, threads, _ in rounds if start > ends[False]]
+    assert before == [1] * len(before)
+    assert len(after) >= 3 and after[1:] == [2] * (len(after) - 1)  # the first may have been checked before
+    alone, _, _ = train(threads=1)
+    for got, want in zip(adapters, alone, strict=True):
+        assert got.result.epoch_losses == want.result.epoch_losses
+        assert all(torch.equal(got.state[k], v) for k, v in want.state.items())

@@ -92,7 +92,14 @@ SEAL_AVX512 inline __mmask16 lanes_left(int64_t left) {  // the first min(left, 
 }
 #endif
 
+at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid);
+
+// x times a frozen weight laid out once: by oneDNN (a 2-D tensor) or by laid_weight (1-D, no bias).
 at::Tensor packed_product(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+  if (packed.dim() == 1) {
+    TORCH_CHECK(!bias, "a weight laid out by laid_weight is multiplied without a bias");
+    return own_product(x, packed);
+  }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
@@ -217,14 +224,14 @@ SEAL_AVX512 inline void transpose16(__m512i* r) {
 // (i / 2) * 2w + 2j + i % 2, so that each pair is one 32-bit word. From `src` (float32 or bf16) times `scale`:
 // element (i, j) at src[i * step + j] (`src` the matrix) or, `transposed`, at src[j * step + i] (`src` its
 // transpose, k % 16 == 0). n % 16 == 0.
+// lay_out_into writes the blocks of columns [j_begin, j_end) (on blocks' bounds) into `out`.
 template <typename T>
-SEAL_AVX512 std::unique_ptr<Bf16[]> lay_out(const T* src, int64_t step, bool transposed, int64_t k, int64_t n,
-                                            float scale) {
+SEAL_AVX512 void lay_out_into(const T* src, int64_t step, bool transposed, int64_t k, int64_t n, float scale,
+                              Bf16* out, int64_t j_begin, int64_t j_end) {
   const int64_t ke = even(k);
-  auto out = scratch<Bf16>(ke * n);
-  auto* words = reinterpret_cast<uint32_t*>(out.get());
+  auto* words = reinterpret_cast<uint32_t*>(out);
   const auto factor = _mm512_set1_ps(scale);
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlock) {
     const int64_t w = std::min(kBlock, n - j0);
     uint32_t* block = words + ke * j0 / 2;
     if (transposed) {  // 16 columns of the matrix are 16 rows of src, whose pairs are adjacent there
@@ -248,6 +255,13 @@ SEAL_AVX512 std::unique_ptr<Bf16[]> lay_out(const T* src, int64_t step, bool tra
       }
     }
   }
+}
+
+template <typename T>
+SEAL_AVX512 std::unique_ptr<Bf16[]> lay_out(const T* src, int64_t step, bool transposed, int64_t k, int64_t n,
+                                            float scale) {
+  auto out = scratch<Bf16>(even(k) * n);
+  lay_out_into(src, step, transposed, k, n, scale, out.get(), 0, n);
   return out;
 }
 
@@ -258,12 +272,15 @@ SEAL_AVX512 std::unique_ptr<Bf16[]> lay_out(const T* src, int64_t step, bool tra
 #define SEAL_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #define SEAL_UNROLL _Pragma("GCC unroll 32")  // the sums must stay in registers
 
+// The sums go to c (float32, row stride ldc), after those already there with `add`, or, with `out`, rounded to
+// bf16 into out (row stride ldo).
 template <int R, int V>
 SEAL_AVX512_BF16 void dot_tile(const Bf16* a, int64_t lda, const uint32_t* block, int64_t pairs, int64_t w,
-                               float* c, int64_t ldc) {
+                               float* c, int64_t ldc, bool add, Bf16* out, int64_t ldo) {
   __m512 sums[R][V];
   SEAL_UNROLL for (int r = 0; r < R; ++r)
-    SEAL_UNROLL for (int v = 0; v < V; ++v) sums[r][v] = _mm512_setzero_ps();
+    SEAL_UNROLL for (int v = 0; v < V; ++v) sums[r][v] = add ? _mm512_loadu_ps(c + r * ldc + 16 * v)
+                                                              : _mm512_setzero_ps();
   for (int64_t q = 0; q < pairs; ++q) {
     __m512bh columns[V];
     SEAL_UNROLL for (int v = 0; v < V; ++v) columns[v] = (__m512bh)_mm512_loadu_si512(block + q * w + 16 * v);
@@ -274,6 +291,11 @@ SEAL_AVX512_BF16 void dot_tile(const Bf16* a, int64_t lda, const uint32_t* block
       SEAL_UNROLL for (int v = 0; v < V; ++v) sums[r][v] = _mm512_dpbf16_ps(sums[r][v], row, columns[v]);
     }
   }
+  if (out) {
+    SEAL_UNROLL for (int r = 0; r < R; ++r)
+      SEAL_UNROLL for (int v = 0; v < V; ++v) narrow(out + r * ldo + 16 * v, sums[r][v]);
+    return;
+  }
   SEAL_UNROLL for (int r = 0; r < R; ++r)
     SEAL_UNROLL for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, sums[r][v]);
 }
@@ -281,33 +303,52 @@ SEAL_AVX512_BF16 void dot_tile(const Bf16* a, int64_t lda, const uint32_t* block
 // `rows` (1..R) rows through dot_tile<rows, V>.
 template <int V, int R>
 SEAL_AVX512_BF16 void dot_rows(int64_t rows, const Bf16* a, int64_t lda, const uint32_t* block, int64_t pairs,
-                               int64_t w, float* c, int64_t ldc) {
+                               int64_t w, float* c, int64_t ldc, bool add, Bf16* out, int64_t ldo) {
   if constexpr (R > 1) {
-    if (rows < R) return dot_rows<V, R - 1>(rows, a, lda, block, pairs, w, c, ldc);
+    if (rows < R) return dot_rows<V, R - 1>(rows, a, lda, block, pairs, w, c, ldc, add, out, ldo);
   }
-  dot_tile<R, V>(a, lda, block, pairs, w, c, ldc);
+  dot_tile<R, V>(a, lda, block, pairs, w, c, ldc, add, out, ldo);
 }
 
-// As many rows at a time as 24 of the 32 vector registers hold sums for.
+// A block of V x 16 columns: as many rows at a time as 24 of the 32 vector registers hold sums for, and the
+// inner size in chunks of kChunk pairs (the block's chunk, at most 128 kB, stays in the core's cache while
+// the rows go by). With `out`, the last chunk's sums are rounded into it; c then holds the earlier chunks'
+// (unused if there is one chunk).
+constexpr int64_t kChunk = 512;
+
 template <int V>
 SEAL_AVX512_BF16 void dot_block(const Bf16* a, int64_t lda, int64_t m, const uint32_t* block, int64_t pairs,
-                                float* c, int64_t ldc) {
+                                float* c, int64_t ldc, Bf16* out, int64_t ldo) {
   constexpr int64_t kRows = 24 / V;
-  for (int64_t i = 0; i < m; i += kRows)
-    dot_rows<V, kRows>(std::min(kRows, m - i), a + i * lda, lda, block, pairs, 16 * V, c + i * ldc, ldc);
+  for (int64_t q0 = 0; q0 < pairs; q0 += kChunk) {
+    const int64_t chunk = std::min(kChunk, pairs - q0);
+    Bf16* last = q0 + chunk == pairs ? out : nullptr;
+    for (int64_t i = 0; i < m; i += kRows)
+      dot_rows<V, kRows>(std::min(kRows, m - i), a + i * lda + 2 * q0, lda, block + q0 * 16 * V, chunk, 16 * V,
+                         c + i * ldc, ldc, q0 > 0, last ? last + i * ldo : nullptr, ldo);
+  }
+}
+
+// Columns [j0, j1) of a [m, ke] bf16 (row stride lda) times a matrix laid out by lay_out, j0 and j1 on the
+// layout's blocks of 64 (j1 = n for the last): into c [m, n] float32 (row stride ldc) or, with `out`, rounded
+// into out [m, n] bf16 (row stride ldo; c then only holds partial sums where ke > 2 kChunk).
+SEAL_AVX512_BF16 void dot_columns(const Bf16* a, int64_t lda, int64_t m, const Bf16* laid, int64_t ke, int64_t j0,
+                                  int64_t j1, float* c, int64_t ldc, Bf16* out = nullptr, int64_t ldo = 0) {
+  for (; j0 < j1; j0 += kBlock) {
+    const auto* block = reinterpret_cast<const uint32_t*>(laid + ke * j0);
+    Bf16* o = out ? out + j0 : nullptr;
+    switch (std::min(kBlock, j1 - j0) / 16) {
+      case 1: dot_block<1>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo); break;
+      case 2: dot_block<2>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo); break;
+      case 3: dot_block<3>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo); break;
+      default: dot_block<4>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo);
+    }
+  }
 }
 
 SEAL_AVX512_BF16 void dot_product(const Bf16* a, int64_t lda, int64_t m, const Bf16* laid, int64_t ke, int64_t n,
                                   float* c, int64_t ldc) {
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    const auto* block = reinterpret_cast<const uint32_t*>(laid + ke * j0);
-    switch (std::min(kBlock, n - j0) / 16) {
-      case 1: dot_block<1>(a, lda, m, block, ke / 2, c + j0, ldc); break;
-      case 2: dot_block<2>(a, lda, m, block, ke / 2, c + j0, ldc); break;
-      case 3: dot_block<3>(a, lda, m, block, ke / 2, c + j0, ldc); break;
-      default: dot_block<4>(a, lda, m, block, ke / 2, c + j0, ldc);
-    }
-  }
+  dot_columns(a, lda, m, laid, ke, 0, n, c, ldc);
 }
 
 // c [m, n] float32 (row stride ldc) = a [m, ke] bf16 (row stride lda) times a matrix laid out by lay_out.
@@ -429,6 +470,56 @@ std::pair<at::Tensor, at::Tensor> brgemm_backward(const at::Tensor& gr, const at
   }
   release_micro_kernel();
   return {da, db};
+}
+
+// Frozen weights through our own products
+//
+// On this 2-core AMD EPYC (AVX-512 BF16, no AMX) the kernel above multiplies by a frozen weight laid out once
+// faster than oneDNN's packed product does at SEAL's few tokens a pass (one thread, weights from memory, 40
+// rows: 206-225 GFLOP/s against 173-182; 200 rows: 220-228 against 208-219). And its sums do not depend on
+// the number of threads: each block of 64 output columns is summed by one thread in one order, where oneDNN
+// may split a product's inner size between threads. So on such CPUs `laid_weight` lays each bf16 frozen weight
+// out once per `train` (a 1-D tensor, which tells `packed_product` whose layout it is), W^T for the forward
+// and W for the input's gradient, and `own_product` multiplies by it, the columns' blocks shared between
+// torch's threads.
+bool own_frozen_products() { return avx512_bf16_available() && !onednn_micro_kernel(); }
+
+at::Tensor laid_weight(const at::Tensor& w, bool backward) {
+  TORCH_CHECK(own_frozen_products() && w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.size(0) % 16 == 0 &&
+                  w.size(1) % 16 == 0,
+              "laid_weight: a bf16 [out, in] weight, sizes multiples of 16, on a CPU with AVX-512 BF16");
+  auto src = w.contiguous();
+  const int64_t out = src.size(0), in = src.size(1), k = backward ? out : in, n = backward ? in : out;
+  auto laid = at::empty({k * n}, src.options());
+  const auto* sp = src.data_ptr<Bf16>();
+  auto* lp = laid.data_ptr<Bf16>();
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    lay_out_into(sp, in, !backward, k, n, 1.0f, lp, b0 * kBlock, std::min(n, b1 * kBlock));
+  });
+  return laid;
+}
+
+at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid) {
+  const int64_t m = x.size(0), k = x.size(1), n = laid.numel() / k;
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && k % 16 == 0 && laid.numel() == k * n,
+              "own_product: contiguous bf16 rows whose size matches the laid-out weight's");
+  auto out = at::empty({m, n}, x.options());
+  const auto* xp = x.data_ptr<Bf16>();
+  const auto* lp = laid.data_ptr<Bf16>();
+  auto* op = out.data_ptr<Bf16>();
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    auto c = scratch<float>(k > 2 * kChunk ? m * kBlock : 0);  // partial sums over a long inner size
+    for (int64_t j0 = b0 * kBlock; j0 < std::min(n, b1 * kBlock); j0 += kBlock)
+      dot_columns(xp, k, m, lp + k * j0, k, 0, std::min(kBlock, n - j0), c.get(), kBlock, op + j0, n);
+  });
+  return out;
+}
+
+#else
+bool own_frozen_products() { return false; }
+at::Tensor laid_weight(const at::Tensor&, bool) { TORCH_CHECK(false, "laid_weight: not built with this torch"); }
+at::Tensor own_product(const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "own_product: not built with this torch");
 }
 #endif
 
@@ -1474,6 +1565,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("decode_layer", &decode_layer,
         "a Llama decoder layer for n new tokens a row through stacked adapters in bf16, writing the cache from t",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("own_frozen_products", &own_frozen_products,
+        "whether frozen bf16 weights are laid out by laid_weight here (AVX-512 BF16 without oneDNN's micro-kernel)");
+  m.def("laid_weight", &laid_weight,
+        "a bf16 [out, in] weight laid out for own_product: W^T for the forward, W (backward=True) for the input's "
+        "gradient", py::call_guard<py::gil_scoped_release>());
+  m.def("laid_product", &own_product, "bf16 rows times a weight laid out by laid_weight, on torch's threads",
         py::call_guard<py::gil_scoped_release>());
   m.def("transposed_copy", &transposed_copy, "a bf16 matrix transposed, on all of torch's threads");
   m.def("packed_attention", &packed_attention,
