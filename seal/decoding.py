@@ -12,9 +12,12 @@ norms and SwiGLU are the C++ kernels' nodes under bf16.
 
 Under bf16 on an AVX-512 CPU, with the C++ kernels built, each layer is one call of their `decode_layer`
 instead, for the prompt as well as each step: the same products, and the norms, rotary embedding, cache
-writes, attention and SwiGLU written out around them; the output projection is laid out by oneDNN. The
-bench's evaluation (20 answers of 4 adapters) took 3.4-3.5 s that way against 6.2-6.5 s with PyTorch's
-operations between the products and the prompt through transformers' forward (benchmarks/README.md). Its
+writes, attention and SwiGLU written out around them; the output projection is laid out by oneDNN. On a CPU
+with AVX-512 BF16 and no AMX, the groups and the output projection are laid out by the kernels instead, for
+products of their own (seal/kernels/cpu.cpp, "Frozen weights through our own products"; on the AMD EPYC the
+bench's evaluation 2.8-3.0 s against 3.1-3.4 s through oneDNN's). The bench's evaluation (20 answers of 4
+adapters) took 3.4-3.5 s on the AMX Xeon against 6.2-6.5 s with PyTorch's operations between the products and
+the prompt through transformers' forward (benchmarks/README.md). Its
 rotary embedding and attention compute in float32 where PyTorch's round to bf16 in between, so greedy answers
 may differ where two tokens are within bf16 rounding.
 
@@ -37,7 +40,16 @@ from torch.torch_version import TorchVersion
 from seal.models import SILU, ModelSteps
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor:
+def _packed(weight: torch.Tensor, kernel: Any = None) -> torch.Tensor:
+    """`weight` laid out once for its products: by `kernel` where it lays bf16 weights out for products of its
+    own (`decode_layer` multiplies by either layout), else by oneDNN."""
+    if (
+        kernel is not None
+        and kernel.own_frozen_products()
+        and weight.dtype == torch.bfloat16
+        and all(size % 16 == 0 for size in weight.shape)
+    ):
+        return kernel.laid_weight(weight.contiguous(), False)
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
 
 
@@ -51,8 +63,9 @@ class Group:
     outs: list[int]
 
     @classmethod
-    def of(cls, layers: list[Any], slots: list[int], dtype: torch.dtype) -> Group:
-        """The group of `layers` (seal.multilora.MultiLoraLinear) with the adapters of `slots` stacked."""
+    def of(cls, layers: list[Any], slots: list[int], dtype: torch.dtype, kernel: Any = None) -> Group:
+        """The group of `layers` (seal.multilora.MultiLoraLinear) with the adapters of `slots` stacked, laid
+        out by `_packed` (with `kernel`, only for its `decode_layer`)."""
         outs = [layer.base_layer.out_features for layer in layers]
         frozen = [layer.base_layer.weight.detach() for layer in layers]
         rank = layers[0].lora_A[slots[0]].shape[0]
@@ -78,7 +91,7 @@ class Group:
                 for layer, f in zip(layers, frozen, strict=True)
             ]
             bias = torch.cat([*parts, frozen[0].new_zeros(len(layers) * width)]).to(dtype)
-        return cls(_packed(stacked), bias, _packed(b), outs)
+        return cls(_packed(stacked, kernel), bias, _packed(b, kernel), outs)
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """Each projection of `x` [rows, in] with its row's adapter; `mask` [rows, width] is 1 on the row's
@@ -151,17 +164,19 @@ def fused(lm: Any, kernel: Any) -> bool:
     )
 
 
-def stacked_groups(model: nn.Module, slots: list[int], dtype: torch.dtype) -> list[LayerGroups]:
-    """Each decoder layer's groups with the adapters of `slots` stacked."""
+def stacked_groups(
+    model: nn.Module, slots: list[int], dtype: torch.dtype, kernel: Any = None
+) -> list[LayerGroups]:
+    """Each decoder layer's groups with the adapters of `slots` stacked (`kernel`: for its `decode_layer`)."""
     out = []
     for layer in adapted_llama_layers(model) or []:
         attn, mlp = layer.self_attn, layer.mlp
         out.append(
             LayerGroups(
-                Group.of([attn.q_proj, attn.k_proj, attn.v_proj], slots, dtype),
-                Group.of([attn.o_proj], slots, dtype),
-                Group.of([mlp.gate_proj, mlp.up_proj], slots, dtype),
-                Group.of([mlp.down_proj], slots, dtype),
+                Group.of([attn.q_proj, attn.k_proj, attn.v_proj], slots, dtype, kernel),
+                Group.of([attn.o_proj], slots, dtype, kernel),
+                Group.of([mlp.gate_proj, mlp.up_proj], slots, dtype, kernel),
+                Group.of([mlp.down_proj], slots, dtype, kernel),
             )
         )
     return out
@@ -189,7 +204,7 @@ class LlamaSteps:
         self.fused = fused(lm, kernel)  # each layer one call of the kernels' `decode_layer`
         # Its output projection laid out by oneDNN too (about 10 ms): at 5-20 rows the plain product read the
         # weight at about half the speed.
-        self.head = _packed(self.model.lm_head.weight.detach().to(self.dtype)) if self.fused else None
+        self.head = _packed(self.model.lm_head.weight.detach().to(self.dtype), kernel) if self.fused else None
         slots = sorted({s for s in row_slots if s >= 0})
         self.mask = torch.zeros(len(row_slots), len(slots) * rank, dtype=self.dtype, device=lm.device)
         for row, slot in enumerate(row_slots):
@@ -247,6 +262,8 @@ class LlamaSteps:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         normed = self._norm(self.model.model.norm, x)
+        if self.head is not None and self.head.dim() == 1:  # laid out by the kernel
+            return self.kernel.laid_product(normed.contiguous(), self.head).float()
         if self.head is not None:
             return torch.ops.mkldnn._linear_pointwise(normed, self.head, None, "none", [], None).float()
         return self.model.lm_head(normed).float()

@@ -1011,11 +1011,13 @@ class MultiLoraUpdater:
             return None
         dtype = self.lm.autocast_dtype or torch.float32
         kernel = self._decoding_kernel()
+        layout = kernel if decoding.fused(self.lm, kernel) else None  # its own layout only for decode_layer
 
         def groups(slots: tuple[int, ...]) -> list[decoding.LayerGroups]:
             if slots not in self._decoding_groups:
                 self._decoding_groups.clear()  # one set at a time: each holds a copy of the frozen weights
-                self._decoding_groups[slots] = decoding.stacked_groups(self.lm.model, list(slots), dtype)
+                model = self.lm.model
+                self._decoding_groups[slots] = decoding.stacked_groups(model, list(slots), dtype, layout)
             return self._decoding_groups[slots]
 
         def steps() -> ModelSteps | decoding.LlamaSteps:

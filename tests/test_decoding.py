@@ -75,30 +75,39 @@ def test_lean_steps_compute_the_logits_of_transformers_steps_as_rows_leave_and_t
 
 
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="bf16 decoding needs a CPU that computes in bf16")
-@pytest.mark.parametrize("fused", [True, False], ids=["decode_layer", "PyTorch's operations"])
-def test_under_bf16_lean_steps_stay_within_bf16_rounding_of_transformers_steps(fused, monkeypatch):
+@pytest.mark.parametrize(
+    ("fused", "rank"),
+    [(True, 4), (True, 16), (False, 4)],
+    ids=["decode_layer", "decode_layer, rank 16", "PyTorch's operations"],
+)
+def test_under_bf16_lean_steps_stay_within_bf16_rounding_of_transformers_steps(fused, rank, monkeypatch):
     """Under bf16 autocast each step's logits differ from transformers' by bf16 roundings only, far less than
     the logits' spread: with the C++ kernels' `decode_layer` for whole layers, the left-padded prompts
-    included, where AVX-512 has it (tests/test_kernels.py checks the layer itself closely); and with PyTorch's
-    operations around the kernels' norms and SwiGLU."""
+    included, where AVX-512 has it (tests/test_kernels.py checks the layer itself closely), its groups laid
+    out by oneDNN (rank 4) or, at rank 16 on AVX-512 BF16 without AMX, by the kernel for its own products; and
+    with PyTorch's operations around the kernels' norms and SwiGLU."""
     lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
-    updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 3)
+    updater = MultiLoraUpdater(lm, AdaptConfig(**dict(CFG, rank=rank, alpha=2 * rank)), 3)
     if fused and (updater.kernel is None or not updater.kernel.avx512_available()):
         pytest.skip("decode_layer needs the C++ kernels on an AVX-512 CPU")
     made, lean_steps = [], decoding.LlamaSteps
 
     def steps_made(*args, **kwargs):
         made.append(lean_steps(*args, **kwargs))
-        made[-1].fused = made[-1].fused and fused
         return made[-1]
 
     monkeypatch.setattr(decoding, "LlamaSteps", steps_made)
+    if not fused:
+        monkeypatch.setattr(decoding, "fused", lambda lm, kernel: False)
     _, three, five = updater.train(JOBS)
     compared = 0
     for ours, theirs in side_by_side(updater, [three, None, five], steps=8, drop_at=3):
         assert (ours - theirs).abs().max() < 0.05 * theirs.std()
         compared += 1
     assert compared == 8 and [steps.fused for steps in made] == [fused]
+    if rank == 16:  # every group's sizes are multiples of 16
+        own = fused and updater.kernel.own_frozen_products()
+        assert [group.weight.dim() for group in made[0].weights[0].all()] == [1 if own else 2] * 4
 
 
 def test_models_or_adapters_the_lean_steps_do_not_cover_decode_through_transformers():

@@ -777,7 +777,7 @@ def test_with_only_our_own_products_the_last_lane_takes_both_threads_once_the_ot
     rank 16, heads 16 wide), training does not depend on the number of threads: the lane left alone takes both
     threads from its first round after the other lane has ended, not at a predicted round, and its adapters
     are bit for bit those of the same lanes with one thread in all."""
-    long_job = dataclasses.replace(MIXED_JOBS[3], sequences=MIXED_JOBS[3].sequences * 8)
+    long_job = dataclasses.replace(MIXED_JOBS[3], sequences=MIXED_JOBS[3].sequences * 30)
     jobs = [*MIXED_JOBS[:3], long_job]
 
     def train(threads: int) -> tuple[list, list, list]:

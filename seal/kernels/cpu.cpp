@@ -93,6 +93,7 @@ SEAL_AVX512 inline __mmask16 lanes_left(int64_t left) {  // the first min(left, 
 #endif
 
 at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid);
+at::Tensor own_product_added(const at::Tensor& x, const at::Tensor& laid, const at::Tensor& other);
 
 // x times a frozen weight laid out once: by oneDNN (a 2-D tensor) or by laid_weight (1-D, no bias).
 at::Tensor packed_product(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
@@ -515,11 +516,34 @@ at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid) {
   return out;
 }
 
+// other + x times the laid-out weight, the sum rounded to bf16 once (as oneDNN's "add" product rounds it).
+at::Tensor own_product_added(const at::Tensor& x, const at::Tensor& laid, const at::Tensor& other) {
+  const int64_t m = x.size(0), k = x.size(1), n = laid.numel() / k;
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && k % 16 == 0 && laid.numel() == k * n &&
+                  other.scalar_type() == at::kBFloat16 && other.size(0) == m && other.size(1) == n,
+              "own_product_added: contiguous bf16 rows and a bf16 [rows, out] to add");
+  auto out = other.contiguous().clone();
+  const auto* xp = x.data_ptr<Bf16>();
+  const auto* lp = laid.data_ptr<Bf16>();
+  auto* op = out.data_ptr<Bf16>();
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    auto c = scratch<float>(m * kBlock);
+    for (int64_t j0 = b0 * kBlock; j0 < std::min(n, b1 * kBlock); j0 += kBlock) {
+      const int64_t w = std::min(kBlock, n - j0);
+      dot_columns(xp, k, m, lp + k * j0, k, 0, w, c.get(), w);
+      round_rows(c.get(), m, w, op + j0, n, true);
+    }
+  });
+  return out;
+}
 #else
 bool own_frozen_products() { return false; }
 at::Tensor laid_weight(const at::Tensor&, bool) { TORCH_CHECK(false, "laid_weight: not built with this torch"); }
 at::Tensor own_product(const at::Tensor&, const at::Tensor&) {
   TORCH_CHECK(false, "own_product: not built with this torch");
+}
+at::Tensor own_product_added(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "own_product_added: not built with this torch");
 }
 #endif
 
@@ -1399,8 +1423,8 @@ SEAL_AVX512 void add_range(const float* x, const Bf16* y, float* out, int64_t be
 #endif
 
 // A group's products for `h` [rows x n, in] (seal.decoding.Group): the frozen outputs plus each token's row's own
-// adapters'. `weight` and `b` are laid out by oneDNN; `parts` projections share them, each with mask's width of
-// A rows.
+// adapters'. `weight` and `b` are laid out by oneDNN or by laid_weight; `parts` projections share them, each with
+// mask's width of A rows.
 at::Tensor decode_group(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& b, const at::Tensor& mask,
                         int64_t parts, int64_t n) {
   static auto binary = c10::Dispatcher::singleton()
@@ -1419,6 +1443,7 @@ at::Tensor decode_group(const at::Tensor& h, const at::Tensor& weight, const at:
         hp[(i * parts + p) * width + j] =
             static_cast<float>(keep[j]) != 0.0f ? yp[i * columns + frozen + p * width + j] : Bf16(0.0f);
   }
+  if (b.dim() == 1) return own_product_added(hidden, b, y.narrow(1, 0, frozen));
   return binary.call(hidden, y.narrow(1, 0, frozen).contiguous(), b, c10::nullopt, "add");
 }
 
