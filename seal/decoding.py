@@ -37,18 +37,14 @@ import torch
 from torch import nn
 from torch.torch_version import TorchVersion
 
+from seal.kernels import lays_out
 from seal.models import SILU, ModelSteps
 
 
 def _packed(weight: torch.Tensor, kernel: Any = None) -> torch.Tensor:
     """`weight` laid out once for its products: by `kernel` where it lays bf16 weights out for products of its
     own (`decode_layer` multiplies by either layout), else by oneDNN."""
-    if (
-        kernel is not None
-        and kernel.own_frozen_products()
-        and weight.dtype == torch.bfloat16
-        and all(size % 16 == 0 for size in weight.shape)
-    ):
+    if lays_out(kernel, weight):
         return kernel.laid_weight(weight.contiguous(), False)
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
 

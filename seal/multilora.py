@@ -59,7 +59,7 @@ from seal.adapt import (
     tokenize,
 )
 from seal.config import AdaptConfig
-from seal.kernels import cpu_kernels
+from seal.kernels import cpu_kernels, lays_out
 from seal.models import (
     LM,
     PACKABLE_ATTENTION,
@@ -665,8 +665,9 @@ class MultiLoraUpdater:
         every linear layer of the model, the output projection included; the adapters' and the attention's
         products through the micro-kernel of our own), whose sums do not depend on the number of threads. The
         other nodes (norms, silu, softmax, AdamW) compute each value alone."""
-        ours = [t[2:] and all(x.dim() == 1 for x in t[2:]) for t in [*tensors, self.head or []]]
-        if self.head is None or not all(ours):
+        if self.head is None:
+            return False
+        if not all(len(t) > 2 and all(x.dim() == 1 for x in t[2:]) for t in [*tensors, self.head]):
             return False  # some weight as it is, or laid out by oneDNN
         config = self.lm.model.config
         linears = sum(isinstance(m, nn.Linear) for m in self.lm.model.modules())
@@ -1128,16 +1129,9 @@ def kernel_tensors(
 
 
 def own_layout(base: nn.Linear, weight: torch.Tensor, kernel: Any) -> bool:
-    """Whether `kernel` lays `weight` out for products of its own (seal/kernels/cpu.cpp, "Frozen weights
-    through our own products"): a CPU with AVX-512 BF16 where oneDNN offers no micro-kernel, a bf16 weight
-    without a bias, sizes multiples of 16."""
-    return (
-        kernel is not None
-        and kernel.own_frozen_products()
-        and weight.dtype == torch.bfloat16
-        and base.bias is None
-        and all(size % 16 == 0 for size in weight.shape)
-    )
+    """Whether `kernel` lays `base`'s `weight` out for products of its own (`seal.kernels.lays_out`), which
+    take no bias."""
+    return base.bias is None and lays_out(kernel, weight)
 
 
 def transposed(weight: torch.Tensor, kernel: Any = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu.cpp")
@@ -63,3 +64,15 @@ def cpu_kernels(required: bool = False) -> ModuleType | None:
             ) from loaded
         return None
     return loaded
+
+
+def lays_out(kernel: ModuleType | None, weight: Any) -> bool:
+    """Whether `kernel` lays `weight` out for products of its own (cpu.cpp, "Frozen weights through our own
+    products"): a CPU with AVX-512 BF16 where oneDNN offers no micro-kernel, and a bf16 weight whose sizes are
+    multiples of 16."""
+    return (
+        kernel is not None
+        and kernel.own_frozen_products()
+        and str(weight.dtype) == "torch.bfloat16"
+        and all(size % 16 == 0 for size in weight.shape)
+    )

@@ -92,8 +92,7 @@ SEAL_AVX512 inline __mmask16 lanes_left(int64_t left) {  // the first min(left, 
 }
 #endif
 
-at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid);
-at::Tensor own_product_added(const at::Tensor& x, const at::Tensor& laid, const at::Tensor& other);
+at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid, const c10::optional<at::Tensor>& added = {});
 
 // x times a frozen weight laid out once: by oneDNN (a 2-D tensor) or by laid_weight (1-D, no bias).
 at::Tensor packed_product(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
@@ -131,7 +130,7 @@ std::atomic<bool> brgemm_wanted{true};  // tests turn it off to compare with at:
 
 // Where oneDNN's micro-kernel is not offered for bf16 (PyTorch offers it where the CPU has AMX), a CPU with
 // AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake) computes the same products with a kernel of its own below
-// (`dot_product`): the layout and the rounding are the same, only the instructions differ.
+// (`dot_columns`): the layout and the rounding are the same, only the instructions differ.
 bool onednn_micro_kernel() {
 #ifdef SEAL_BRGEMM
   static const bool packs = avx512_available() && cpublas::could_pack(at::kBFloat16);
@@ -347,15 +346,10 @@ SEAL_AVX512_BF16 void dot_columns(const Bf16* a, int64_t lda, int64_t m, const B
   }
 }
 
-SEAL_AVX512_BF16 void dot_product(const Bf16* a, int64_t lda, int64_t m, const Bf16* laid, int64_t ke, int64_t n,
-                                  float* c, int64_t ldc) {
-  dot_columns(a, lda, m, laid, ke, 0, n, c, ldc);
-}
-
 // c [m, n] float32 (row stride ldc) = a [m, ke] bf16 (row stride lda) times a matrix laid out by lay_out.
 void brgemm_product(const Bf16* a, int64_t lda, int64_t m, const Bf16* laid, int64_t ke, int64_t n, float* c,
                     int64_t ldc) {
-  if (!onednn_products()) return dot_product(a, lda, m, laid, ke, n, c, ldc);
+  if (!onednn_products()) return dot_columns(a, lda, m, laid, ke, 0, n, c, ldc);
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const int64_t w = std::min(kBlock, n - j0);
     cpublas::brgemm(m, w, ke, lda, w, ldc, false, a, laid + ke * j0, c + j0, true);
@@ -500,36 +494,27 @@ at::Tensor laid_weight(const at::Tensor& w, bool backward) {
   return laid;
 }
 
-at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid) {
+// x times the laid-out weight, rounded to bf16; with `added`, added + that, the sum rounded once (as oneDNN's
+// "add" product rounds it).
+at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid, const c10::optional<at::Tensor>& added) {
   const int64_t m = x.size(0), k = x.size(1), n = laid.numel() / k;
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && k % 16 == 0 && laid.numel() == k * n,
               "own_product: contiguous bf16 rows whose size matches the laid-out weight's");
-  auto out = at::empty({m, n}, x.options());
+  TORCH_CHECK(!added || (added->scalar_type() == at::kBFloat16 && added->size(0) == m && added->size(1) == n),
+              "own_product: what is added must be bf16 [rows, out]");
+  auto out = added ? added->contiguous().clone() : at::empty({m, n}, x.options());
   const auto* xp = x.data_ptr<Bf16>();
   const auto* lp = laid.data_ptr<Bf16>();
   auto* op = out.data_ptr<Bf16>();
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
-    auto c = scratch<float>(k > 2 * kChunk ? m * kBlock : 0);  // partial sums over a long inner size
-    for (int64_t j0 = b0 * kBlock; j0 < std::min(n, b1 * kBlock); j0 += kBlock)
-      dot_columns(xp, k, m, lp + k * j0, k, 0, std::min(kBlock, n - j0), c.get(), kBlock, op + j0, n);
-  });
-  return out;
-}
-
-// other + x times the laid-out weight, the sum rounded to bf16 once (as oneDNN's "add" product rounds it).
-at::Tensor own_product_added(const at::Tensor& x, const at::Tensor& laid, const at::Tensor& other) {
-  const int64_t m = x.size(0), k = x.size(1), n = laid.numel() / k;
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && k % 16 == 0 && laid.numel() == k * n &&
-                  other.scalar_type() == at::kBFloat16 && other.size(0) == m && other.size(1) == n,
-              "own_product_added: contiguous bf16 rows and a bf16 [rows, out] to add");
-  auto out = other.contiguous().clone();
-  const auto* xp = x.data_ptr<Bf16>();
-  const auto* lp = laid.data_ptr<Bf16>();
-  auto* op = out.data_ptr<Bf16>();
-  at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
-    auto c = scratch<float>(m * kBlock);
+    // float32 sums: all of them to add onto `added`, else the partial ones over a long inner size
+    auto c = scratch<float>(added || k > 2 * kChunk ? m * kBlock : 0);
     for (int64_t j0 = b0 * kBlock; j0 < std::min(n, b1 * kBlock); j0 += kBlock) {
       const int64_t w = std::min(kBlock, n - j0);
+      if (!added) {
+        dot_columns(xp, k, m, lp + k * j0, k, 0, w, c.get(), kBlock, op + j0, n);
+        continue;
+      }
       dot_columns(xp, k, m, lp + k * j0, k, 0, w, c.get(), w);
       round_rows(c.get(), m, w, op + j0, n, true);
     }
@@ -539,11 +524,8 @@ at::Tensor own_product_added(const at::Tensor& x, const at::Tensor& laid, const 
 #else
 bool own_frozen_products() { return false; }
 at::Tensor laid_weight(const at::Tensor&, bool) { TORCH_CHECK(false, "laid_weight: not built with this torch"); }
-at::Tensor own_product(const at::Tensor&, const at::Tensor&) {
+at::Tensor own_product(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&) {
   TORCH_CHECK(false, "own_product: not built with this torch");
-}
-at::Tensor own_product_added(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
-  TORCH_CHECK(false, "own_product_added: not built with this torch");
 }
 #endif
 
@@ -1443,7 +1425,7 @@ at::Tensor decode_group(const at::Tensor& h, const at::Tensor& weight, const at:
         hp[(i * parts + p) * width + j] =
             static_cast<float>(keep[j]) != 0.0f ? yp[i * columns + frozen + p * width + j] : Bf16(0.0f);
   }
-  if (b.dim() == 1) return own_product_added(hidden, b, y.narrow(1, 0, frozen));
+  if (b.dim() == 1) return own_product(hidden, b, y.narrow(1, 0, frozen));
   return binary.call(hidden, y.narrow(1, 0, frozen).contiguous(), b, c10::nullopt, "add");
 }
 
@@ -1596,7 +1578,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("laid_weight", &laid_weight,
         "a bf16 [out, in] weight laid out for own_product: W^T for the forward, W (backward=True) for the input's "
         "gradient", py::call_guard<py::gil_scoped_release>());
-  m.def("laid_product", &own_product, "bf16 rows times a weight laid out by laid_weight, on torch's threads",
+  m.def("laid_product", &own_product, "bf16 rows times a weight laid out by laid_weight (plus `added`), on torch's "
+        "threads", py::arg("x"), py::arg("laid"), py::arg("added") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("transposed_copy", &transposed_copy, "a bf16 matrix transposed, on all of torch's threads");
   m.def("packed_attention", &packed_attention,
