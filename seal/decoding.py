@@ -17,9 +17,14 @@ with AVX-512 BF16 and no AMX, the groups and the output projection are laid out 
 products of their own (seal/kernels/cpu.cpp, "Frozen weights through our own products"; on the AMD EPYC the
 bench's evaluation 2.8-3.0 s against 3.1-3.4 s through oneDNN's). The bench's evaluation (20 answers of 4
 adapters) took 3.4-3.5 s on the AMX Xeon against 6.2-6.5 s with PyTorch's operations between the products and
-the prompt through transformers' forward (benchmarks/README.md). Its
-rotary embedding and attention compute in float32 where PyTorch's round to bf16 in between, so greedy answers
-may differ where two tokens are within bf16 rounding.
+the prompt through transformers' forward (benchmarks/README.md). The first tokens that the prompts of one
+slot's rows share (SEAL's questions about one passage share the chat template and the topic) go through the
+layers once for the slot, from one of its rows, and are copied into the cache of the others: in the bench, 4 x
+34 tokens and then 20 x 31 where the 20 prompts filled 20 x 65 with their padding, its prompts 0.70-0.74 s
+against 1.22-1.26 s on the AMD EPYC. Attention sums its weights one key after another, so that the logits are
+bit for bit those of the prompts computed whole wherever the padding puts a row's keys. Its rotary embedding
+and attention compute in float32 where PyTorch's round to bf16 in between, so greedy answers may differ where
+two tokens are within bf16 rounding.
 
 `LlamaSteps` has the interface of `seal.models.ModelSteps`; without `decode_layer` the prompt goes through the
 model's own forward (one call a batch). The adapters' products run in the compute dtype, as in training (the
@@ -201,6 +206,7 @@ class LlamaSteps:
         # Its output projection laid out by oneDNN too (about 10 ms): at 5-20 rows the plain product read the
         # weight at about half the speed.
         self.head = _packed(self.model.lm_head.weight.detach().to(self.dtype), kernel) if self.fused else None
+        self.row_slots = list(row_slots)
         slots = sorted({s for s in row_slots if s >= 0})
         self.mask = torch.zeros(len(row_slots), len(slots) * rank, dtype=self.dtype, device=lm.device)
         for row, slot in enumerate(row_slots):
@@ -216,8 +222,12 @@ class LlamaSteps:
             self.keys = [input_ids.new_empty(shape, dtype=self.dtype) for _ in self.layers]
             self.values = [input_ids.new_empty(shape, dtype=self.dtype) for _ in self.layers]
             self._allow(mask)
-            x = self._fused_layers(input_ids, positions, 0)
-            return self._logits(x.view(rows, self.length, -1)[:, -1])
+            shared = self._shared_prefix(input_ids, mask)
+            if shared:  # computed once a slot into the cache's first positions; then each row's own tokens
+                self._prefill_prefix(input_ids, mask, shared)
+                input_ids, positions = input_ids[:, shared:], positions[:, shared:]
+            x = self._fused_layers(input_ids, positions, shared)
+            return self._logits(x.view(rows, input_ids.shape[1], -1)[:, -1])
         prompt = ModelSteps(self.lm)  # the prompt through the model's own forward
         logits = prompt.start(input_ids, mask, positions)
         layers = _cached(prompt.cache)
@@ -226,14 +236,54 @@ class LlamaSteps:
         self._allow(mask)
         return logits
 
+    def _shared_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor) -> int:
+        """How many first tokens every row's prompt shares with the other rows of its slot (0 where that is
+        under MIN_SHARED, or no slot has two rows); at least one token of each prompt is left."""
+        lengths = mask.sum(-1).tolist()
+        if len(set(self.row_slots)) == len(self.row_slots) or min(lengths) <= MIN_SHARED:
+            return 0
+        prompts = [row[len(row) - n :] for row, n in zip(input_ids.tolist(), lengths, strict=True)]
+        first = {slot: prompts[self.row_slots.index(slot)] for slot in set(self.row_slots)}
+        shared = min(lengths) - 1
+        for slot, prompt in zip(self.row_slots, prompts, strict=True):
+            same = [a == b for a, b in zip(prompt[:shared], first[slot], strict=False)]
+            shared = same.index(False) if False in same else shared
+        return shared if shared >= MIN_SHARED else 0
+
+    def _prefill_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor, shared: int) -> None:
+        """The first `shared` tokens of each slot's prompts through the layers once, from one of its rows,
+        their keys and values copied into the cache's first `shared` positions of every row of the slot; the
+        rows' padding moves after them (the rows keep their positions, so attention sees what it saw)."""
+        slots = sorted(set(self.row_slots))
+        one = [self.row_slots.index(slot) for slot in slots]  # a row of each slot
+        pad = (mask.shape[1] - mask.sum(-1)).tolist()
+        prefix = torch.stack([input_ids[row, pad[row] : pad[row] + shared] for row in one])
+        positions = torch.arange(shared, device=input_ids.device).expand(len(one), shared)
+        shape = (len(one), self.kv_heads, shared, self.head_dim)
+        keys = [input_ids.new_empty(shape, dtype=self.dtype) for _ in self.layers]
+        values = [input_ids.new_empty(shape, dtype=self.dtype) for _ in self.layers]
+        allowed = torch.ones(len(one), shared, dtype=torch.bool, device=input_ids.device)
+        self._fused_layers(prefix, positions, 0, (keys, values, allowed, self.mask[one]))
+        of_row = torch.tensor([slots.index(slot) for slot in self.row_slots], device=input_ids.device)
+        for i in range(len(self.layers)):
+            self.keys[i][:, :, :shared] = keys[i][of_row]
+            self.values[i][:, :, :shared] = values[i][of_row]
+        self.allowed[:, :shared] = True
+        for row, n in enumerate(pad):  # the prompt's own tokens stay where they were; before them, padding
+            self.allowed[row, shared : shared + n] = False
+
     def _allow(self, mask: torch.Tensor) -> None:
         """Where each row may attend: not its padding, nor the cache not yet written."""
         self.allowed = torch.zeros(len(mask), self.keys[0].shape[2], dtype=torch.bool, device=mask.device)
         self.allowed[:, : self.length] = mask.bool()
 
-    def _fused_layers(self, tokens: torch.Tensor, positions: torch.Tensor, t: int) -> torch.Tensor:
+    def _fused_layers(
+        self, tokens: torch.Tensor, positions: torch.Tensor, t: int, cache: tuple | None = None
+    ) -> torch.Tensor:
         """The residual stream [rows x n, hidden] after every layer for `tokens` [rows, n] at `positions`,
-        their keys and values written into the cache from position `t` (`decode_layer`)."""
+        their keys and values written into the cache from position `t` (`decode_layer`); `cache`: keys,
+        values, allowed and mask for other rows than the steps' own."""
+        keys, values, allowed, mask = cache or (self.keys, self.values, self.allowed, self.mask)
         x = self.model.model.embed_tokens(tokens).float()
         cos, sin = self.model.model.rotary_emb(x, positions)
         x, cos, sin = (v.reshape(-1, v.shape[-1]).contiguous() for v in (x, cos, sin))
@@ -244,12 +294,12 @@ class LlamaSteps:
                 layer.post_attention_layernorm.weight,
                 layer.input_layernorm.variance_epsilon,
                 [tensor for group in groups.all() for tensor in (group.weight, group.b)],
-                self.mask,
+                mask,
                 cos,
                 sin,
-                self.keys[i],
-                self.values[i],
-                self.allowed,
+                keys[i],
+                values[i],
+                allowed,
                 t,
                 self.heads,
                 self.scaling,
@@ -316,6 +366,10 @@ class LlamaSteps:
         if self.kernel is not None:
             return self.kernel.swiglu(gate, up)
         return nn.functional.silu(gate) * up
+
+
+# The fewest first tokens of a prompt that `LlamaSteps` computes once for all rows of a slot sharing them.
+MIN_SHARED = 8
 
 
 def _cached(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

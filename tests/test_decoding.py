@@ -135,3 +135,42 @@ def test_generation_through_decode_layer_lays_nothing_out_for_the_model_s_layers
     monkeypatch.setattr(decoding, "fits", lambda lm: False)
     assert updater.generate(PROMPTS, [three, five, three], max_new_tokens=6) == ours
     assert laid_out  # transformers' forward: the weights cast for the call
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="bf16 decoding needs a CPU that computes in bf16")
+def test_a_prompt_start_shared_by_one_slot_s_rows_is_computed_once_and_changes_no_logit(monkeypatch):
+    """Through `decode_layer`, the first tokens that the prompts of one slot's rows share (SEAL's questions:
+    the chat template and the topic) go through the layers once for the slot, into every row's cache, the
+    padding after them: each step's logits are bit for bit those of the prompts computed whole, left padding
+    and the base model's rows included."""
+    lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
+    updater = MultiLoraUpdater(lm, AdaptConfig(**dict(CFG, rank=16, alpha=32)), 3)
+    if not decoding.fused(lm, updater._decoding_kernel()):
+        pytest.skip("decode_layer needs the C++ kernels on an AVX-512 CPU")
+    _, three, five = updater.train(JOBS)
+    start = "Topic: the Qirra probe and Port Vellan.\nQuestion: "
+    questions = ["Who built it?", "Where is Port Vellan, and what is made there?", "When did it fly?"]
+    prompts = [start + q for q in questions] * 2 + [start + questions[1]]
+    adapters = [three] * 3 + [five] * 3 + [None]
+    shared = []
+    prefill = decoding.LlamaSteps._prefill_prefix
+    monkeypatch.setattr(
+        decoding.LlamaSteps, "_prefill_prefix", lambda self, *a: shared.append(a[-1]) or prefill(self, *a)
+    )
+    lm.tokenizer.padding_side = "left"
+    batch = lm.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+    assert batch.attention_mask.sum(-1).unique().numel() > 1  # prompts of different lengths: left padding
+    logits, sharing = {}, decoding.MIN_SHARED
+    for least in (sharing, 10**9):
+        monkeypatch.setattr(decoding, "MIN_SHARED", least)
+        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        route = updater._routed(adapters, len(prompts), len(prompts))["context"]
+        with torch.no_grad(), updater._inference(adapters), lm.autocast(), route(list(range(len(prompts)))):
+            steps = updater._steps()()
+            out = [steps.start(batch.input_ids, batch.attention_mask, positions)]
+            for _ in range(4):
+                out.append(steps.next(out[-1].argmax(-1)))
+        logits[least] = out
+    assert len(shared) == 1 and shared[0] >= len(lm.tokenizer(start)["input_ids"]) - 1
+    for once, whole in zip(logits[sharing], logits[10**9], strict=True):
+        assert torch.equal(once, whole)

@@ -1381,14 +1381,15 @@ SEAL_AVX512 void decode_attention_head(const Bf16* q, const Bf16* keys, const Bf
     return;
   }
   const auto most = _mm512_set1_ps(highest);
-  auto total = _mm512_setzero_ps();
   for (int64_t p = 0; p < length; p += 16) {  // exp(-inf) = 0 where not allowed
     const auto m = lanes_left(length - p);
-    const auto e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + p), most));
-    total = _mm512_mask_add_ps(total, m, total, e);
-    _mm512_mask_storeu_ps(scores + p, m, e);
+    _mm512_mask_storeu_ps(scores + p, m, Sleef_expf16_u10(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + p), most)));
   }
-  const auto inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  // Summed one key after another (a key not allowed adds an exact 0): the same sum wherever the row's padding
+  // puts its keys in the cache (LlamaSteps computes a prompt's shared first tokens apart).
+  float total = 0.0f;
+  for (int64_t p = 0; p < length; ++p) total += scores[p];
+  const auto inverse = _mm512_set1_ps(1.0f / total);
   for (int64_t j = 0; j < width; j += 16) {
     auto sum = _mm512_setzero_ps();
     for (int64_t p = 0; p < length; ++p)
