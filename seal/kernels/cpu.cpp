@@ -1380,16 +1380,25 @@ SEAL_AVX512 void decode_attention_head(const Bf16* q, const Bf16* keys, const Bf
     std::fill(out, out + width, Bf16(0.0f));
     return;
   }
-  const auto most = _mm512_set1_ps(highest);
+  // The allowed keys' weights are also packed, in key order, after `scores` (its second half), and summed
+  // there 16 at a time: the same sum wherever the row's padding puts its keys in the cache (LlamaSteps
+  // computes the prompts' shared first tokens apart).
+  float* packed = scores + round16(length);
+  int64_t count = 0;
+  const auto most = _mm512_set1_ps(highest), none = _mm512_set1_ps(-INFINITY);
   for (int64_t p = 0; p < length; p += 16) {  // exp(-inf) = 0 where not allowed
     const auto m = lanes_left(length - p);
-    _mm512_mask_storeu_ps(scores + p, m, Sleef_expf16_u10(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + p), most)));
+    const auto s = _mm512_maskz_loadu_ps(m, scores + p);
+    const auto e = Sleef_expf16_u10(_mm512_sub_ps(s, most));
+    _mm512_mask_storeu_ps(scores + p, m, e);
+    const __mmask16 kept = _mm512_mask_cmp_ps_mask(m, s, none, _CMP_NEQ_OQ);
+    _mm512_mask_compressstoreu_ps(packed + count, kept, e);
+    count += __builtin_popcount(kept);
   }
-  // Summed one key after another (a key not allowed adds an exact 0): the same sum wherever the row's padding
-  // puts its keys in the cache (LlamaSteps computes a prompt's shared first tokens apart).
-  float total = 0.0f;
-  for (int64_t p = 0; p < length; ++p) total += scores[p];
-  const auto inverse = _mm512_set1_ps(1.0f / total);
+  auto total = _mm512_setzero_ps();
+  for (int64_t p = 0; p < count; p += 16)
+    total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(lanes_left(count - p), packed + p));
+  const auto inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
   for (int64_t j = 0; j < width; j += 16) {
     auto sum = _mm512_setzero_ps();
     for (int64_t p = 0; p < length; ++p)
@@ -1495,7 +1504,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm_in, const at
   auto* op = attended.data_ptr<Bf16>();
   const int64_t serves = heads / kv_heads;  // query heads a key/value head serves
   at::parallel_for(0, tokens * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(round16(t + n));
+    std::vector<float> scores(2 * round16(t + n));  // the weights, then the allowed ones packed
     for (int64_t j = begin; j < end; ++j) {
       const int64_t i = j / heads, r = i / n, length = t + i % n + 1;
       const int64_t kv = (r * kv_heads + (j % heads) / serves) * capacity * width;
