@@ -21,10 +21,10 @@ the prompt through transformers' forward (benchmarks/README.md). The first token
 slot's rows share (SEAL's questions about one passage share the chat template and the topic) go through the
 layers once for the slot, from one of its rows, and are copied into the cache of the others: in the bench, 4 x
 34 tokens and then 20 x 31 where the 20 prompts filled 20 x 65 with their padding, its prompts 0.70-0.74 s
-against 1.22-1.26 s on the AMD EPYC. Attention sums its weights one key after another, so that the logits are
-bit for bit those of the prompts computed whole wherever the padding puts a row's keys. Its rotary embedding
-and attention compute in float32 where PyTorch's round to bf16 in between, so greedy answers may differ where
-two tokens are within bf16 rounding.
+against 1.22-1.26 s on the AMD EPYC. Attention sums the weights of the keys a row may attend to packed in key
+order, so that the logits are bit for bit those of the prompts computed whole wherever the padding puts a
+row's keys. Its rotary embedding and attention compute in float32 where PyTorch's round to bf16 in between, so
+greedy answers may differ where two tokens are within bf16 rounding.
 
 `LlamaSteps` has the interface of `seal.models.ModelSteps`; without `decode_layer` the prompt goes through the
 model's own forward (one call a batch). The adapters' products run in the compute dtype, as in training (the
