@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -231,6 +232,9 @@ SEAL_AVX512 void lay_out_into(const T* src, int64_t step, bool transposed, int64
   const int64_t ke = even(k);
   auto* words = reinterpret_cast<uint32_t*>(out);
   const auto factor = _mm512_set1_ps(scale);
+  // 16-bit lanes 0..15 of one row and 16..31 of the next as 16 words of a pair each
+  const auto kInterleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                            22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlock) {
     const int64_t w = std::min(kBlock, n - j0);
     uint32_t* block = words + ke * j0 / 2;
@@ -245,6 +249,21 @@ SEAL_AVX512 void lay_out_into(const T* src, int64_t step, bool transposed, int64
         }
       }
       continue;
+    }
+    if constexpr (std::is_same_v<T, Bf16>) {
+      if (scale == 1.0f) {  // bf16 as it is: each pair of rows interleaved, no rounding to do
+        for (int64_t i = 0; i < ke; i += 2) {
+          for (int64_t j = 0; j < w; j += 16) {
+            const auto low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * step + j0 + j));
+            const auto high = i + 1 < k ? _mm256_loadu_si256(
+                                              reinterpret_cast<const __m256i*>(src + (i + 1) * step + j0 + j))
+                                        : _mm256_setzero_si256();
+            const auto both = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+            _mm512_storeu_si512(block + (i / 2) * w + j, _mm512_permutexvar_epi16(kInterleave, both));
+          }
+        }
+        continue;
+      }
     }
     for (int64_t i = 0; i < ke; i += 2) {
       for (int64_t j = 0; j < w; j += 16) {
