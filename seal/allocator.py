@@ -3,9 +3,12 @@
 A training pass on a CPU allocates and frees tens of thousands of tensors. glibc's malloc is slow at that
 and gives large freed blocks back to the system, so the next pass faults the same pages in again. TCMalloc
 keeps them. Measured on the bench (2-core AVX-512 BF16 CPU, benchmarks/README.md): the update about 14 %
-faster and its peak memory lower. An allocator must be in place before the first allocation, so `preload`
-starts the command again with `LD_PRELOAD` set, before anything else runs (PyTorch's own CPU launcher,
-`torch.backends.xeon.run_cpu`, preloads TCMalloc the same way).
+faster and its peak memory lower. At its default release rate TCMalloc still hands some freed pages back as
+it goes, and on the 2-core AMD EPYC the bench's update spent about 4 % of its time faulting them in again;
+so the restart sets `TCMALLOC_RELEASE_RATE=0` (unless the environment sets it), and `release_free_memory`
+gives the free pages back between phases instead. An allocator must be in place before the first
+allocation, so `preload` starts the command again with `LD_PRELOAD` set, before anything else runs
+(PyTorch's own CPU launcher, `torch.backends.xeon.run_cpu`, preloads TCMalloc the same way).
 
 `make setup` unpacks Debian's `libtcmalloc-minimal4` into the virtual environment; a system-wide TCMalloc
 (`apt install libtcmalloc-minimal4`, gperftools) is used otherwise. Without either, or with
@@ -49,6 +52,10 @@ def preload() -> None:
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD")]))
     env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2**40))  # no message per allocation > 1 GB
+    # Keep freed pages for the next pass instead of handing some back to the system as they are freed (the
+    # default rate, 1), which made every training pass fault them in again; `release_free_memory` hands
+    # them back between phases instead.
+    env.setdefault("TCMALLOC_RELEASE_RATE", "0")
     env[_STARTED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()

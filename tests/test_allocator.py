@@ -15,8 +15,13 @@ needs_tcmalloc = pytest.mark.skipif(
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return run_in(dict(os.environ), *args, **env)
+
+
+def run_in(environ: dict[str, str], *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python *args` with `environ`, less the allocator's settings and mark of a restart, plus `env`."""
     unset = ("LD_PRELOAD", allocator.ENV, allocator._STARTED)
-    clean = {k: v for k, v in os.environ.items() if k not in unset}
+    clean = {k: v for k, v in environ.items() if k not in unset}
     return subprocess.run(
         [sys.executable, *args], env={**clean, **env}, capture_output=True, text=True, timeout=120
     )
@@ -35,6 +40,17 @@ def test_a_module_run_restarts_once_with_tcmalloc_in_the_same_process():
     )
     first, again, last = run("-c", code).stdout.splitlines()  # the restart runs the program from the top
     assert again == first and last.split() == [first, "tcmalloc"]  # in place (same PID), and only once
+
+
+@needs_tcmalloc
+def test_the_restart_keeps_freed_pages_unless_the_environment_sets_a_release_rate():
+    code = (
+        "import os; from seal import allocator; allocator.preload(); "
+        "print(allocator.in_use(), os.environ.get('TCMALLOC_RELEASE_RATE'))"
+    )
+    clean = {k: v for k, v in os.environ.items() if k != "TCMALLOC_RELEASE_RATE"}
+    assert run_in(clean, "-c", code).stdout.split() == ["tcmalloc", "0"]
+    assert run_in({**clean, "TCMALLOC_RELEASE_RATE": "5"}, "-c", code).stdout.split() == ["tcmalloc", "5"]
 
 
 @needs_tcmalloc
