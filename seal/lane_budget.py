@@ -134,17 +134,13 @@ def budgeted(layers: list[nn.Module], budget: ActivationBudget) -> Iterator[None
     layer's input needs no gradient, so its share comes back only at the end of the pass.)"""
 
     def enter(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not torch.is_grad_enabled():
-            return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        amount = hidden.shape[:-1].numel()
-        lane = budget.take(amount)
-        if lane is None:
+        counted = entering(budget, hidden)
+        if counted is hidden:
             return None
-        hidden = _GiveBack.apply(hidden, budget, lane, amount)
         if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+            return (counted, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": counted}
 
     handles = [layer.register_forward_pre_hook(enter, with_kwargs=True) for layer in layers]
     try:
@@ -152,3 +148,17 @@ def budgeted(layers: list[nn.Module], budget: ActivationBudget) -> Iterator[None
     finally:
         for handle in handles:
             handle.remove()
+
+
+def entering(budget: ActivationBudget, hidden: torch.Tensor) -> torch.Tensor:
+    """`hidden` entering a decoder layer: for a lane's counted pass that needs gradients, its tokens taken
+    from `budget` first (waiting until `may_take`) and given back after the layer's backward; else `hidden`
+    itself. `budgeted`'s hooks call it, and so does `seal.multilora.packed_layers`, which calls no layer's
+    forward."""
+    if not torch.is_grad_enabled():
+        return hidden
+    amount = hidden.shape[:-1].numel()
+    lane = budget.take(amount)
+    if lane is None:
+        return hidden
+    return _GiveBack.apply(hidden, budget, lane, amount)

@@ -421,16 +421,22 @@ def token_losses(
     chunk: int = 256,
     kernel: Any = None,
     frozen: list[torch.Tensor] | None = None,
+    layers: Callable[[dict[str, torch.Tensor]], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Cross-entropy per kept token of the pass of `inputs` (the model's keyword arguments; `keep` [1, T]
     picks the tokens) against `targets` [kept tokens]. A plain causal LM (`output_projection`): its last
     hidden state through the frozen projection a chunk at a time, in C++ with `kernel` and `frozen` (see
-    TokenLosses). Any other model: its own logits (soft-capped, scaled...), every position's at once."""
+    TokenLosses); its last hidden state from `layers(inputs)` if that gives one (`packed_layers`), else
+    from the model's forward. Any other model: its own logits (soft-capped, scaled...), every position's at
+    once."""
     head = output_projection(lm.model)
     if head is None:
         logits = lm.model(**inputs).logits[keep]
         return nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-    hidden = lm.model.base_model(**inputs).last_hidden_state[keep]
+    hidden = layers(inputs) if layers is not None else None
+    if hidden is None:
+        hidden = lm.model.base_model(**inputs).last_hidden_state
+    hidden = hidden[keep]
     if head.weight.requires_grad:
         return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="none")
     if kernel is not None and frozen is not None:
@@ -518,6 +524,8 @@ class MultiLoraUpdater:
         # While training: whether every product of a pass sums the same way on any number of threads, so that
         # the last lane may take the other threads the moment they are free (`_train_lanes`)
         self.thread_invariant = False
+        # While training: whether passes go through packed_layers rather than the model's forward
+        self.direct = False
         self.blocks = decoder_layers(lm)  # where the lanes' activation budget counts a pass's tokens
         self.budget: lane_budget.ActivationBudget | None = None  # the lanes' shared one, while they train
         self._init_lock = threading.Lock()  # lanes start jobs from the global random generator, one at a time
@@ -591,11 +599,15 @@ class MultiLoraUpdater:
                 fused_attentions(self.lm, self.kernel),
                 attention.packed_attention(self.lm),  # a CPU: attention as batched products
             ):
+                # Checkpointing and compiling go through each decoder layer's forward: not around it.
+                plain = not self.compiled and not self.cfg.gradient_checkpointing
+                self.direct = plain and direct_layers(self.lm, self.kernel)
                 if len(lanes) == 1:
                     self._train_lane(*lanes[0], jobs, adapters, bar)
                 else:
                     self._train_lanes(lanes, jobs, adapters, bar)
         finally:
+            self.direct = False
             torch.set_num_threads(threads)
             self.slots_in_use = sum(len(slots) for slots, _ in lanes)
             self.lm.model.eval()
@@ -934,7 +946,10 @@ class MultiLoraUpdater:
                     use_cache=False,
                 )
                 targets = batch.targets[keep]
-                kept = token_losses(lm, inputs, keep, targets, kernel=self.kernel, frozen=self.head)
+                layers = self._packed_layers if self.direct else None
+                kept = token_losses(
+                    lm, inputs, keep, targets, kernel=self.kernel, frozen=self.head, layers=layers
+                )
                 losses = adapter_losses(kept, slots, counts)
             shares = losses.tolist()
             failed = [k for k in present if not math.isfinite(shares[k])]
@@ -945,6 +960,11 @@ class MultiLoraUpdater:
                     self.budget.backward_begins()
                 losses[present].sum().backward()
         return failed
+
+    def _packed_layers(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """`packed_layers` for one of this updater's passes, each layer entered through the lanes' budget."""
+        enter = functools.partial(lane_budget.entering, self.budget) if self.budget else None
+        return packed_layers(self.lm, inputs, self.kernel, enter)
 
     def _counted(self, batch: PackedBatch) -> contextlib.AbstractContextManager:
         """The pass of `batch`, counted in the lanes' activation budget if they have one."""
@@ -1278,6 +1298,92 @@ def fused_attentions(lm: LM, kernel: Any) -> Iterator[None]:
     attentions = module_forwards(lm, LLAMA_ATTENTIONS, forward, lambda module: True)
     with swapped_forwards(attentions):
         yield
+
+
+# Decoder layers that compute as Llama's: norm, attention, residual sum, norm, MLP, residual sum.
+LLAMA_LAYERS = frozenset(f"{kind}DecoderLayer" for kind in ("Llama", "Mistral", "Qwen2"))
+
+
+def direct_layers(lm: LM, kernel: Any) -> bool:
+    """Whether `packed_layers` may compute `lm`'s training passes: the kernels' AVX-512 nodes in use
+    (`avx512_nodes`), and every decoder layer a Llama-style one whose seven projections are adapted layers
+    computing through the kernel, whose MLP is SiLU-gated, and whose norms, like the last one, are frozen."""
+    decoder = lm.model.base_model
+    layers = getattr(decoder, "layers", None)
+    if not avx512_nodes(lm, kernel) or not layers or not hasattr(decoder, "rotary_emb"):
+        return False
+    norms = [getattr(decoder, "norm", None)]
+    for layer in layers:
+        if (
+            type(layer).__name__ not in LLAMA_LAYERS
+            or type(layer.self_attn).__name__ not in LLAMA_ATTENTIONS
+            or type(layer.mlp).__name__ not in LLAMA_MLPS
+            or type(layer.mlp.act_fn).__name__ not in SILU
+            or not all(isinstance(m, MultiLoraLinear) and m.kernel is not None for m in projections(layer))
+        ):
+            return False
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+    return all(type(n).__name__ in LLAMA_NORMS and not n.weight.requires_grad for n in norms)
+
+
+def projections(layer: nn.Module) -> list[nn.Module]:
+    """A Llama-style decoder layer's seven linear layers: q, k, v, o, gate, up, down."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+
+def packed_layers(
+    lm: LM,
+    inputs: dict[str, torch.Tensor],
+    kernel: Any,
+    enter: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """The last hidden state of a packed training pass (`inputs` as `token_losses` gets them) of a model
+    that `direct_layers` accepts, each decoder layer's nodes called one after another: the calls, arguments
+    and order of transformers' decoder layer with `norms_in_compute_dtype`, `fused_attentions`, `fused_mlps`
+    and MultiLoraLinear's runs in place, so the same graph and the same numbers, without the dozen module
+    calls around each layer's nodes (Python, hooks, the routing looked up by each projection). What enters
+    each layer goes through `enter` first, if given (the lanes' budget, in place of `budgeted`'s hooks). None
+    where the pass is not one that `fused_attentions` computes in one node: the caller then runs the model's
+    forward."""
+    decoder = lm.model.base_model
+    hidden = decoder.embed_tokens(inputs["input_ids"])
+    rotary = decoder.rotary_emb(hidden, inputs["position_ids"])
+    first = decoder.layers[0].self_attn
+    routing = first.q_proj.routing.current()
+    starts = attention.fusable(first, hidden, rotary, inputs["attention_mask"], {})
+    if starts is None or hidden.dtype != torch.float32 or not routing.per_token or routing.mask is not None:
+        return None
+    run_starts, lengths, slots = [], [], []
+    offset = 0
+    for slot, n in routing.runs:
+        if slot >= 0:
+            run_starts.append(offset)
+            lengths.append(n)
+            slots.append(slot)
+        offset += n
+
+    def linear(m: MultiLoraLinear, x: torch.Tensor) -> torch.Tensor:
+        a, b = [m.lora_A[s] for s in slots], [m.lora_B[s] for s in slots]
+        return kernel.lora_linear(x, m.kernel_frozen, a, b, run_starts, lengths, m.scaling)
+
+    def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return kernel.rms_norm(x, module.weight, module.variance_epsilon)
+
+    cos, sin = rotary
+    for layer in decoder.layers[: decoder.config.num_hidden_layers]:  # as transformers' forward
+        if enter is not None:
+            hidden = enter(hidden)
+        attn, mlp = layer.self_attn, layer.mlp
+        x = norm(layer.input_layernorm, hidden)
+        q, k, v = linear(attn.q_proj, x), linear(attn.k_proj, x), linear(attn.v_proj, x)
+        heads = q.shape[-1] // attn.head_dim
+        attended = kernel.packed_attention(q, k, v, cos, sin, starts, heads, attn.scaling)
+        hidden = hidden + linear(attn.o_proj, attended)
+        x = norm(layer.post_attention_layernorm, hidden)
+        gate, up = linear(mlp.gate_proj, x), linear(mlp.up_proj, x)
+        hidden = hidden + linear(mlp.down_proj, kernel.swiglu(gate, up))
+    return norm(decoder.norm, hidden)
 
 
 def compiled_blocks(lm: LM, layers: list[tuple[str, MultiLoraLinear]]) -> list[tuple[nn.Module, Callable]]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from seal import attention, decoding, kernels, multilora
+from seal import attention, decoding, kernels, lane_budget, multilora
 from seal.config import AdaptConfig
 from seal.models import cpu_supports_bf16
 from seal.multilora import (
@@ -621,6 +621,44 @@ def test_under_bf16_autocast_the_updater_trains_through_the_kernels_nodes(avx512
     assert all(a.result.error is None for a in adapters)
     assert modules and len(calls) >= len(modules) and set(calls) == {torch.bfloat16}
     assert all("forward" not in vars(module) for module in modules)
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_passes_that_call_the_layers_nodes_directly_train_what_the_model_s_forward_trains(
+    avx512_kernel, monkeypatch, lanes
+):
+    """Under bf16 autocast on an AVX-512 CPU the updater's passes call each decoder layer's nodes one after
+    another (`packed_layers`) instead of the model's forward, no layer's forward is called, each layer is
+    entered through the lanes' activation budget where they share one, and the adapters are bit for bit those
+    trained through the model's forward."""
+
+    def train(direct: bool):
+        lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
+        generator = torch.Generator().manual_seed(0)
+        for module in lm.model.modules():  # norms of their own (a fresh model's are all ones)
+            if isinstance(module, LlamaRMSNorm):
+                module.weight.data = 0.5 + torch.rand(module.weight.shape, generator=generator)
+        updater = MultiLoraUpdater(lm, AdaptConfig(**MIXED_CFG, lanes=lanes), 4)
+        forwards, entered = [], []
+        for layer in multilora.decoder_layers(lm):
+            layer.register_forward_pre_hook(lambda module, args: forwards.append(module))
+        entering = lane_budget.entering
+        with monkeypatch.context() as patch:
+            patch.setattr(lane_budget, "entering", lambda *args: entered.append(args) or entering(*args))
+            if not direct:
+                patch.setattr(multilora, "direct_layers", lambda lm, kernel: False)
+            adapters = updater.train(MIXED_JOBS)
+        assert all(a.result.error is None for a in adapters)
+        return adapters, forwards, entered, updater.budget
+
+    adapters, forwards, entered, budget = train(direct=True)
+    assert not forwards
+    assert (budget is not None) == (lanes > 1) == bool(entered)
+    through_forward, forwards, _, _ = train(direct=False)
+    assert forwards
+    for got, want in zip(adapters, through_forward, strict=True):
+        assert got.result.epoch_losses == want.result.epoch_losses
+        assert all(torch.equal(got.state[k], v) for k, v in want.state.items())
 
 
 def test_the_updater_trains_through_the_kernel_where_it_builds(kernel):
