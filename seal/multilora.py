@@ -19,7 +19,9 @@ projection a chunk of tokens at a time, so the full logits (50k per token) are n
 On a CPU the slots and jobs are split into lanes (`adapt.lanes`): threads that each train their own jobs in
 their own slots as described, single-threaded, side by side on the one model. A small model's pass does not
 keep several cores busy; several passes at once do. Each lane holds one pass's activations, and the lanes
-share a budget of them (`adapt.lane_budget`, seal/lane_budget.py) so that their peaks do not coincide.
+share a budget of them (`adapt.lane_budget`, seal/lane_budget.py) so that their peaks do not coincide. Under
+bf16 autocast on an AVX-512 CPU a Llama-style model's pass calls each decoder layer's C++ nodes one after
+another (`packed_layers`) rather than through the modules' forwards.
 
 The same slots, given per row, let one `generate` call serve prompts that each need a different adapter;
 on a CPU its passes go through the same C++ kernel, without autograd.
