@@ -155,6 +155,9 @@ class MultiLoraLinear(nn.Module):
         self.lora_B = nn.ParameterList(
             nn.Parameter(torch.zeros(out_features, cfg.rank, device=device)) for _ in range(capacity)
         )
+        # Each slot's (A, B), the same parameters: read by every pass, where indexing a ParameterList costs a
+        # string conversion and an attribute lookup each time (the slots' tensors only change in place).
+        self.slot_weights = tuple(zip(self.lora_A, self.lora_B, strict=True))
         self.scaling = cfg.alpha / cfg.rank
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         # While MultiLoraUpdater.train runs the C++ kernel: the kernel and the frozen tensors it multiplies by
@@ -212,8 +215,8 @@ class MultiLoraLinear(nn.Module):
             if slot >= 0:
                 starts.append(offset)
                 lengths.append(n * tokens)
-                a.append(self.lora_A[slot])
-                b.append(self.lora_B[slot])
+                a.append(self.slot_weights[slot][0])
+                b.append(self.slot_weights[slot][1])
             offset += n * tokens
         return self.kernel.lora_linear(x, self.kernel_frozen, a, b, starts, lengths, self.scaling)
 
@@ -535,7 +538,7 @@ class MultiLoraUpdater:
         self._decoding_groups: dict[tuple[int, ...], list[decoding.LayerGroups]] = {}
 
     def slot_parameters(self, slot: int) -> list[nn.Parameter]:
-        return [p for _, layer in self.layers for p in (layer.lora_A[slot], layer.lora_B[slot])]
+        return [p for _, layer in self.layers for p in layer.slot_weights[slot]]
 
     @contextlib.contextmanager
     def _adapted(self, ids: torch.Tensor) -> Iterator[None]:
@@ -1366,7 +1369,8 @@ def packed_layers(
         offset += n
 
     def linear(m: MultiLoraLinear, x: torch.Tensor) -> torch.Tensor:
-        a, b = [m.lora_A[s] for s in slots], [m.lora_B[s] for s in slots]
+        weights = m.slot_weights
+        a, b = [weights[s][0] for s in slots], [weights[s][1] for s in slots]
         return kernel.lora_linear(x, m.kernel_frozen, a, b, run_starts, lengths, m.scaling)
 
     def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
