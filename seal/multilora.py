@@ -123,6 +123,19 @@ class AdapterRouting:
         finally:
             del self._lanes.routing
 
+    def adapter_runs(self, tokens: int = 1) -> tuple[list[int], list[int], list[int]]:
+        """The runs that go through an adapter, as the C++ kernel takes them: each one's first row, its
+        number of rows (`tokens` rows of the input for each row or token the routing counts), and its slot."""
+        starts, lengths, slots = [], [], []
+        offset = 0
+        for slot, n in self.runs:
+            if slot >= 0:
+                starts.append(offset)
+                lengths.append(n * tokens)
+                slots.append(slot)
+            offset += n * tokens
+        return starts, lengths, slots
+
     def set(self, ids: torch.Tensor | None) -> None:
         """`ids` of shape [batch] gives each row's slot, [batch, length] each token's; -1 is the base model
         alone, and None means every row uses the base model."""
@@ -209,15 +222,8 @@ class MultiLoraLinear(nn.Module):
                 self.stacks[slots] = a, torch.cat([self.lora_B[slot].detach() for slot in slots], dim=1)
             a, b = self.stacks[slots]
             return self.kernel.lora_linear_stacked(x, self.kernel_frozen, a, b, routing.mask, self.scaling)
-        starts, lengths, a, b = [], [], [], []
-        offset = 0
-        for slot, n in routing.runs:
-            if slot >= 0:
-                starts.append(offset)
-                lengths.append(n * tokens)
-                a.append(self.slot_weights[slot][0])
-                b.append(self.slot_weights[slot][1])
-            offset += n * tokens
+        starts, lengths, slots = routing.adapter_runs(tokens)
+        a, b = [self.slot_weights[s][0] for s in slots], [self.slot_weights[s][1] for s in slots]
         return self.kernel.lora_linear(x, self.kernel_frozen, a, b, starts, lengths, self.scaling)
 
     def _adapter_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -1359,14 +1365,7 @@ def packed_layers(
     starts = attention.fusable(first, hidden, rotary, inputs["attention_mask"], {})
     if starts is None or hidden.dtype != torch.float32 or not routing.per_token or routing.mask is not None:
         return None
-    run_starts, lengths, slots = [], [], []
-    offset = 0
-    for slot, n in routing.runs:
-        if slot >= 0:
-            run_starts.append(offset)
-            lengths.append(n)
-            slots.append(slot)
-        offset += n
+    run_starts, lengths, slots = routing.adapter_runs()
 
     def linear(m: MultiLoraLinear, x: torch.Tensor) -> torch.Tensor:
         weights = m.slot_weights
