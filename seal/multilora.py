@@ -51,10 +51,11 @@ from tqdm import tqdm
 from seal import allocator, attention, decoding, lane_budget
 from seal.adapt import (
     Row,
+    SharedCountAdamW,
     TrainedAdapter,
     UpdateJob,
     UpdateResult,
-    adamw,
+    batched_adamw,
     check_applicable,
     checkpointing,
     merge_lora,
@@ -481,7 +482,7 @@ class _Running:
 
     index: int  # the job's position in the list given to `train`
     plan: list[_Step]
-    optimizer: torch.optim.Optimizer
+    optimizer: SharedCountAdamW | torch.optim.Optimizer
     result: UpdateResult
     started: float
     done: int = 0  # steps taken
@@ -582,7 +583,7 @@ class MultiLoraUpdater:
         params = self.slot_parameters(slot)
         for param in params:
             param.grad = None
-        optimizer = adamw(params, job.settings(self.cfg)[0], self.cfg.weight_decay)
+        optimizer = batched_adamw(params, job.settings(self.cfg)[0], self.cfg.weight_decay)
         return _Running(index, self._plan(job), optimizer, UpdateResult(job.key), time.perf_counter())
 
     def train(self, jobs: list[UpdateJob], progress: str | None = None) -> list[TrainedAdapter]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from seal.adapt import LoraUpdater, UpdateJob
+from seal.adapt import LoraUpdater, SharedCountAdamW, UpdateJob, batched_adamw
 from seal.config import AdaptConfig
 from seal.models import generate, weights_checksum
 from tests.conftest import load_tiny
@@ -119,3 +119,36 @@ def test_merge_adds_scaled_lora_product_to_base_weights_and_keeps_the_adapted_lo
     with torch.no_grad():
         merged = up.lm.model(input_ids=ids).logits  # the model alone: adapters are off outside `applied`
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_shared_count_adamw_takes_the_steps_of_torch_s_fused_adamw_bit_for_bit(weight_decay):
+    """The batched updater's AdamW: the same parameters as torch.optim.AdamW(fused=True) after several
+    steps, including steps where some tensors have no gradient (their own step counts then fall behind)."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(8, 16), (16, 8), (4, 16), (16, 4), (3,)]
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    ours_params = [torch.nn.Parameter(t.clone()) for t in start]
+    torch_params = [torch.nn.Parameter(t.clone()) for t in start]
+    ours = batched_adamw(ours_params, 1e-2, weight_decay)
+    reference = torch.optim.AdamW(torch_params, lr=1e-2, weight_decay=weight_decay, fused=True)
+    assert isinstance(ours, SharedCountAdamW)
+    for step in range(6):
+        for i, shape in enumerate(shapes):
+            grad = None if (step in (1, 2) and i in (1, 4)) or (step == 0 and i == 2) else torch.randn(shape)
+            ours_params[i].grad = None if grad is None else grad.clone()
+            torch_params[i].grad = None if grad is None else grad.clone()
+        ours.step()
+        reference.step()
+        ours.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in ours_params)
+    for mine, theirs, first in zip(ours_params, torch_params, start, strict=True):
+        assert not torch.equal(mine, first)
+        assert torch.equal(mine, theirs)
+    assert ours.steps == [6, 4, 5, 6, 4]
+
+
+def test_batched_adamw_falls_back_to_torch_s_optimizer_for_mixed_dtypes():
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]
+    assert isinstance(batched_adamw(params, 1e-3, 0.0), torch.optim.AdamW)
