@@ -74,6 +74,11 @@ SEAL_AVX512 inline __m512 widen(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+SEAL_AVX512 inline __m512 widen(const c10::BFloat16* p, __mmask16 m) {  // the lanes of m from p; zeros elsewhere
+  const auto half = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(static_cast<__mmask32>(m), p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
 // The bf16 bits of 16 float32 values, rounded to nearest even (a NaN stays a NaN), in the low half of each
 // 32-bit lane.
 SEAL_AVX512 inline __m512i bf16_bits(__m512 v) {
@@ -738,6 +743,43 @@ at::Tensor lora_linear(const at::Tensor& x, std::vector<at::Tensor> frozen, std:
 // for a 50k vocabulary) staying in the core's cache, and written back in place: one read and one write of the
 // logits where whole-chunk float32 operations (cast, logsumexp, subtract, exp, cast back) each pass over
 // [chunk, vocabulary] floats in memory.
+#if defined(__x86_64__)
+// One token of token_losses, in place: its bf16 logits [0, n) become the gradient of its loss with respect to
+// them, softmax - onehot(target), rounded to bf16 once; `row` (n floats) is scratch. Returns the loss,
+// -log p(target), or logsumexp - logit(target) where p is too small for float32 to hold it well (or not
+// finite). Three passes over the row in the core's cache: widen and find the largest, exponentiate and sum,
+// scale and narrow.
+SEAL_AVX512 float loss_row(c10::BFloat16* logits, float* row, int64_t n, int64_t target) {
+  const float own = static_cast<float>(logits[target]);
+  auto top = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) {
+    const auto m = lanes_left(n - j);
+    const auto x = widen(logits + j, m);
+    _mm512_mask_storeu_ps(row + j, m, x);
+    top = _mm512_mask_max_ps(top, m, top, x);
+  }
+  const float most = _mm512_reduce_max_ps(top);
+  const auto shift = _mm512_set1_ps(most);
+  auto total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const auto m = lanes_left(n - j);
+    const auto e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), shift));
+    total = _mm512_mask_add_ps(total, m, total, e);
+    _mm512_mask_storeu_ps(row + j, m, e);
+  }
+  const float sum = _mm512_reduce_add_ps(total), inverse = 1.0f / sum;
+  const auto scale = _mm512_set1_ps(inverse);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) narrow(logits + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), scale));
+  for (; j < n; ++j) logits[j] = c10::BFloat16(row[j] * inverse);
+  const float p = row[target] * inverse;
+  logits[target] = c10::BFloat16(p - 1.0f);
+  return std::isnormal(p) ? -std::log(p) : most + std::log(sum) - own;
+}
+#endif
+
+constexpr int64_t kLossGrain = 8;  // tokens a thread takes at least (each a pass over the vocabulary)
+
 std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::Tensor> frozen,
                                      const at::Tensor& targets, int64_t chunk) {
   TORCH_CHECK(frozen.size() == 2 || frozen.size() == 4, "frozen: [W, bias], then W packed and W^T packed");
@@ -750,13 +792,31 @@ std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::T
   auto grads = at::empty_like(hidden);
   auto row = at::empty({vocabulary}, losses.options()), probs = at::empty({vocabulary}, losses.options());
   const auto target = targets.to(at::kLong).contiguous();
+  TORCH_CHECK(target.numel() == 0 || (target.min().item<int64_t>() >= 0 && target.max().item<int64_t>() < vocabulary),
+              "token_losses: a target outside the vocabulary");
   const int64_t* target_of = target.data_ptr<int64_t>();
+  // Under bf16 on an AVX-512 CPU each token's softmax is one call of loss_row, the tokens shared between threads;
+  // else three of PyTorch's operations a token.
+  const bool own_rows = weight.scalar_type() == at::kBFloat16 && avx512_available();
   float* loss = losses.data_ptr<float>();
   float* prob = probs.data_ptr<float>();
   for (int64_t start = 0; start < tokens; start += chunk) {
     const int64_t rows = std::min(chunk, tokens - start);
     auto h = hidden.narrow(0, start, rows).to(weight.scalar_type()).contiguous();
     auto logits = packed ? packed_product(h, frozen[2], c10::nullopt) : at::mm(h, weight.t());
+#if defined(__x86_64__)
+    if (own_rows && logits.is_contiguous()) {
+      auto* first = logits.data_ptr<c10::BFloat16>();
+      at::parallel_for(0, rows, kLossGrain, [&](int64_t begin, int64_t end) {
+        std::unique_ptr<float[]> buffer(new float[vocabulary]);
+        for (int64_t i = begin; i < end; ++i)
+          loss[start + i] = loss_row(first + i * vocabulary, buffer.get(), vocabulary, target_of[start + i]);
+      });
+      grads.narrow(0, start, rows)
+          .copy_(packed ? packed_product(logits, frozen[3], c10::nullopt) : at::mm(logits, weight));
+      continue;
+    }
+#endif
     for (int64_t i = 0; i < rows; ++i) {
       auto logit = logits[i];
       row.copy_(logit);
@@ -923,10 +983,6 @@ SEAL_AVX512 inline void unrotate(const c10::BFloat16* d, const float* c, const f
   }
 }
 
-SEAL_AVX512 inline __m512 widen(const c10::BFloat16* p, __mmask16 m) {  // the lanes of m from p; zeros elsewhere
-  const auto half = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(static_cast<__mmask32>(m), p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
 
 // `values` (float32, in `row`'s lanes [0, count)) to bf16 in out[0, count), and zeros in out[count, length).
 SEAL_AVX512 void narrow_row(const float* row, c10::BFloat16* out, int64_t count, int64_t length) {
