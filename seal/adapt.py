@@ -315,7 +315,8 @@ class SharedCountAdamW:
                 self.exp_avg_sqs[i] = torch.zeros_like(self.params[i], memory_format=torch.preserve_format)
             self.steps[i] += 1
         device = self.params[stepping[0]].device
-        counts = {n: torch.full((), float(n), device=device) for n in {self.steps[i] for i in stepping}}
+        taken = {self.steps[i] for i in stepping}  # torch keeps fused AdamW's step counts in float32
+        counts = {n: torch.full((), float(n), dtype=torch.float32, device=device) for n in taken}
         torch._fused_adamw_(
             [self.params[i] for i in stepping],
             [self.params[i].grad for i in stepping],

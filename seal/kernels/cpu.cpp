@@ -743,6 +743,7 @@ at::Tensor lora_linear(const at::Tensor& x, std::vector<at::Tensor> frozen, std:
 // for a 50k vocabulary) staying in the core's cache, and written back in place: one read and one write of the
 // logits where whole-chunk float32 operations (cast, logsumexp, subtract, exp, cast back) each pass over
 // [chunk, vocabulary] floats in memory.
+
 #if defined(__x86_64__)
 // One token of token_losses, in place: its bf16 logits [0, n) become the gradient of its loss with respect to
 // them, softmax - onehot(target), rounded to bf16 once; `row` (n floats) is scratch. Returns the loss,
@@ -982,7 +983,6 @@ SEAL_AVX512 inline void unrotate(const c10::BFloat16* d, const float* c, const f
     out[half + i] = hi * c[half + i] - lo * s[i];
   }
 }
-
 
 // `values` (float32, in `row`'s lanes [0, count)) to bf16 in out[0, count), and zeros in out[count, length).
 SEAL_AVX512 void narrow_row(const float* row, c10::BFloat16* out, int64_t count, int64_t length) {
