@@ -224,8 +224,12 @@ class MultiLoraLinear(nn.Module):
             a, b = self.stacks[slots]
             return self.kernel.lora_linear_stacked(x, self.kernel_frozen, a, b, routing.mask, self.scaling)
         starts, lengths, slots = routing.adapter_runs(tokens)
-        a, b = [self.slot_weights[s][0] for s in slots], [self.slot_weights[s][1] for s in slots]
+        a, b = self.adapters(slots)
         return self.kernel.lora_linear(x, self.kernel_frozen, a, b, starts, lengths, self.scaling)
+
+    def adapters(self, slots: list[int]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The A and the B matrices of `slots`, in order: the lists the kernel's `lora_linear` takes."""
+        return [self.slot_weights[s][0] for s in slots], [self.slot_weights[s][1] for s in slots]
 
     def _adapter_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`x` as the adapters read it: cast to their dtype, as PEFT casts it, then dropout. Under autocast
@@ -1369,9 +1373,7 @@ def packed_layers(
     run_starts, lengths, slots = routing.adapter_runs()
 
     def linear(m: MultiLoraLinear, x: torch.Tensor) -> torch.Tensor:
-        weights = m.slot_weights
-        a, b = [weights[s][0] for s in slots], [weights[s][1] for s in slots]
-        return kernel.lora_linear(x, m.kernel_frozen, a, b, run_starts, lengths, m.scaling)
+        return kernel.lora_linear(x, m.kernel_frozen, *m.adapters(slots), run_starts, lengths, m.scaling)
 
     def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return kernel.rms_norm(x, module.weight, module.variance_epsilon)

@@ -781,6 +781,22 @@ SEAL_AVX512 float loss_row(c10::BFloat16* logits, float* row, int64_t n, int64_t
 
 constexpr int64_t kLossGrain = 8;  // tokens a thread takes at least (each a pass over the vocabulary)
 
+// The losses of a chunk's tokens, each through loss_row, the tokens shared between torch's threads: `logits`
+// [rows, vocabulary] bf16 and contiguous (rewritten in place), target_of and loss from the chunk's first token.
+void loss_rows(at::Tensor& logits, const int64_t* target_of, float* loss) {
+#if defined(__x86_64__)
+  const int64_t vocabulary = logits.size(1);
+  auto* first = logits.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, logits.size(0), kLossGrain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> buffer(new float[vocabulary]);
+    for (int64_t i = begin; i < end; ++i)
+      loss[i] = loss_row(first + i * vocabulary, buffer.get(), vocabulary, target_of[i]);
+  });
+#else
+  TORCH_CHECK(false, "loss_rows: AVX-512 only");
+#endif
+}
+
 std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::Tensor> frozen,
                                      const at::Tensor& targets, int64_t chunk) {
   TORCH_CHECK(frozen.size() == 2 || frozen.size() == 4, "frozen: [W, bias], then W packed and W^T packed");
@@ -791,7 +807,7 @@ std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::T
   const int64_t tokens = hidden.size(0), vocabulary = weight.size(0);
   auto losses = at::empty({tokens}, hidden.options().dtype(at::kFloat));
   auto grads = at::empty_like(hidden);
-  auto row = at::empty({vocabulary}, losses.options()), probs = at::empty({vocabulary}, losses.options());
+  at::Tensor row, probs;  // the PyTorch path's float32 rows, made when first needed
   const auto target = targets.to(at::kLong).contiguous();
   TORCH_CHECK(target.numel() == 0 || (target.min().item<int64_t>() >= 0 && target.max().item<int64_t>() < vocabulary),
               "token_losses: a target outside the vocabulary");
@@ -800,34 +816,26 @@ std::vector<at::Tensor> token_losses(const at::Tensor& hidden, std::vector<at::T
   // else three of PyTorch's operations a token.
   const bool own_rows = weight.scalar_type() == at::kBFloat16 && avx512_available();
   float* loss = losses.data_ptr<float>();
-  float* prob = probs.data_ptr<float>();
   for (int64_t start = 0; start < tokens; start += chunk) {
     const int64_t rows = std::min(chunk, tokens - start);
     auto h = hidden.narrow(0, start, rows).to(weight.scalar_type()).contiguous();
     auto logits = packed ? packed_product(h, frozen[2], c10::nullopt) : at::mm(h, weight.t());
-#if defined(__x86_64__)
     if (own_rows && logits.is_contiguous()) {
-      auto* first = logits.data_ptr<c10::BFloat16>();
-      at::parallel_for(0, rows, kLossGrain, [&](int64_t begin, int64_t end) {
-        std::unique_ptr<float[]> buffer(new float[vocabulary]);
-        for (int64_t i = begin; i < end; ++i)
-          loss[start + i] = loss_row(first + i * vocabulary, buffer.get(), vocabulary, target_of[start + i]);
-      });
-      grads.narrow(0, start, rows)
-          .copy_(packed ? packed_product(logits, frozen[3], c10::nullopt) : at::mm(logits, weight));
-      continue;
-    }
-#endif
-    for (int64_t i = 0; i < rows; ++i) {
-      auto logit = logits[i];
-      row.copy_(logit);
-      at::_softmax_out(probs, row, 0, false);
-      const int64_t k = target_of[start + i];
-      const float p = prob[k];
-      // -log p, unless p is too small for float32 to hold it well (or not finite): then from the logits.
-      loss[start + i] = std::isnormal(p) ? -std::log(p) : (at::logsumexp(row, 0) - row[k]).item<float>();
-      prob[k] = p - 1.0f;
-      logit.copy_(probs);
+      loss_rows(logits, target_of + start, loss + start);
+    } else {
+      if (!row.defined()) row = at::empty({vocabulary}, losses.options()), probs = at::empty_like(row);
+      float* prob = probs.data_ptr<float>();
+      for (int64_t i = 0; i < rows; ++i) {
+        auto logit = logits[i];
+        row.copy_(logit);
+        at::_softmax_out(probs, row, 0, false);
+        const int64_t k = target_of[start + i];
+        const float p = prob[k];
+        // -log p, unless p is too small for float32 to hold it well (or not finite): then from the logits.
+        loss[start + i] = std::isnormal(p) ? -std::log(p) : (at::logsumexp(row, 0) - row[k]).item<float>();
+        prob[k] = p - 1.0f;
+        logit.copy_(probs);
+      }
     }
     grads.narrow(0, start, rows)
         .copy_(packed ? packed_product(logits, frozen[3], c10::nullopt) : at::mm(logits, weight));
