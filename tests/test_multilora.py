@@ -353,11 +353,14 @@ def test_a_lane_that_fails_stops_the_others_and_its_error_is_raised(monkeypatch)
     (other, queue), _ = sorted(updater._lanes(JOBS), key=lambda lane: 1 in lane[0])
     planned = sum(len(updater._plan(JOBS[i])) for i in queue)  # the other lane's steps, one pass each
     real_pass, failed, passes = updater._pass, threading.Event(), []
+    other_in_a_pass = threading.Event()  # the failure waits for it: else the other lane may stop before one
 
     def failing_pass(batch, counts, values):
         if 1 in batch.present:  # the second lane's first pass
+            assert other_in_a_pass.wait(timeout=30)
             failed.set()
             raise RuntimeError("lane 2 broke")
+        other_in_a_pass.set()
         assert failed.wait(timeout=30)
         passes.append(batch.present)
         return real_pass(batch, counts, values)
