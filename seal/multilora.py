@@ -677,11 +677,16 @@ class MultiLoraUpdater:
             tensors = [frozen(layer.base_layer) for _, layer in self.layers]
             self.head = head_tensors()
         self.thread_invariant = backward and self._own_products_only(tensors)
+        order = product_order(tensors, self.head) if backward else None
         try:
             for (_, layer), layer_tensors in zip(self.layers, tensors, strict=True):
                 layer.kernel, layer.kernel_frozen = self.kernel, layer_tensors
+            if order:
+                self.kernel.set_product_order(*order)
             yield
         finally:
+            if order:
+                self.kernel.set_product_order([], [])
             self.head, self.thread_invariant = None, False
             for _, layer in self.layers:
                 layer.kernel, layer.kernel_frozen = None, []
@@ -1162,6 +1167,22 @@ def kernel_tensors(
         if backward:
             tensors.append(torch.ops.mkldnn._reorder_linear_weight(transposed(weight, kernel), None))
     return tensors
+
+
+def product_order(
+    tensors: list[list[torch.Tensor]], head: list[torch.Tensor] | None
+) -> tuple[list[torch.Tensor], list[int]] | None:
+    """Where every frozen weight of a training pass is laid out by the kernel (`kernel_tensors`, the output
+    projection's `head` included), those layouts in the order a pass multiplies by them, and their inner
+    sizes, for the kernel's `set_product_order`: each adapted layer's forward layout in the model's order (a
+    Llama's), the output projection's forward then backward layouts (the loss's gradient is computed in the
+    forward), then the layers' backward layouts in reverse, as autograd runs them. None otherwise."""
+    if head is None or not all(len(t) == 4 and t[2].dim() == 1 and t[3].dim() == 1 for t in [*tensors, head]):
+        return None
+    forward = [(t[2], t[0].shape[1]) for t in [*tensors, head]]
+    backward = [(t[3], t[0].shape[0]) for t in [head, *reversed(tensors)]]
+    laid, inner = zip(*forward, *backward, strict=True)
+    return list(laid), list(inner)
 
 
 def own_layout(base: nn.Linear, weight: torch.Tensor, kernel: Any) -> bool:

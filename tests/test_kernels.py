@@ -858,3 +858,57 @@ def test_with_only_our_own_products_the_last_lane_takes_both_threads_once_the_ot
     for got, want in zip(adapters, alone, strict=True):
         assert got.result.epoch_losses == want.result.epoch_losses
         assert all(torch.equal(got.state[k], v) for k, v in want.state.items())
+
+
+def test_a_training_pass_multiplies_by_the_laid_out_weights_in_the_order_the_kernel_is_given(own_products):
+    """Where every frozen weight is laid out by the kernel, the updater gives it the order in which a pass
+    multiplies by them (`set_product_order`: each product then fetches the next one's first block while its
+    own last block is multiplied): each adapted layer's forward layout in turn, the output projection's two
+    (the loss computes its gradient in the forward), then the layers' backward layouts in the order autograd
+    runs them. The order is forgotten when training ends. (Fetching changes no number: the tests above hold
+    the products.)"""
+    lm = dataclasses.replace(tiny_fp32(), autocast_dtype=torch.bfloat16)
+    updater = MultiLoraUpdater(lm, AdaptConfig(**dict(MIXED_CFG, rank=16, alpha=32), lanes=1), 1)
+    orders, used = [], []
+
+    class Watching:  # the kernel, noting the orders it is given and the layouts each pass multiplies by
+        def __getattr__(self, attr: str):
+            function = getattr(own_products, attr)
+            if attr == "set_product_order":
+
+                def ordered(laid, inner):
+                    orders.append([t.data_ptr() for t in laid])
+                    return function(laid, inner)
+
+                return ordered
+            if attr == "token_losses":
+
+                def losses(hidden, frozen, *rest):
+                    used.extend(t.data_ptr() for t in frozen[2:])
+                    return function(hidden, frozen, *rest)
+
+                return losses
+            if attr != "lora_linear":
+                return function
+
+            def linear(x, frozen, *rest):
+                out = function(x, frozen, *rest)
+                used.append(frozen[2].data_ptr())
+                out.register_hook(lambda grad: used.append(frozen[3].data_ptr()))  # as its backward starts
+                return out
+
+            return linear
+
+    updater.kernel = Watching()
+    adapters = updater.train([MIXED_JOBS[0]])
+    assert adapters[0].result.error is None
+    assert len(orders) == 2 and orders[1] == []
+    order = orders[0]
+    assert len(order) == 2 * (len(updater.layers) + 1) and len(used) % len(order) == 0
+    for start in range(0, len(used), len(order)):  # every pass
+        assert used[start : start + len(order)] == order
+    laid = own_products.laid_weight(torch.randn(32, 16).bfloat16(), False)
+    with pytest.raises(RuntimeError, match="one inner size per laid-out weight"):
+        own_products.set_product_order([laid, laid], [16])
+    with pytest.raises(RuntimeError, match="their inner sizes"):
+        own_products.set_product_order([laid, laid], [16, 7])

@@ -44,7 +44,9 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -296,16 +298,28 @@ SEAL_AVX512 std::unique_ptr<Bf16[]> lay_out(const T* src, int64_t step, bool tra
 #define SEAL_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #define SEAL_UNROLL _Pragma("GCC unroll 32")  // the sums must stay in registers
 
+// The next block of a product, fetched from memory a line (64 bytes) each step of a tile's loop while the rows
+// go by, so that the block after this one is in cache when its tiles start (a weight comes from memory once a
+// pass; the hardware's prefetcher starts again at each 4 kB page).
+struct Ahead {
+  const char* at = nullptr;
+  int64_t lines = 0;
+};
+#ifndef SEAL_HINT
+#define SEAL_HINT _MM_HINT_T0
+#endif
+
 // The sums go to c (float32, row stride ldc), after those already there with `add`, or, with `out`, rounded to
 // bf16 into out (row stride ldo).
 template <int R, int V>
 SEAL_AVX512_BF16 void dot_tile(const Bf16* a, int64_t lda, const uint32_t* block, int64_t pairs, int64_t w,
-                               float* c, int64_t ldc, bool add, Bf16* out, int64_t ldo) {
+                               float* c, int64_t ldc, bool add, Bf16* out, int64_t ldo, Ahead ahead) {
   __m512 sums[R][V];
   SEAL_UNROLL for (int r = 0; r < R; ++r)
     SEAL_UNROLL for (int v = 0; v < V; ++v) sums[r][v] = add ? _mm512_loadu_ps(c + r * ldc + 16 * v)
                                                               : _mm512_setzero_ps();
   for (int64_t q = 0; q < pairs; ++q) {
+    if (q < ahead.lines) _mm_prefetch(ahead.at + 64 * q, SEAL_HINT);
     __m512bh columns[V];
     SEAL_UNROLL for (int v = 0; v < V; ++v) columns[v] = (__m512bh)_mm512_loadu_si512(block + q * w + 16 * v);
     SEAL_UNROLL for (int r = 0; r < R; ++r) {
@@ -327,11 +341,11 @@ SEAL_AVX512_BF16 void dot_tile(const Bf16* a, int64_t lda, const uint32_t* block
 // `rows` (1..R) rows through dot_tile<rows, V>.
 template <int V, int R>
 SEAL_AVX512_BF16 void dot_rows(int64_t rows, const Bf16* a, int64_t lda, const uint32_t* block, int64_t pairs,
-                               int64_t w, float* c, int64_t ldc, bool add, Bf16* out, int64_t ldo) {
+                               int64_t w, float* c, int64_t ldc, bool add, Bf16* out, int64_t ldo, Ahead ahead) {
   if constexpr (R > 1) {
-    if (rows < R) return dot_rows<V, R - 1>(rows, a, lda, block, pairs, w, c, ldc, add, out, ldo);
+    if (rows < R) return dot_rows<V, R - 1>(rows, a, lda, block, pairs, w, c, ldc, add, out, ldo, ahead);
   }
-  dot_tile<R, V>(a, lda, block, pairs, w, c, ldc, add, out, ldo);
+  dot_tile<R, V>(a, lda, block, pairs, w, c, ldc, add, out, ldo, ahead);
 }
 
 // A block of V x 16 columns: as many rows at a time as 24 of the 32 vector registers hold sums for, and the
@@ -340,32 +354,49 @@ SEAL_AVX512_BF16 void dot_rows(int64_t rows, const Bf16* a, int64_t lda, const u
 // (unused if there is one chunk).
 constexpr int64_t kChunk = 512;
 
+// The first chunk of a block laid out by lay_out (ke rows, w columns), as dot_block reads it first.
+inline Ahead first_chunk(const Bf16* block, int64_t ke, int64_t w) {
+  return {reinterpret_cast<const char*>(block), std::min(ke / 2, kChunk) * w * 4 / 64};
+}
+
 template <int V>
 SEAL_AVX512_BF16 void dot_block(const Bf16* a, int64_t lda, int64_t m, const uint32_t* block, int64_t pairs,
-                                float* c, int64_t ldc, Bf16* out, int64_t ldo) {
+                                float* c, int64_t ldc, Bf16* out, int64_t ldo, Ahead next) {
   constexpr int64_t kRows = 24 / V;
   for (int64_t q0 = 0; q0 < pairs; q0 += kChunk) {
     const int64_t chunk = std::min(kChunk, pairs - q0);
     Bf16* last = q0 + chunk == pairs ? out : nullptr;
-    for (int64_t i = 0; i < m; i += kRows)
+    // what comes next from memory: this block's next chunk, else the first chunk of `next`
+    const int64_t following = std::min(kChunk, pairs - q0 - chunk);
+    Ahead fetch = following > 0 ? Ahead{reinterpret_cast<const char*>(block + (q0 + chunk) * 16 * V), following * V}
+                                : next;
+    for (int64_t i = 0; i < m; i += kRows) {
+      const Ahead ahead{fetch.at, std::min(chunk, fetch.lines)};
+      fetch.at += 64 * ahead.lines;
+      fetch.lines -= ahead.lines;
       dot_rows<V, kRows>(std::min(kRows, m - i), a + i * lda + 2 * q0, lda, block + q0 * 16 * V, chunk, 16 * V,
-                         c + i * ldc, ldc, q0 > 0, last ? last + i * ldo : nullptr, ldo);
+                         c + i * ldc, ldc, q0 > 0, last ? last + i * ldo : nullptr, ldo, ahead);
+    }
   }
 }
 
 // Columns [j0, j1) of a [m, ke] bf16 (row stride lda) times a matrix laid out by lay_out, j0 and j1 on the
 // layout's blocks of 64 (j1 = n for the last): into c [m, n] float32 (row stride ldc) or, with `out`, rounded
 // into out [m, n] bf16 (row stride ldo; c then only holds partial sums where ke > 2 kChunk).
+// `next`: a block to fetch while the last block's rows go by (see Ahead).
 SEAL_AVX512_BF16 void dot_columns(const Bf16* a, int64_t lda, int64_t m, const Bf16* laid, int64_t ke, int64_t j0,
-                                  int64_t j1, float* c, int64_t ldc, Bf16* out = nullptr, int64_t ldo = 0) {
+                                  int64_t j1, float* c, int64_t ldc, Bf16* out = nullptr, int64_t ldo = 0,
+                                  Ahead next = {}) {
   for (; j0 < j1; j0 += kBlock) {
     const auto* block = reinterpret_cast<const uint32_t*>(laid + ke * j0);
     Bf16* o = out ? out + j0 : nullptr;
+    const int64_t after = std::min(kBlock, j1 - j0 - kBlock);  // the next block's width
+    const Ahead ahead = after > 0 ? first_chunk(laid + ke * (j0 + kBlock), ke, after) : next;
     switch (std::min(kBlock, j1 - j0) / 16) {
-      case 1: dot_block<1>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo); break;
-      case 2: dot_block<2>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo); break;
-      case 3: dot_block<3>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo); break;
-      default: dot_block<4>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo);
+      case 1: dot_block<1>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead); break;
+      case 2: dot_block<2>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead); break;
+      case 3: dot_block<3>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead); break;
+      default: dot_block<4>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead);
     }
   }
 }
@@ -518,6 +549,37 @@ at::Tensor laid_weight(const at::Tensor& w, bool backward) {
   return laid;
 }
 
+// The order in which a pass multiplies by the laid-out weights (set_product_order): each one's successor, whose
+// first chunk own_product fetches while its own last block's rows go by (the first block of a product would
+// otherwise wait for memory).
+std::mutex order_mutex;
+std::shared_ptr<const std::unordered_map<const void*, Ahead>> product_order;
+
+void set_product_order(std::vector<at::Tensor> laid, std::vector<int64_t> inner) {
+  TORCH_CHECK(laid.size() == inner.size(), "set_product_order: one inner size per laid-out weight");
+  auto next = std::make_shared<std::unordered_map<const void*, Ahead>>();
+  for (size_t i = 0; i + 1 < laid.size(); ++i) {
+    const auto& after = laid[i + 1];
+    TORCH_CHECK(after.dim() == 1 && after.scalar_type() == at::kBFloat16 && after.numel() % inner[i + 1] == 0,
+                "set_product_order: weights laid out by laid_weight, and their inner sizes");
+    const int64_t n = after.numel() / inner[i + 1];
+    (*next)[laid[i].data_ptr()] = first_chunk(after.data_ptr<Bf16>(), inner[i + 1], std::min(kBlock, n));
+  }
+  std::lock_guard<std::mutex> lock(order_mutex);
+  product_order = std::move(next);
+}
+
+Ahead successor(const void* laid) {
+  std::shared_ptr<const std::unordered_map<const void*, Ahead>> order;
+  {
+    std::lock_guard<std::mutex> lock(order_mutex);
+    order = product_order;
+  }
+  if (!order) return {};
+  const auto it = order->find(laid);
+  return it == order->end() ? Ahead{} : it->second;
+}
+
 // x times the laid-out weight, rounded to bf16; with `added`, added + that, the sum rounded once (as oneDNN's
 // "add" product rounds it).
 at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid, const c10::optional<at::Tensor>& added) {
@@ -530,16 +592,21 @@ at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid, const c10::o
   const auto* xp = x.data_ptr<Bf16>();
   const auto* lp = laid.data_ptr<Bf16>();
   auto* op = out.data_ptr<Bf16>();
+  const Ahead following = successor(lp);
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
     // float32 sums: all of them to add onto `added`, else the partial ones over a long inner size
     auto c = scratch<float>(added || k > 2 * kChunk ? m * kBlock : 0);
-    for (int64_t j0 = b0 * kBlock; j0 < std::min(n, b1 * kBlock); j0 += kBlock) {
+    const int64_t end = std::min(n, b1 * kBlock);
+    for (int64_t j0 = b0 * kBlock; j0 < end; j0 += kBlock) {
       const int64_t w = std::min(kBlock, n - j0);
+      // this thread's next block, fetched while this one's rows go by
+      const int64_t after = std::min(kBlock, end - j0 - w);
+      const Ahead next = after > 0 ? first_chunk(lp + k * (j0 + w), k, after) : j0 + w == n ? following : Ahead{};
       if (!added) {
-        dot_columns(xp, k, m, lp + k * j0, k, 0, w, c.get(), kBlock, op + j0, n);
+        dot_columns(xp, k, m, lp + k * j0, k, 0, w, c.get(), kBlock, op + j0, n, next);
         continue;
       }
-      dot_columns(xp, k, m, lp + k * j0, k, 0, w, c.get(), w);
+      dot_columns(xp, k, m, lp + k * j0, k, 0, w, c.get(), w, nullptr, 0, next);
       round_rows(c.get(), m, w, op + j0, n, true);
     }
   });
@@ -548,6 +615,7 @@ at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid, const c10::o
 #else
 bool own_frozen_products() { return false; }
 at::Tensor laid_weight(const at::Tensor&, bool) { TORCH_CHECK(false, "laid_weight: not built with this torch"); }
+void set_product_order(std::vector<at::Tensor>, std::vector<int64_t>) {}  // nothing is laid out here
 at::Tensor own_product(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&) {
   TORCH_CHECK(false, "own_product: not built with this torch");
 }
@@ -1671,6 +1739,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("laid_weight", &laid_weight,
         "a bf16 [out, in] weight laid out for own_product: W^T for the forward, W (backward=True) for the input's "
         "gradient", py::call_guard<py::gil_scoped_release>());
+  m.def("set_product_order", &set_product_order,
+        "the weights laid out by laid_weight in the order a pass multiplies by them, and their inner sizes "
+        "(each one's successor is fetched while its last block is multiplied); empty lists forget the order");
   m.def("laid_product", &own_product, "bf16 rows times a weight laid out by laid_weight (plus `added`), on torch's "
         "threads", py::arg("x"), py::arg("laid"), py::arg("added") = py::none(),
         py::call_guard<py::gil_scoped_release>());
