@@ -1179,10 +1179,9 @@ def product_order(
     forward), then the layers' backward layouts in reverse, as autograd runs them. None otherwise."""
     if head is None or not all(len(t) == 4 and t[2].dim() == 1 and t[3].dim() == 1 for t in [*tensors, head]):
         return None
-    forward = [(t[2], t[0].shape[1]) for t in [*tensors, head]]
-    backward = [(t[3], t[0].shape[0]) for t in [head, *reversed(tensors)]]
-    laid, inner = zip(*forward, *backward, strict=True)
-    return list(laid), list(inner)
+    forward = [(t[2], t[0].shape[1]) for t in [*tensors, head]]  # W^T laid out: the inner size is `in`
+    backward = [(t[3], t[0].shape[0]) for t in [head, *reversed(tensors)]]  # W: `out`
+    return [laid for laid, _ in forward + backward], [inner for _, inner in forward + backward]
 
 
 def own_layout(base: nn.Linear, weight: torch.Tensor, kernel: Any) -> bool:
