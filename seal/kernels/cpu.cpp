@@ -305,9 +305,6 @@ struct Ahead {
   const char* at = nullptr;
   int64_t lines = 0;
 };
-#ifndef SEAL_HINT
-#define SEAL_HINT _MM_HINT_T0
-#endif
 
 // The sums go to c (float32, row stride ldc), after those already there with `add`, or, with `out`, rounded to
 // bf16 into out (row stride ldo).
@@ -319,7 +316,7 @@ SEAL_AVX512_BF16 void dot_tile(const Bf16* a, int64_t lda, const uint32_t* block
     SEAL_UNROLL for (int v = 0; v < V; ++v) sums[r][v] = add ? _mm512_loadu_ps(c + r * ldc + 16 * v)
                                                               : _mm512_setzero_ps();
   for (int64_t q = 0; q < pairs; ++q) {
-    if (q < ahead.lines) _mm_prefetch(ahead.at + 64 * q, SEAL_HINT);
+    if (q < ahead.lines) _mm_prefetch(ahead.at + 64 * q, _MM_HINT_T0);  // T1 measured slower
     __m512bh columns[V];
     SEAL_UNROLL for (int v = 0; v < V; ++v) columns[v] = (__m512bh)_mm512_loadu_si512(block + q * w + 16 * v);
     SEAL_UNROLL for (int r = 0; r < R; ++r) {
@@ -354,9 +351,11 @@ SEAL_AVX512_BF16 void dot_rows(int64_t rows, const Bf16* a, int64_t lda, const u
 // (unused if there is one chunk).
 constexpr int64_t kChunk = 512;
 
-// The first chunk of a block laid out by lay_out (ke rows, w columns), as dot_block reads it first.
-inline Ahead first_chunk(const Bf16* block, int64_t ke, int64_t w) {
-  return {reinterpret_cast<const char*>(block), std::min(ke / 2, kChunk) * w * 4 / 64};
+// The first chunk (as dot_block reads it first) of the block at column j of a matrix laid out by lay_out (ke
+// rows), its columns ending at `end`; nothing past them.
+inline Ahead block_at(const Bf16* laid, int64_t ke, int64_t j, int64_t end) {
+  if (j >= end) return {};
+  return {reinterpret_cast<const char*>(laid + ke * j), std::min(ke / 2, kChunk) * std::min(kBlock, end - j) * 4 / 64};
 }
 
 template <int V>
@@ -390,8 +389,7 @@ SEAL_AVX512_BF16 void dot_columns(const Bf16* a, int64_t lda, int64_t m, const B
   for (; j0 < j1; j0 += kBlock) {
     const auto* block = reinterpret_cast<const uint32_t*>(laid + ke * j0);
     Bf16* o = out ? out + j0 : nullptr;
-    const int64_t after = std::min(kBlock, j1 - j0 - kBlock);  // the next block's width
-    const Ahead ahead = after > 0 ? first_chunk(laid + ke * (j0 + kBlock), ke, after) : next;
+    const Ahead ahead = j0 + kBlock < j1 ? block_at(laid, ke, j0 + kBlock, j1) : next;
     switch (std::min(kBlock, j1 - j0) / 16) {
       case 1: dot_block<1>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead); break;
       case 2: dot_block<2>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead); break;
@@ -563,7 +561,7 @@ void set_product_order(std::vector<at::Tensor> laid, std::vector<int64_t> inner)
     TORCH_CHECK(after.dim() == 1 && after.scalar_type() == at::kBFloat16 && after.numel() % inner[i + 1] == 0,
                 "set_product_order: weights laid out by laid_weight, and their inner sizes");
     const int64_t n = after.numel() / inner[i + 1];
-    (*next)[laid[i].data_ptr()] = first_chunk(after.data_ptr<Bf16>(), inner[i + 1], std::min(kBlock, n));
+    (*next)[laid[i].data_ptr()] = block_at(after.data_ptr<Bf16>(), inner[i + 1], 0, n);
   }
   std::lock_guard<std::mutex> lock(order_mutex);
   product_order = std::move(next);
@@ -599,9 +597,8 @@ at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid, const c10::o
     const int64_t end = std::min(n, b1 * kBlock);
     for (int64_t j0 = b0 * kBlock; j0 < end; j0 += kBlock) {
       const int64_t w = std::min(kBlock, n - j0);
-      // this thread's next block, fetched while this one's rows go by
-      const int64_t after = std::min(kBlock, end - j0 - w);
-      const Ahead next = after > 0 ? first_chunk(lp + k * (j0 + w), k, after) : j0 + w == n ? following : Ahead{};
+      // this thread's next block, fetched while this one's rows go by; after the last, the next weight's
+      const Ahead next = j0 + w < end ? block_at(lp, k, j0 + w, end) : end == n ? following : Ahead{};
       if (!added) {
         dot_columns(xp, k, m, lp + k * j0, k, 0, w, c.get(), kBlock, op + j0, n, next);
         continue;
