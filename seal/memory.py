@@ -1,13 +1,16 @@
 """Wall time and peak memory per phase of a run (generate, update, eval, ...).
 
 On CUDA the peak is `torch.cuda.max_memory_allocated` since the phase began (tensors only, exact).
-On CPU it is the largest resident set size (RSS) of this process, sampled every `interval_s` seconds by a
-background thread while the phase runs, plus one sample at its start and end: a spike shorter than the
-interval can be missed, so read it as a close lower bound of the true peak. With `processes=True` a sample
-adds the private memory (USS) of this process's children, such as forked workers: what they share with
-this process (its model's weights, until written) is counted once. Reading a child's USS walks its page
-tables (about 15 ms for a 2 GB process), so such a meter wants an interval of a few hundred ms.
-A phase entered several times accumulates its time and keeps its largest peak.
+On CPU it is the largest resident set size (RSS) of this process. On Linux the kernel keeps that peak itself
+(`VmHWM` in /proc/self/status, which writing 5 to /proc/self/clear_refs resets to the RSS of the moment), so
+the peak is exact, however short the spike, and nothing runs beside the phase. Elsewhere, and with
+`processes=True`, a background thread samples every `interval_s` seconds while the phase runs, plus once at
+its start and end: a spike shorter than the interval can be missed, so read that as a close lower bound.
+`processes=True` adds the private memory (USS) of this process's children, such as forked workers: what they
+share with this process (its model's weights, until written) is counted once. Reading a child's USS walks its
+page tables (about 15 ms for a 2 GB process), so such a meter wants an interval of a few hundred ms.
+A phase entered several times accumulates its time and keeps its largest peak. Phases may nest, within a
+meter or across meters: a phase's peak is the largest RSS from its start to its end.
 """
 
 from __future__ import annotations
@@ -22,6 +25,62 @@ import psutil
 import torch
 
 MB = 1024 * 1024
+
+
+class KernelPeak:
+    """This process's peak RSS as Linux keeps it. Resetting the mark would lose the peak of any phase open
+    at the time, so each reset first folds the mark into the peaks of the open phases."""
+
+    STATUS, CLEAR = "/proc/self/status", "/proc/self/clear_refs"
+
+    def __init__(self) -> None:
+        self._open: list[list[int]] = []  # the peak so far of each phase open now, in bytes
+        self._lock = threading.Lock()
+        self.available = self._works()
+
+    def _works(self) -> bool:
+        try:
+            self._mark()
+            with open(self.CLEAR, "w") as clear:
+                clear.write("5")
+        except (OSError, ValueError, AttributeError):  # not Linux, or /proc not readable or writable
+            return False
+        return True
+
+    def _mark(self) -> int:
+        with open(self.STATUS) as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+
+    def _fold(self) -> None:
+        mark = self._mark()
+        for peak in self._open:
+            peak[0] = max(peak[0], mark)
+
+    def enter(self) -> list[int]:
+        with self._lock:
+            self._fold()
+            with open(self.CLEAR, "w") as clear:
+                clear.write("5")
+            peak = [self._mark()]
+            self._open.append(peak)
+            return peak
+
+    def exit(self, peak: list[int]) -> int:
+        with self._lock:
+            self._fold()
+            del self._open[next(i for i, open_peak in enumerate(self._open) if open_peak is peak)]
+            return peak[0]
+
+
+_KERNEL_PEAK: KernelPeak | None = None
+
+
+def kernel_peak() -> KernelPeak:
+    global _KERNEL_PEAK
+    if _KERNEL_PEAK is None:
+        _KERNEL_PEAK = KernelPeak()
+    return _KERNEL_PEAK
 
 
 class PhaseMeter:
@@ -50,6 +109,13 @@ class PhaseMeter:
                 torch.cuda.synchronize(self.device)
                 peak = torch.cuda.max_memory_allocated(self.device)
                 self._record(name, start, peak)
+            return
+        if not self.processes and kernel_peak().available:
+            mark = kernel_peak().enter()
+            try:
+                yield
+            finally:
+                self._record(name, start, kernel_peak().exit(mark))
             return
         peak = [self._resident()]
         stop = threading.Event()
