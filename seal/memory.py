@@ -95,7 +95,9 @@ class PhaseMeter:
         """What `mem/*` figures mean, logged as `mem/device`."""
         if self.device.type == "cuda":
             return f"cuda:{torch.cuda.get_device_name(self.device)} (peak allocated)"
-        return "cpu (peak process RSS)"
+        if not self.processes and kernel_peak().available:
+            return "cpu (peak process RSS, Linux's high-water mark)"
+        return f"cpu (peak process RSS, sampled every {self.interval_s:g} s)"
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
