@@ -16,6 +16,7 @@ meter or across meters: a phase's peak is the largest RSS from its start to its 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections import defaultdict
@@ -81,6 +82,16 @@ def kernel_peak() -> KernelPeak:
     if _KERNEL_PEAK is None:
         _KERNEL_PEAK = KernelPeak()
     return _KERNEL_PEAK
+
+
+def _forget_in_child() -> None:
+    """A forked child has its own high-water mark and none of its parent's phases open (nor its lock held)."""
+    global _KERNEL_PEAK
+    _KERNEL_PEAK = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class PhaseMeter:

@@ -1,6 +1,7 @@
 """seal.memory.PhaseMeter: time and peak memory per phase."""
 
 import mmap
+import os
 import threading
 import time
 
@@ -77,3 +78,34 @@ def test_nested_phases_each_keep_their_own_peak():
     assert outer.peak_mb["outer"] > idle + 250
     assert inner.peak_mb["quiet"] < idle + 100
     assert idle + 100 < inner.peak_mb["inner"] < idle + 250
+
+
+@needs_kernel_peak
+def test_a_child_forked_inside_a_phase_measures_its_own_phases():
+    """A child forked while its parent is inside a phase starts with no phase open (the parent's, and a lock
+    the parent might hold, stay the parent's) and measures its own spike; the parent's phase is unaffected."""
+    meter = PhaseMeter(torch.device("cpu"))
+    with meter.phase("idle"):
+        pass
+    with meter.phase("parent"):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, never return into pytest
+            status = 1
+            try:
+                child = PhaseMeter(torch.device("cpu"))
+                fresh = not kernel_peak()._open
+                with child.phase("idle"):
+                    pass
+                with child.phase("spike"):
+                    touch(100).close()
+                status = 0 if fresh and child.peak_mb["spike"] > child.peak_mb["idle"] + 80 else 2
+            finally:
+                os.write(write, bytes([status]))
+                os._exit(0)
+        os.close(write)
+        reply = os.read(read, 1)
+        os.waitpid(pid, 0)
+        os.close(read)
+    assert reply == bytes([0])
+    assert meter.peak_mb["parent"] < meter.peak_mb["idle"] + 50
