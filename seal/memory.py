@@ -1,22 +1,21 @@
 """Wall time and peak memory per phase of a run (generate, update, eval, ...).
 
 On CUDA the peak is `torch.cuda.max_memory_allocated` since the phase began (tensors only, exact).
-On CPU it is the largest resident set size (RSS) of this process. On Linux the kernel keeps that peak itself
-(`VmHWM` in /proc/self/status, which writing 5 to /proc/self/clear_refs resets to the RSS of the moment), so
-the peak is exact, however short the spike, and nothing runs beside the phase. Elsewhere, and with
-`processes=True`, a background thread samples every `interval_s` seconds while the phase runs, plus once at
-its start and end: a spike shorter than the interval can be missed, so read that as a close lower bound.
-`processes=True` adds the private memory (USS) of this process's children, such as forked workers: what they
-share with this process (its model's weights, until written) is counted once. Reading a child's USS walks its
-page tables (about 15 ms for a 2 GB process), so such a meter wants an interval of a few hundred ms.
-A phase entered several times accumulates its time and keeps its largest peak. Phases may nest, within a
-meter or across meters: a phase's peak is the largest RSS from its start to its end.
+On CPU it is the largest resident set size (RSS) of this process, sampled every `interval_s` seconds by a
+background thread while the phase runs, plus once at its start and end: a spike shorter than the interval
+can be missed, so read that as a close lower bound. Where the phase raised the process's own high-water mark
+(Linux keeps it: `VmHWM` in /proc/self/status), that mark is the phase's peak, exact however short the spike:
+so it is for a phase that uses more memory than any before it, such as the update in each of the bench's
+memory probes. With `processes=True` a sample adds the private memory (USS) of this process's children, such
+as forked workers: what they share with this process (its model's weights, until written) is counted once.
+Reading a child's USS walks its page tables (about 15 ms for a 2 GB process), so such a meter wants an
+interval of a few hundred ms.
+A phase entered several times accumulates its time and keeps its largest peak.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections import defaultdict
@@ -28,70 +27,16 @@ import torch
 MB = 1024 * 1024
 
 
-class KernelPeak:
-    """This process's peak RSS as Linux keeps it. Resetting the mark would lose the peak of any phase open
-    at the time, so each reset first folds the mark into the peaks of the open phases."""
-
-    STATUS, CLEAR = "/proc/self/status", "/proc/self/clear_refs"
-
-    def __init__(self) -> None:
-        self._open: list[list[int]] = []  # the peak so far of each phase open now, in bytes
-        self._lock = threading.Lock()
-        self.available = self._works()
-
-    def _works(self) -> bool:
-        try:
-            self._mark()
-            with open(self.CLEAR, "w") as clear:
-                clear.write("5")
-        except (OSError, ValueError, AttributeError):  # not Linux, or /proc not readable or writable
-            return False
-        return True
-
-    def _mark(self) -> int:
-        with open(self.STATUS) as status:
+def high_water() -> int | None:
+    """This process's largest RSS so far in bytes, as Linux keeps it (`VmHWM`), or None where /proc does not
+    say. Read, never reset: resetting it (/proc/self/clear_refs) would also lose the peak that getrusage and
+    `/usr/bin/time -v` report for the whole process."""
+    try:
+        with open("/proc/self/status") as status:
             line = next(line for line in status if line.startswith("VmHWM:"))
         return int(line.split()[1]) * 1024
-
-    def _fold(self) -> None:
-        mark = self._mark()
-        for peak in self._open:
-            peak[0] = max(peak[0], mark)
-
-    def enter(self) -> list[int]:
-        with self._lock:
-            self._fold()
-            with open(self.CLEAR, "w") as clear:
-                clear.write("5")
-            peak = [self._mark()]
-            self._open.append(peak)
-            return peak
-
-    def exit(self, peak: list[int]) -> int:
-        with self._lock:
-            self._fold()
-            del self._open[next(i for i, open_peak in enumerate(self._open) if open_peak is peak)]
-            return peak[0]
-
-
-_KERNEL_PEAK: KernelPeak | None = None
-
-
-def kernel_peak() -> KernelPeak:
-    global _KERNEL_PEAK
-    if _KERNEL_PEAK is None:
-        _KERNEL_PEAK = KernelPeak()
-    return _KERNEL_PEAK
-
-
-def _forget_in_child() -> None:
-    """A forked child has its own high-water mark and none of its parent's phases open (nor its lock held)."""
-    global _KERNEL_PEAK
-    _KERNEL_PEAK = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_in_child)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 class PhaseMeter:
@@ -106,9 +51,7 @@ class PhaseMeter:
         """What `mem/*` figures mean, logged as `mem/device`."""
         if self.device.type == "cuda":
             return f"cuda:{torch.cuda.get_device_name(self.device)} (peak allocated)"
-        if not self.processes and kernel_peak().available:
-            return "cpu (peak process RSS, Linux's high-water mark)"
-        return f"cpu (peak process RSS, sampled every {self.interval_s:g} s)"
+        return "cpu (peak process RSS)"
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -123,13 +66,7 @@ class PhaseMeter:
                 peak = torch.cuda.max_memory_allocated(self.device)
                 self._record(name, start, peak)
             return
-        if not self.processes and kernel_peak().available:
-            mark = kernel_peak().enter()
-            try:
-                yield
-            finally:
-                self._record(name, start, kernel_peak().exit(mark))
-            return
+        mark = high_water()
         peak = [self._resident()]
         stop = threading.Event()
 
@@ -148,7 +85,11 @@ class PhaseMeter:
         finally:
             stop.set()
             sampler.join()
-            self._record(name, start, max(peak[0], self._resident()))
+            peak[0] = max(peak[0], self._resident())
+            raised = high_water()
+            if mark is not None and raised is not None and raised > mark:  # the process's peak came in it
+                peak[0] = max(peak[0], raised)
+            self._record(name, start, peak[0])
 
     def _resident(self) -> int:
         """Bytes: this process's RSS, plus its children's USS when the meter counts them."""
