@@ -1,8 +1,9 @@
 """seal.memory.PhaseMeter: time and peak memory per phase."""
 
 import mmap
-import os
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -43,44 +44,27 @@ def test_a_phase_shorter_than_the_interval_is_still_sampled_while_it_runs(monkey
     assert 0.3 <= meter.seconds["short"] < meter.interval_s
 
 
-def in_child(check) -> None:
-    """`check()` in a forked child, whose high-water mark starts at its RSS (the parent's, a test process that
-    has loaded models, may be gigabytes); the child's exception, if any, fails the test here."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # never return into pytest from here
-        message = b""
-        try:
-            check()
-        except BaseException as error:  # noqa: BLE001 - any failure goes back to the parent
-            message = repr(error).encode()[:1000] or b"failed"
-        finally:
-            os.write(write, message or b"ok")
-            os._exit(0)
-    os.close(write)
-    reply = os.read(read, 1000)
-    os.waitpid(pid, 0)
-    os.close(read)
-    assert reply == b"ok", reply.decode()
+def spike_below_the_sampler() -> None:
+    """200 MB written and unmapped at once, while the sampler sees only the RSS at the phase's start (its
+    reading replaced by a constant): the phase's peak shows them all the same, from the kernel's own mark. A
+    later phase that stays below the mark keeps its sampled peak, not the earlier spike's."""
+    meter = PhaseMeter(torch.device("cpu"), interval_s=10.0)
+    with meter.phase("idle"):
+        pass
+    start = meter._process.memory_info().rss
+    meter._resident = lambda: start  # the sampler sees nothing of the spike
+    with meter.phase("spike"):
+        touch(200).close()
+    assert meter.peak_mb["spike"] > meter.peak_mb["idle"] + 150, dict(meter.peak_mb)
+    with meter.phase("after"):
+        pass
+    assert meter.peak_mb["after"] < meter.peak_mb["spike"] - 150, dict(meter.peak_mb)
 
 
 @pytest.mark.skipif(high_water() is None, reason="Linux's VmHWM is not available here")
 def test_a_spike_that_raises_the_processs_high_water_mark_is_the_phases_peak_however_short():
-    """200 MB written and unmapped at once, while the sampler sees only the RSS at the phase's start (its
-    reading replaced by a constant): the phase's peak shows them all the same, from the kernel's own mark. A
-    later phase that stays below the mark keeps its sampled peak, not the earlier spike's."""
-
-    def check() -> None:
-        meter = PhaseMeter(torch.device("cpu"), interval_s=10.0)
-        with meter.phase("idle"):
-            pass
-        start = meter._process.memory_info().rss
-        meter._resident = lambda: start  # the sampler sees nothing of the spike
-        with meter.phase("spike"):
-            touch(200).close()
-        assert meter.peak_mb["spike"] > meter.peak_mb["idle"] + 150, dict(meter.peak_mb)
-        with meter.phase("after"):
-            pass
-        assert meter.peak_mb["after"] < meter.peak_mb["spike"] - 150, dict(meter.peak_mb)
-
-    in_child(check)
+    """`spike_below_the_sampler` in a forked worker, whose high-water mark starts at its own RSS (this test
+    process's, after tests that load models, may be gigabytes); its assertion errors are raised here."""
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        pool.submit(spike_below_the_sampler).result()
