@@ -20,7 +20,8 @@
 // Arithmetic in the compute dtype of `weight` (bf16 under autocast, float32 otherwise), as autocast has it:
 // - the frozen product x W^T, through oneDNN's packed weight when `frozen` holds one;
 // - each run's adapter products, with A and (scaling B) cast to the compute dtype, the second one added to
-//   the frozen product inside the matrix product (addmm_): no scaled copy of the output, no separate sum;
+//   the frozen product inside the matrix product (addmm_): no scaled copy of the output, no separate sum
+//   (with the frozen weight laid out by laid_weight, inside its tiles, before the one rounding: Fold);
 // - gradients for x (if needed; its terms summed in the compute dtype, then cast once) and for each run's A
 //   and B (float32, the adapters' dtype); none for W.
 // In bf16, where oneDNN's micro-kernel is offered (AMX) or the CPU has AVX-512 BF16, each run's six adapter
@@ -39,6 +40,7 @@
 #include <ATen/native/CPUBlas.h>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -360,7 +362,7 @@ inline Ahead block_at(const Bf16* laid, int64_t ke, int64_t j, int64_t end) {
 
 template <int V>
 SEAL_AVX512_BF16 void dot_block(const Bf16* a, int64_t lda, int64_t m, const uint32_t* block, int64_t pairs,
-                                float* c, int64_t ldc, Bf16* out, int64_t ldo, Ahead next) {
+                                float* c, int64_t ldc, Bf16* out, int64_t ldo, Ahead next, bool add = false) {
   constexpr int64_t kRows = 24 / V;
   for (int64_t q0 = 0; q0 < pairs; q0 += kChunk) {
     const int64_t chunk = std::min(kChunk, pairs - q0);
@@ -374,7 +376,7 @@ SEAL_AVX512_BF16 void dot_block(const Bf16* a, int64_t lda, int64_t m, const uin
       fetch.at += 64 * ahead.lines;
       fetch.lines -= ahead.lines;
       dot_rows<V, kRows>(std::min(kRows, m - i), a + i * lda + 2 * q0, lda, block + q0 * 16 * V, chunk, 16 * V,
-                         c + i * ldc, ldc, q0 > 0, last ? last + i * ldo : nullptr, ldo, ahead);
+                         c + i * ldc, ldc, add || q0 > 0, last ? last + i * ldo : nullptr, ldo, ahead);
     }
   }
 }
@@ -382,19 +384,20 @@ SEAL_AVX512_BF16 void dot_block(const Bf16* a, int64_t lda, int64_t m, const uin
 // Columns [j0, j1) of a [m, ke] bf16 (row stride lda) times a matrix laid out by lay_out, j0 and j1 on the
 // layout's blocks of 64 (j1 = n for the last): into c [m, n] float32 (row stride ldc) or, with `out`, rounded
 // into out [m, n] bf16 (row stride ldo; c then only holds partial sums where ke > 2 kChunk).
-// `next`: a block to fetch while the last block's rows go by (see Ahead).
+// `next`: a block to fetch while the last block's rows go by (see Ahead). With `add`, the sums go on from those
+// in c.
 SEAL_AVX512_BF16 void dot_columns(const Bf16* a, int64_t lda, int64_t m, const Bf16* laid, int64_t ke, int64_t j0,
                                   int64_t j1, float* c, int64_t ldc, Bf16* out = nullptr, int64_t ldo = 0,
-                                  Ahead next = {}) {
+                                  Ahead next = {}, bool add = false) {
   for (; j0 < j1; j0 += kBlock) {
     const auto* block = reinterpret_cast<const uint32_t*>(laid + ke * j0);
     Bf16* o = out ? out + j0 : nullptr;
     const Ahead ahead = j0 + kBlock < j1 ? block_at(laid, ke, j0 + kBlock, j1) : next;
     switch (std::min(kBlock, j1 - j0) / 16) {
-      case 1: dot_block<1>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead); break;
-      case 2: dot_block<2>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead); break;
-      case 3: dot_block<3>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead); break;
-      default: dot_block<4>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead);
+      case 1: dot_block<1>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead, add); break;
+      case 2: dot_block<2>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead, add); break;
+      case 3: dot_block<3>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead, add); break;
+      default: dot_block<4>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead, add);
     }
   }
 }
@@ -470,29 +473,63 @@ SEAL_AVX512 std::unique_ptr<Bf16[]> transposed(const Bf16* src, int64_t lds, int
   return out;
 }
 
+// Runs' adapter terms folded into a frozen product laid out by laid_weight (`folded_product`): a run's rows
+// [start, start + rows) get h (bf16 [rows, ke], contiguous) times `laid` (laid out by lay_out: ke rows, the
+// product's columns; ke is the rank, a multiple of 16) added to their float32 sums, which are then rounded to
+// bf16 once. Otherwise the frozen product and the term are each rounded, then added and rounded again, in a
+// pass over [rows, columns] of float32 sums and bf16 outputs; folded, the term's 16 pairs of products go on
+// in the frozen product's tiles, and the result is the nearest bf16 to the sum. `kept` holds what the folds
+// point to.
+struct Fold {
+  int64_t start, rows;
+  const Bf16* h;
+  const Bf16* laid;
+  int64_t ke;
+};
+
+struct Folding {
+  std::vector<Fold> folds;
+  std::vector<std::unique_ptr<Bf16[]>> kept;
+  void add(int64_t start, int64_t rows, std::unique_ptr<Bf16[]> h, std::unique_ptr<Bf16[]> laid, int64_t ke) {
+    folds.push_back({start, rows, h.get(), laid.get(), ke});
+    kept.push_back(std::move(h));
+    kept.push_back(std::move(laid));
+  }
+};
+
 // One run's forward in bf16: out_rows += (part A^T) (scaling B)^T; returns part A^T (bf16, for the backward).
 // part [L, in] and out_rows [L, out] bf16 with contiguous rows; a [rank, in] and b [out, rank] contiguous.
+// With `folding`, the second product is left to the frozen product (Fold; `out` columns, the run's rows from
+// `start`) and out_rows is not used.
 template <typename T>
 at::Tensor brgemm_forward(const at::Tensor& part, const T* a, const T* b, int64_t rank, double scaling,
-                          at::Tensor& out_rows) {
-  const int64_t rows = part.size(0), in = part.size(1), out = out_rows.size(1);
-  auto c = scratch<float>(rows * std::max(rank, out));
+                          at::Tensor& out_rows, Folding* folding = nullptr, int64_t start = 0, int64_t out = 0) {
+  const int64_t rows = part.size(0), in = part.size(1);
+  if (!folding) out = out_rows.size(1);
+  auto c = scratch<float>(rows * (folding ? rank : std::max(rank, out)));
   brgemm_product(part.data_ptr<Bf16>(), part.stride(0), rows, lay_out(a, in, true, in, rank, 1.0f).get(), in, rank,
                  c.get(), rank);
   auto h = at::empty({rows, rank}, part.options());
   round_rows(c.get(), rows, rank, h.data_ptr<Bf16>(), rank, false);
-  brgemm_product(h.data_ptr<Bf16>(), rank, rows, lay_out(b, rank, true, rank, out, static_cast<float>(scaling)).get(),
-                 rank, out, c.get(), out);
-  round_rows(c.get(), rows, out, out_rows.data_ptr<Bf16>(), out_rows.stride(0), true);
+  auto laid_b = lay_out(b, rank, true, rank, out, static_cast<float>(scaling));
+  if (folding) {
+    folding->folds.push_back({start, rows, h.data_ptr<Bf16>(), laid_b.get(), rank});  // h: kept by the caller
+    folding->kept.push_back(std::move(laid_b));
+  } else {
+    brgemm_product(h.data_ptr<Bf16>(), rank, rows, laid_b.get(), rank, out, c.get(), out);
+    round_rows(c.get(), rows, out, out_rows.data_ptr<Bf16>(), out_rows.stride(0), true);
+  }
   release_micro_kernel();
   return h;
 }
 
 // One run's backward in bf16, from gr (the output's gradient, [L, out]): A's gradient [rank, in] and B's
-// [out, rank] in float32, and dx_rows += (gr scaling B) A if dx_rows is defined.
+// [out, rank] in float32, and dx_rows += (gr scaling B) A if dx_rows is defined, or, with `folding`, that
+// product left to the frozen product of the input's gradient (Fold, the run's rows from `start`).
 template <typename T>
 std::pair<at::Tensor, at::Tensor> brgemm_backward(const at::Tensor& gr, const at::Tensor& part, const at::Tensor& h,
-                                                  const T* a, const T* b, double scaling, at::Tensor dx_rows) {
+                                                  const T* a, const T* b, double scaling, at::Tensor dx_rows,
+                                                  Folding* folding = nullptr, int64_t start = 0) {
   const int64_t rows = part.size(0), in = part.size(1), rank = h.size(1), out = gr.size(1);
   const int64_t re = even(rows);
   const float s = static_cast<float>(scaling);
@@ -512,7 +549,9 @@ std::pair<at::Tensor, at::Tensor> brgemm_backward(const at::Tensor& gr, const at
   brgemm_product(transposed(dh.get(), rank, rows, rank).get(), re, rank,
                  lay_out(part.data_ptr<Bf16>(), part.stride(0), false, rows, in, 1.0f).get(), re, in,
                  da.data_ptr<float>(), in);
-  if (dx_rows.defined()) {
+  if (folding) {
+    folding->add(start, rows, std::move(dh), lay_out(a, in, false, rank, in, 1.0f), rank);
+  } else if (dx_rows.defined()) {
     brgemm_product(dh.get(), rank, rows, lay_out(a, in, false, rank, in, 1.0f).get(), rank, in, c.get(), in);
     round_rows(c.get(), rows, in, dx_rows.data_ptr<Bf16>(), dx_rows.stride(0), true);
   }
@@ -579,13 +618,26 @@ Ahead successor(const void* laid) {
 }
 
 // x times the laid-out weight, rounded to bf16; with `added`, added + that, the sum rounded once (as oneDNN's
-// "add" product rounds it).
-at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid, const c10::optional<at::Tensor>& added) {
+// "add" product rounds it); with `folds` (not with `added`), each run's adapter term added to its rows' sums
+// before they are rounded (Fold).
+at::Tensor folded_product(const at::Tensor& x, const at::Tensor& laid, const c10::optional<at::Tensor>& added,
+                          const std::vector<Fold>& folds) {
   const int64_t m = x.size(0), k = x.size(1), n = laid.numel() / k;
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && k % 16 == 0 && laid.numel() == k * n,
               "own_product: contiguous bf16 rows whose size matches the laid-out weight's");
   TORCH_CHECK(!added || (added->scalar_type() == at::kBFloat16 && added->size(0) == m && added->size(1) == n),
               "own_product: what is added must be bf16 [rows, out]");
+  TORCH_CHECK(!added || folds.empty(), "own_product: runs' terms are folded in without `added`");
+  std::vector<Fold> runs(folds);
+  std::sort(runs.begin(), runs.end(), [](const Fold& p, const Fold& q) { return p.start < q.start; });
+  std::vector<std::pair<int64_t, int64_t>> alone;  // rows that no fold covers: their sums rounded as they are
+  int64_t row = 0;
+  for (const auto& f : runs) {
+    TORCH_CHECK(f.start >= row && f.start + f.rows <= m, "own_product: folds on rows of their own");
+    if (f.start > row) alone.emplace_back(row, f.start);
+    row = f.start + f.rows;
+  }
+  if (row < m && !folds.empty()) alone.emplace_back(row, m);
   auto out = added ? added->contiguous().clone() : at::empty({m, n}, x.options());
   const auto* xp = x.data_ptr<Bf16>();
   const auto* lp = laid.data_ptr<Bf16>();
@@ -593,12 +645,21 @@ at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid, const c10::o
   const Ahead following = successor(lp);
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
     // float32 sums: all of them to add onto `added`, else the partial ones over a long inner size
-    auto c = scratch<float>(added || k > 2 * kChunk ? m * kBlock : 0);
+    auto c = scratch<float>(added || !folds.empty() || k > 2 * kChunk ? m * kBlock : 0);
     const int64_t end = std::min(n, b1 * kBlock);
     for (int64_t j0 = b0 * kBlock; j0 < end; j0 += kBlock) {
       const int64_t w = std::min(kBlock, n - j0);
       // this thread's next block, fetched while this one's rows go by; after the last, the next weight's
       const Ahead next = j0 + w < end ? block_at(lp, k, j0 + w, end) : end == n ? following : Ahead{};
+      if (!folds.empty()) {  // the frozen sums, then each run's term on its rows' and the rounding
+        dot_columns(xp, k, m, lp + k * j0, k, 0, w, c.get(), w, nullptr, 0, next);
+        for (const auto& f : runs)
+          dot_columns(f.h, f.ke, f.rows, f.laid + f.ke * j0, f.ke, 0, w, c.get() + f.start * w, w,
+                      op + f.start * n + j0, n, {}, true);
+        for (const auto& [begin, stop] : alone)
+          round_rows(c.get() + begin * w, stop - begin, w, op + begin * n + j0, n, false);
+        continue;
+      }
       if (!added) {
         dot_columns(xp, k, m, lp + k * j0, k, 0, w, c.get(), kBlock, op + j0, n, next);
         continue;
@@ -608,6 +669,10 @@ at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid, const c10::o
     }
   });
   return out;
+}
+
+at::Tensor own_product(const at::Tensor& x, const at::Tensor& laid, const c10::optional<at::Tensor>& added) {
+  return folded_product(x, laid, added, {});
 }
 #else
 bool own_frozen_products() { return false; }
@@ -623,15 +688,19 @@ constexpr int64_t kFewRows = 16;
 // frozen: [weight, bias], [weight, bias, W packed] or [weight, bias, W packed, W^T packed]; an absent bias is
 // an empty tensor. The forward, its output shaped as x with the last size W's; with `saved`, each run's input,
 // x A^T, and A and B as multiplied go there for the backward.
-// x's rows in the compute dtype, and their frozen product x W^T (+ bias).
-std::pair<at::Tensor, at::Tensor> frozen_product(const at::Tensor& x, at::TensorList frozen) {
+// The frozen product x W^T (+ bias) of rows xc in the compute dtype.
+at::Tensor frozen_out(const at::Tensor& xc, at::TensorList frozen) {
   const auto& weight = frozen[0];
-  const auto dtype = weight.scalar_type();
   c10::optional<at::Tensor> bias;
-  if (frozen[1].numel()) bias = frozen[1].to(dtype);
-  auto xc = x.reshape({-1, x.size(-1)}).to(dtype).contiguous();
-  if (frozen.size() >= 3) return {xc, packed_product(xc, frozen[2], bias)};
-  return {xc, bias ? at::addmm(*bias, xc, weight.t()) : at::mm(xc, weight.t())};
+  if (frozen[1].numel()) bias = frozen[1].to(weight.scalar_type());
+  if (frozen.size() >= 3) return packed_product(xc, frozen[2], bias);
+  return bias ? at::addmm(*bias, xc, weight.t()) : at::mm(xc, weight.t());
+}
+
+// x's rows in the compute dtype, and their frozen product.
+std::pair<at::Tensor, at::Tensor> frozen_product(const at::Tensor& x, at::TensorList frozen) {
+  auto xc = x.reshape({-1, x.size(-1)}).to(frozen[0].scalar_type()).contiguous();
+  return {xc, frozen_out(xc, frozen)};
 }
 
 at::Tensor shaped_as(const at::Tensor& out, const at::Tensor& x) {
@@ -642,8 +711,8 @@ at::Tensor shaped_as(const at::Tensor& out, const at::Tensor& x) {
 
 // Whether the runs of a layer's adapters `a` and `b` on bf16 input xc and output `out` go through the micro-kernel
 // (brgemm_forward and brgemm_backward): all of them or none, so that the backward knows from one flag.
-bool micro_runs(const at::Tensor& xc, const at::Tensor& out, at::TensorList a, at::TensorList b) {
-  if (a.empty() || !brgemm_fits(out.scalar_type(), xc.size(1), out.size(1), a[0].size(0))) return false;
+bool micro_runs(at::ScalarType dtype, int64_t in, int64_t out, at::TensorList a, at::TensorList b) {
+  if (a.empty() || !brgemm_fits(dtype, in, out, a[0].size(0))) return false;
   for (size_t r = 0; r < a.size(); ++r) {
     const auto type = a[r].scalar_type();
     if ((type != at::kFloat && type != at::kBFloat16) || b[r].scalar_type() != type || !a[r].is_contiguous() ||
@@ -653,6 +722,10 @@ bool micro_runs(const at::Tensor& xc, const at::Tensor& out, at::TensorList a, a
   return true;
 }
 
+// Whether a frozen weight is laid out by laid_weight (`frozen` [W, no bias, W^T laid out, ...]): the runs' terms
+// are then folded into its product (Fold).
+bool folds_into(at::TensorList frozen) { return frozen.size() >= 3 && frozen[2].dim() == 1 && !frozen[1].numel(); }
+
 // The forward; with `saved`, each run's input, x A^T, and A and B as multiplied (or, through the micro-kernel, A
 // and B themselves) go there for the backward, and *micro says which.
 at::Tensor compute(const at::Tensor& x, at::TensorList frozen, at::TensorList a, at::TensorList b,
@@ -660,19 +733,32 @@ at::Tensor compute(const at::Tensor& x, at::TensorList frozen, at::TensorList a,
                    std::vector<at::Tensor>* saved, bool* micro = nullptr) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto dtype = frozen[0].scalar_type();
-  auto [xc, out] = frozen_product(x, frozen);
-  const bool through_micro = micro_runs(xc, out, a, b);
+  auto xc = x.reshape({-1, x.size(-1)}).to(dtype).contiguous();
+  const int64_t n = frozen[0].size(0);
+  const bool through_micro = micro_runs(dtype, xc.size(1), n, a, b);
   if (micro) *micro = through_micro;
+#ifdef SEAL_BRGEMM
+  // every run through the micro-kernel and the weight laid out here: the frozen product last, the runs' folded in
+  const bool fold = through_micro && folds_into(frozen) &&
+                    std::all_of(lengths.begin(), lengths.end(), [&](int64_t l) { return saved || l > kFewRows; });
+  Folding folding;
+#else
+  const bool fold = false;
+#endif
+  at::Tensor out = fold ? at::Tensor() : frozen_out(xc, frozen);
   at::Tensor x_few, delta_few;  // without a backward: runs of a few rows, through adapters in their own dtype
   for (size_t r = 0; r < a.size(); ++r) {
     auto part = xc.narrow(0, starts[r], lengths[r]);
 #ifdef SEAL_BRGEMM
     if (through_micro && (saved || lengths[r] > kFewRows)) {
-      auto rows = out.narrow(0, starts[r], lengths[r]);
+      auto rows = fold ? at::Tensor() : out.narrow(0, starts[r], lengths[r]);
+      Folding* into = fold ? &folding : nullptr;
       const int64_t rank = a[r].size(0);
       auto h = a[r].scalar_type() == at::kFloat
-                   ? brgemm_forward(part, a[r].data_ptr<float>(), b[r].data_ptr<float>(), rank, scaling, rows)
-                   : brgemm_forward(part, a[r].data_ptr<Bf16>(), b[r].data_ptr<Bf16>(), rank, scaling, rows);
+                   ? brgemm_forward(part, a[r].data_ptr<float>(), b[r].data_ptr<float>(), rank, scaling, rows,
+                                    into, starts[r], n)
+                   : brgemm_forward(part, a[r].data_ptr<Bf16>(), b[r].data_ptr<Bf16>(), rank, scaling, rows,
+                                    into, starts[r], n);
       if (saved) saved->insert(saved->end(), {part, h, a[r], b[r]});
       continue;
     }
@@ -683,7 +769,7 @@ at::Tensor compute(const at::Tensor& x, at::TensorList frozen, at::TensorList a,
       // the end: a few operations a run instead of a dozen.
       if (!x_few.defined()) {
         x_few = xc.to(a[r].scalar_type());
-        delta_few = at::zeros({xc.size(0), out.size(1)}, x_few.options());
+        delta_few = at::zeros({xc.size(0), n}, x_few.options());
       }
       auto h = at::mm(x_few.narrow(0, starts[r], lengths[r]), a[r].to(x_few.scalar_type()).t());
       auto target = delta_few.narrow(0, starts[r], lengths[r]);
@@ -695,6 +781,9 @@ at::Tensor compute(const at::Tensor& x, at::TensorList frozen, at::TensorList a,
     out.narrow(0, starts[r], lengths[r]).addmm_(h, br.t());
     if (saved) saved->insert(saved->end(), {part, h, ar, br});
   }
+#ifdef SEAL_BRGEMM
+  if (fold) out = folded_product(xc, frozen[2], c10::nullopt, folding.folds);
+#endif
   if (delta_few.defined()) out.add_(delta_few, scaling);
   return shaped_as(out, x);
 }
@@ -751,21 +840,28 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     auto g = grads[0].reshape({-1, grads[0].size(-1)});
     if (micro) g = g.contiguous();
     const bool need_x = ctx->needs_input_grad(0);
+    // the input's gradient through W laid out here: the runs' terms folded into its product, which comes last
+    const bool fold = micro && need_x && packed && weight.dim() == 1;
     at::Tensor dx;
-    if (need_x) {
+    if (need_x && !fold) {
       dx = packed ? packed_product(g.contiguous(), weight, c10::nullopt) : at::mm(g, weight);
     }
     variable_list da(runs), db(runs);
+#ifdef SEAL_BRGEMM
+    Folding folding;
+#endif
     for (size_t r = 0; r < runs; ++r) {
       const auto &part = saved[4 * r], &h = saved[4 * r + 1], &ar = saved[4 * r + 2], &br = saved[4 * r + 3];
       auto gr = g.narrow(0, starts[r], lengths[r]);
 #ifdef SEAL_BRGEMM
       if (micro) {
-        auto dx_rows = need_x ? dx.narrow(0, starts[r], lengths[r]) : at::Tensor();
-        std::tie(da[r], db[r]) =
-            ar.scalar_type() == at::kFloat
-                ? brgemm_backward(gr, part, h, ar.data_ptr<float>(), br.data_ptr<float>(), scaling, dx_rows)
-                : brgemm_backward(gr, part, h, ar.data_ptr<Bf16>(), br.data_ptr<Bf16>(), scaling, dx_rows);
+        auto dx_rows = need_x && !fold ? dx.narrow(0, starts[r], lengths[r]) : at::Tensor();
+        Folding* into = fold ? &folding : nullptr;
+        std::tie(da[r], db[r]) = ar.scalar_type() == at::kFloat
+                                     ? brgemm_backward(gr, part, h, ar.data_ptr<float>(), br.data_ptr<float>(),
+                                                       scaling, dx_rows, into, starts[r])
+                                     : brgemm_backward(gr, part, h, ar.data_ptr<Bf16>(), br.data_ptr<Bf16>(),
+                                                       scaling, dx_rows, into, starts[r]);
         continue;
       }
 #endif
@@ -774,6 +870,9 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
       da[r] = at::mm(dh.t(), part).to(at::kFloat);
       if (need_x) dx.narrow(0, starts[r], lengths[r]).addmm_(dh, ar);
     }
+#ifdef SEAL_BRGEMM
+    if (fold) dx = folded_product(g, weight, c10::nullopt, folding.folds);
+#endif
     if (need_x) dx = dx.to(x_dtype);
     variable_list out{need_x ? dx.view(x_sizes) : at::Tensor()};
     out.resize(1 + ctx->saved_data["frozen"].toInt());  // the frozen tensors get no gradient
