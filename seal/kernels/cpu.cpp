@@ -1661,17 +1661,89 @@ SEAL_AVX512 void add_range(const float* x, const Bf16* y, float* out, int64_t be
 }
 #endif
 
+#ifdef SEAL_BRGEMM
+// decode_group's adapter products where b is laid out by laid_weight ([parts x width, frozen]): each token reads
+// only its row's own slot's columns of x A^T in each part (its mask's ones, one even span) and the matching rows of
+// b, where the stacked product multiplies every slot's columns, the others zeroed, by all of b's rows. With 4 slots
+// a token's adapter products are then a quarter of the stacked ones, and the rows of b that pair one part's
+// columns with another part's outputs (zeros) are never read. Zero products add nothing to the float32 sums, so
+// the result is bit for bit the stacked one. `bounds`: each part's first output column, then the frozen outputs'
+// number. nullopt where the mask or the parts' bounds (multiples of the layout's blocks) do not allow it.
+c10::optional<at::Tensor> own_slots_product(const at::Tensor& y, const at::Tensor& b, const at::Tensor& mask,
+                                            const std::vector<int64_t>& bounds, int64_t n) {
+  const int64_t tokens = y.size(0), columns = y.size(1), width = mask.size(1), rows = mask.size(0);
+  const int64_t parts = static_cast<int64_t>(bounds.size()) - 1, frozen = bounds.back(), inner = parts * width;
+  if (columns != frozen + inner || b.numel() != inner * frozen || rows * n != tokens) return c10::nullopt;
+  for (int64_t p = 1; p < parts; ++p)
+    if (bounds[p] % kBlock) return c10::nullopt;
+  struct Run {
+    int64_t t0, t1, lo, hi;  // tokens [t0, t1), their slot's columns [lo, hi) of each part
+  };
+  std::vector<Run> runs;
+  const auto* mp = mask.data_ptr<Bf16>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto on = [&](int64_t j) { return static_cast<float>(mp[r * width + j]) != 0.0f; };
+    int64_t lo = 0;
+    while (lo < width && !on(lo)) ++lo;
+    int64_t hi = lo;
+    while (hi < width && on(hi)) ++hi;
+    for (int64_t j = hi; j < width; ++j)
+      if (on(j)) return c10::nullopt;
+    if (lo % 2 || hi % 2) return c10::nullopt;
+    if (lo == hi) continue;  // the base model: its outputs are the frozen ones
+    if (!runs.empty() && runs.back().t1 == r * n && runs.back().lo == lo && runs.back().hi == hi)
+      runs.back().t1 += n;
+    else
+      runs.push_back({r * n, (r + 1) * n, lo, hi});
+  }
+  auto out = y.narrow(1, 0, frozen).contiguous();
+  const auto* yp = y.data_ptr<Bf16>();
+  const auto* bp = b.data_ptr<Bf16>();
+  auto* op = out.data_ptr<Bf16>();
+  at::parallel_for(0, (frozen + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    auto c = scratch<float>(tokens * kBlock);
+    for (int64_t j0 = b0 * kBlock; j0 < std::min(frozen, b1 * kBlock); j0 += kBlock) {
+      const int64_t w = std::min(kBlock, frozen - j0);
+      const int64_t p = std::upper_bound(bounds.begin(), bounds.end(), j0) - bounds.begin() - 1;
+      const auto* block = reinterpret_cast<const uint32_t*>(bp + inner * j0);
+      for (const auto& run : runs) {
+        const int64_t m = run.t1 - run.t0, first = p * width + run.lo, pairs = (run.hi - run.lo) / 2;
+        const Bf16* a = yp + run.t0 * columns + frozen + first;
+        const uint32_t* rows_of_b = block + (first / 2) * w;
+        switch (w / 16) {
+          case 1: dot_block<1>(a, columns, m, rows_of_b, pairs, c.get(), w, nullptr, 0, {}); break;
+          case 2: dot_block<2>(a, columns, m, rows_of_b, pairs, c.get(), w, nullptr, 0, {}); break;
+          case 3: dot_block<3>(a, columns, m, rows_of_b, pairs, c.get(), w, nullptr, 0, {}); break;
+          default: dot_block<4>(a, columns, m, rows_of_b, pairs, c.get(), w, nullptr, 0, {});
+        }
+        round_rows(c.get(), m, w, op + run.t0 * frozen + j0, frozen, true);
+      }
+    }
+  });
+  return out;
+}
+#endif
+
 // A group's products for `h` [rows x n, in] (seal.decoding.Group): the frozen outputs plus each token's row's own
 // adapters'. `weight` and `b` are laid out by oneDNN or by laid_weight; `parts` projections share them, each with
-// mask's width of A rows.
+// mask's width of A rows, their outputs `split` (empty: equal parts).
 at::Tensor decode_group(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& b, const at::Tensor& mask,
-                        int64_t parts, int64_t n) {
+                        int64_t parts, int64_t n, const std::vector<int64_t>& split = {}) {
   static auto binary = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("mkldnn::_linear_pointwise", "binary")
                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                              const c10::optional<at::Tensor>&, c10::string_view)>();
   auto y = packed_product(h, weight, c10::nullopt);
   const int64_t tokens = y.size(0), columns = y.size(1), width = mask.size(1), frozen = columns - parts * width;
+#ifdef SEAL_BRGEMM
+  if (b.dim() == 1) {
+    std::vector<int64_t> bounds{0};
+    for (int64_t p = 0; p < parts; ++p) bounds.push_back(bounds.back() + (split.empty() ? frozen / parts : split[p]));
+    if (bounds.back() == frozen) {
+      if (auto out = own_slots_product(y, b, mask, bounds, n)) return *out;
+    }
+  }
+#endif
   auto hidden = at::empty({tokens, parts * width}, y.options());
   const auto *yp = y.data_ptr<Bf16>(), *mp = mask.data_ptr<Bf16>();
   auto* hp = hidden.data_ptr<Bf16>();
@@ -1728,7 +1800,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm_in, const at
     auto* op = out.data_ptr<float>();
     by_token([&](int64_t i) { add_range(in, yp, op, i * hidden_size, (i + 1) * hidden_size); });
   };
-  auto qkv = decode_group(norm(x, norm_in), groups[0], groups[1], mask, 3, n);
+  auto qkv = decode_group(norm(x, norm_in), groups[0], groups[1], mask, 3, n,
+                          {heads * width, kv_heads * width, kv_heads * width});
   const int64_t qkv_width = qkv.size(1);
   TORCH_CHECK(qkv_width == (heads + 2 * kv_heads) * width, "decode_layer: q, k and v do not match the heads");
   auto q = at::empty({tokens, heads, width}, qkv.options());
