@@ -15,7 +15,9 @@ instead, for the prompt as well as each step: the same products, and the norms, 
 writes, attention and SwiGLU written out around them; the output projection is laid out by oneDNN. On a CPU
 with AVX-512 BF16 and no AMX, the groups and the output projection are laid out by the kernels instead, for
 products of their own (seal/kernels/cpu.cpp, "Frozen weights through our own products"; on the AMD EPYC the
-bench's evaluation 2.8-3.0 s against 3.1-3.4 s through oneDNN's). The bench's evaluation (20 answers of 4
+bench's evaluation 2.8-3.0 s against 3.1-3.4 s through oneDNN's); there each token's B product reads only its
+own slot's columns and the rows of the block-diagonal stack that match them, the same sums without the zeros
+(the bench's evaluation 2.27-2.54 s against 2.54-2.96 s). The bench's evaluation (20 answers of 4
 adapters) took 3.4-3.5 s on the AMX Xeon against 6.2-6.5 s with PyTorch's operations between the products and
 the prompt through transformers' forward (benchmarks/README.md). The first tokens that the prompts of one
 slot's rows share (SEAL's questions about one passage share the chat template and the topic) go through the
