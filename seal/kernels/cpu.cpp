@@ -381,6 +381,17 @@ SEAL_AVX512_BF16 void dot_block(const Bf16* a, int64_t lda, int64_t m, const uin
   }
 }
 
+// dot_block for a block of w columns (16, 32, 48 or 64).
+SEAL_AVX512_BF16 void dot_width(int64_t w, const Bf16* a, int64_t lda, int64_t m, const uint32_t* block,
+                                int64_t pairs, float* c, int64_t ldc, Bf16* out, int64_t ldo, Ahead next, bool add) {
+  switch (w / 16) {
+    case 1: return dot_block<1>(a, lda, m, block, pairs, c, ldc, out, ldo, next, add);
+    case 2: return dot_block<2>(a, lda, m, block, pairs, c, ldc, out, ldo, next, add);
+    case 3: return dot_block<3>(a, lda, m, block, pairs, c, ldc, out, ldo, next, add);
+    default: return dot_block<4>(a, lda, m, block, pairs, c, ldc, out, ldo, next, add);
+  }
+}
+
 // Columns [j0, j1) of a [m, ke] bf16 (row stride lda) times a matrix laid out by lay_out, j0 and j1 on the
 // layout's blocks of 64 (j1 = n for the last): into c [m, n] float32 (row stride ldc) or, with `out`, rounded
 // into out [m, n] bf16 (row stride ldo; c then only holds partial sums where ke > 2 kChunk).
@@ -393,12 +404,7 @@ SEAL_AVX512_BF16 void dot_columns(const Bf16* a, int64_t lda, int64_t m, const B
     const auto* block = reinterpret_cast<const uint32_t*>(laid + ke * j0);
     Bf16* o = out ? out + j0 : nullptr;
     const Ahead ahead = j0 + kBlock < j1 ? block_at(laid, ke, j0 + kBlock, j1) : next;
-    switch (std::min(kBlock, j1 - j0) / 16) {
-      case 1: dot_block<1>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead, add); break;
-      case 2: dot_block<2>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead, add); break;
-      case 3: dot_block<3>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead, add); break;
-      default: dot_block<4>(a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead, add);
-    }
+    dot_width(std::min(kBlock, j1 - j0), a, lda, m, block, ke / 2, c + j0, ldc, o, ldo, ahead, add);
   }
 }
 
@@ -1708,14 +1714,8 @@ c10::optional<at::Tensor> own_slots_product(const at::Tensor& y, const at::Tenso
       const auto* block = reinterpret_cast<const uint32_t*>(bp + inner * j0);
       for (const auto& run : runs) {
         const int64_t m = run.t1 - run.t0, first = p * width + run.lo, pairs = (run.hi - run.lo) / 2;
-        const Bf16* a = yp + run.t0 * columns + frozen + first;
-        const uint32_t* rows_of_b = block + (first / 2) * w;
-        switch (w / 16) {
-          case 1: dot_block<1>(a, columns, m, rows_of_b, pairs, c.get(), w, nullptr, 0, {}); break;
-          case 2: dot_block<2>(a, columns, m, rows_of_b, pairs, c.get(), w, nullptr, 0, {}); break;
-          case 3: dot_block<3>(a, columns, m, rows_of_b, pairs, c.get(), w, nullptr, 0, {}); break;
-          default: dot_block<4>(a, columns, m, rows_of_b, pairs, c.get(), w, nullptr, 0, {});
-        }
+        dot_width(w, yp + run.t0 * columns + frozen + first, columns, m, block + (first / 2) * w, pairs, c.get(), w,
+                  nullptr, 0, {}, false);
         round_rows(c.get(), m, w, op + run.t0 * frozen + j0, frozen, true);
       }
     }
