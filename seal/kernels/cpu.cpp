@@ -715,8 +715,9 @@ at::Tensor shaped_as(const at::Tensor& out, const at::Tensor& x) {
   return out.view(shape);
 }
 
-// Whether the runs of a layer's adapters `a` and `b` on bf16 input xc and output `out` go through the micro-kernel
-// (brgemm_forward and brgemm_backward): all of them or none, so that the backward knows from one flag.
+// Whether the runs of a layer's adapters `a` and `b` (`in` inputs, `out` outputs, computed in `dtype`) go through
+// the micro-kernel (brgemm_forward and brgemm_backward): all of them or none, so that the backward knows from one
+// flag.
 bool micro_runs(at::ScalarType dtype, int64_t in, int64_t out, at::TensorList a, at::TensorList b) {
   if (a.empty() || !brgemm_fits(dtype, in, out, a[0].size(0))) return false;
   for (size_t r = 0; r < a.size(); ++r) {
