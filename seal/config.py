@@ -168,10 +168,11 @@ class AdaptConfig:
     memory_budget_mb: float = 0
     # The batched updater packs each step's rows end to end into passes of at most this many tokens (a longer
     # row alone) and runs them one after another, adding up the gradients: the activations held for backward
-    # are those of one pass (per lane), however many adapters train together. 0 = auto: 512 on CPU (two SQuAD
-    # passages and some self-edit lines; on the 2-core AMX CPU the bench's update took 19.2-19.9 s against
-    # 20.5-20.7 at 256, for a peak 1.40x one adapter's instead of 1.31x), 2048 on CUDA (fewer, larger passes;
-    # H100: 1.35x faster than 256). benchmarks/README.md has both.
+    # are those of one pass (per lane), however many adapters train together. 0 = auto: on CPU 512 in bf16
+    # (two SQuAD passages and some self-edit lines; on the 2-core AMX CPU the bench's update took 19.2-19.9 s
+    # against 20.5-20.7 at 256, for a peak 1.40x one adapter's instead of 1.31x) and 256 in float32 (on the
+    # AVX2 CPU 512 was no faster, 123.1 s against 120.7, and peaked at 1.62x one adapter's against 1.45x);
+    # 2048 on CUDA (fewer, larger passes; H100: 1.35x faster than 256). benchmarks/README.md has these.
     pack_length: int = 0
     # How the batched updater sends each row or token through its own adapter (seal.multilora.AdapterRouting):
     # runs (each slot's rows through its own small matrices), mask (all slots' matrices stacked, the other

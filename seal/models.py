@@ -55,6 +55,11 @@ class LM:
     # Inside `packed_weights`: each frozen float32 linear layer's weight laid out by oneDNN.
     packed: dict[nn.Module, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model's products compute in: autocast's, else the weights'."""
+        return self.autocast_dtype or self.model.dtype
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -677,7 +682,7 @@ def _shared_prompt_rows(
     if sees is None:
         lengths = torch.tensor([len(seq) for seq in seqs], device=device)
         return ids, positions, (torch.arange(width, device=device) < lengths[:, None]).long(), predicting
-    dtype = lm.autocast_dtype or lm.model.dtype
+    dtype = lm.compute_dtype
     mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)
     return ids, positions, mask[:, None], predicting
 
@@ -729,7 +734,7 @@ def choice_scorer(lm: LM, prompt: str) -> Callable[[str, list[str]], list[float]
         n = len(seq)
         sees = torch.ones(n, start + n, dtype=torch.bool, device=lm.device)  # the cached prompt: every token
         sees[:, start:] = branches_see(s, spans, lm.device)  # the stem, then each choice after it
-        dtype = lm.autocast_dtype or lm.model.dtype
+        dtype = lm.compute_dtype
         mask = torch.zeros(1, 1, n, start + n, dtype=dtype, device=lm.device)
         mask.masked_fill_(~sees, torch.finfo(dtype).min)
         with lm.autocast():

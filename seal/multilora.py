@@ -514,7 +514,7 @@ class MultiLoraUpdater:
                 "adapt.compile and adapt.gradient_checkpointing do not combine: torch's checkpoint runs the "
                 "layers with the compiler turned off"
             )
-        cfg = for_device(cfg, lm.device)
+        cfg = for_device(cfg, lm.device, lm.compute_dtype)
         self.lm, self.cfg, self.capacity = lm, cfg, capacity
         self.slots_in_use = capacity  # halved when a step runs out of memory
         self.routing = AdapterRouting(cfg.lora_routing == "mask", cfg.rank)
@@ -1501,7 +1501,7 @@ def pass_bytes(lm: LM, cfg: AdaptConfig) -> int:
 def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
     """`cfg.max_adapters`, or fewer if that many would not fit in `cfg.memory_budget_mb` (0: auto) beside one
     pass's activations per lane."""
-    cfg = for_device(cfg, lm.device)
+    cfg = for_device(cfg, lm.device, lm.compute_dtype)
     budget = cfg.memory_budget_mb * MB
     if budget <= 0:
         if lm.device.type == "cuda":
@@ -1525,20 +1525,22 @@ def fit_capacity(lm: LM, cfg: AdaptConfig) -> int:
     return capacity
 
 
-def for_device(cfg: AdaptConfig, device: torch.device) -> AdaptConfig:
-    """`cfg` with its `auto` settings chosen for the device, and lanes refused where they do not work (auto
-    lanes are chosen by `MultiLoraUpdater.train`, from the threads torch has then). On a GPU a pass of
-    SmolLM2 is bound by kernel launches, not arithmetic, so fewer, larger operations win: routing by mask and
-    passes of 2,048 tokens (H100, 4 adapters: 1.9x faster than runs and 256, benchmarks/README.md). A CPU
-    pays for every multiply-add: routing by runs, and passes of 512 tokens, which hold two passages and some
-    self-edit lines."""
+def for_device(cfg: AdaptConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> AdaptConfig:
+    """`cfg` with its `auto` settings chosen for the device and the dtype the passes compute in, and lanes
+    refused where they do not work (auto lanes are chosen by `MultiLoraUpdater.train`, from the threads torch
+    has then). On a GPU a pass of SmolLM2 is bound by kernel launches, not arithmetic, so fewer, larger
+    operations win: routing by mask and passes of 2,048 tokens (H100, 4 adapters: 1.9x faster than runs and
+    256, benchmarks/README.md). A CPU pays for every multiply-add: routing by runs, and passes of 512
+    tokens (two passages and some self-edit lines) in bf16, where a pass's fixed cost weighs more, but 256 in
+    float32, where 512 was no faster and two lanes' passes held twice the activations (the AVX2 CPU's bench:
+    4 adapters at 1.62x one adapter's peak against 1.45x)."""
     cuda = device.type == "cuda"
     routing = cfg.lora_routing if cfg.lora_routing != "auto" else ("mask" if cuda else "runs")
     if routing not in ("runs", "mask"):
         raise ValueError(f"unknown adapt.lora_routing {cfg.lora_routing!r}: expected auto, runs or mask")
     if cfg.pack_length < 0:
         raise ValueError(f"adapt.pack_length must be positive (0: auto), got {cfg.pack_length}")
-    pack_length = cfg.pack_length or (2048 if cuda else 512)
+    pack_length = cfg.pack_length or (2048 if cuda else 512 if dtype.itemsize == 2 else 256)
     kernel_fits = not cuda and routing == "runs" and not cfg.compile and not cfg.dropout
     if cfg.lora_kernel not in ("auto", "cpp", "python"):
         raise ValueError(f"unknown adapt.lora_kernel {cfg.lora_kernel!r}: expected auto, cpp or python")

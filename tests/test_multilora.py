@@ -465,7 +465,8 @@ def test_auto_settings_follow_the_device_and_bad_ones_are_refused():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU needed
     auto = AdaptConfig(**CFG)
     assert (auto.lora_routing, auto.pack_length) == ("auto", 0)
-    assert (for_device(auto, cpu).lora_routing, for_device(auto, cpu).pack_length) == ("runs", 512)
+    assert (for_device(auto, cpu).lora_routing, for_device(auto, cpu).pack_length) == ("runs", 256)  # float32
+    assert for_device(auto, cpu, torch.bfloat16).pack_length == 512
     assert (for_device(auto, cuda).lora_routing, for_device(auto, cuda).pack_length) == ("mask", 2048)
     chosen = AdaptConfig(**CFG, lora_routing="mask", pack_length=100, lora_kernel="python")
     assert for_device(chosen, cpu) == chosen
@@ -698,7 +699,7 @@ def test_capacity_fits_the_memory_budget():
         return multilora.fit_capacity(lm, dataclasses.replace(cfg, memory_budget_mb=mb, **settings))
 
     assert fit(1e6) == 6  # plenty: max_adapters
-    activations = multilora.pass_bytes(lm, multilora.for_device(cfg, lm.device))  # auto pack_length resolved
+    activations = multilora.pass_bytes(lm, multilora.for_device(cfg, lm.device, lm.compute_dtype))
     assert activations > 0
     assert fit((activations + 2.5 * per_slot) / multilora.MB) == 2  # the activations come first
     if DEVICE == "cpu":  # lanes are refused on CUDA
