@@ -171,8 +171,9 @@ class AdaptConfig:
     # are those of one pass (per lane), however many adapters train together. 0 = auto: on CPU 512 in bf16
     # (two SQuAD passages and some self-edit lines; on the 2-core AMX CPU the bench's update took 19.2-19.9 s
     # against 20.5-20.7 at 256, for a peak 1.40x one adapter's instead of 1.31x) and 256 in float32 (on the
-    # AVX2 CPU 512 was no faster, 123.1 s against 120.7, and peaked at 1.62x one adapter's against 1.45x);
-    # 2048 on CUDA (fewer, larger passes; H100: 1.35x faster than 256). benchmarks/README.md has these.
+    # AVX2 CPU 512 was about as fast, 118.8-123.1 s against 120.7-130.3, and peaked at 1.62-1.67x one
+    # adapter's against 1.44-1.47x); 2048 on CUDA (fewer, larger passes; H100: 1.35x faster than 256).
+    # benchmarks/README.md has these.
     pack_length: int = 0
     # How the batched updater sends each row or token through its own adapter (seal.multilora.AdapterRouting):
     # runs (each slot's rows through its own small matrices), mask (all slots' matrices stacked, the other

@@ -1532,8 +1532,8 @@ def for_device(cfg: AdaptConfig, device: torch.device, dtype: torch.dtype = torc
     operations win: routing by mask and passes of 2,048 tokens (H100, 4 adapters: 1.9x faster than runs and
     256, benchmarks/README.md). A CPU pays for every multiply-add: routing by runs, and passes of 512
     tokens (two passages and some self-edit lines) in bf16, where a pass's fixed cost weighs more, but 256 in
-    float32, where 512 was no faster and two lanes' passes held twice the activations (the AVX2 CPU's bench:
-    4 adapters at 1.62x one adapter's peak against 1.45x)."""
+    float32, where 512 was about as fast and two lanes' passes held twice the activations (the AVX2 CPU's
+    bench: 4 adapters at 1.62-1.67x one adapter's peak against 1.44-1.47x)."""
     cuda = device.type == "cuda"
     routing = cfg.lora_routing if cfg.lora_routing != "auto" else ("mask" if cuda else "runs")
     if routing not in ("runs", "mask"):
