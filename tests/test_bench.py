@@ -7,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from seal.bench import FLOP_FORMULA, bench
+from seal.bench import FLOP_FORMULA, bench, median_round
 from seal.models import fast_bf16
 from tests.conftest import CACHE_DIR, CONF_DIR
 
@@ -15,7 +15,17 @@ from tests.conftest import CACHE_DIR, CONF_DIR
 @pytest.mark.parametrize(
     ("executor", "chunks"), [("local", 1), ("processes", 2)], ids=["one process", "forked workers"]
 )
-def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, capsys, executor, chunks):
+def test_bench_compares_naive_and_ours_on_the_same_self_edits(
+    tmp_path, capsys, monkeypatch, executor, chunks
+):
+    import seal.bench
+
+    order = []  # which method ran when
+    for name in ("run_ours", "run_naive"):
+        run = getattr(seal.bench, name)
+        monkeypatch.setattr(
+            seal.bench, name, lambda *a, _run=run, _name=name: order.append(_name) or _run(*a)
+        )
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(
             config_name="bench",
@@ -27,6 +37,7 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, capsys, 
                 "bench.passages=1",
                 "bench.self_edits_per_passage=2",
                 "bench.peak_matmul_size=256",
+                "bench.rounds=2",
                 "adapt.epochs=2",
                 "self_edit.max_new_tokens=24",
                 "task.max_new_tokens=8",
@@ -61,6 +72,19 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(tmp_path, capsys, 
     assert record["flop_formula"] == FLOP_FORMULA.format(params=params)
     assert ours["update_flops_per_s"] == 4 * params * ours["update_tokens_per_s"]
     assert record["speedup_self_edits_per_hour"] > 0
+    # Two rounds, taking turns at going first; each method's figures from its slower round (the lower middle
+    # of two), both rounds kept, and the same seeds train and answer alike in both.
+    assert order == ["run_ours", "run_naive", "run_naive", "run_ours"]
+    assert record["rounds"] == len(record["speedup_by_round"]) == 2
+    for result in (naive, ours):
+        assert len(result["rounds"]) == 2 and result["repeatable"]
+        assert result["self_edits_per_hour"] == min(r["self_edits_per_hour"] for r in result["rounds"])
+    assert record["speedup_by_round"] == [
+        a["self_edits_per_hour"] / b["self_edits_per_hour"]
+        for a, b in zip(ours["rounds"], naive["rounds"], strict=True)
+    ]
+    assert "2 rounds, the figures above from each method's median one" in printed
+    assert "not the same losses and answers" not in printed
     # Each job's update time: the naive reference's jobs one after another within its update phase, ours'
     # side by side within ours' (give or take the figures' rounding to 0.01 s).
     assert len(naive["job_seconds"]) == len(ours["job_seconds"]) == 2
@@ -87,6 +111,36 @@ def test_a_negative_probe_epochs_is_refused_before_anything_runs(tmp_path):
         )
     with pytest.raises(ValueError, match="bench.probe_epochs must be 0"):
         bench(cfg)
+
+
+def test_no_rounds_is_refused_before_anything_runs(tmp_path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="bench", overrides=["model=tiny", f"paths.output_dir={tmp_path}", "bench.rounds=0"]
+        )
+    with pytest.raises(ValueError, match="bench.rounds must be 1 or more, got 0"):
+        bench(cfg)
+
+
+def test_a_method_s_figures_are_its_median_round_and_a_round_that_differs_is_flagged():
+    def run(per_hour, answers=("a",)):
+        seconds = {"load": 1.0, "update": 3600 / per_hour, "eval": 0.0}
+        return {
+            "self_edits_per_hour": per_hour,
+            "seconds": seconds,
+            "update_tokens_per_s": 10.0,
+            "final_losses": [0.5],
+            "answers": [list(answers)],
+        }
+
+    record = median_round([run(30.0), run(10.0), run(20.0)])
+    assert record["self_edits_per_hour"] == 20.0
+    assert [r["self_edits_per_hour"] for r in record["rounds"]] == [30.0, 10.0, 20.0]
+    assert record["repeatable"]
+    assert median_round([run(30.0), run(10.0)])["self_edits_per_hour"] == 10.0  # even: the slower middle
+    one = median_round([run(5.0)])
+    assert one["self_edits_per_hour"] == 5.0 and len(one["rounds"]) == 1 and one["repeatable"]
+    assert not median_round([run(30.0), run(10.0, answers=("b",)), run(20.0)])["repeatable"]
 
 
 def test_memory_probes_compare_one_adapter_with_four_and_with_all_k(monkeypatch):
