@@ -370,12 +370,14 @@ def memory_probes(dict_cfg: DictConfig, jobs: list[UpdateJob]) -> dict[str, Any]
 
 def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One method's record: its median round by self-edits per hour (of an even number of rounds, the slower
-    middle one), with every round's times and rates under `rounds`, and `repeatable`: whether every round
-    trained to the same final losses and gave the same answers."""
+    middle one), with every round's times, rates and peaks under `rounds`, and `repeatable`: whether every
+    round trained to the same final losses and gave the same answers. Its in-process peak memory is its first
+    round's: later rounds run on the heap the earlier ones left (the probes measure memory apart)."""
     ranked = sorted(runs, key=lambda run: run["self_edits_per_hour"])
-    record = dict(ranked[(len(ranked) - 1) // 2])
+    record = dict(ranked[(len(ranked) - 1) // 2], peak_mb=runs[0]["peak_mb"])
     record["rounds"] = [
-        {key: run[key] for key in ("seconds", "self_edits_per_hour", "update_tokens_per_s")} for run in runs
+        {key: run[key] for key in ("seconds", "self_edits_per_hour", "update_tokens_per_s", "peak_mb")}
+        for run in runs
     ]
     record["repeatable"] = all(
         (run["final_losses"], run["answers"]) == (runs[0]["final_losses"], runs[0]["answers"]) for run in runs

@@ -79,6 +79,7 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(
     for result in (naive, ours):
         assert len(result["rounds"]) == 2 and result["repeatable"]
         assert result["self_edits_per_hour"] == min(r["self_edits_per_hour"] for r in result["rounds"])
+        assert result["peak_mb"] == result["rounds"][0]["peak_mb"]
     assert record["speedup_by_round"] == [
         a["self_edits_per_hour"] / b["self_edits_per_hour"]
         for a, b in zip(ours["rounds"], naive["rounds"], strict=True)
@@ -129,13 +130,15 @@ def test_a_method_s_figures_are_its_median_round_and_a_round_that_differs_is_fla
             "self_edits_per_hour": per_hour,
             "seconds": seconds,
             "update_tokens_per_s": 10.0,
+            "peak_mb": {"update": 100.0 + per_hour},
             "final_losses": [0.5],
             "answers": [list(answers)],
         }
 
     record = median_round([run(30.0), run(10.0), run(20.0)])
-    assert record["self_edits_per_hour"] == 20.0
+    assert record["self_edits_per_hour"] == 20.0 and record["seconds"]["update"] == 180.0
     assert [r["self_edits_per_hour"] for r in record["rounds"]] == [30.0, 10.0, 20.0]
+    assert record["peak_mb"] == {"update": 130.0}  # the first round's, whichever round is the median
     assert record["repeatable"]
     assert median_round([run(30.0), run(10.0)])["self_edits_per_hour"] == 10.0  # even: the slower middle
     one = median_round([run(5.0)])
