@@ -14,7 +14,8 @@ Both run in this process with the same jobs (sequences, seeds, epochs), in `benc
 turns at going first (ours then naive, naive then ours, ...), so that a slow spell of a shared host falls on
 both; each method's figures are those of its median round, every round's kept in the record. Peak memory of
 one adapter against K adapters is measured in fresh child processes, so neither sees the other's heap.
-Results are printed and written to `bench.results_dir` as JSON.
+Results are printed and written to `bench.results_dir` as JSON, after every round as well (`complete` false
+until the last round and the memory probes are done), so a bench stopped part-way keeps its finished rounds.
 """
 
 from __future__ import annotations
@@ -385,6 +386,51 @@ def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return record
 
 
+def bench_record(
+    facts: dict[str, Any],
+    runs: dict[str, list[dict[str, Any]]],
+    params: int,
+    peaks: dict[str, float],
+    memory: dict[str, Any] | None,
+    complete: bool,
+) -> dict[str, Any]:
+    """The bench's record from the rounds run so far (`runs`, each method's in order): each method's median
+    round with its FLOP/s and MFU against each `peaks` dtype, each round's ratio and the answers the two
+    share, beside the run's `facts`; `complete` false while rounds or the memory probes are still to come."""
+    naive, ours = median_round(runs["naive"]), median_round(runs["ours"])
+    for result in (naive, ours):
+        flops = 4 * params * result["update_tokens_per_s"]
+        result["update_flops_per_s"] = flops
+        result["mfu"] = {dtype: flops / peak for dtype, peak in peaks.items()}
+    return {
+        **facts,
+        "complete": complete,
+        "naive": naive,
+        "ours": ours,
+        "rounds": len(runs["ours"]),
+        "speedup_self_edits_per_hour": ours["self_edits_per_hour"] / naive["self_edits_per_hour"],
+        # each round's ours against the same round's naive reference
+        "speedup_by_round": [
+            a["self_edits_per_hour"] / b["self_edits_per_hour"]
+            for a, b in zip(runs["ours"], runs["naive"], strict=True)
+        ],
+        "same_answers": sum(
+            a == b
+            for x, y in zip(naive["answers"], ours["answers"], strict=True)
+            for a, b in zip(x, y, strict=True)
+        ),
+        "memory": memory,
+    }
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """`record` to `path` through a file beside it, so that a bench killed while writing leaves the last whole
+    record there."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(path)
+
+
 def bench(dict_cfg: DictConfig) -> dict[str, Any]:
     cfg: BenchRunConfig = OmegaConf.to_object(dict_cfg)
     if cfg.bench.probe_epochs < 0:
@@ -417,18 +463,12 @@ def bench(dict_cfg: DictConfig) -> dict[str, Any]:
         cfg.adapt.batch_adapters,
         len(jobs),
     )
-    for n in range(cfg.bench.rounds):
-        for name in ("ours", "naive") if n % 2 == 0 else ("naive", "ours"):
-            log.info("round %d of %d: %s", n + 1, cfg.bench.rounds, name)
-            runs[name].append(methods[name]())
-    naive, ours = median_round(runs["naive"]), median_round(runs["ours"])
-    for result in (naive, ours):
-        flops = 4 * params * result["update_tokens_per_s"]
-        result["update_flops_per_s"] = flops
-        result["mfu"] = {dtype: flops / peak for dtype, peak in peaks.items()}
-    memory = memory_probes(dict_cfg, jobs) if cfg.bench.memory_probe else None
-    record = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    started = datetime.datetime.now()
+    out = Path(cfg.bench.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{started:%Y-%m-%d_%H-%M-%S}_{cfg.model.name}_{device.type}.json"
+    facts = {
+        "date": started.isoformat(timespec="seconds"),
         "machine": machine(),
         "model": cfg.model.name,
         "device": str(device),
@@ -442,29 +482,20 @@ def bench(dict_cfg: DictConfig) -> dict[str, Any]:
         "workers": forked_workers(cfg.executor) if cfg.executor.name == "processes" else 1,
         "matmul_peak_flops_per_s": peaks,
         "flop_formula": FLOP_FORMULA.format(params=params),
-        "naive": naive,
-        "ours": ours,
-        "rounds": cfg.bench.rounds,
-        "speedup_self_edits_per_hour": ours["self_edits_per_hour"] / naive["self_edits_per_hour"],
-        # each round's ours against the same round's naive reference
-        "speedup_by_round": [
-            a["self_edits_per_hour"] / b["self_edits_per_hour"]
-            for a, b in zip(runs["ours"], runs["naive"], strict=True)
-        ],
-        "same_answers": sum(
-            a == b
-            for x, y in zip(naive["answers"], ours["answers"], strict=True)
-            for a, b in zip(x, y, strict=True)
-        ),
         "questions": sum(len(p.questions) for p in owners),
-        "memory": memory,
         "config": OmegaConf.to_container(dict_cfg, resolve=True),
     }
-    out = Path(cfg.bench.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    path = out / f"{stamp}_{cfg.model.name}_{device.type}.json"
-    path.write_text(json.dumps(record, indent=2))
+    # The record is written after every round (`complete` false) and once more after the memory probes, so a
+    # bench stopped part-way keeps the rounds it finished.
+    for n in range(cfg.bench.rounds):
+        for name in ("ours", "naive") if n % 2 == 0 else ("naive", "ours"):
+            log.info("round %d of %d: %s", n + 1, cfg.bench.rounds, name)
+            runs[name].append(methods[name]())
+        write_json(path, bench_record(facts, runs, params, peaks, None, complete=False))
+        log.info("round %d of %d written to %s", n + 1, cfg.bench.rounds, path)
+    memory = memory_probes(dict_cfg, jobs) if cfg.bench.memory_probe else None
+    record = bench_record(facts, runs, params, peaks, memory, complete=True)
+    write_json(path, record)
     report(record, path)
     return record
 

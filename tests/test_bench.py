@@ -51,8 +51,9 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(
     OmegaConf.set_struct(cfg, True)
     record = bench(cfg)
     printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    [path] = (tmp_path / "results").glob("*.json")
-    assert json.loads(path.read_text())["ours"]["update_tokens"] == record["ours"]["update_tokens"]
+    [path] = (tmp_path / "results").iterdir()  # written after each round, then whole: no partial file left
+    written = json.loads(path.read_text())
+    assert written["complete"] and written["ours"]["update_tokens"] == record["ours"]["update_tokens"]
     naive, ours = record["naive"], record["ours"]
     assert record["k"] == naive["self_edits"] == ours["self_edits"] == 2
     assert (record["executor"], record["workers"]) == (executor, chunks)
@@ -102,6 +103,47 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(
     assert memory["ratio"] == memory["2"]["peak_mb"] / memory["1"]["peak_mb"]
     assert memory["ratios"] == {"2": memory["ratio"]}
     assert memory["1"]["epochs"] == memory["2"]["epochs"] == 2  # the whole update (bench.probe_epochs=0)
+
+
+def test_a_bench_stopped_part_way_keeps_the_rounds_it_finished(tmp_path, monkeypatch):
+    import seal.bench
+
+    real, calls = seal.bench.run_naive, []
+
+    def naive_stopped_in_round_two(*args):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if stopped by Ctrl-C while round 2's naive reference trains
+        return real(*args)
+
+    monkeypatch.setattr(seal.bench, "run_naive", naive_stopped_in_round_two)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="bench",
+            overrides=[
+                "model=tiny",
+                f"paths.output_dir={tmp_path}",
+                f"paths.cache_dir={CACHE_DIR}",
+                f"bench.results_dir={tmp_path / 'results'}",
+                "bench.passages=1",
+                "bench.self_edits_per_passage=1",
+                "bench.peak_matmul_size=256",
+                "bench.rounds=3",
+                "bench.memory_probe=false",
+                "adapt.epochs=1",
+                "self_edit.max_new_tokens=8",
+                "task.max_new_tokens=4",
+            ],
+        )
+    with pytest.raises(KeyboardInterrupt):
+        bench(cfg)
+    [path] = (tmp_path / "results").iterdir()
+    record = json.loads(path.read_text())
+    assert not record["complete"] and record["memory"] is None
+    assert record["rounds"] == len(record["speedup_by_round"]) == 1
+    for name in ("naive", "ours"):
+        assert len(record[name]["rounds"]) == 1 and record[name]["update_tokens"] > 0
+    assert record["speedup_self_edits_per_hour"] == record["speedup_by_round"][0]
 
 
 def test_a_negative_probe_epochs_is_refused_before_anything_runs(tmp_path):
