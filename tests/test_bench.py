@@ -12,6 +12,25 @@ from seal.models import fast_bf16
 from tests.conftest import CACHE_DIR, CONF_DIR
 
 
+def tiny_bench(tmp_path, *overrides: str):
+    """The bench's config on the tiny model, one passage, its results under `tmp_path`, plus `overrides`."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="bench",
+            overrides=[
+                "model=tiny",
+                f"paths.output_dir={tmp_path}",
+                f"paths.cache_dir={CACHE_DIR}",
+                f"bench.results_dir={tmp_path / 'results'}",
+                "bench.passages=1",
+                "bench.peak_matmul_size=256",
+                *overrides,
+            ],
+        )
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
 @pytest.mark.parametrize(
     ("executor", "chunks"), [("local", 1), ("processes", 2)], ids=["one process", "forked workers"]
 )
@@ -26,29 +45,19 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(
         monkeypatch.setattr(
             seal.bench, name, lambda *a, _run=run, _name=name: order.append(_name) or _run(*a)
         )
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="bench",
-            overrides=[
-                "model=tiny",
-                f"paths.output_dir={tmp_path}",
-                f"paths.cache_dir={CACHE_DIR}",
-                f"bench.results_dir={tmp_path / 'results'}",
-                "bench.passages=1",
-                "bench.self_edits_per_passage=2",
-                "bench.peak_matmul_size=256",
-                "bench.rounds=2",
-                "adapt.epochs=2",
-                "self_edit.max_new_tokens=24",
-                "task.max_new_tokens=8",
-                "model.autocast=false",  # fp32 on any device: naive and ours then answer alike
-                f"executor={executor}",
-                "executor.workers=2",
-                # The memory probes run in fresh processes, whatever ours' executor: once is enough.
-                f"bench.memory_probe={executor == 'local'}",
-            ],
-        )
-    OmegaConf.set_struct(cfg, True)
+    cfg = tiny_bench(
+        tmp_path,
+        "bench.self_edits_per_passage=2",
+        "bench.rounds=2",
+        "adapt.epochs=2",
+        "self_edit.max_new_tokens=24",
+        "task.max_new_tokens=8",
+        "model.autocast=false",  # fp32 on any device: naive and ours then answer alike
+        f"executor={executor}",
+        "executor.workers=2",
+        # The memory probes run in fresh processes, whatever ours' executor: once is enough.
+        f"bench.memory_probe={executor == 'local'}",
+    )
     record = bench(cfg)
     printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     [path] = (tmp_path / "results").iterdir()  # written after each round, then whole: no partial file left
@@ -117,24 +126,15 @@ def test_a_bench_stopped_part_way_keeps_the_rounds_it_finished(tmp_path, monkeyp
         return real(*args)
 
     monkeypatch.setattr(seal.bench, "run_naive", naive_stopped_in_round_two)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="bench",
-            overrides=[
-                "model=tiny",
-                f"paths.output_dir={tmp_path}",
-                f"paths.cache_dir={CACHE_DIR}",
-                f"bench.results_dir={tmp_path / 'results'}",
-                "bench.passages=1",
-                "bench.self_edits_per_passage=1",
-                "bench.peak_matmul_size=256",
-                "bench.rounds=3",
-                "bench.memory_probe=false",
-                "adapt.epochs=1",
-                "self_edit.max_new_tokens=8",
-                "task.max_new_tokens=4",
-            ],
-        )
+    cfg = tiny_bench(
+        tmp_path,
+        "bench.self_edits_per_passage=1",
+        "bench.rounds=3",
+        "bench.memory_probe=false",
+        "adapt.epochs=1",
+        "self_edit.max_new_tokens=8",
+        "task.max_new_tokens=4",
+    )
     with pytest.raises(KeyboardInterrupt):
         bench(cfg)
     [path] = (tmp_path / "results").iterdir()
