@@ -117,11 +117,11 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(
 def test_a_bench_stopped_part_way_keeps_the_rounds_it_finished(tmp_path, monkeypatch):
     import seal.bench
 
-    real, calls = seal.bench.run_naive, []
+    real, runs = seal.bench.run_naive, []
 
     def naive_stopped_in_round_two(*args):
-        calls.append(len(calls))
-        if len(calls) == 2:
+        runs.append(args)
+        if len(runs) == 2:
             raise KeyboardInterrupt  # as if stopped by Ctrl-C while round 2's naive reference trains
         return real(*args)
 
