@@ -21,7 +21,6 @@ until the last round and the memory probes are done), so a bench stopped part-wa
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import multiprocessing
 import os
@@ -50,6 +49,7 @@ from seal.models import LM, fast_bf16, load_model, setup_runtime
 from seal.multilora import balanced
 from seal.self_edit import training_sequences
 from seal.tasks.knowledge import Passage, answer, derive_seed, load_passages, write_self_edits
+from seal.tracking import write_json_atomic
 
 log = logging.getLogger(__name__)
 # SmolLM2-135M's shape, for `model.tiny`: random weights that cost what the real ones cost (the scripts in
@@ -423,14 +423,6 @@ def bench_record(
     }
 
 
-def write_json(path: Path, record: dict[str, Any]) -> None:
-    """`record` to `path` through a file beside it, so that a bench killed while writing leaves the last whole
-    record there."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=2))
-    partial.replace(path)
-
-
 def bench(dict_cfg: DictConfig) -> dict[str, Any]:
     cfg: BenchRunConfig = OmegaConf.to_object(dict_cfg)
     if cfg.bench.probe_epochs < 0:
@@ -464,9 +456,7 @@ def bench(dict_cfg: DictConfig) -> dict[str, Any]:
         len(jobs),
     )
     started = datetime.datetime.now()
-    out = Path(cfg.bench.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{started:%Y-%m-%d_%H-%M-%S}_{cfg.model.name}_{device.type}.json"
+    path = Path(cfg.bench.results_dir) / f"{started:%Y-%m-%d_%H-%M-%S}_{cfg.model.name}_{device.type}.json"
     facts = {
         "date": started.isoformat(timespec="seconds"),
         "machine": machine(),
@@ -491,11 +481,11 @@ def bench(dict_cfg: DictConfig) -> dict[str, Any]:
         for name in ("ours", "naive") if n % 2 == 0 else ("naive", "ours"):
             log.info("round %d of %d: %s", n + 1, cfg.bench.rounds, name)
             runs[name].append(methods[name]())
-        write_json(path, bench_record(facts, runs, params, peaks, None, complete=False))
+        write_json_atomic(path, bench_record(facts, runs, params, peaks, None, complete=False))
         log.info("round %d of %d written to %s", n + 1, cfg.bench.rounds, path)
     memory = memory_probes(dict_cfg, jobs) if cfg.bench.memory_probe else None
     record = bench_record(facts, runs, params, peaks, memory, complete=True)
-    write_json(path, record)
+    write_json_atomic(path, record)
     report(record, path)
     return record
 
