@@ -5,6 +5,8 @@ import json
 import pytest
 
 from seal import multilora
+from seal.grading import make_grader
+from seal.regrade import regrade_run
 from seal.tasks import knowledge
 from seal.tracking import read_offline_run
 from seal.train import train
@@ -49,6 +51,22 @@ def test_run_writes_every_record(tiny_run):
         assert len(results) == 10 and set(results[0]) >= {"question", "gold", "prediction", "correct"}
     edits = (run_dir / "results" / "self_edits.jsonl").read_text().splitlines()
     assert len(edits) == 2
+
+
+def test_a_run_s_answers_graded_again_by_its_own_grader_give_its_accuracies(tiny_run):
+    """`python -m seal.regrade` on the answers a real run wrote: under the run's grader no verdict changes;
+    a grader that accepts everything is asked about every answer, none left out."""
+    run_dir, metrics = tiny_run
+    own = regrade_run(run_dir, make_grader("contains"), "contains")
+    assert own["run_grader"] == "contains" and set(own["conditions"]) == {"base", "passage", "self_edit"}
+    for condition, graded in own["conditions"].items():
+        assert graded["changed"] == 0
+        assert (graded["accuracy"], graded["n"]) == (
+            metrics[f"knowledge/{condition}/accuracy"],
+            metrics[f"knowledge/{condition}/n"],
+        )
+    lenient = regrade_run(run_dir, lambda question, gold, prediction: True, "lenient")["conditions"]
+    assert all(graded["accuracy"] == 1.0 and graded["n"] == 10 for graded in lenient.values())
 
 
 def test_same_seed_repeats_exactly(tiny_run, tmp_path):

@@ -1,0 +1,185 @@
+"""`python -m seal.regrade PATH... --grader NAME`: a finished run's answers graded again, nothing retrained.
+
+A run grades each answer as it goes, with `task.grader` (`contains` by default: it needs no network). The
+paper graded with GPT-4.1. With a judge at hand (`--grader judge`, the endpoint named by SEAL_JUDGE_URL and
+SEAL_JUDGE_MODEL), or to see how much the grader moves a result (`exact`, `f1`), the answers kept in
+`results/<condition>.jsonl` are graded again here. Each run gets two files in `graded/`:
+- `<grader>.jsonl`: one verdict per answer, appended as soon as it is made. A regrade that stops (a judge that
+  fails, Ctrl-C) keeps its verdicts, and the same command continues from them.
+- `<grader>.json`: per condition the accuracy, n and 95 % Wilson interval under the new grader, the run's own
+  accuracy, and how many verdicts differ from the run's.
+
+An answer whose update failed (`update_error`) stays wrong, as in the run. The rewards of ReST-EM rounds were
+computed during training and are not graded again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from seal.grading import accuracy_summary, make_grader
+from seal.report import ReportError, find_run_dirs, read_config
+from seal.tracking import write_json_atomic
+
+# The fields of a graded answer in results/<condition>.jsonl (seal.tasks.knowledge.graded_rows).
+ANSWER_KEYS = ("question", "gold", "prediction", "correct")
+
+
+class RegradeError(Exception):
+    """Answers that cannot be graded again, or a grader that failed; the message names the file."""
+
+
+def grader_label(name: str, f1_threshold: float = 0.5) -> str:
+    """The grader as its files are named: `f1`'s threshold and `judge`'s model are part of a verdict."""
+    if name == "f1":
+        return f"f1_{f1_threshold:g}"
+    if name == "judge":
+        return "judge_" + re.sub(r"[^A-Za-z0-9._-]+", "_", os.environ.get("SEAL_JUDGE_MODEL", ""))
+    return name
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RegradeError(f"{path}, line {number}: invalid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise RegradeError(f"{path}, line {number}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def answer_files(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """The run's graded answers by condition: each results/<condition>.jsonl whose rows hold a question, its
+    gold answer, the prediction and the run's verdict (self-edits, probe results and ARC attempts do not)."""
+    found = {}
+    for path in sorted((run_dir / "results").glob("*.jsonl")):
+        rows = read_rows(path)
+        if rows and all(key in rows[0] for key in ANSWER_KEYS):
+            missing = [i for i, row in enumerate(rows, 1) if not all(key in row for key in ANSWER_KEYS)]
+            if missing:
+                raise RegradeError(f"{path}, row {missing[0]}: expected the fields {', '.join(ANSWER_KEYS)}")
+            found[path.stem] = rows
+    return found
+
+
+def cached_verdicts(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Verdicts written by an earlier regrade of the run, by (condition, row). A last line cut short by a kill
+    is dropped from the file, so that the next verdict starts a line of its own."""
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text)
+    verdicts = {}
+    for row in read_rows(path):
+        verdicts[row["condition"], row["index"]] = row
+    return verdicts
+
+
+def regrade_run(run_dir: Path, grade: Callable[[str, str, str], bool], label: str) -> dict[str, Any]:
+    """Grade every answer of the run at `run_dir` again and write graded/<label>.{jsonl,json}; returns the
+    latter's content."""
+    files = answer_files(run_dir)
+    if not files:
+        raise RegradeError(f"{run_dir}: no graded answers in results/ (only the knowledge task's are graded)")
+    cache_path = run_dir / "graded" / f"{label}.jsonl"
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cached = cached_verdicts(cache_path)
+    conditions = {}
+    with cache_path.open("a") as cache:
+        for condition, rows in files.items():
+            verdicts = []
+            for index, row in enumerate(rows):
+                answer = {"condition": condition, "index": index}
+                answer.update({key: row[key] for key in ("question", "gold", "prediction")})
+                hit = cached.get((condition, index))
+                if hit is not None and all(hit.get(key) == value for key, value in answer.items()):
+                    verdicts.append(bool(hit["correct"]))
+                    continue
+                try:
+                    correct = "update_error" not in row and bool(
+                        grade(row["question"], row["gold"], row["prediction"])
+                    )
+                except (OSError, ValueError, KeyError) as e:
+                    raise RegradeError(
+                        f"{run_dir / 'results' / condition}.jsonl, row {index + 1}: the grader failed ({e}); "
+                        f"the verdicts so far are kept in {cache_path}, and the same command continues"
+                    ) from e
+                cache.write(json.dumps({**answer, "correct": correct}, ensure_ascii=False) + "\n")
+                cache.flush()
+                verdicts.append(correct)
+            as_run = [bool(row["correct"]) for row in rows]
+            conditions[condition] = {
+                **accuracy_summary(verdicts),
+                "run_accuracy": accuracy_summary(as_run)["accuracy"],
+                "changed": sum(new != old for new, old in zip(verdicts, as_run, strict=True)),
+            }
+    try:
+        run_grader = read_config(run_dir).get("task.grader")
+    except ReportError:
+        run_grader = None
+    graded = {"grader": label, "run_grader": run_grader, "conditions": conditions}
+    write_json_atomic(run_dir / "graded" / f"{label}.json", graded)
+    return graded
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m seal.regrade",
+        description="Grade the answers of finished SEAL runs again with another grader; nothing retrains.",
+    )
+    parser.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="a run directory, a sweep, or any folder of runs"
+    )
+    parser.add_argument("--grader", required=True, choices=["contains", "exact", "f1", "judge"])
+    parser.add_argument(
+        "--f1-threshold", type=float, default=0.5, help="f1: the token F1 that counts as right"
+    )
+    args = parser.parse_args(argv)
+    try:
+        grade = make_grader(args.grader, args.f1_threshold)
+    except RuntimeError as e:  # judge without its endpoint
+        parser.exit(1, f"seal.regrade: error: {e}\n")
+    label = grader_label(args.grader, args.f1_threshold)
+    console = Console()
+    try:
+        for path in args.paths:
+            run_dirs = find_run_dirs(path) if path.is_dir() else []
+            if not run_dirs:
+                raise RegradeError(f"{path}: holds no run directory (a folder with config.yaml)")
+            for run_dir in run_dirs:
+                graded = regrade_run(run_dir, grade, label)
+                table = Table(title=f"{run_dir}: answers graded again")
+                for column in ("condition", "n", f"as run ({graded['run_grader']})", label, "changed"):
+                    table.add_column(column, justify="left" if column == "condition" else "right")
+                for condition, s in graded["conditions"].items():
+                    table.add_row(
+                        condition,
+                        str(s["n"]),
+                        f"{s['run_accuracy']:.3f}",
+                        f"{s['accuracy']:.3f} ± {s['ci95']:.3f}",
+                        str(s["changed"]),
+                    )
+                console.print(table)
+                console.print(f"wrote {run_dir / 'graded' / label}.json and .jsonl (a verdict per answer)")
+    except (RegradeError, ReportError) as e:
+        parser.exit(1, f"seal.regrade: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""`python -m seal.regrade`: a finished run's answers graded again by another grader, resumably."""
+
+import json
+
+import pytest
+import yaml
+
+from seal.grading import make_grader
+from seal.regrade import RegradeError, grader_label, main, regrade_run
+from seal.tracking import write_jsonl
+
+GOLD = "Port Vellan"
+# (prediction, the run's verdict under `contains`). Under `exact` only the second is right; under `f1` >= 0.5
+# the first three (token F1 0.57, 1 and 0.67). The last row's update failed.
+ANSWERS = [("It is in Port Vellan.", True), ("Port Vellan", True), ("Vellan", False), ("", False)]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run's records as seal.train writes them: its config, graded answers, and other results files."""
+    run = tmp_path / "run"
+    (run / "results").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"task": {"name": "knowledge", "grader": "contains"}}))
+    rows = [
+        {
+            "condition": "passage",
+            "title": "T",
+            "question": "Where?",
+            "gold": GOLD,
+            "prediction": p,
+            "correct": c,
+        }
+        for p, c in ANSWERS
+    ]
+    rows[-1]["update_error"] = "non-finite loss"
+    write_jsonl(run / "results" / "passage.jsonl", rows)
+    write_jsonl(run / "results" / "self_edits.jsonl", [{"title": "T", "self_edit": "Port Vellan is a port."}])
+    return run
+
+
+def test_another_grader_gives_its_own_verdicts_and_counts_the_changes(run_dir):
+    graded = regrade_run(run_dir, make_grader("exact"), "exact")
+    assert list(graded["conditions"]) == ["passage"]  # self_edits.jsonl holds no answers
+    passage = graded["conditions"]["passage"]
+    assert (passage["n"], passage["accuracy"], passage["run_accuracy"], passage["changed"]) == (
+        4,
+        0.25,
+        0.5,
+        1,
+    )
+    assert graded["run_grader"] == "contains"
+    assert json.loads((run_dir / "graded" / "exact.json").read_text()) == json.loads(json.dumps(graded))
+    verdicts = [json.loads(line) for line in (run_dir / "graded" / "exact.jsonl").read_text().splitlines()]
+    assert [v["correct"] for v in verdicts] == [False, True, False, False]
+    assert [v["prediction"] for v in verdicts] == [p for p, _ in ANSWERS]
+
+
+def test_f1_counts_partial_answers_but_a_failed_update_stays_wrong(run_dir):
+    always = regrade_run(run_dir, lambda q, gold, pred: True, "always")["conditions"]["passage"]
+    assert always["accuracy"] == 0.75  # the row with update_error is not asked
+    f1 = regrade_run(run_dir, make_grader("f1", 0.5), grader_label("f1", 0.5))["conditions"]["passage"]
+    assert f1["accuracy"] == 0.75 and (run_dir / "graded" / "f1_0.5.json").is_file()
+
+
+def test_a_regrade_stopped_by_its_grader_keeps_its_verdicts_and_continues(run_dir):
+    asked = []
+
+    def flaky(question, gold, prediction):
+        asked.append(prediction)
+        if len(asked) == 3:
+            raise OSError("connection reset by the judge")
+        return gold in prediction
+
+    with pytest.raises(RegradeError, match=r"passage.jsonl, row 3: the grader failed \(connection reset"):
+        regrade_run(run_dir, flaky, "judge_x")
+    assert len((run_dir / "graded" / "judge_x.jsonl").read_text().splitlines()) == 2
+    assert not (run_dir / "graded" / "judge_x.json").exists()
+    with (run_dir / "graded" / "judge_x.jsonl").open("a") as f:
+        f.write('{"condition": "passage", "ind')  # a kill in the middle of a line
+    asked.clear()
+    graded = regrade_run(run_dir, lambda q, gold, pred: asked.append(pred) or gold in pred, "judge_x")
+    assert asked == ["Vellan"]  # only the row not graded before; the failed update's is not asked
+    uninterrupted = regrade_run(run_dir, make_grader("contains"), "contains")
+    assert graded["conditions"] == uninterrupted["conditions"]
+    assert graded["conditions"]["passage"]["changed"] == 0
+
+
+def test_changed_answers_are_graded_again_not_read_from_the_earlier_verdicts(run_dir):
+    regrade_run(run_dir, make_grader("exact"), "exact")
+    path = run_dir / "results" / "passage.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["prediction"] = GOLD  # e.g. the run was resumed and its answers written again
+    write_jsonl(path, rows)
+    assert regrade_run(run_dir, make_grader("exact"), "exact")["conditions"]["passage"]["accuracy"] == 0.5
+
+
+def test_malformed_answers_are_a_clear_error(run_dir):
+    path = run_dir / "results" / "passage.jsonl"
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(RegradeError, match=r"passage.jsonl, line 5: invalid JSON"):
+        regrade_run(run_dir, make_grader("exact"), "exact")
+    write_jsonl(path, [{"question": "Q", "gold": "a", "prediction": "a", "correct": True}, {"question": "Q"}])
+    with pytest.raises(RegradeError, match=r"passage.jsonl, row 2: expected the fields"):
+        regrade_run(run_dir, make_grader("exact"), "exact")
+
+
+def test_command_line_grades_every_run_below_a_folder_and_fails_clearly(
+    run_dir, tmp_path, capsys, monkeypatch
+):
+    main([str(tmp_path), "--grader", "f1", "--f1-threshold", "0.9"])
+    out = capsys.readouterr().out
+    assert "as run (contains)" in out and "0.500" in out and "0.250 ±" in out and "f1_0.9" in out
+    assert (
+        json.loads((run_dir / "graded" / "f1_0.9.json").read_text())["conditions"]["passage"]["accuracy"]
+        == 0.25
+    )
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "nothing"), "--grader", "exact"])
+    assert exit_.value.code == 1 and "holds no run directory" in capsys.readouterr().err
+    monkeypatch.delenv("SEAL_JUDGE_URL", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--grader", "judge"])
+    assert exit_.value.code == 1 and "SEAL_JUDGE_URL" in capsys.readouterr().err
