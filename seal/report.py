@@ -305,9 +305,26 @@ def load_run(run_dir: Path, ledger: dict[Path, dict[str, Any]]) -> Run:
             error = job.get("error") or "marked FAILED in jobs.jsonl"
     else:
         error = job.get("error") or "no summary.json (the job failed, was killed or is still running)"
+    metrics.update(regraded(run_dir))
     id_path = run_dir / "wandb_run_id"
     wandb_id = id_path.read_text().strip() if id_path.is_file() else None
     return Run(run_dir, read_config(run_dir), metrics, error, wandb_id)
+
+
+def regraded(run_dir: Path) -> dict[str, float]:
+    """The run's answers graded again by `python -m seal.regrade` (graded/<grader>.json), as keys
+    `graded/<grader>/<condition>/{accuracy,ci95}` beside the run's own."""
+    keys = {}
+    for path in sorted((run_dir / "graded").glob("*.json")):
+        content = read_json(path)
+        if not isinstance(content, dict) or not isinstance(content.get("conditions"), dict):
+            raise ReportError(f'{path}: expected {{"grader", "conditions": {{...}}}} (seal.regrade)')
+        for condition, graded in content["conditions"].items():
+            if not isinstance(graded, dict) or not {"accuracy", "ci95"} <= set(graded):
+                raise ReportError(f"{path}: condition {condition!r} lacks its accuracy and ci95")
+            for measure in ("accuracy", "ci95"):
+                keys[f"graded/{path.stem}/{condition}/{measure}"] = graded[measure]
+    return keys
 
 
 def load_runs(paths: list[Path]) -> list[Run]:
@@ -443,8 +460,9 @@ PAPER_NOTES = {
 
 
 def measure_columns(runs: list[Run]) -> list[Column]:
-    """The measures some run holds, in reading order: knowledge conditions, few-shot conditions,
-    reasoning before and after the updates, prior knowledge retained."""
+    """The measures some run holds, in reading order: knowledge conditions, few-shot conditions, the
+    knowledge conditions graded again (seal.regrade), reasoning before and after the updates, prior knowledge
+    retained."""
     keys = dict.fromkeys(k for run in runs for k in run.metrics)
     columns = [
         (k[: -len("/accuracy")], k, k[: -len("accuracy")] + "ci95")
@@ -455,6 +473,11 @@ def measure_columns(runs: list[Run]) -> list[Column]:
         (k[: -len("/success")], k, k[: -len("success")] + "ci95")
         for k in keys
         if re.fullmatch(r"few_shot/[^/]+/success", k)
+    ]
+    columns += [
+        (k[: -len("/accuracy")], k, k[: -len("accuracy")] + "ci95")
+        for k in keys
+        if re.fullmatch(r"graded/[^/]+/[^/]+/accuracy", k)
     ]
     columns += [
         (f"reasoning/{when}", f"reasoning/{when}/accuracy", f"reasoning/{when}/ci95")

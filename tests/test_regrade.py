@@ -7,6 +7,7 @@ import yaml
 
 from seal.grading import make_grader
 from seal.regrade import RegradeError, grader_label, main, regrade_run
+from seal.report import ReportError, compare
 from seal.tracking import write_jsonl
 
 GOLD = "Port Vellan"
@@ -35,6 +36,8 @@ def run_dir(tmp_path):
     rows[-1]["update_error"] = "non-finite loss"
     write_jsonl(run / "results" / "passage.jsonl", rows)
     write_jsonl(run / "results" / "self_edits.jsonl", [{"title": "T", "self_edit": "Port Vellan is a port."}])
+    summary = {"knowledge/passage/accuracy": 0.5, "knowledge/passage/n": 4, "knowledge/passage/ci95": 0.43}
+    (run / "summary.json").write_text(json.dumps({"metrics": summary}))
     return run
 
 
@@ -121,3 +124,17 @@ def test_command_line_grades_every_run_below_a_folder_and_fails_clearly(
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path), "--grader", "judge"])
     assert exit_.value.code == 1 and "SEAL_JUDGE_URL" in capsys.readouterr().err
+
+
+def test_the_comparison_report_shows_the_answers_graded_again_beside_the_run_s_own(run_dir, tmp_path):
+    regrade_run(run_dir, make_grader("exact"), "exact")
+    (runs,), written = compare([run_dir], tmp_path / "report")
+    assert runs.metrics["graded/exact/passage/accuracy"] == 0.25
+    table = (tmp_path / "report" / "report.md").read_text()
+    header = next(line for line in table.splitlines() if "knowledge/passage" in line)
+    assert "graded/exact/passage" in header
+    assert "0.250 ±" in table and "0.500 ± 0.430" in table
+    assert "graded/exact/passage/accuracy" in (tmp_path / "report" / "summary.csv").read_text()
+    (run_dir / "graded" / "exact.json").write_text('{"grader": "exact", "conditions": {"passage": {}}}')
+    with pytest.raises(ReportError, match="exact.json: condition 'passage' lacks its accuracy"):
+        compare([run_dir], tmp_path / "report")
