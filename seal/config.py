@@ -116,7 +116,7 @@ class TaskConfig:
     # the union of all passages (+ self-edits) | continual: passages edited in sequence, merged after each.
     mode: str = "single"
     conditions: list[str] = field(default_factory=lambda: ["base", "passage", "self_edit"])
-    grader: str = "contains"  # contains | exact | f1 | judge
+    grader: str = "contains"  # contains | first_sentence | exact | f1 | judge (seal/grading.py)
     f1_threshold: float = 0.5  # an f1 answer counts as correct at or above this
     # Closed-book question prompt. The title is the topic (the paper prefixes questions with it).
     question_template: str = "Topic: {title}\nQuestion: {question}\nAnswer briefly."

@@ -2,7 +2,9 @@
 
 The paper asked GPT-4.1 whether an answer conveys the gold answer. Offline we default to `contains` (the
 normalised gold answer appears inside the normalised prediction), the closest stand-in that needs no API;
-`exact` and token `f1` follow SQuAD's normalisation. `judge` asks a model the paper's yes/no question.
+`first_sentence` asks the same of the answer's first sentence only, so that an answer reciting its passage
+is not credited for what it names later; `exact` and token `f1` follow SQuAD's normalisation. `judge` asks a
+model the paper's yes/no question.
 """
 
 from __future__ import annotations
@@ -45,6 +47,45 @@ def contains(prediction: str, gold: str) -> float:
     return float(bool(gold_n) and f" {gold_n} " in f" {pred_n} ")
 
 
+# A full stop that ends a sentence: punctuation, closing quotes or brackets, then a space.
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s+")
+# Words whose full stop does not end a sentence (besides initials such as "U.S" or "J").
+_ABBREVIATIONS = {
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "prof",
+    "st",
+    "mt",
+    "jr",
+    "sr",
+    "vs",
+    "no",
+    "gen",
+    "col",
+    "capt",
+    "lt",
+}
+
+
+def first_sentence(text: str) -> str:
+    """The text up to its first sentence end; a full stop after initials or a title does not end one."""
+    for end in _SENTENCE_END.finditer(text):
+        words = text[: end.start()].split()
+        word = words[-1] if words else ""
+        if re.fullmatch(r"(?:[A-Za-z]\.)*[A-Za-z]", word) or word.lower() in _ABBREVIATIONS:
+            continue
+        return text[: end.end()].strip()
+    return text.strip()
+
+
+def contains_first(prediction: str, gold: str) -> float:
+    """`contains` within the prediction's first sentence: an answer that goes on to recite its passage gets
+    no credit for a gold answer it names only later."""
+    return contains(first_sentence(prediction), gold)
+
+
 # A judge: (question, gold, prediction) -> correct?
 Judge = Callable[[str, str, str], bool]
 
@@ -59,6 +100,8 @@ def make_grader(name: str, f1_threshold: float = 0.5, judge: Judge | None = None
     """A function (question, gold, prediction) -> bool for the grader named in `task.grader`."""
     if name == "contains":
         return lambda q, gold, pred: contains(pred, gold) == 1.0
+    if name == "first_sentence":
+        return lambda q, gold, pred: contains_first(pred, gold) == 1.0
     if name == "exact":
         return lambda q, gold, pred: exact_match(pred, gold) == 1.0
     if name == "f1":
@@ -66,7 +109,7 @@ def make_grader(name: str, f1_threshold: float = 0.5, judge: Judge | None = None
     if name == "judge":
         judge = judge or openai_judge_from_env()
         return lambda q, gold, pred: judge(q, gold, pred)
-    raise ValueError(f"unknown task.grader {name!r}: expected contains, exact, f1 or judge")
+    raise ValueError(f"unknown task.grader {name!r}: expected contains, first_sentence, exact, f1 or judge")
 
 
 def parse_yes_no(reply: str) -> bool:

@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "paths", nargs="+", type=Path, metavar="PATH", help="a run directory, a sweep, or any folder of runs"
     )
-    parser.add_argument("--grader", required=True, choices=["contains", "exact", "f1", "judge"])
+    parser.add_argument(
+        "--grader", required=True, choices=["contains", "first_sentence", "exact", "f1", "judge"]
+    )
     parser.add_argument(
         "--f1-threshold", type=float, default=0.5, help="f1: the token F1 that counts as right"
     )

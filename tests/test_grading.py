@@ -7,7 +7,9 @@ import pytest
 from seal.grading import (
     accuracy_summary,
     contains,
+    contains_first,
     exact_match,
+    first_sentence,
     make_grader,
     normalize,
     openai_judge_from_env,
@@ -33,6 +35,23 @@ def test_contains_needs_whole_words():
     assert contains("418 kilometres away", "418 kilometres") == 1.0
     assert contains("4180 kilometres", "418 kilometres") == 0.0
     assert contains("anything", "") == 0.0
+
+
+def test_first_sentence_ends_at_a_full_stop_but_not_after_initials_or_titles():
+    assert first_sentence("By 1977 most had shrunk. Production ended in 1979.") == "By 1977 most had shrunk."
+    assert (
+        first_sentence("The U.S. Supreme Court ruled (in 1977.) Then?")
+        == "The U.S. Supreme Court ruled (in 1977.)"
+    )
+    assert first_sentence("Dr. Sallowitz built 3.5 cells! More") == "Dr. Sallowitz built 3.5 cells!"
+    assert first_sentence("  no end at all ") == "no end at all"
+    # A passage recited after a wrong first answer is not credited under first_sentence.
+    answer = "The Scottish Parliament decides. Normally, the Presiding Officer selects members to speak."
+    assert (
+        contains(answer, "The Presiding Officer") == 1.0
+        and contains_first(answer, "The Presiding Officer") == 0.0
+    )
+    assert make_grader("first_sentence")("q", "Supreme Court", "The U.S. Supreme Court ruled so. Later more.")
 
 
 def test_make_grader_dispatch_and_unknown():
