@@ -70,11 +70,14 @@ _ABBREVIATIONS = {
 
 
 def first_sentence(text: str) -> str:
-    """The text up to its first sentence end; a full stop after initials or a title does not end one."""
+    """The text up to its first sentence end; a full stop after initials, a title or a list's opening number
+    does not end one."""
     for end in _SENTENCE_END.finditer(text):
         words = text[: end.start()].split()
         word = words[-1] if words else ""
-        if re.fullmatch(r"(?:[A-Za-z]\.)*[A-Za-z]", word) or word.lower() in _ABBREVIATIONS:
+        initials = re.fullmatch(r"(?:[A-Za-z]\.)*[A-Za-z]", word)
+        opens_list = len(words) == 1 and word.isdigit()  # "1. " before a list's first item
+        if initials or opens_list or word.lower() in _ABBREVIATIONS:
             continue
         return text[: end.end()].strip()
     return text.strip()
