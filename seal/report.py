@@ -474,11 +474,16 @@ def measure_columns(runs: list[Run]) -> list[Column]:
         for k in keys
         if re.fullmatch(r"few_shot/[^/]+/success", k)
     ]
-    columns += [
-        (k[: -len("/accuracy")], k, k[: -len("accuracy")] + "ci95")
-        for k in keys
-        if re.fullmatch(r"graded/[^/]+/[^/]+/accuracy", k)
-    ]
+    conditions = [header.split("/")[1] for header, _, _ in columns if header.startswith("knowledge/")]
+
+    def grader_then_condition(key: str) -> tuple[str, int, str]:
+        _, grader, condition, _ = key.split("/")
+        return grader, conditions.index(condition) if condition in conditions else len(conditions), condition
+
+    graded = sorted(
+        (k for k in keys if re.fullmatch(r"graded/[^/]+/[^/]+/accuracy", k)), key=grader_then_condition
+    )
+    columns += [(k[: -len("/accuracy")], k, k[: -len("accuracy")] + "ci95") for k in graded]
     columns += [
         (f"reasoning/{when}", f"reasoning/{when}/accuracy", f"reasoning/{when}/ci95")
         for when in ("before", "after_update")

@@ -128,11 +128,16 @@ def test_command_line_grades_every_run_below_a_folder_and_fails_clearly(
 
 def test_the_comparison_report_shows_the_answers_graded_again_beside_the_run_s_own(run_dir, tmp_path):
     regrade_run(run_dir, make_grader("exact"), "exact")
+    regrade_run(run_dir, make_grader("contains"), "contains")
     (runs,), written = compare([run_dir], tmp_path / "report")
     assert runs.metrics["graded/exact/passage/accuracy"] == 0.25
     table = (tmp_path / "report" / "report.md").read_text()
     header = next(line for line in table.splitlines() if "knowledge/passage" in line)
-    assert "graded/exact/passage" in header
+    assert (
+        header.index("knowledge/passage")
+        < header.index("graded/contains/passage")
+        < header.index("graded/exact")
+    )
     assert "0.250 ±" in table and "0.500 ± 0.430" in table
     assert "graded/exact/passage/accuracy" in (tmp_path / "report" / "summary.csv").read_text()
     (run_dir / "graded" / "exact.json").write_text('{"grader": "exact", "conditions": {"passage": {}}}')
