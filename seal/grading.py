@@ -50,23 +50,7 @@ def contains(prediction: str, gold: str) -> float:
 # A full stop that ends a sentence: punctuation, closing quotes or brackets, then a space.
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s+")
 # Words whose full stop does not end a sentence (besides initials such as "U.S" or "J").
-_ABBREVIATIONS = {
-    "mr",
-    "mrs",
-    "ms",
-    "dr",
-    "prof",
-    "st",
-    "mt",
-    "jr",
-    "sr",
-    "vs",
-    "no",
-    "gen",
-    "col",
-    "capt",
-    "lt",
-}
+_ABBREVIATIONS = set("mr mrs ms dr prof st mt jr sr vs gen col capt lt".split())
 
 
 def first_sentence(text: str) -> str:

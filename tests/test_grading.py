@@ -46,6 +46,7 @@ def test_first_sentence_ends_at_a_full_stop_but_not_after_initials_or_titles():
     assert first_sentence("Dr. Sallowitz built 3.5 cells! More") == "Dr. Sallowitz built 3.5 cells!"
     assert first_sentence("  no end at all ") == "no end at all"
     assert first_sentence("1. Port Vellan. 2. Yarrowby.") == "1. Port Vellan."
+    assert first_sentence("No. It is external.") == "No."
     # A passage recited after a wrong first answer is not credited under first_sentence.
     answer = "The Scottish Parliament decides. Normally, the Presiding Officer selects members to speak."
     assert (
