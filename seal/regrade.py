@@ -2,8 +2,8 @@
 
 A run grades each answer as it goes, with `task.grader` (`contains` by default: it needs no network). The
 paper graded with GPT-4.1. With a judge at hand (`--grader judge`, the endpoint named by SEAL_JUDGE_URL and
-SEAL_JUDGE_MODEL), or to see how much the grader moves a result (`exact`, `f1`), the answers kept in
-`results/<condition>.jsonl` are graded again here. Each run gets two files in `graded/`:
+SEAL_JUDGE_MODEL), or to see how much the grader moves a result (`first_sentence`, `exact`, `f1`), the
+answers kept in `results/<condition>.jsonl` are graded again here. Each run gets two files in `graded/`:
 - `<grader>.jsonl`: one verdict per answer, appended as soon as it is made. A regrade that stops (a judge that
   fails, Ctrl-C) keeps its verdicts, and the same command continues from them.
 - `<grader>.json`: per condition the accuracy, n and 95 % Wilson interval under the new grader, the run's own
