@@ -23,11 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from seal.grading import accuracy_summary, make_grader
-from seal.report import ReportError, find_run_dirs, read_config
+from seal.report import ReportError, find_run_dirs, print_tables, read_config
 from seal.tracking import write_json_atomic
 
 # The fields of a graded answer in results/<condition>.jsonl (seal.tasks.knowledge.graded_rows).
@@ -138,6 +135,22 @@ def regrade_run(run_dir: Path, grade: Callable[[str, str, str], bool], label: st
     return graded
 
 
+def graded_table(run_dir: Path, graded: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
+    """One run's regrade as a console table: per condition, the run's accuracy beside the new grader's."""
+    header = ["condition", "n", f"as run ({graded['run_grader']})", graded["grader"], "changed"]
+    rows = [
+        [
+            c,
+            str(s["n"]),
+            f"{s['run_accuracy']:.3f}",
+            f"{s['accuracy']:.3f} ± {s['ci95']:.3f}",
+            str(s["changed"]),
+        ]
+        for c, s in graded["conditions"].items()
+    ]
+    return f"{run_dir}: answers graded again", header, rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m seal.regrade",
@@ -158,7 +171,6 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as e:  # judge without its endpoint
         parser.exit(1, f"seal.regrade: error: {e}\n")
     label = grader_label(args.grader, args.f1_threshold)
-    console = Console()
     try:
         for path in args.paths:
             run_dirs = find_run_dirs(path) if path.is_dir() else []
@@ -166,19 +178,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise RegradeError(f"{path}: holds no run directory (a folder with config.yaml)")
             for run_dir in run_dirs:
                 graded = regrade_run(run_dir, grade, label)
-                table = Table(title=f"{run_dir}: answers graded again")
-                for column in ("condition", "n", f"as run ({graded['run_grader']})", label, "changed"):
-                    table.add_column(column, justify="left" if column == "condition" else "right")
-                for condition, s in graded["conditions"].items():
-                    table.add_row(
-                        condition,
-                        str(s["n"]),
-                        f"{s['run_accuracy']:.3f}",
-                        f"{s['accuracy']:.3f} ± {s['ci95']:.3f}",
-                        str(s["changed"]),
-                    )
-                console.print(table)
-                console.print(f"wrote {run_dir / 'graded' / label}.json and .jsonl (a verdict per answer)")
+                print_tables([graded_table(run_dir, graded)])
+                print(f"wrote {run_dir / 'graded' / label}.json and .jsonl (a verdict per answer)")
     except (RegradeError, ReportError) as e:
         parser.exit(1, f"seal.regrade: error: {e}\n")
 
