@@ -3,14 +3,18 @@
 A run grades each answer as it goes, with `task.grader` (`contains` by default: it needs no network). The
 paper graded with GPT-4.1. With a judge at hand (`--grader judge`, the endpoint named by SEAL_JUDGE_URL and
 SEAL_JUDGE_MODEL), or to see how much the grader moves a result (`first_sentence`, `exact`, `f1`), the
-answers kept in `results/<condition>.jsonl` are graded again here. Each run gets two files in `graded/`:
-- `<grader>.jsonl`: one verdict per answer, appended as soon as it is made. A regrade that stops (a judge that
-  fails, Ctrl-C) keeps its verdicts, and the same command continues from them.
-- `<grader>.json`: per condition the accuracy, n and 95 % Wilson interval under the new grader, the run's own
-  accuracy, and how many verdicts differ from the run's.
+answers kept in `results/<condition>.jsonl`, and those of each ReST-EM round's evaluation
+(`rounds/round_<k>/eval_rows.json`), are graded again here. Each run gets two files in `graded/`:
+- `<grader>.jsonl`: one verdict per distinct answer (question, gold answer, prediction), appended as soon
+  as it is made. A regrade that stops (a judge that fails, Ctrl-C) keeps its verdicts, and the same command
+  continues from them.
+- `<grader>.json`: per condition, and per RL round (the curve; round 0 is the self_edit condition), the
+  accuracy, n and 95 % Wilson interval under the new grader, the run's own accuracy, and how many verdicts
+  differ from the run's.
 
 An answer whose update failed (`update_error`) stays wrong, as in the run. The rewards of ReST-EM rounds were
-computed during training and are not graded again.
+computed during training and are not graded again: the self-edits each round kept stay those the run's grader
+chose.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from seal.grading import accuracy_summary, make_grader
 from seal.report import ReportError, find_run_dirs, print_tables, read_config
@@ -59,78 +63,113 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def answer_files(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+def checked(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    missing = [i for i, row in enumerate(rows, 1) if not all(key in row for key in ANSWER_KEYS)]
+    if missing:
+        raise RegradeError(f"{path}, row {missing[0]}: expected the fields {', '.join(ANSWER_KEYS)}")
+    return rows
+
+
+def answer_files(run_dir: Path) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """The run's graded answers by condition: each results/<condition>.jsonl whose rows hold a question, its
     gold answer, the prediction and the run's verdict (self-edits, probe results and ARC attempts do not)."""
     found = {}
     for path in sorted((run_dir / "results").glob("*.jsonl")):
         rows = read_rows(path)
         if rows and all(key in rows[0] for key in ANSWER_KEYS):
-            missing = [i for i, row in enumerate(rows, 1) if not all(key in row for key in ANSWER_KEYS)]
-            if missing:
-                raise RegradeError(f"{path}, row {missing[0]}: expected the fields {', '.join(ANSWER_KEYS)}")
-            found[path.stem] = rows
+            found[path.stem] = (path, checked(path, rows))
     return found
 
 
-def cached_verdicts(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    """Verdicts written by an earlier regrade of the run, by (condition, row). A last line cut short by a kill
-    is dropped from the file, so that the next verdict starts a line of its own."""
+def round_files(run_dir: Path) -> dict[int, tuple[Path, list[dict[str, Any]]]]:
+    """The answers of each finished ReST-EM round's evaluation (rounds/round_<k>/eval_rows.json), by round."""
+    found = {}
+    for path in (run_dir / "rounds").glob("round_*/eval_rows.json"):
+        if not path.parent.name[len("round_") :].isdigit():
+            continue
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RegradeError(f"{path}: invalid JSON ({e.msg})") from e
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise RegradeError(f"{path}: expected a list of JSON objects")
+        found[int(path.parent.name[len("round_") :])] = (path, checked(path, rows))
+    return dict(sorted(found.items()))
+
+
+def answer_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    """What a verdict depends on: the same answer to the same question is graded once per run."""
+    return row["question"], row["gold"], row["prediction"]
+
+
+def cached_verdicts(path: Path) -> dict[tuple[str, str, str], bool]:
+    """Verdicts written by an earlier regrade of the run, by answer. A last line cut short by a kill is
+    dropped from the file, so that the next verdict starts a line of its own."""
     if not path.is_file():
         return {}
     text = path.read_text()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
         path.write_text(text)
-    verdicts = {}
-    for row in read_rows(path):
-        verdicts[row["condition"], row["index"]] = row
-    return verdicts
+    return {answer_key(row): bool(row["correct"]) for row in checked(path, read_rows(path))}
 
 
 def regrade_run(run_dir: Path, grade: Callable[[str, str, str], bool], label: str) -> dict[str, Any]:
-    """Grade every answer of the run at `run_dir` again and write graded/<label>.{jsonl,json}; returns the
-    latter's content."""
+    """Grade every answer of the run at `run_dir` again, those of its ReST-EM rounds' evaluations included,
+    and write graded/<label>.{jsonl,json}; returns the latter's content."""
     files = answer_files(run_dir)
     if not files:
         raise RegradeError(f"{run_dir}: no graded answers in results/ (only the knowledge task's are graded)")
+    rounds = round_files(run_dir)
     cache_path = run_dir / "graded" / f"{label}.jsonl"
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     cached = cached_verdicts(cache_path)
-    conditions = {}
-    with cache_path.open("a") as cache:
-        for condition, rows in files.items():
-            verdicts = []
-            for index, row in enumerate(rows):
-                answer = {"condition": condition, "index": index}
-                answer.update({key: row[key] for key in ("question", "gold", "prediction")})
-                hit = cached.get((condition, index))
-                if hit is not None and all(hit.get(key) == value for key, value in answer.items()):
-                    verdicts.append(bool(hit["correct"]))
-                    continue
+
+    def summary(name: str, path: Path, rows: list[dict[str, Any]], cache: TextIO) -> dict[str, Any]:
+        verdicts = []
+        for index, row in enumerate(rows):
+            if "update_error" in row:  # nothing was learnt: wrong as in the run, and no grader's verdict
+                verdicts.append(False)
+                continue
+            question, gold, prediction = key = answer_key(row)
+            if key not in cached:
                 try:
-                    correct = "update_error" not in row and bool(
-                        grade(row["question"], row["gold"], row["prediction"])
-                    )
+                    cached[key] = bool(grade(*key))
                 except (OSError, ValueError, KeyError) as e:
                     raise RegradeError(
-                        f"{run_dir / 'results' / condition}.jsonl, row {index + 1}: the grader failed ({e}); "
-                        f"the verdicts so far are kept in {cache_path}, and the same command continues"
+                        f"{path}, row {index + 1}: the grader failed ({e}); the verdicts so far are kept in "
+                        f"{cache_path}, and the same command continues"
                     ) from e
-                cache.write(json.dumps({**answer, "correct": correct}, ensure_ascii=False) + "\n")
+                verdict = {
+                    "condition": name,
+                    "index": index,
+                    "question": question,
+                    "gold": gold,
+                    "prediction": prediction,
+                    "correct": cached[key],
+                }
+                cache.write(json.dumps(verdict, ensure_ascii=False) + "\n")
                 cache.flush()
-                verdicts.append(correct)
-            as_run = [bool(row["correct"]) for row in rows]
-            conditions[condition] = {
-                **accuracy_summary(verdicts),
-                "run_accuracy": accuracy_summary(as_run)["accuracy"],
-                "changed": sum(new != old for new, old in zip(verdicts, as_run, strict=True)),
-            }
+            verdicts.append(cached[key])
+        as_run = [bool(row["correct"]) for row in rows]
+        return {
+            **accuracy_summary(verdicts),
+            "run_accuracy": accuracy_summary(as_run)["accuracy"],
+            "changed": sum(new != old for new, old in zip(verdicts, as_run, strict=True)),
+        }
+
+    with cache_path.open("a") as cache:
+        conditions = {name: summary(name, path, rows, cache) for name, (path, rows) in files.items()}
+        graded_rounds = {k: summary(f"round_{k}", path, rows, cache) for k, (path, rows) in rounds.items()}
+    if graded_rounds and "self_edit" in conditions:  # round 0, before RL, is the self_edit condition
+        graded_rounds = {0: conditions["self_edit"], **graded_rounds}
     try:
         run_grader = read_config(run_dir).get("task.grader")
     except ReportError:
         run_grader = None
     graded = {"grader": label, "run_grader": run_grader, "conditions": conditions}
+    if graded_rounds:
+        graded["rounds"] = {str(k): s for k, s in graded_rounds.items()}
     write_json_atomic(run_dir / "graded" / f"{label}.json", graded)
     return graded
 
@@ -146,7 +185,10 @@ def graded_table(run_dir: Path, graded: dict[str, Any]) -> tuple[str, list[str],
             f"{s['accuracy']:.3f} ± {s['ci95']:.3f}",
             str(s["changed"]),
         ]
-        for c, s in graded["conditions"].items()
+        for c, s in [
+            *graded["conditions"].items(),
+            *((f"RL round {k}", s) for k, s in graded.get("rounds", {}).items()),
+        ]
     ]
     return f"{run_dir}: answers graded again", header, rows
 
@@ -179,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
             for run_dir in run_dirs:
                 graded = regrade_run(run_dir, grade, label)
                 print_tables([graded_table(run_dir, graded)])
-                print(f"wrote {run_dir / 'graded' / label}.json and .jsonl (a verdict per answer)")
+                print(f"wrote {run_dir / 'graded' / label}.json and .jsonl (a verdict per distinct answer)")
     except (RegradeError, ReportError) as e:
         parser.exit(1, f"seal.regrade: error: {e}\n")
 

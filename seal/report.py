@@ -313,17 +313,27 @@ def load_run(run_dir: Path, ledger: dict[Path, dict[str, Any]]) -> Run:
 
 def regraded(run_dir: Path) -> dict[str, float]:
     """The run's answers graded again by `python -m seal.regrade` (graded/<grader>.json), as keys
-    `graded/<grader>/<condition>/{accuracy,ci95}` beside the run's own."""
+    `graded/<grader>/<condition>/{accuracy,ci95}` beside the run's own, and its RL curve as
+    `graded/<grader>/rl/round_<k>/{eval_accuracy,eval_ci95}`."""
     keys = {}
     for path in sorted((run_dir / "graded").glob("*.json")):
         content = read_json(path)
         if not isinstance(content, dict) or not isinstance(content.get("conditions"), dict):
             raise ReportError(f'{path}: expected {{"grader", "conditions": {{...}}}} (seal.regrade)')
-        for condition, graded in content["conditions"].items():
+        rounds = content.get("rounds", {})
+        if not isinstance(rounds, dict):
+            raise ReportError(
+                f'{path}: expected "rounds" to map each RL round to its accuracy (seal.regrade)'
+            )
+        found = [
+            *((f"condition {c!r}", f"{c}/", graded) for c, graded in content["conditions"].items()),
+            *((f"RL round {k}", f"rl/round_{k}/eval_", graded) for k, graded in rounds.items()),
+        ]
+        for name, prefix, graded in found:
             if not isinstance(graded, dict) or not {"accuracy", "ci95"} <= set(graded):
-                raise ReportError(f"{path}: condition {condition!r} lacks its accuracy and ci95")
+                raise ReportError(f"{path}: {name} lacks its accuracy and ci95")
             for measure in ("accuracy", "ci95"):
-                keys[f"graded/{path.stem}/{condition}/{measure}"] = graded[measure]
+                keys[f"graded/{path.stem}/{prefix}{measure}"] = graded[measure]
     return keys
 
 
@@ -675,16 +685,20 @@ def condition_bars(runs: list[Run], family: str) -> tuple[plots.Bars, str] | Non
 
 
 def rl_curves(runs: list[Run]) -> dict[str, list[tuple[int, float, float]]]:
-    """Per run with RL rounds: (round, eval accuracy, its ci95); round 0 is before RL."""
+    """Per run with RL rounds: (round, eval accuracy, its ci95); round 0 is before RL. A run whose answers
+    were graded again (seal.regrade) has a curve per grader too."""
     curves = {}
     for run in runs:
-        rounds = sorted(
-            int(k.split("/")[1][6:]) for k in run.metrics if _is_round(k, "rl/", "/eval_accuracy")
-        )
-        if rounds:
-            m = run.metrics
-            curves[run.label] = [
-                (k, m[f"rl/round_{k}/eval_accuracy"], m.get(f"rl/round_{k}/eval_ci95", 0.0)) for k in rounds
+        series: dict[str, list[int]] = {}  # key head (rl/round_, graded/<grader>/rl/round_) -> rounds
+        for key in run.metrics:
+            if match := re.fullmatch(r"((?:graded/[^/]+/)?rl/round_)(\d+)/eval_accuracy", key):
+                series.setdefault(match[1], []).append(int(match[2]))
+        own = f"{run.label}, as run ({run.config.get('task.grader')})" if len(series) > 1 else run.label
+        for head in sorted(series, key=lambda h: (h != "rl/round_", h)):  # the run's own curve first
+            label = own if head == "rl/round_" else f"{run.label}, graded {head.split('/')[1]}"
+            curves[label] = [
+                (k, run.metrics[f"{head}{k}/eval_accuracy"], run.metrics.get(f"{head}{k}/eval_ci95", 0.0))
+                for k in sorted(series[head])
             ]
     return curves
 

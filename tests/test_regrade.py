@@ -7,7 +7,7 @@ import yaml
 
 from seal.grading import make_grader
 from seal.regrade import RegradeError, grader_label, main, regrade_run
-from seal.report import ReportError, compare
+from seal.report import ReportError, compare, rl_curves
 from seal.tracking import write_jsonl
 
 GOLD = "Port Vellan"
@@ -54,8 +54,8 @@ def test_another_grader_gives_its_own_verdicts_and_counts_the_changes(run_dir):
     assert graded["run_grader"] == "contains"
     assert json.loads((run_dir / "graded" / "exact.json").read_text()) == json.loads(json.dumps(graded))
     verdicts = [json.loads(line) for line in (run_dir / "graded" / "exact.jsonl").read_text().splitlines()]
-    assert [v["correct"] for v in verdicts] == [False, True, False, False]
-    assert [v["prediction"] for v in verdicts] == [p for p, _ in ANSWERS]
+    assert [v["correct"] for v in verdicts] == [False, True, False]  # the failed update's is no verdict
+    assert [v["prediction"] for v in verdicts] == [p for p, _ in ANSWERS[:3]]
 
 
 def test_f1_counts_partial_answers_but_a_failed_update_stays_wrong(run_dir):
@@ -142,4 +142,61 @@ def test_the_comparison_report_shows_the_answers_graded_again_beside_the_run_s_o
     assert "graded/exact/passage/accuracy" in (tmp_path / "report" / "summary.csv").read_text()
     (run_dir / "graded" / "exact.json").write_text('{"grader": "exact", "conditions": {"passage": {}}}')
     with pytest.raises(ReportError, match="exact.json: condition 'passage' lacks its accuracy"):
+        compare([run_dir], tmp_path / "report")
+
+
+def answer(condition, prediction):
+    return {
+        "condition": condition,
+        "title": "T",
+        "question": "Where?",
+        "gold": GOLD,
+        "prediction": prediction,
+    }
+
+
+def test_the_rl_curve_is_graded_again_round_by_round_each_answer_once(run_dir, tmp_path, capsys):
+    """A ReST-EM run: round 0 is the self_edit condition, each later round's evaluation answers lie in
+    rounds/round_<k>/eval_rows.json, and the last round's are also the seal condition's."""
+    rows = {
+        "self_edit": [("Vellan", False), ("Port Vellan", True)],
+        "round_1": [("It is in Port Vellan.", True), ("Vellan", False)],
+        "seal": [("Port Vellan", True), ("Port Vellan", True)],
+    }
+    rows = {c: [{**answer(c, p), "correct": v} for p, v in r] for c, r in rows.items()}
+    write_jsonl(run_dir / "results" / "self_edit.jsonl", rows["self_edit"])
+    write_jsonl(run_dir / "results" / "seal.jsonl", rows["seal"])
+    for k, name in ((1, "round_1"), (2, "seal")):
+        (run_dir / "rounds" / f"round_{k}").mkdir(parents=True)
+        (run_dir / "rounds" / f"round_{k}" / "eval_rows.json").write_text(json.dumps(rows[name]))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["metrics"].update({f"rl/round_{k}/eval_accuracy": a for k, a in enumerate([0.5, 0.5, 1.0])})
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+    asked = []
+    exact = make_grader("exact")
+    graded = regrade_run(run_dir, lambda q, gold, pred: asked.append(pred) or exact(q, gold, pred), "exact")
+    assert sorted(asked) == ["It is in Port Vellan.", "Port Vellan", "Vellan"]  # each distinct answer once
+    assert {k: (s["accuracy"], s["run_accuracy"], s["changed"]) for k, s in graded["rounds"].items()} == {
+        "0": (0.5, 0.5, 0),
+        "1": (0.0, 0.5, 1),
+        "2": (1.0, 1.0, 0),
+    }
+    assert graded["rounds"]["0"] == graded["conditions"]["self_edit"]
+    main([str(run_dir), "--grader", "exact"])
+    assert "RL round 1" in capsys.readouterr().out
+
+    (runs,), written = compare([run_dir], tmp_path / "report")
+    curves = rl_curves([runs])
+    assert [[a for _, a, _ in points] for points in curves.values()] == [[0.5, 0.5, 1.0], [0.5, 0.0, 1.0]]
+    assert list(curves) == [f"{runs.label}, as run (contains)", f"{runs.label}, graded exact"]
+    assert tmp_path / "report" / "rl_curve.png" in written
+
+    (run_dir / "rounds" / "round_1" / "eval_rows.json").write_text('[{"question": "Where?"}]')
+    with pytest.raises(RegradeError, match=r"round_1/eval_rows.json, row 1: expected the fields"):
+        regrade_run(run_dir, exact, "exact")
+    (run_dir / "graded" / "exact.json").write_text(
+        json.dumps({"grader": "exact", "conditions": {}, "rounds": {"1": {"accuracy": 0.5}}})
+    )
+    with pytest.raises(ReportError, match="exact.json: RL round 1 lacks its accuracy and ci95"):
         compare([run_dir], tmp_path / "report")

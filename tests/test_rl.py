@@ -17,7 +17,9 @@ import torch
 from seal import multilora, rl
 from seal.adapt import collate
 from seal.config import AdaptConfig, RewardConfig, RLConfig, SFTConfig
+from seal.grading import make_grader
 from seal.multilora import MultiLoraUpdater
+from seal.regrade import regrade_run
 from seal.rl import apply_adapter, copy_base_weights, select, sft_merge
 from seal.tasks import knowledge
 from seal.tasks.knowledge import DataError, embedded_corpus
@@ -133,6 +135,19 @@ def test_rest_em_run_writes_the_curve_the_seal_condition_and_the_rounds(rl_run):
     assert curve == {k: metrics[f"rl/round_{k}/eval_accuracy"] for k in (0, 1, 2)}
     seal_rows = [json.loads(line) for line in (run_dir / "results/seal.jsonl").read_text().splitlines()]
     assert sum(r["correct"] for r in seal_rows) / len(seal_rows) == metrics["knowledge/seal/accuracy"]
+
+
+def test_the_rl_curve_graded_again_by_the_run_s_own_grader_is_the_run_s(rl_run):
+    """`python -m seal.regrade` reads what a real ReST-EM run wrote for each round's evaluation."""
+    run_dir, metrics = rl_run
+    graded = regrade_run(run_dir, make_grader("contains"), "contains")
+    assert list(graded["rounds"]) == ["0", "1", "2"]
+    for k, round_ in graded["rounds"].items():
+        assert (round_["accuracy"], round_["n"], round_["changed"]) == (
+            metrics[f"rl/round_{k}/eval_accuracy"],
+            10,
+            0,
+        )
 
 
 def test_failed_inner_loops_score_zero_with_their_reason_and_the_round_goes_on(tmp_path, monkeypatch):
