@@ -64,6 +64,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def checked(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`rows` read from `path`, each holding the fields of a graded answer."""
     missing = [i for i, row in enumerate(rows, 1) if not all(key in row for key in ANSWER_KEYS)]
     if missing:
         raise RegradeError(f"{path}, row {missing[0]}: expected the fields {', '.join(ANSWER_KEYS)}")
