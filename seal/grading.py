@@ -150,3 +150,15 @@ def accuracy_summary(flags: Sequence[bool]) -> dict[str, float]:
     low, high = wilson_interval(k, n)
     acc = k / n if n else 0.0
     return {"accuracy": acc, "n": n, "ci95": max(acc - low, high - acc), "ci95_low": low, "ci95_high": high}
+
+
+def paired_comparison(first: Sequence[bool], second: Sequence[bool]) -> dict[str, float]:
+    """Two conditions graded on the same questions, in the same order: how many questions only the first got
+    right, how many only the second, and the two-sided p-value of the exact McNemar test. Only these
+    discordant questions say which is better; were the two equally good, each would go either way with
+    probability 1/2. Paired, it tells differences apart that two overlapping Wilson intervals cannot."""
+    only_first = sum(bool(a) and not bool(b) for a, b in zip(first, second, strict=True))
+    only_second = sum(bool(b) and not bool(a) for a, b in zip(first, second, strict=True))
+    n = only_first + only_second
+    tail = sum(math.comb(n, i) for i in range(min(only_first, only_second) + 1)) / 2**n
+    return {"only_first": only_first, "only_second": only_second, "p_value": min(1.0, 2 * tail)}

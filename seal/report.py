@@ -85,6 +85,31 @@ def knowledge_table(metrics: dict[str, Any]) -> Rows | None:
     )
 
 
+def paired_table(metrics: dict[str, Any]) -> Rows | None:
+    """The knowledge conditions compared question by question (`paired/<a>_vs_<b>/*`)."""
+    rows = []
+    for key in (k for k in metrics if k.startswith("paired/") and k.endswith("/p_value")):
+        prefix = key[: -len("/p_value")]
+        first, second = prefix.split("/")[1].split("_vs_")
+        difference = metrics[f"knowledge/{first}/accuracy"] - metrics[f"knowledge/{second}/accuracy"]
+        rows.append(
+            [
+                f"{first} − {second}",
+                f"{difference:+.3f}",
+                str(metrics[f"{prefix}/only_first"]),
+                str(metrics[f"{prefix}/only_second"]),
+                f"{metrics[key]:.3f}" if metrics[key] >= 0.001 else "< 0.001",
+            ]
+        )
+    if not rows:
+        return None
+    return (
+        "knowledge: conditions compared on the same questions (exact McNemar test)",
+        ["pair", "difference", "only first right", "only second right", "p"],
+        rows,
+    )
+
+
 def few_shot_table(metrics: dict[str, Any]) -> Rows | None:
     rows = []
     for key in (k for k in metrics if k.startswith("few_shot/") and k.endswith("/success")):
@@ -157,7 +182,13 @@ def phases_table(metrics: dict[str, Any]) -> Rows:
 
 
 def tables(metrics: dict[str, Any]) -> list[Rows]:
-    found = (knowledge_table(metrics), few_shot_table(metrics), cost_table(metrics), phases_table(metrics))
+    found = (
+        knowledge_table(metrics),
+        paired_table(metrics),
+        few_shot_table(metrics),
+        cost_table(metrics),
+        phases_table(metrics),
+    )
     return [t for t in found if t is not None]
 
 

@@ -13,6 +13,7 @@ from seal.grading import (
     make_grader,
     normalize,
     openai_judge_from_env,
+    paired_comparison,
     parse_yes_no,
     token_f1,
     wilson_interval,
@@ -71,6 +72,19 @@ def test_wilson_interval():
     assert low == pytest.approx(1 - high)
     summary = accuracy_summary([True, False, False, False])
     assert summary["accuracy"] == 0.25 and summary["n"] == 4 and summary["ci95"] > 0.25
+
+
+def test_paired_comparison_counts_the_questions_only_one_got_right_and_tests_them_exactly():
+    first = [True] * 9 + [False] + [True, False] * 5  # then 5 right by both, 5 by neither
+    second = [False] * 9 + [True] + [True, False] * 5
+    result = paired_comparison(first, second)
+    # 9 to 1 of 10 discordant questions: P(X <= 1) = 11 / 1024 under a fair coin, two-sided 22 / 1024
+    assert result == {"only_first": 9, "only_second": 1, "p_value": pytest.approx(22 / 1024)}
+    assert paired_comparison(second, first)["p_value"] == result["p_value"]
+    assert paired_comparison([True, False], [True, False])["p_value"] == 1.0  # nothing to tell them apart
+    assert paired_comparison([True] * 3 + [False] * 3, [False] * 3 + [True] * 3)["p_value"] == 1.0
+    with pytest.raises(ValueError):
+        paired_comparison([True], [True, False])
 
 
 def test_parse_yes_no():

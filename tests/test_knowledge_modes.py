@@ -76,6 +76,11 @@ def test_cpt_reports_each_condition_as_single_mode_does(cpt_run):
         assert 0 < expected["accuracy"] < 1
         for key in ("accuracy", "n", "ci95"):
             assert summary[f"knowledge/{condition}/{key}"] == pytest.approx(expected[key]), (condition, key)
+    assert {k.rsplit("/", 1)[0] for k in summary if k.startswith("paired/")} == {
+        "paired/passage_vs_base",
+        "paired/self_edit_vs_base",
+        "paired/self_edit_vs_passage",
+    }
 
 
 N_CONTINUAL = 3

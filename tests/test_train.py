@@ -53,6 +53,24 @@ def test_run_writes_every_record(tiny_run):
     assert len(edits) == 2
 
 
+def test_the_conditions_are_compared_question_by_question(tiny_run):
+    run_dir, metrics = tiny_run
+    rows = {
+        c: [json.loads(x)["correct"] for x in (run_dir / "results" / f"{c}.jsonl").read_text().splitlines()]
+        for c in ("base", "passage", "self_edit")
+    }
+    for first, second in (("passage", "base"), ("self_edit", "base"), ("self_edit", "passage")):
+        prefix = f"paired/{first}_vs_{second}"
+        only_first = sum(a and not b for a, b in zip(rows[first], rows[second], strict=True))
+        only_second = sum(b and not a for a, b in zip(rows[first], rows[second], strict=True))
+        counted = (metrics[f"{prefix}/only_first"], metrics[f"{prefix}/only_second"])
+        assert counted == (only_first, only_second)
+        assert 0 < metrics[f"{prefix}/p_value"] <= 1
+        difference = metrics[f"knowledge/{first}/accuracy"] - metrics[f"knowledge/{second}/accuracy"]
+        assert difference == pytest.approx((only_first - only_second) / 10)
+    assert "passage − base" in (run_dir / "report.md").read_text()
+
+
 def test_a_run_s_answers_graded_again_by_its_own_grader_give_its_accuracies(tiny_run):
     """`python -m seal.regrade` on the answers a real run wrote: under the run's grader no verdict changes;
     a grader that accepts everything is asked about every answer, none left out."""

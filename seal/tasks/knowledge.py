@@ -26,7 +26,7 @@ from seal.adapt import TrainedAdapter, UpdateJob, Updater, make_updater
 from seal.config import AdaptConfig, Config, DataConfig, SelfEditConfig, TaskConfig
 from seal.executor import ChunkResult, WorkerLost, make_executor
 from seal.forgetting import Probe
-from seal.grading import accuracy_summary, make_grader
+from seal.grading import accuracy_summary, make_grader, paired_comparison
 from seal.memory import PhaseMeter
 from seal.models import LM, generate, load_model, save_folder, setup_runtime
 from seal.rl import (
@@ -490,6 +490,21 @@ def condition_metrics(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {f"knowledge/{name}/{key}": summary[key] for key in ("accuracy", "n", "ci95")}
 
 
+def paired_metrics(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each condition against each one before it (in the order of `rows`) on the same questions:
+    `paired/<a>_vs_<b>/{only_first,only_second,p_value}` (seal.grading.paired_comparison)."""
+    metrics = {}
+    names = list(rows)
+    for i, first in enumerate(names):
+        for second in names[:i]:
+            a, b = rows[first], rows[second]
+            if [r["question"] for r in a] != [r["question"] for r in b]:
+                continue
+            pair = paired_comparison([r["correct"] for r in a], [r["correct"] for r in b])
+            metrics.update({f"paired/{first}_vs_{second}/{k}": v for k, v in pair.items()})
+    return metrics
+
+
 def cached_self_edits(
     store: RoundStore,
     round_: int,
@@ -667,9 +682,11 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
             if seal_rows:
                 tracker.results("seal", seal_rows)
                 metrics.update(condition_metrics("seal", seal_rows))
+                rows["seal"] = seal_rows
             if store.reused:
                 log.info("resumed: %d inner loops read back from %s", store.reused, store.root)
                 tracker.log({"resume/reused_inner_loops": store.reused})
+        metrics.update(paired_metrics(rows))
         metrics.update(loops.throughput())
         return metrics
 

@@ -19,7 +19,7 @@ from typing import Any
 from seal.adapt import UpdateJob, UpdateResult, make_updater
 from seal.config import Config
 from seal.forgetting import Probe
-from seal.grading import accuracy_summary, make_grader
+from seal.grading import make_grader
 from seal.memory import PhaseMeter
 from seal.models import LM
 from seal.tasks import knowledge
@@ -28,9 +28,11 @@ from seal.tasks.knowledge import (
     DataError,
     Passage,
     answer,
+    condition_metrics,
     derive_seed,
     graded_rows,
     load_passages,
+    paired_metrics,
     update_job,
     write_self_edits,
 )
@@ -77,11 +79,6 @@ def _passages(cfg: Config) -> list[Passage]:
 def self_edit_seed(cfg: Config, passage: Passage) -> int:
     """Single mode's seed for a passage's self-edit, so the same model writes the same text in every mode."""
     return derive_seed(cfg.seed, "self_edit", 0, passage.title, 0)
-
-
-def accuracy_metrics(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    summary = accuracy_summary([r["correct"] for r in rows])
-    return {f"knowledge/{name}/{key}": summary[key] for key in ("accuracy", "n", "ci95")}
 
 
 def update_metrics(results: list[UpdateResult], meter: PhaseMeter) -> dict[str, Any]:
@@ -169,7 +166,8 @@ def run_cpt(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[st
         metrics.update({f"cpt/{job.key}/train_sequences": len(job.sequences) for job in jobs})
     for condition in conditions:
         tracker.results(condition, rows[condition])
-        metrics.update(accuracy_metrics(condition, rows[condition]))
+        metrics.update(condition_metrics(condition, rows[condition]))
+    metrics.update(paired_metrics(rows))
     return metrics
 
 
@@ -250,8 +248,8 @@ def run_continual(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> d
     if "base" in conditions:
         base_rows = [r for r in rows if r["after_edits"] == 0]
         tracker.results("base", base_rows)
-        metrics.update(accuracy_metrics("base", base_rows))
-    metrics.update(accuracy_metrics("continual", [r for r in rows if r["after_edits"] == len(passages)]))
+        metrics.update(condition_metrics("base", base_rows))
+    metrics.update(condition_metrics("continual", [r for r in rows if r["after_edits"] == len(passages)]))
     metrics.update(update_metrics(results, meter))
     summary = retention_summary(matrix)
     metrics.update({f"retention/{key}": value for key, value in summary.items()})
