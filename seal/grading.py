@@ -17,6 +17,7 @@ import string
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -162,3 +163,27 @@ def paired_comparison(first: Sequence[bool], second: Sequence[bool]) -> dict[str
     n = only_first + only_second
     tail = sum(math.comb(n, i) for i in range(min(only_first, only_second) + 1)) / 2**n
     return {"only_first": only_first, "only_second": only_second, "p_value": min(1.0, 2 * tail)}
+
+
+def paired_comparisons(rows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Each condition against each one before it (in the order of `rows`, graded rows with a question and
+    `correct`) where both answered the same questions: {"<a>_vs_<b>": paired_comparison(a, b)}."""
+    found = {}
+    names = list(rows)
+    for i, first in enumerate(names):
+        for second in names[:i]:
+            a, b = rows[first], rows[second]
+            if [r["question"] for r in a] == [r["question"] for r in b]:
+                found[f"{first}_vs_{second}"] = paired_comparison(
+                    [r["correct"] for r in a], [r["correct"] for r in b]
+                )
+    return found
+
+
+def paired_metrics(rows: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """paired_comparisons as metric keys `paired/<a>_vs_<b>/{only_first,only_second,p_value}`."""
+    return {
+        f"paired/{pair}/{key}": value
+        for pair, comparison in paired_comparisons(rows).items()
+        for key, value in comparison.items()
+    }

@@ -10,7 +10,7 @@ answers kept in `results/<condition>.jsonl`, and those of each ReST-EM round's e
   continues from them.
 - `<grader>.json`: per condition, and per RL round (the curve; round 0 is the self_edit condition), the
   accuracy, n and 95 % Wilson interval under the new grader, the run's own accuracy, and how many verdicts
-  differ from the run's.
+  differ from the run's; and each pair of conditions compared on the same questions (exact McNemar test).
 
 An answer whose update failed (`update_error`) stays wrong, as in the run. The rewards of ReST-EM rounds were
 computed during training and are not graded again: the self-edits each round kept stay those the run's grader
@@ -27,12 +27,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from seal.grading import accuracy_summary, make_grader
-from seal.report import ReportError, find_run_dirs, print_tables, read_config
+from seal.grading import accuracy_summary, make_grader, paired_comparisons
+from seal.report import (
+    PAIRED_HEADER,
+    ReportError,
+    Rows,
+    find_run_dirs,
+    paired_row,
+    print_tables,
+    read_config,
+)
 from seal.tracking import write_json_atomic
 
 # The fields of a graded answer in results/<condition>.jsonl (seal.tasks.knowledge.graded_rows).
 ANSWER_KEYS = ("question", "gold", "prediction", "correct")
+# The knowledge conditions in the order a run records them: each is compared with those before it.
+CONDITION_ORDER = ("base", "passage", "self_edit", "external", "seal", "continual")
 
 
 class RegradeError(Exception):
@@ -126,11 +136,11 @@ def regrade_run(run_dir: Path, grade: Callable[[str, str, str], bool], label: st
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     cached = cached_verdicts(cache_path)
 
-    def summary(name: str, path: Path, rows: list[dict[str, Any]], cache: TextIO) -> dict[str, Any]:
-        verdicts = []
+    def verdicts(name: str, path: Path, rows: list[dict[str, Any]], cache: TextIO) -> list[bool]:
+        found = []
         for index, row in enumerate(rows):
             if "update_error" in row:  # nothing was learnt: wrong as in the run, and no grader's verdict
-                verdicts.append(False)
+                found.append(False)
                 continue
             question, gold, prediction = key = answer_key(row)
             if key not in cached:
@@ -151,31 +161,46 @@ def regrade_run(run_dir: Path, grade: Callable[[str, str, str], bool], label: st
                 }
                 cache.write(json.dumps(verdict, ensure_ascii=False) + "\n")
                 cache.flush()
-            verdicts.append(cached[key])
+            found.append(cached[key])
+        return found
+
+    def summary(new: list[bool], rows: list[dict[str, Any]]) -> dict[str, Any]:
         as_run = [bool(row["correct"]) for row in rows]
         return {
-            **accuracy_summary(verdicts),
+            **accuracy_summary(new),
             "run_accuracy": accuracy_summary(as_run)["accuracy"],
-            "changed": sum(new != old for new, old in zip(verdicts, as_run, strict=True)),
+            "changed": sum(a != b for a, b in zip(new, as_run, strict=True)),
         }
 
     with cache_path.open("a") as cache:
-        conditions = {name: summary(name, path, rows, cache) for name, (path, rows) in files.items()}
-        graded_rounds = {k: summary(f"round_{k}", path, rows, cache) for k, (path, rows) in rounds.items()}
+        by_condition = {name: verdicts(name, path, rows, cache) for name, (path, rows) in files.items()}
+        by_round = {k: verdicts(f"round_{k}", path, rows, cache) for k, (path, rows) in rounds.items()}
+    conditions = {name: summary(by_condition[name], rows) for name, (_, rows) in files.items()}
+    graded_rounds = {k: summary(by_round[k], rows) for k, (_, rows) in rounds.items()}
     if graded_rounds and "self_edit" in conditions:  # round 0, before RL, is the self_edit condition
         graded_rounds = {0: conditions["self_edit"], **graded_rounds}
+    in_order = sorted(files, key=lambda c: (CONDITION_ORDER.index(c) if c in CONDITION_ORDER else 99, c))
+    paired = paired_comparisons(
+        {
+            c: [
+                {"question": row["question"], "correct": v}
+                for row, v in zip(files[c][1], by_condition[c], strict=True)
+            ]
+            for c in in_order
+        }
+    )
     try:
         run_grader = read_config(run_dir).get("task.grader")
     except ReportError:
         run_grader = None
-    graded = {"grader": label, "run_grader": run_grader, "conditions": conditions}
+    graded = {"grader": label, "run_grader": run_grader, "conditions": conditions, "paired": paired}
     if graded_rounds:
         graded["rounds"] = {str(k): s for k, s in graded_rounds.items()}
     write_json_atomic(run_dir / "graded" / f"{label}.json", graded)
     return graded
 
 
-def graded_table(run_dir: Path, graded: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
+def graded_table(run_dir: Path, graded: dict[str, Any]) -> Rows:
     """One run's regrade as a console table: per condition, the run's accuracy beside the new grader's."""
     header = ["condition", "n", f"as run ({graded['run_grader']})", graded["grader"], "changed"]
     rows = [
@@ -192,6 +217,18 @@ def graded_table(run_dir: Path, graded: dict[str, Any]) -> tuple[str, list[str],
         ]
     ]
     return f"{run_dir}: answers graded again", header, rows
+
+
+def graded_pairs_table(run_dir: Path, graded: dict[str, Any]) -> Rows | None:
+    """The conditions compared question by question under the new grader."""
+    accuracy = {c: s["accuracy"] for c, s in graded["conditions"].items()}
+    rows = [
+        paired_row(pair, accuracy[pair.split("_vs_")[0]] - accuracy[pair.split("_vs_")[1]], comparison)
+        for pair, comparison in graded["paired"].items()
+    ]
+    if not rows:
+        return None
+    return f"{run_dir}: conditions compared on the same questions, {graded['grader']}", PAIRED_HEADER, rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,7 +258,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise RegradeError(f"{path}: holds no run directory (a folder with config.yaml)")
             for run_dir in run_dirs:
                 graded = regrade_run(run_dir, grade, label)
-                print_tables([graded_table(run_dir, graded)])
+                print_tables(
+                    [t for t in (graded_table(run_dir, graded), graded_pairs_table(run_dir, graded)) if t]
+                )
                 print(f"wrote {run_dir / 'graded' / label}.json and .jsonl (a verdict per distinct answer)")
     except (RegradeError, ReportError) as e:
         parser.exit(1, f"seal.regrade: error: {e}\n")

@@ -85,29 +85,34 @@ def knowledge_table(metrics: dict[str, Any]) -> Rows | None:
     )
 
 
+PAIRED_HEADER = ["pair", "difference", "only first right", "only second right", "p (exact McNemar)"]
+
+
+def paired_row(pair: str, difference: float, comparison: dict[str, float]) -> list[str]:
+    """One row of a paired table: `pair` is "<a>_vs_<b>", `comparison` seal.grading.paired_comparison's."""
+    p = comparison["p_value"]
+    return [
+        pair.replace("_vs_", " − "),
+        f"{difference:+.3f}",
+        str(comparison["only_first"]),
+        str(comparison["only_second"]),
+        f"{p:.3f}" if p >= 0.001 else "< 0.001",
+    ]
+
+
 def paired_table(metrics: dict[str, Any]) -> Rows | None:
     """The knowledge conditions compared question by question (`paired/<a>_vs_<b>/*`)."""
     rows = []
     for key in (k for k in metrics if k.startswith("paired/") and k.endswith("/p_value")):
         prefix = key[: -len("/p_value")]
-        first, second = prefix.split("/")[1].split("_vs_")
+        pair = prefix.split("/")[1]
+        first, second = pair.split("_vs_")
         difference = metrics[f"knowledge/{first}/accuracy"] - metrics[f"knowledge/{second}/accuracy"]
-        rows.append(
-            [
-                f"{first} − {second}",
-                f"{difference:+.3f}",
-                str(metrics[f"{prefix}/only_first"]),
-                str(metrics[f"{prefix}/only_second"]),
-                f"{metrics[key]:.3f}" if metrics[key] >= 0.001 else "< 0.001",
-            ]
-        )
+        comparison = {k: metrics[f"{prefix}/{k}"] for k in ("only_first", "only_second", "p_value")}
+        rows.append(paired_row(pair, difference, comparison))
     if not rows:
         return None
-    return (
-        "knowledge: conditions compared on the same questions (exact McNemar test)",
-        ["pair", "difference", "only first right", "only second right", "p"],
-        rows,
-    )
+    return "knowledge: conditions compared on the same questions", PAIRED_HEADER, rows
 
 
 def few_shot_table(metrics: dict[str, Any]) -> Rows | None:

@@ -155,7 +155,7 @@ def answer(condition, prediction):
     }
 
 
-def test_the_rl_curve_is_graded_again_round_by_round_each_answer_once(run_dir, tmp_path, capsys):
+def test_the_rl_curve_is_graded_again_round_by_round_each_answer_once(run_dir, tmp_path, capsys, monkeypatch):
     """A ReST-EM run: round 0 is the self_edit condition, each later round's evaluation answers lie in
     rounds/round_<k>/eval_rows.json, and the last round's are also the seal condition's."""
     rows = {
@@ -183,8 +183,12 @@ def test_the_rl_curve_is_graded_again_round_by_round_each_answer_once(run_dir, t
         "2": (1.0, 1.0, 0),
     }
     assert graded["rounds"]["0"] == graded["conditions"]["self_edit"]
+    # Paired where two conditions answered the same questions (passage's are 4 others), in the run's order.
+    assert graded["paired"] == {"seal_vs_self_edit": {"only_first": 1, "only_second": 0, "p_value": 1.0}}
+    monkeypatch.setenv("COLUMNS", "200")  # the console tables' cells on one line each
     main([str(run_dir), "--grader", "exact"])
-    assert "RL round 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "RL round 1" in out and "seal − self_edit" in out
 
     (runs,), written = compare([run_dir], tmp_path / "report")
     curves = rl_curves([runs])

@@ -26,7 +26,7 @@ from seal.adapt import TrainedAdapter, UpdateJob, Updater, make_updater
 from seal.config import AdaptConfig, Config, DataConfig, SelfEditConfig, TaskConfig
 from seal.executor import ChunkResult, WorkerLost, make_executor
 from seal.forgetting import Probe
-from seal.grading import accuracy_summary, make_grader, paired_comparison
+from seal.grading import accuracy_summary, make_grader, paired_metrics
 from seal.memory import PhaseMeter
 from seal.models import LM, generate, load_model, save_folder, setup_runtime
 from seal.rl import (
@@ -488,21 +488,6 @@ def accuracy_of(rows: list[dict[str, Any]]) -> float:
 def condition_metrics(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary = accuracy_summary([r["correct"] for r in rows])
     return {f"knowledge/{name}/{key}": summary[key] for key in ("accuracy", "n", "ci95")}
-
-
-def paired_metrics(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Each condition against each one before it (in the order of `rows`) on the same questions:
-    `paired/<a>_vs_<b>/{only_first,only_second,p_value}` (seal.grading.paired_comparison)."""
-    metrics = {}
-    names = list(rows)
-    for i, first in enumerate(names):
-        for second in names[:i]:
-            a, b = rows[first], rows[second]
-            if [r["question"] for r in a] != [r["question"] for r in b]:
-                continue
-            pair = paired_comparison([r["correct"] for r in a], [r["correct"] for r in b])
-            metrics.update({f"paired/{first}_vs_{second}/{k}": v for k, v in pair.items()})
-    return metrics
 
 
 def cached_self_edits(

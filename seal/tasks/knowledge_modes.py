@@ -19,7 +19,7 @@ from typing import Any
 from seal.adapt import UpdateJob, UpdateResult, make_updater
 from seal.config import Config
 from seal.forgetting import Probe
-from seal.grading import make_grader
+from seal.grading import make_grader, paired_metrics
 from seal.memory import PhaseMeter
 from seal.models import LM
 from seal.tasks import knowledge
@@ -32,7 +32,6 @@ from seal.tasks.knowledge import (
     derive_seed,
     graded_rows,
     load_passages,
-    paired_metrics,
     update_job,
     write_self_edits,
 )
