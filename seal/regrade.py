@@ -37,7 +37,7 @@ from seal.report import (
     print_tables,
     read_config,
 )
-from seal.tracking import write_json_atomic
+from seal.tracking import JSONLError, read_jsonl, write_json_atomic
 
 # The fields of a graded answer in results/<condition>.jsonl (seal.tasks.knowledge.graded_rows).
 ANSWER_KEYS = ("question", "gold", "prediction", "correct")
@@ -59,18 +59,10 @@ def grader_label(name: str, f1_threshold: float = 0.5) -> str:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RegradeError(f"{path}, line {number}: invalid JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise RegradeError(f"{path}, line {number}: expected a JSON object")
-        rows.append(row)
-    return rows
+    try:
+        return read_jsonl(path)
+    except JSONLError as e:
+        raise RegradeError(str(e)) from e
 
 
 def checked(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

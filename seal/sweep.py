@@ -20,6 +20,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from seal.tracking import JSONLError, read_jsonl
+
 log = logging.getLogger(__name__)
 
 LEDGER = "jobs.jsonl"
@@ -48,14 +50,10 @@ def read_ledger(sweep_dir: Path) -> list[dict[str, Any]]:
     path = sweep_dir / LEDGER
     if not path.is_file():
         return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise LedgerError(f"{path}, line {number}: malformed JSON ({e})") from e
-    return records
+    try:
+        return read_jsonl(path)
+    except JSONLError as e:
+        raise LedgerError(str(e)) from e
 
 
 def summary(sweep_dir: Path) -> str:

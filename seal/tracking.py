@@ -25,6 +25,26 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp.replace(path)
 
 
+class JSONLError(ValueError):
+    """A JSONL file with a line that is not a JSON object; the message names the file and the line."""
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per line (blank lines skipped)."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JSONLError(f"{path}, line {number}: invalid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise JSONLError(f"{path}, line {number}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -263,6 +263,12 @@ def test_malformed_summary_is_an_error_naming_the_file(runs_dir, tmp_path, capsy
         report.main([str(runs_dir), "--out", str(tmp_path / "out")])
     assert stop.value.code == 1
     assert f"{broken}: malformed JSON" in capsys.readouterr().err
+    broken.unlink()
+    ledger = runs_dir / "sweep" / "jobs.jsonl"
+    ledger.write_text('{"num": 0, "status": "COMPLETED"}\n\n{"num": 1, "stat\n')  # e.g. a disk that filled up
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(runs_dir), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 1 and f"{ledger}, line 3: invalid JSON" in capsys.readouterr().err
 
 
 def test_wandb_report_shows_exactly_these_runs(runs_dir):
