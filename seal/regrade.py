@@ -215,8 +215,8 @@ def graded_pairs_table(run_dir: Path, graded: dict[str, Any]) -> Rows | None:
     """The conditions compared question by question under the new grader."""
     accuracy = {c: s["accuracy"] for c, s in graded["conditions"].items()}
     rows = [
-        paired_row(pair, accuracy[pair.split("_vs_")[0]] - accuracy[pair.split("_vs_")[1]], comparison)
-        for pair, comparison in graded["paired"].items()
+        paired_row(f"{first} − {second}", accuracy[first] - accuracy[second], comparison)
+        for (first, second), comparison in ((pair.split("_vs_"), c) for pair, c in graded["paired"].items())
     ]
     if not rows:
         return None

@@ -37,7 +37,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from seal.grading import paired_comparison
 from seal.sweep import LedgerError, read_ledger
+from seal.tracking import JSONLError, read_jsonl
 
 if TYPE_CHECKING:
     import wandb_workspaces.reports.v2 as wr
@@ -88,11 +90,11 @@ def knowledge_table(metrics: dict[str, Any]) -> Rows | None:
 PAIRED_HEADER = ["pair", "difference", "only first right", "only second right", "p (exact McNemar)"]
 
 
-def paired_row(pair: str, difference: float, comparison: dict[str, float]) -> list[str]:
-    """One row of a paired table: `pair` is "<a>_vs_<b>", `comparison` seal.grading.paired_comparison's."""
+def paired_row(name: str, difference: float, comparison: dict[str, float]) -> list[str]:
+    """One row of a paired table; `comparison` is seal.grading.paired_comparison's."""
     p = comparison["p_value"]
     return [
-        pair.replace("_vs_", " − "),
+        name,
         f"{difference:+.3f}",
         str(comparison["only_first"]),
         str(comparison["only_second"]),
@@ -109,7 +111,7 @@ def paired_table(metrics: dict[str, Any]) -> Rows | None:
         first, second = pair.split("_vs_")
         difference = metrics[f"knowledge/{first}/accuracy"] - metrics[f"knowledge/{second}/accuracy"]
         comparison = {k: metrics[f"{prefix}/{k}"] for k in ("only_first", "only_second", "p_value")}
-        rows.append(paired_row(pair, difference, comparison))
+        rows.append(paired_row(f"{first} − {second}", difference, comparison))
     if not rows:
         return None
     return "knowledge: conditions compared on the same questions", PAIRED_HEADER, rows
@@ -656,6 +658,45 @@ def seed_table(runs: list[Run]) -> Rows | None:
     return "runs that differ only by seed: mean ± 95 % interval across seeds", header, rows
 
 
+def graded_flags(run: Run, condition: str) -> tuple[list[str], list[bool]] | None:
+    """The questions of a finished run's results/<condition>.jsonl and whether each was answered right."""
+    path = run.path / "results" / f"{condition}.jsonl"
+    if run.error is not None or not path.is_file():
+        return None
+    try:
+        rows = read_jsonl(path)
+    except JSONLError as e:
+        raise ReportError(str(e)) from e
+    if not all("question" in row and "correct" in row for row in rows):
+        raise ReportError(f"{path}: expected graded answers (question, correct)")
+    return [row["question"] for row in rows], [bool(row["correct"]) for row in rows]
+
+
+def best_run_tables(runs: list[Run]) -> list[Rows]:
+    """Per knowledge condition that two or more finished runs answered on the same questions: the run with the
+    highest accuracy against each other one, question by question (exact McNemar test). A condition whose runs
+    agree on every question (base and passage across a template sweep) has no table."""
+    found = []
+    for condition in [h.split("/")[1] for h, _, _ in measure_columns(runs) if h.startswith("knowledge/")]:
+        answered = {run.label: flags for run in runs if (flags := graded_flags(run, condition))}
+        if len(answered) < 2:
+            continue
+        best = max(answered, key=lambda label: sum(answered[label][1]))  # the first on a tie
+        questions, right = answered[best]
+        compared = [
+            (label, paired_comparison(right, flags))
+            for label, (asked, flags) in answered.items()
+            if label != best and asked == questions
+        ]
+        if not any(c["only_first"] + c["only_second"] for _, c in compared):
+            continue
+        n = len(questions)
+        rows = [paired_row(label, (c["only_first"] - c["only_second"]) / n, c) for label, c in compared]
+        header = ["run", "best − run", "only best right", "only run right", "p (exact McNemar)"]
+        found.append((f"knowledge/{condition}: the best run, {best}, against each other", header, rows))
+    return found
+
+
 def comparison_markdown(runs: list[Run]) -> str:
     failed = sum(run.error is not None for run in runs)
     lines = [
@@ -667,6 +708,8 @@ def comparison_markdown(runs: list[Run]) -> str:
         "",
         *table_lines(*runs_table(runs)),
     ]
+    for table in best_run_tables(runs):
+        lines += table_lines(*table)
     keys = varying_keys([run.config for run in runs])
     if len(keys) > LABEL_KEYS:
         lines += ["## what differs between the runs", ""]
@@ -913,7 +956,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         runs, written = compare(args.paths, args.out)
-        print_tables([runs_table(runs)])
+        print_tables([runs_table(runs), *best_run_tables(runs)])
         for path in written:
             print(f"wrote {path}")
         if args.wandb:

@@ -13,8 +13,13 @@ import yaml
 from matplotlib.image import imread
 
 from seal import plots, report
+from seal.tracking import write_jsonl
 
-PROMPTS = {"implications": "Write the implications of: {passage}", "rewrite": "Rewrite: {passage}"}
+PROMPTS = {
+    "implications": "Write the implications of: {passage}",
+    "rewrite": "Rewrite: {passage}",
+    "self_qa": "Questions and answers on: {passage}",
+}
 
 
 def write_run(
@@ -294,3 +299,38 @@ def test_wandb_report_shows_exactly_these_runs(runs_dir):
         "reasoning/after_update/accuracy",
         "retention/prior_knowledge",
     ]
+
+
+def test_the_best_run_of_each_condition_is_compared_with_each_other_question_by_question(tmp_path, capsys):
+    """Three templates answer the same 20 questions; they agree on every base answer: no table for base."""
+    verdicts = {
+        "implications": [True] * 3 + [False] * 17,
+        "rewrite": [True] * 12 + [False] * 8,
+        "self_qa": [False] * 2 + [True] * 9 + [False] * 9,
+    }
+    for number, (template, flags) in enumerate(verdicts.items()):
+        run = write_run(tmp_path / "runs" / str(number), KNOWLEDGE, template, 0, None, None)
+        metrics = knowledge_metrics(0.5, sum(flags) / 20)
+        (run / "summary.json").write_text(json.dumps({"metrics": metrics}))
+        for condition, right in (("base", [False] * 20), ("self_edit", flags)):
+            rows = [{"question": f"Q{i}", "correct": c} for i, c in enumerate(right)]
+            write_jsonl(run / "results" / f"{condition}.jsonl", rows)
+
+    runs = report.load_runs([tmp_path / "runs"])
+    (table,) = report.best_run_tables(runs)
+    title, _, rows = table
+    assert title == "knowledge/self_edit: the best run, self_edit.name=rewrite, against each other"
+    # rewrite is right on Q0-Q11, implications on Q0-Q2 (9 to 0: p = 2 / 2**9), self_qa on Q2-Q10 (3 to 0:
+    # p = 2 / 2**3)
+    assert rows == [
+        ["self_edit.name=implications", "+0.450", "9", "0", "0.004"],
+        ["self_edit.name=self_qa", "+0.150", "3", "0", "0.250"],
+    ]
+    report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| self_edit.name=self_qa | +0.150 | 3 | 0 | 0.250 |" in markdown
+    assert "the best run" in capsys.readouterr().out
+
+    (tmp_path / "runs" / "2" / "results" / "self_edit.jsonl").write_text('{"question": "Q0"}\n')
+    with pytest.raises(report.ReportError, match=r"2/results/self_edit.jsonl: expected graded answers"):
+        report.best_run_tables(report.load_runs([tmp_path / "runs"]))
