@@ -145,6 +145,12 @@ def test_retention_matrix_agrees_with_the_graded_rows(continual_run):
         assert metrics[f"knowledge/{name}/accuracy"] == pytest.approx(expected["accuracy"])
         assert metrics[f"knowledge/{name}/n"] == 5 * n
     assert read_jsonl(run_dir / "results" / "base.jsonl") == [r for r in rows if r["after_edits"] == 0]
+    first, last = ([r["correct"] for r in rows if r["after_edits"] == k] for k in (0, n))
+    only_last = sum(b and not a for a, b in zip(first, last, strict=True))
+    only_first = sum(a and not b for a, b in zip(first, last, strict=True))
+    paired = {k: metrics[f"paired/continual_vs_base/{k}"] for k in ("only_first", "only_second")}
+    assert paired == {"only_first": only_last, "only_second": only_first}
+    assert only_last - only_first == sum(last) - sum(first)
     history = read_jsonl(run_dir / "metrics.jsonl")
     assert [h["continual/after_edits"] for h in history[:-1]] == list(range(n + 1))
     assert [h["continual/first_passage_accuracy"] for h in history[:-1]] == [row[0] for row in matrix]

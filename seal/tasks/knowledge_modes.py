@@ -244,11 +244,13 @@ def run_continual(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> d
         tracker.results("self_edits", edits)
     tracker.results("continual", rows)
     metrics: dict[str, Any] = {}
+    final = {"continual": [r for r in rows if r["after_edits"] == len(passages)]}
     if "base" in conditions:
-        base_rows = [r for r in rows if r["after_edits"] == 0]
-        tracker.results("base", base_rows)
-        metrics.update(condition_metrics("base", base_rows))
-    metrics.update(condition_metrics("continual", [r for r in rows if r["after_edits"] == len(passages)]))
+        final = {"base": [r for r in rows if r["after_edits"] == 0], **final}
+        tracker.results("base", final["base"])
+    for name, final_rows in final.items():
+        metrics.update(condition_metrics(name, final_rows))
+    metrics.update(paired_metrics(final))
     metrics.update(update_metrics(results, meter))
     summary = retention_summary(matrix)
     metrics.update({f"retention/{key}": value for key, value in summary.items()})
