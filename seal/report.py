@@ -103,17 +103,22 @@ def paired_row(name: str, difference: float, comparison: dict[str, float]) -> li
 
 
 def paired_table(metrics: dict[str, Any]) -> Rows | None:
-    """The knowledge conditions compared question by question (`paired/<a>_vs_<b>/*`)."""
+    """The conditions compared question by question, or ARC task by task (`paired/<a>_vs_<b>/*`)."""
+    few_shot = any(k.startswith("few_shot/") for k in metrics)
+
+    def measure(condition: str) -> float:
+        return metrics[f"few_shot/{condition}/success" if few_shot else f"knowledge/{condition}/accuracy"]
+
     rows = []
     for key in (k for k in metrics if k.startswith("paired/") and k.endswith("/p_value")):
         prefix = key[: -len("/p_value")]
-        pair = prefix.split("/")[1]
-        first, second = pair.split("_vs_")
-        difference = metrics[f"knowledge/{first}/accuracy"] - metrics[f"knowledge/{second}/accuracy"]
+        first, second = prefix.split("/")[1].split("_vs_")
         comparison = {k: metrics[f"{prefix}/{k}"] for k in ("only_first", "only_second", "p_value")}
-        rows.append(paired_row(f"{first} − {second}", difference, comparison))
+        rows.append(paired_row(f"{first} − {second}", measure(first) - measure(second), comparison))
     if not rows:
         return None
+    if few_shot:
+        return "few-shot: conditions compared on the same tasks", PAIRED_HEADER, rows
     return "knowledge: conditions compared on the same questions", PAIRED_HEADER, rows
 
 
@@ -191,8 +196,8 @@ def phases_table(metrics: dict[str, Any]) -> Rows:
 def tables(metrics: dict[str, Any]) -> list[Rows]:
     found = (
         knowledge_table(metrics),
-        paired_table(metrics),
         few_shot_table(metrics),
+        paired_table(metrics),
         cost_table(metrics),
         phases_table(metrics),
     )

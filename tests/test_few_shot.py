@@ -106,6 +106,13 @@ def test_a_few_shot_run_writes_every_condition(few_shot_run):
     assert metrics["few_shot/self_edit/valid_config_rate"] == 1
     assert "few-shot: ARC tasks solved" in (run_dir / "report.md").read_text()
     assert metrics["time/update_s"] > 0 and "mem/peak_update_mb" in metrics
+    # The conditions compared task by task: each against each one before it.
+    conditions = ("icl", "ttt_fixed", "self_edit")
+    solved = {c: [r["success"] for r in records if r["condition"] == c] for c in conditions}
+    for first, second in (("ttt_fixed", "icl"), ("self_edit", "icl"), ("self_edit", "ttt_fixed")):
+        only_first = sum(a and not b for a, b in zip(solved[first], solved[second], strict=True))
+        assert metrics[f"paired/{first}_vs_{second}/only_first"] == only_first
+    assert "few-shot: conditions compared on the same tasks" in (run_dir / "report.md").read_text()
 
 
 def test_a_killed_few_shot_run_resumes_from_its_finished_conditions(tmp_path, monkeypatch, few_shot_run):

@@ -44,7 +44,7 @@ from seal.arc import (
     vote,
 )
 from seal.config import ArcConfig, Config
-from seal.grading import accuracy_summary
+from seal.grading import accuracy_summary, paired_metrics
 from seal.memory import PhaseMeter
 from seal.models import LM, choice_scorer, generate, load_model
 from seal.rl import RoundStore, replay_round, train_generator
@@ -498,6 +498,11 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
                 )
         condition("seal", cfg.rl.rounds, written(generator, cfg.rl.rounds))
     tracker.results("few_shot", records)
+    solved: dict[str, list[dict[str, Any]]] = {}  # the evaluation conditions, task by task, in order
+    for r in records:
+        if r["condition"] in (*conditions, "seal"):
+            solved.setdefault(r["condition"], []).append({"question": r["task"], "correct": r["success"]})
+    metrics.update(paired_metrics(solved))
     return metrics
 
 
