@@ -248,11 +248,15 @@ def test_self_edits_from_a_file_are_the_external_condition(tmp_path):
         json.loads(line) for line in (run_dir / "results/external_edits.jsonl").read_text().splitlines()
     ]
     assert [r["self_edit"] for r in written] == [p.context for p in passages]
-    edits.write_text(json.dumps({"title": passages[0].title, "self_edit": "x"}) + "\n")
-    with pytest.raises(DataError, match="no self-edit for the evaluation passages"):
-        train(
-            make_cfg(tmp_path / "run2", *TINY_OVERRIDES, "self_edit.source=file", f"self_edit.path={edits}")
-        )
+    run2 = make_cfg(tmp_path / "run2", *TINY_OVERRIDES, "self_edit.source=file", f"self_edit.path={edits}")
+    for content, error in (
+        (json.dumps({"title": passages[0].title, "self_edit": "x"}) + "\n", "no self-edit for the eval"),
+        ('{"title": "A", "self_edit": "x"}\n\n{"title": "B", ', r"edits.jsonl, line 3: invalid JSON"),
+        ('{"title": "A", "self_edit": "x"}\n{"title": "B"}\n', r'edits.jsonl, row 2: expected \{"title"'),
+    ):
+        edits.write_text(content)
+        with pytest.raises(DataError, match=error):
+            train(run2)
 
 
 def _command(run_dir: Path) -> list[str]:

@@ -40,7 +40,7 @@ from seal.rl import (
     train_generator,
 )
 from seal.self_edit import self_edit_prompt, training_sequences
-from seal.tracking import Tracker
+from seal.tracking import JSONLError, Tracker, read_jsonl
 from seal.vllm_engine import VLLMEngine, export_adapter, open_engine
 
 log = logging.getLogger(__name__)
@@ -273,16 +273,14 @@ def read_external_edits(path: str | None, passages: list[Passage]) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"{file}: no such self-edit file (self_edit.path)")
+    try:
+        rows = read_jsonl(file)
+    except JSONLError as err:
+        raise DataError(str(err)) from err
     by_title: dict[str, str] = {}
-    for n, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{file}: line {n}: invalid JSON: {err.msg}") from err
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("title", "self_edit")):
-            raise DataError(f'{file}: line {n}: expected {{"title": str, "self_edit": str}}')
+    for n, row in enumerate(rows, 1):
+        if not all(isinstance(row.get(k), str) for k in ("title", "self_edit")):
+            raise DataError(f'{file}, row {n}: expected {{"title": str, "self_edit": str}}')
         by_title[row["title"].strip()] = row["self_edit"]
     missing = [p.title for p in passages if p.title not in by_title]
     if missing:
