@@ -663,27 +663,36 @@ def seed_table(runs: list[Run]) -> Rows | None:
     return "runs that differ only by seed: mean ± 95 % interval across seeds", header, rows
 
 
-def graded_flags(run: Run, condition: str) -> tuple[list[str], list[bool]] | None:
-    """The questions of a finished run's results/<condition>.jsonl and whether each was answered right."""
-    path = run.path / "results" / f"{condition}.jsonl"
+def graded_flags(run: Run, family: str, condition: str) -> tuple[list[str], list[bool]] | None:
+    """What a finished run was asked in a condition and whether it got each right: the questions of
+    results/<condition>.jsonl (knowledge), or the ARC tasks of results/few_shot.jsonl (few-shot)."""
+    name, asked, right = (
+        ("few_shot", "task", "success") if family == "few_shot" else (condition, "question", "correct")
+    )
+    path = run.path / "results" / f"{name}.jsonl"
     if run.error is not None or not path.is_file():
         return None
     try:
         rows = read_jsonl(path)
     except JSONLError as e:
         raise ReportError(str(e)) from e
-    if not all("question" in row and "correct" in row for row in rows):
-        raise ReportError(f"{path}: expected graded answers (question, correct)")
-    return [row["question"] for row in rows], [bool(row["correct"]) for row in rows]
+    if family == "few_shot":
+        rows = [row for row in rows if row.get("condition") == condition]
+    if not all(asked in row and right in row for row in rows):
+        raise ReportError(f"{path}: expected graded answers ({asked}, {right})")
+    return [row[asked] for row in rows], [bool(row[right]) for row in rows]
 
 
 def best_run_tables(runs: list[Run]) -> list[Rows]:
-    """Per knowledge condition that two or more finished runs answered on the same questions: the run with the
-    highest accuracy against each other one, question by question (exact McNemar test). A condition whose runs
-    agree on every question (base and passage across a template sweep) has no table."""
+    """Per condition that two or more finished runs answered on the same questions (ARC tasks): the run with
+    the highest accuracy (success) against each other one, question by question (exact McNemar test). A
+    condition whose runs agree on every question (base and passage across a template sweep) has no table."""
     found = []
-    for condition in [h.split("/")[1] for h, _, _ in measure_columns(runs) if h.startswith("knowledge/")]:
-        answered = {run.label: flags for run in runs if (flags := graded_flags(run, condition))}
+    for header, _, _ in measure_columns(runs):
+        family, condition = header.split("/")[0], header.split("/")[1]
+        if family not in ("knowledge", "few_shot"):
+            continue
+        answered = {run.label: flags for run in runs if (flags := graded_flags(run, family, condition))}
         if len(answered) < 2:
             continue
         best = max(answered, key=lambda label: sum(answered[label][1]))  # the first on a tie
@@ -697,8 +706,8 @@ def best_run_tables(runs: list[Run]) -> list[Rows]:
             continue
         n = len(questions)
         rows = [paired_row(label, (c["only_first"] - c["only_second"]) / n, c) for label, c in compared]
-        header = ["run", "best − run", "only best right", "only run right", "p (exact McNemar)"]
-        found.append((f"knowledge/{condition}: the best run, {best}, against each other", header, rows))
+        columns = ["run", "best − run", "only best right", "only run right", "p (exact McNemar)"]
+        found.append((f"{header}: the best run, {best}, against each other", columns, rows))
     return found
 
 

@@ -334,3 +334,21 @@ def test_the_best_run_of_each_condition_is_compared_with_each_other_question_by_
     (tmp_path / "runs" / "2" / "results" / "self_edit.jsonl").write_text('{"question": "Q0"}\n')
     with pytest.raises(report.ReportError, match=r"2/results/self_edit.jsonl: expected graded answers"):
         report.best_run_tables(report.load_runs([tmp_path / "runs"]))
+
+
+def test_few_shot_runs_are_compared_task_by_task(tmp_path):
+    """Two few-shot runs on the same 4 ARC tasks (their records share results/few_shot.jsonl); in-context
+    learning solves none in either, so only self_edit gets a table."""
+    task = {"name": "few_shot", "conditions": ["icl", "self_edit"]}
+    for number, solved in enumerate(([True, True, False, False], [False] * 4)):
+        run = write_run(tmp_path / "runs" / str(number), task, list(PROMPTS)[number], 0, None, None)
+        metrics = {f"few_shot/{c}/{k}": 0.0 for c in ("icl", "self_edit") for k in ("success", "ci95")}
+        metrics["few_shot/self_edit/success"] = sum(solved) / 4
+        (run / "summary.json").write_text(json.dumps({"metrics": metrics}))
+        records = [{"condition": "icl", "task": f"t{i}", "success": False} for i in range(4)]
+        records += [{"condition": "self_edit", "task": f"t{i}", "success": s} for i, s in enumerate(solved)]
+        write_jsonl(run / "results" / "few_shot.jsonl", records)
+    (table,) = report.best_run_tables(report.load_runs([tmp_path / "runs"]))
+    title, _, rows = table
+    assert title == "few_shot/self_edit: the best run, self_edit.name=implications, against each other"
+    assert rows == [["self_edit.name=rewrite", "+0.500", "2", "0", "0.500"]]  # 2 to 0: p = 2 / 2**2
