@@ -28,7 +28,7 @@ import math
 import re
 import statistics
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,6 +259,17 @@ class Run:
     wandb_id: str | None
     label: str = ""  # the config keys that set it apart, e.g. "self_edit.name=rewrite seed=1"
     group: str = ""  # the same without the seed: the runs of one group repeat one configuration
+    _results: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict, repr=False, compare=False)
+
+    def results(self, name: str) -> list[dict[str, Any]] | None:
+        """results/<name>.jsonl, read once (None when the run has no such file)."""
+        if name not in self._results:
+            path = self.path / "results" / f"{name}.jsonl"
+            try:
+                self._results[name] = read_jsonl(path) if path.is_file() else None
+            except JSONLError as e:
+                raise ReportError(str(e)) from e
+        return self._results[name]
 
     @property
     def status(self) -> str:
@@ -669,17 +680,13 @@ def graded_flags(run: Run, family: str, condition: str) -> tuple[list[str], list
     name, asked, right = (
         ("few_shot", "task", "success") if family == "few_shot" else (condition, "question", "correct")
     )
-    path = run.path / "results" / f"{name}.jsonl"
-    if run.error is not None or not path.is_file():
+    rows = run.results(name) if run.error is None else None
+    if rows is None:
         return None
-    try:
-        rows = read_jsonl(path)
-    except JSONLError as e:
-        raise ReportError(str(e)) from e
     if family == "few_shot":
         rows = [row for row in rows if row.get("condition") == condition]
     if not all(asked in row and right in row for row in rows):
-        raise ReportError(f"{path}: expected graded answers ({asked}, {right})")
+        raise ReportError(f"{run.path / 'results' / name}.jsonl: expected graded answers ({asked}, {right})")
     return [row[asked] for row in rows], [bool(row[right]) for row in rows]
 
 
