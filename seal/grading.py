@@ -165,9 +165,22 @@ def paired_comparison(first: Sequence[bool], second: Sequence[bool]) -> dict[str
     return {"only_first": only_first, "only_second": only_second, "p_value": min(1.0, 2 * tail)}
 
 
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values, in their order: the i-th smallest times the
+    number of p-values not smaller than it, made non-decreasing, capped at 1. Rejecting where the adjusted
+    value is below alpha keeps the chance of any false rejection in the family below alpha."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def paired_comparisons(rows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
     """Each condition against each one before it (in the order of `rows`, graded rows with a question and
-    `correct`) where both answered the same questions: {"<a>_vs_<b>": paired_comparison(a, b)}."""
+    `correct`) where both answered the same questions: {"<a>_vs_<b>": paired_comparison(a, b)}, each with
+    `p_holm`, its p-value adjusted by Holm's method for the number of pairs compared."""
     found = {}
     names = list(rows)
     for i, first in enumerate(names):
@@ -177,11 +190,14 @@ def paired_comparisons(rows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[
                 found[f"{first}_vs_{second}"] = paired_comparison(
                     [r["correct"] for r in a], [r["correct"] for r in b]
                 )
+    adjusted = holm_adjusted([c["p_value"] for c in found.values()])
+    for comparison, p_holm in zip(found.values(), adjusted, strict=True):
+        comparison["p_holm"] = p_holm
     return found
 
 
 def paired_metrics(rows: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
-    """paired_comparisons as metric keys `paired/<a>_vs_<b>/{only_first,only_second,p_value}`."""
+    """paired_comparisons as metric keys `paired/<a>_vs_<b>/{only_first,only_second,p_value,p_holm}`."""
     return {
         f"paired/{pair}/{key}": value
         for pair, comparison in paired_comparisons(rows).items()

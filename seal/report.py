@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from seal.grading import paired_comparison
+from seal.grading import holm_adjusted, paired_comparison
 from seal.sweep import LedgerError, read_ledger
 from seal.tracking import JSONLError, read_jsonl
 
@@ -87,19 +87,31 @@ def knowledge_table(metrics: dict[str, Any]) -> Rows | None:
     )
 
 
-PAIRED_HEADER = ["pair", "difference", "only first right", "only second right", "p (exact McNemar)"]
+P_COLUMNS = ["p (exact McNemar)", "p, Holm"]
+PAIRED_HEADER = ["pair", "difference", "only first right", "only second right", *P_COLUMNS]
+
+
+def p_text(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
 
 
 def paired_row(name: str, difference: float, comparison: dict[str, float]) -> list[str]:
-    """One row of a paired table; `comparison` is seal.grading.paired_comparison's."""
-    p = comparison["p_value"]
+    """One row of a paired table; `comparison` is seal.grading.paired_comparison's with `p_holm` added, its
+    p-value adjusted for the pairs of the same table (seal.grading.holm_adjusted)."""
     return [
         name,
         f"{difference:+.3f}",
         str(comparison["only_first"]),
         str(comparison["only_second"]),
-        f"{p:.3f}" if p >= 0.001 else "< 0.001",
+        p_text(comparison["p_value"]),
+        p_text(comparison["p_holm"]),
     ]
+
+
+def with_holm(comparisons: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The comparisons of one table, each with `p_holm` over all of them."""
+    adjusted = holm_adjusted([c["p_value"] for c in comparisons])
+    return [{**c, "p_holm": p} for c, p in zip(comparisons, adjusted, strict=True)]
 
 
 def paired_table(metrics: dict[str, Any]) -> Rows | None:
@@ -109,14 +121,17 @@ def paired_table(metrics: dict[str, Any]) -> Rows | None:
     def measure(condition: str) -> float:
         return metrics[f"few_shot/{condition}/success" if few_shot else f"knowledge/{condition}/accuracy"]
 
-    rows = []
+    pairs, comparisons = [], []
     for key in (k for k in metrics if k.startswith("paired/") and k.endswith("/p_value")):
         prefix = key[: -len("/p_value")]
-        first, second = prefix.split("/")[1].split("_vs_")
-        comparison = {k: metrics[f"{prefix}/{k}"] for k in ("only_first", "only_second", "p_value")}
-        rows.append(paired_row(f"{first} − {second}", measure(first) - measure(second), comparison))
-    if not rows:
+        pairs.append(prefix.split("/")[1].split("_vs_"))
+        comparisons.append({k: metrics[f"{prefix}/{k}"] for k in ("only_first", "only_second", "p_value")})
+    if not pairs:
         return None
+    rows = [  # Holm recomputed from the p-values: runs made before `p_holm` was recorded have none
+        paired_row(f"{first} − {second}", measure(first) - measure(second), comparison)
+        for (first, second), comparison in zip(pairs, with_holm(comparisons), strict=True)
+    ]
     if few_shot:
         return "few-shot: conditions compared on the same tasks", PAIRED_HEADER, rows
     return "knowledge: conditions compared on the same questions", PAIRED_HEADER, rows
@@ -704,16 +719,16 @@ def best_run_tables(runs: list[Run]) -> list[Rows]:
             continue
         best = max(answered, key=lambda label: sum(answered[label][1]))  # the first on a tie
         questions, right = answered[best]
-        compared = [
-            (label, paired_comparison(right, flags))
-            for label, (asked, flags) in answered.items()
-            if label != best and asked == questions
-        ]
-        if not any(c["only_first"] + c["only_second"] for _, c in compared):
+        labels = [label for label, (asked, _) in answered.items() if label != best and asked == questions]
+        compared = with_holm([paired_comparison(right, answered[label][1]) for label in labels])
+        if not any(c["only_first"] + c["only_second"] for c in compared):
             continue
         n = len(questions)
-        rows = [paired_row(label, (c["only_first"] - c["only_second"]) / n, c) for label, c in compared]
-        columns = ["run", "best − run", "only best right", "only run right", "p (exact McNemar)"]
+        rows = [
+            paired_row(label, (c["only_first"] - c["only_second"]) / n, c)
+            for label, c in zip(labels, compared, strict=True)
+        ]
+        columns = ["run", "best − run", "only best right", "only run right", *P_COLUMNS]
         found.append((f"{header}: the best run, {best}, against each other", columns, rows))
     return found
 

@@ -10,10 +10,12 @@ from seal.grading import (
     contains_first,
     exact_match,
     first_sentence,
+    holm_adjusted,
     make_grader,
     normalize,
     openai_judge_from_env,
     paired_comparison,
+    paired_comparisons,
     parse_yes_no,
     token_f1,
     wilson_interval,
@@ -85,6 +87,27 @@ def test_paired_comparison_counts_the_questions_only_one_got_right_and_tests_the
     assert paired_comparison([True] * 3 + [False] * 3, [False] * 3 + [True] * 3)["p_value"] == 1.0
     with pytest.raises(ValueError):
         paired_comparison([True], [True, False])
+
+
+def test_holm_adjusts_each_p_value_for_the_number_it_was_compared_with():
+    # sorted 0.01, 0.03, 0.04: times 3, 2 and 1 = 0.03, 0.06, 0.04, the last raised to 0.06 to keep the order
+    assert holm_adjusted([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjusted([0.5, 0.2]) == [0.5, 0.4] and holm_adjusted([0.7, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert holm_adjusted([0.02]) == [0.02] and holm_adjusted([]) == []
+
+
+def test_paired_comparisons_adjust_for_all_the_pairs_of_a_run():
+    flags = {"base": [False] * 12, "passage": [True] * 10 + [False] * 2}
+    flags["self_edit"] = [True] * 3 + [False] * 9
+    rows = {c: [{"question": f"q{i}", "correct": f} for i, f in enumerate(v)] for c, v in flags.items()}
+    found = paired_comparisons(rows)
+    assert list(found) == ["passage_vs_base", "self_edit_vs_base", "self_edit_vs_passage"]
+    p = [c["p_value"] for c in found.values()]  # 10:0, 3:0, 0:7
+    assert p == pytest.approx([2 / 2**10, 2 / 2**3, 2 / 2**7])
+    assert [c["p_holm"] for c in found.values()] == pytest.approx([3 * p[0], p[1], 2 * p[2]])
+    rows["self_edit"] = rows["self_edit"][:-1]  # other questions: not compared, and not counted in the family
+    assert list(paired_comparisons(rows)) == ["passage_vs_base"]
+    assert paired_comparisons(rows)["passage_vs_base"]["p_holm"] == p[0]
 
 
 def test_parse_yes_no():

@@ -184,7 +184,9 @@ def test_the_rl_curve_is_graded_again_round_by_round_each_answer_once(run_dir, t
     }
     assert graded["rounds"]["0"] == graded["conditions"]["self_edit"]
     # Paired where two conditions answered the same questions (passage's are 4 others), in the run's order.
-    assert graded["paired"] == {"seal_vs_self_edit": {"only_first": 1, "only_second": 0, "p_value": 1.0}}
+    assert graded["paired"] == {
+        "seal_vs_self_edit": {"only_first": 1, "only_second": 0, "p_value": 1.0, "p_holm": 1.0}
+    }
     monkeypatch.setenv("COLUMNS", "200")  # the console tables' cells on one line each
     main([str(run_dir), "--grader", "exact"])
     out = capsys.readouterr().out

@@ -321,14 +321,14 @@ def test_the_best_run_of_each_condition_is_compared_with_each_other_question_by_
     title, _, rows = table
     assert title == "knowledge/self_edit: the best run, self_edit.name=rewrite, against each other"
     # rewrite is right on Q0-Q11, implications on Q0-Q2 (9 to 0: p = 2 / 2**9), self_qa on Q2-Q10 (3 to 0:
-    # p = 2 / 2**3)
+    # p = 2 / 2**3); Holm doubles the smaller of the two
     assert rows == [
-        ["self_edit.name=implications", "+0.450", "9", "0", "0.004"],
-        ["self_edit.name=self_qa", "+0.150", "3", "0", "0.250"],
+        ["self_edit.name=implications", "+0.450", "9", "0", "0.004", "0.008"],
+        ["self_edit.name=self_qa", "+0.150", "3", "0", "0.250", "0.250"],
     ]
     report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "| self_edit.name=self_qa | +0.150 | 3 | 0 | 0.250 |" in markdown
+    assert "| self_edit.name=self_qa | +0.150 | 3 | 0 | 0.250 | 0.250 |" in markdown
     assert "the best run" in capsys.readouterr().out
 
     (tmp_path / "runs" / "2" / "results" / "self_edit.jsonl").write_text('{"question": "Q0"}\n')
@@ -351,4 +351,23 @@ def test_few_shot_runs_are_compared_task_by_task(tmp_path):
     (table,) = report.best_run_tables(report.load_runs([tmp_path / "runs"]))
     title, _, rows = table
     assert title == "few_shot/self_edit: the best run, self_edit.name=implications, against each other"
-    assert rows == [["self_edit.name=rewrite", "+0.500", "2", "0", "0.500"]]  # 2 to 0: p = 2 / 2**2
+    assert rows == [["self_edit.name=rewrite", "+0.500", "2", "0", "0.500", "0.500"]]  # 2 to 0: p = 2 / 2**2
+
+
+def test_a_run_s_paired_table_adjusts_its_p_values_for_the_pairs_it_holds():
+    """Holm's adjustment comes from the p-values themselves, so runs recorded before `p_holm` get it too."""
+    metrics = knowledge_metrics(0.5, 0.2)
+    for pair, (only_first, only_second, p) in {
+        "passage_vs_base": (9, 1, 22 / 1024),
+        "self_edit_vs_base": (3, 1, 0.625),
+        "self_edit_vs_passage": (1, 7, 0.0703125),
+    }.items():
+        metrics |= {f"paired/{pair}/only_first": only_first, f"paired/{pair}/only_second": only_second}
+        metrics[f"paired/{pair}/p_value"] = p
+    title, header, rows = report.paired_table(metrics)
+    assert header[-2:] == ["p (exact McNemar)", "p, Holm"]
+    assert [(row[0], row[-1]) for row in rows] == [
+        ("passage − base", f"{3 * 22 / 1024:.3f}"),
+        ("self_edit − base", "0.625"),
+        ("self_edit − passage", f"{2 * 0.0703125:.3f}"),
+    ]
