@@ -162,6 +162,17 @@ def test_failed_inner_loops_score_zero_with_their_reason_and_the_round_goes_on(t
     assert metrics["knowledge/seal/accuracy"] == 0 and metrics["rl/round_1/eval_accuracy"] == 0
 
 
+def test_asking_for_more_training_passages_than_the_split_holds_is_said_in_the_log(tmp_path, caplog):
+    overrides = ("rl.rounds=1", "rl.samples=1", "data.n_train=1", "task.conditions=[self_edit]")
+    train(make_cfg(tmp_path, *TINY, *RL_OVERRIDES, *overrides))
+    rewards = json.loads((tmp_path / "rounds/round_1/rewards.json").read_text())
+    assert len(rewards) == 1  # rl.passages_per_round=2, but the split holds one training passage
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    (warning,) = [w for w in warnings if w.startswith("rl asks")]
+    assert "2 training passages (1 rounds x rl.passages_per_round=2) and has 1" in warning
+    assert "each round trains on 1" in warning and "data.n_train=2" in warning
+
+
 def test_gain_reward_runs_the_passage_baseline_and_subtracts_it(tmp_path, monkeypatch):
     # The tiny model answers nothing right; a grader that accepts every third answer gives rewards to select.
     calls = []

@@ -547,6 +547,20 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         raise DataError("no evaluation passages (data.n_eval=0 or an empty file)")
     if rl and not split.train:
         raise DataError("rl=rest_em needs training passages (data.n_train > 0)")
+    if rl and len(split.train) < (wanted := cfg.rl.rounds * cfg.rl.passages_per_round):
+        log.warning(
+            "rl asks for %d training passages (%d rounds x rl.passages_per_round=%d) and has %d "
+            "(data.n_train=%d): rounds reuse passages%s; set data.n_train=%d for new ones every round",
+            wanted,
+            cfg.rl.rounds,
+            cfg.rl.passages_per_round,
+            len(split.train),
+            cfg.data.n_train,
+            f", and each round trains on {len(split.train)}"
+            if len(split.train) < cfg.rl.passages_per_round
+            else "",
+            wanted,
+        )
     log.info(
         "knowledge: %d evaluation passages, %d questions",
         len(passages),
