@@ -908,6 +908,9 @@ def wandb_report(runs: list[Run], project: str, entity: str) -> wr.Report:
         "reasoning and prior knowledge": [
             k for h, k, _ in columns if h.startswith(("reasoning/", "retention/"))
         ],
+        "conditions compared question by question: p, Holm": [
+            k for k in keys if k.startswith("paired/") and k.endswith("/p_holm")
+        ],
         "time per phase (s)": [k for k in keys if k.startswith("time/") and k.endswith("_s")],
         "peak memory per phase (MB)": [k for k in keys if k.startswith("mem/peak_") and k.endswith("_mb")],
     }

@@ -280,6 +280,10 @@ def test_wandb_report_shows_exactly_these_runs(runs_dir):
     pytest.importorskip("wandb_workspaces.reports.v2")
     from wandb_workspaces import expr
 
+    summary = runs_dir / "sweep" / "0" / "summary.json"
+    metrics = json.loads(summary.read_text())["metrics"]
+    paired = {"paired/self_edit_vs_passage/p_value": 0.02, "paired/self_edit_vs_passage/p_holm": 0.06}
+    summary.write_text(json.dumps({"metrics": metrics | paired}))
     runs = report.load_runs([runs_dir])
     built = report.wandb_report(runs, "seal", "someone")
     markdown, grid = built.blocks
@@ -294,6 +298,9 @@ def test_wandb_report_shows_exactly_these_runs(runs_dir):
     assert "few_shot/ttt_fixed/success" in titles["few-shot: success by condition"].metrics
     assert titles["RL: eval accuracy per round"].y == ["rl/eval_accuracy"]
     assert titles["time per phase (s)"].metrics == ["time/load_s", "time/update_s"]
+    assert titles["conditions compared question by question: p, Holm"].metrics == [
+        "paired/self_edit_vs_passage/p_holm"
+    ]
     assert titles["reasoning and prior knowledge"].metrics == [
         "reasoning/before/accuracy",
         "reasoning/after_update/accuracy",
