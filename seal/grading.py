@@ -190,10 +190,13 @@ def paired_comparisons(rows: dict[str, list[dict[str, Any]]]) -> dict[str, dict[
                 found[f"{first}_vs_{second}"] = paired_comparison(
                     [r["correct"] for r in a], [r["correct"] for r in b]
                 )
-    adjusted = holm_adjusted([c["p_value"] for c in found.values()])
-    for comparison, p_holm in zip(found.values(), adjusted, strict=True):
-        comparison["p_holm"] = p_holm
-    return found
+    return dict(zip(found, with_holm(list(found.values())), strict=True))
+
+
+def with_holm(comparisons: list[dict[str, float]]) -> list[dict[str, float]]:
+    """paired_comparison results of one family, each with `p_holm` adjusted over all of them."""
+    adjusted = holm_adjusted([c["p_value"] for c in comparisons])
+    return [{**c, "p_holm": p} for c, p in zip(comparisons, adjusted, strict=True)]
 
 
 def paired_metrics(rows: dict[str, list[dict[str, Any]]]) -> dict[str, float]:

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from seal.grading import holm_adjusted, paired_comparison
+from seal.grading import paired_comparison, with_holm
 from seal.sweep import LedgerError, read_ledger
 from seal.tracking import JSONLError, read_jsonl
 
@@ -97,7 +97,7 @@ def p_text(p: float) -> str:
 
 def paired_row(name: str, difference: float, comparison: dict[str, float]) -> list[str]:
     """One row of a paired table; `comparison` is seal.grading.paired_comparison's with `p_holm` added, its
-    p-value adjusted for the pairs of the same table (seal.grading.holm_adjusted)."""
+    p-value adjusted for the pairs of the same table (seal.grading.with_holm)."""
     return [
         name,
         f"{difference:+.3f}",
@@ -106,12 +106,6 @@ def paired_row(name: str, difference: float, comparison: dict[str, float]) -> li
         p_text(comparison["p_value"]),
         p_text(comparison["p_holm"]),
     ]
-
-
-def with_holm(comparisons: list[dict[str, float]]) -> list[dict[str, float]]:
-    """The comparisons of one table, each with `p_holm` over all of them."""
-    adjusted = holm_adjusted([c["p_value"] for c in comparisons])
-    return [{**c, "p_holm": p} for c, p in zip(comparisons, adjusted, strict=True)]
 
 
 def paired_table(metrics: dict[str, Any]) -> Rows | None:
