@@ -105,6 +105,8 @@ def sft_train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft = get_peft_model(generator.model, _lora(cfg))
+    if cfg.gradient_checkpointing:  # after wrapping: PEFT would hook the embeddings a second time
+        peft.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
     params = [p for n, p in peft.named_parameters() if "lora_" in n]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model = peft
@@ -132,7 +134,7 @@ def sft_train(
                 for row, r in enumerate(batch):
                     labels[row, : r.learn_from] = -100
                 with generator.autocast():
-                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                    loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
                 value = (
                     loss.item() if accelerator is None else accelerator.reduce(loss.detach(), "mean").item()
                 )
@@ -145,6 +147,9 @@ def sft_train(
             epoch_loss = sum(losses) / len(losses)
     finally:
         model.eval()
+        if cfg.gradient_checkpointing:  # off again, with its hook on the embeddings, for what comes next
+            peft.get_base_model().activation_checkpointing_disable()
+            peft.get_base_model().disable_input_require_grads()
     if accelerator is None:
         state = get_peft_model_state_dict(peft)
     else:  # the full adapter, gathered from the shards when the launch config shards the model

@@ -91,6 +91,34 @@ def test_sft_merge_learns_the_completion_and_a_saved_adapter_merges_to_the_same_
         assert torch.equal(a, b), name
 
 
+def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same_adapter_bit_for_bit():
+    examples = [
+        ("Write about the Corvane cell.\n", "The Corvane cell stores sodium in its outer ring."),
+        ("Say hi.\n", "hi there"),
+        ("Name a colour.\n", "teal"),
+    ]
+    results = {}
+    for checkpointing in (False, True):
+        generator = load_tiny()
+        calls = []
+        attention = generator.model.model.layers[
+            0
+        ].self_attn  # at a layer's start: the recompute may stop early
+        attention.register_forward_pre_hook(lambda *_, seen=calls: seen.append(1))
+        cfg = SFTConfig(
+            rank=8, alpha=16, lr=1e-2, epochs=2, batch_size=2, gradient_checkpointing=checkpointing
+        )
+        _, state, loss = rl.sft_train(generator, examples, cfg, seed=3)
+        results[checkpointing] = state, loss, len(calls)
+        # off again for whatever uses the model next: no checkpointing, no hook on the embeddings
+        assert not generator.model.is_activation_checkpointing
+        assert not generator.model.model.embed_tokens._forward_hooks
+    (plain, plain_loss, plain_calls), (saved, saved_loss, saved_calls) = results[False], results[True]
+    assert (plain_calls, saved_calls) == (4, 8)  # 2 epochs x 2 batches; each layer run again in the backward
+    assert saved_loss == plain_loss and plain.keys() == saved.keys()
+    assert all(torch.equal(plain[k], saved[k]) for k in plain)
+
+
 def test_copy_base_weights_reaches_the_layers_wrapped_for_the_inner_loop():
     source, target = load_tiny(seed=1), load_tiny(seed=2)
     MultiLoraUpdater(target, AdaptConfig(rank=4, alpha=8), capacity=2)
