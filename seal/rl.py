@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import load_file, save_file
 
 from seal import allocator
-from seal.adapt import collate, tokenize
+from seal.adapt import checkpointing, collate, tokenize
 from seal.config import RLConfig, SFTConfig
 from seal.models import LM
 from seal.tracking import write_json_atomic
@@ -94,6 +94,16 @@ def _lora(cfg: SFTConfig) -> LoraConfig:
     )
 
 
+def completion_loss(model: torch.nn.Module, generator: LM, batch: list) -> torch.Tensor:
+    """The mean loss of a batch of tokenized rows on their completion tokens (from `learn_from` on)."""
+    ids, mask = collate([r.ids for r in batch], generator)
+    labels = ids.masked_fill(mask == 0, -100)
+    for row, r in enumerate(batch):
+        labels[row, : r.learn_from] = -100
+    with generator.autocast():
+        return model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+
+
 def sft_train(
     generator: LM, examples: list[tuple[str, str]], cfg: SFTConfig, seed: int, accelerator: Any = None
 ) -> tuple[Any, dict[str, torch.Tensor], float]:
@@ -105,8 +115,6 @@ def sft_train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft = get_peft_model(generator.model, _lora(cfg))
-    if cfg.gradient_checkpointing:  # after wrapping: PEFT would hook the embeddings a second time
-        peft.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
     params = [p for n, p in peft.named_parameters() if "lora_" in n]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model = peft
@@ -118,38 +126,34 @@ def sft_train(
     epoch_loss = math.nan
     model.train()
     try:
-        for epoch in range(cfg.epochs):
-            order = list(range(len(rows)))
-            order_rng.shuffle(order)
-            losses = []
-            for at in range(0, len(order), cfg.batch_size):
-                batch = [rows[i] for i in order[at : at + cfg.batch_size]]
-                if accelerator is not None:
-                    # Each process its share; a batch smaller than the processes repeats its last row, so
-                    # that every process takes part in the gradient's all-reduce.
-                    n, rank = accelerator.num_processes, accelerator.process_index
-                    batch = batch[rank::n] or batch[-1:]
-                ids, mask = collate([r.ids for r in batch], generator)
-                labels = ids.masked_fill(mask == 0, -100)
-                for row, r in enumerate(batch):
-                    labels[row, : r.learn_from] = -100
-                with generator.autocast():
-                    loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-                value = (
-                    loss.item() if accelerator is None else accelerator.reduce(loss.detach(), "mean").item()
-                )
-                if not math.isfinite(value):
-                    raise RuntimeError(f"SFT of the generator: non-finite loss {value} at epoch {epoch}")
-                loss.backward() if accelerator is None else accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(value)
-            epoch_loss = sum(losses) / len(losses)
+        # after PEFT wrapped the model: it would hook the embeddings a second time
+        with checkpointing(peft.get_base_model(), cfg.gradient_checkpointing):
+            for epoch in range(cfg.epochs):
+                order = list(range(len(rows)))
+                order_rng.shuffle(order)
+                losses = []
+                for at in range(0, len(order), cfg.batch_size):
+                    batch = [rows[i] for i in order[at : at + cfg.batch_size]]
+                    if accelerator is not None:
+                        # Each process its share; a batch smaller than the processes repeats its last row, so
+                        # that every process takes part in the gradient's all-reduce.
+                        n, rank = accelerator.num_processes, accelerator.process_index
+                        batch = batch[rank::n] or batch[-1:]
+                    loss = completion_loss(model, generator, batch)
+                    value = (
+                        loss.item()
+                        if accelerator is None
+                        else accelerator.reduce(loss.detach(), "mean").item()
+                    )
+                    if not math.isfinite(value):
+                        raise RuntimeError(f"SFT of the generator: non-finite loss {value} at epoch {epoch}")
+                    loss.backward() if accelerator is None else accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(value)
+                epoch_loss = sum(losses) / len(losses)
     finally:
         model.eval()
-        if cfg.gradient_checkpointing:  # off again, with its hook on the embeddings, for what comes next
-            peft.get_base_model().activation_checkpointing_disable()
-            peft.get_base_model().disable_input_require_grads()
     if accelerator is None:
         state = get_peft_model_state_dict(peft)
     else:  # the full adapter, gathered from the shards when the launch config shards the model
