@@ -31,12 +31,45 @@ register_configs()
 
 # What may change when a stopped run is continued: where things go, how they are logged and where the inner
 # loops run, and the number of RL rounds (a finished run can be extended).
-RESUMABLE_CHANGES = ("paths", "logger", "resume", "num_threads", "executor", "hydra")
+RESUMABLE_CHANGES = ("paths", "logger", "resume", "num_threads", "executor", "hydra", "rl.rounds")
 
 
-def check_resume(cfg: Config, run_dir: Path, config: dict[str, Any]) -> bool:
+def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys and leaf values (a list is a leaf)."""
+    if isinstance(tree, dict) and tree:
+        return {key: leaf for k, v in tree.items() for key, leaf in flat(v, f"{prefix}{k}.").items()}
+    return {prefix.removesuffix("."): tree}
+
+
+def config_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Why a run recorded with config `before` cannot continue under config `now`, one line per key: a value
+    changed, a key gone, or a key added since the run started (by a newer version of seal) and set to other
+    than its schema default. An added key at its default is no change: it resumes."""
+
+    def relevant(config: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in flat(config).items()
+            if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)
+        }
+
+    before, now = relevant(before), relevant(now)
+    defaults = flat(OmegaConf.to_container(OmegaConf.structured(Config)))
+    lines = [
+        f"{k}: {before[k]!r} -> {now[k]!r}" for k in sorted(before.keys() & now.keys()) if before[k] != now[k]
+    ]
+    lines += [f"{k}: {before[k]!r} -> (no longer a key)" for k in sorted(before.keys() - now.keys())]
+    lines += [
+        f"{k}: (added since; resumes only at its default {defaults.get(k, '(none)')!r}) -> {now[k]!r}"
+        for k in sorted(now.keys() - before.keys())
+        if k not in defaults or defaults[k] != now[k]
+    ]
+    return lines
+
+
+def check_resume(cfg: Config, config: dict[str, Any], run_dir: Path) -> bool:
     """True when `run_dir` holds a stopped (or finished) run to continue: cached inner loops and finished
-    rounds are read back. Only a run of the same configuration may be continued."""
+    rounds are read back. Only a run of the same configuration may be continued (`config_changes`)."""
     if cfg.resume not in ("auto", "never"):
         raise ValueError(f"unknown resume {cfg.resume!r}: expected auto or never")
     if not (run_dir / "rounds").is_dir():
@@ -45,18 +78,12 @@ def check_resume(cfg: Config, run_dir: Path, config: dict[str, Any]) -> bool:
         raise ValueError(
             f"{run_dir} holds an earlier run; continue it with resume=auto or choose another directory"
         )
-
-    def relevant(c: dict[str, Any]) -> dict[str, Any]:
-        c = {k: v for k, v in c.items() if k not in RESUMABLE_CHANGES}
-        c["rl"] = {k: v for k, v in c.get("rl", {}).items() if k != "rounds"}
-        return c
-
     before = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    if relevant(before) != relevant(config):
-        changed = sorted(k for k in relevant(config) if relevant(before).get(k) != relevant(config).get(k))
+    changes = config_changes(before, config)
+    if changes:
         raise ValueError(
-            f"{run_dir} holds a run with another configuration (differs in {changed}); "
-            "choose another hydra.run.dir"
+            f"{run_dir} holds a run with another configuration (choose another hydra.run.dir):\n  "
+            + "\n  ".join(changes)
         )
     log.info("resuming the run in %s", run_dir)
     return True
@@ -99,7 +126,7 @@ def train(dict_cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(dict_cfg, resolve=True)
-    resume = check_resume(cfg, run_dir, config)
+    resume = check_resume(cfg, config, run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dict_cfg, resolve=True))
     setup_runtime(cfg)
     name = run_name(cfg) + (f" [{sweep[1]}]" if sweep else "")

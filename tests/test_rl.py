@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from seal import multilora, rl
 from seal.adapt import collate
@@ -23,7 +24,7 @@ from seal.regrade import regrade_run
 from seal.rl import apply_adapter, copy_base_weights, select, sft_merge
 from seal.tasks import knowledge
 from seal.tasks.knowledge import DataError, embedded_corpus
-from seal.train import train
+from seal.train import check_resume, train
 from tests.conftest import CACHE_DIR, TINY_OVERRIDES, load_tiny, make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,6 +275,30 @@ def test_a_run_dir_with_another_config_is_not_resumed(rl_run):
         train(make_cfg(run_dir, *TINY, *RL_OVERRIDES, "rl.samples=2"))
     with pytest.raises(ValueError, match="resume=auto"):
         train(make_cfg(run_dir, *TINY, *RL_OVERRIDES, "resume=never"))
+
+
+def test_a_run_started_before_a_key_was_added_resumes_at_that_keys_default(tmp_path):
+    # A run directory written by an older seal: its config lacks rl.sft.gradient_checkpointing and holds a
+    # key that has since gone.
+    def config(*overrides):
+        cfg = make_cfg(tmp_path, *TINY, *RL_OVERRIDES, *overrides)
+        return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True)
+
+    old = config()[1]
+    del old["rl"]["sft"]["gradient_checkpointing"]
+    (tmp_path / "rounds").mkdir()
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    assert check_resume(*config(), run_dir=tmp_path)
+    with pytest.raises(ValueError) as refused:
+        check_resume(*config("rl.samples=2", "rl.sft.gradient_checkpointing=false"), run_dir=tmp_path)
+    assert str(refused.value).splitlines()[1:] == [
+        "  rl.samples: 3 -> 2",
+        "  rl.sft.gradient_checkpointing: (added since; resumes only at its default True) -> False",
+    ]
+    old["rl"]["sft"]["packing"] = True
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    with pytest.raises(ValueError, match=r"rl.sft.packing: True -> \(no longer a key\)"):
+        check_resume(*config(), run_dir=tmp_path)
 
 
 def test_self_edits_from_a_file_are_the_external_condition(tmp_path):
