@@ -123,6 +123,10 @@ class TaskConfig:
     max_new_tokens: int = 64
     # Decoding on a CPU is bound by reading the weights once per step, so large batches are nearly free.
     eval_batch_size: int = 64
+    # Also score every question's gold answer under each evaluated model (teacher-forced, mean log-probability
+    # per answer token): `knowledge/<condition>/answer_logprob`, a graded signal where accuracy moves in whole
+    # questions. Needed by rl.reward.tie_break=answer_logprob. task.mode=single only.
+    score_answers: bool = False
     arc: ArcConfig = field(default_factory=ArcConfig)  # task=few_shot only
 
 
@@ -254,6 +258,9 @@ class RewardConfig:
     forgetting_penalty: float = 0.0
     # A self-edit whose update drops reasoning accuracy by more than this is never kept (null: no limit).
     max_reasoning_drop: float | None = None
+    # Which of an item's samples with the best reward is kept. first: the first sampled | answer_logprob: the
+    # one whose update made the gold answers likeliest (needs task.score_answers).
+    tie_break: str = "first"
 
 
 @dataclass

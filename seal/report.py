@@ -70,19 +70,29 @@ def _is_round(key: str, head: str, tail: str) -> bool:
 
 
 def knowledge_table(metrics: dict[str, Any]) -> Rows | None:
+    """Each condition's accuracy and the RL curve; with task.score_answers, a column of the gold answers'
+    mean log-probability per token."""
+    scored = any(k.endswith("answer_logprob") for k in metrics)
+
+    def logprob(key: str) -> list[str]:
+        return [f"{metrics[key]:.3f}" if key in metrics else "–"] if scored else []
+
     rows = []
     for key in (k for k in metrics if k.startswith("knowledge/") and k.endswith("/accuracy")):
         prefix = key[: -len("/accuracy")]
-        rows.append([prefix.split("/", 1)[1], _ci(metrics, prefix), str(metrics[f"{prefix}/n"])])
+        rows.append(
+            [prefix.split("/", 1)[1], _ci(metrics, prefix), str(metrics[f"{prefix}/n"])]
+            + logprob(f"{prefix}/answer_logprob")
+        )
     for k in sorted(int(key.split("/")[1][6:]) for key in metrics if _is_round(key, "rl/", "/eval_accuracy")):
         prefix = f"rl/round_{k}"
         value = f"{metrics[f'{prefix}/eval_accuracy']:.3f} ± {metrics[f'{prefix}/eval_ci95']:.3f}"
-        rows.append([f"RL round {k}", value, ""])
+        rows.append([f"RL round {k}", value, ""] + logprob(f"{prefix}/eval_answer_logprob"))
     if not rows:
         return None
     return (
         "knowledge: accuracy on the evaluation passages' questions",
-        ["condition", "accuracy ± 95% CI", "n"],
+        ["condition", "accuracy ± 95% CI", "n"] + (["gold answer log-prob/token"] if scored else []),
         rows,
     )
 

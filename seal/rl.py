@@ -49,19 +49,23 @@ def select(
     baselines: list[float] | None,
     cfg: RLConfig,
     eligible: list[list[bool]] | None = None,
+    likelihoods: list[list[float]] | None = None,
 ) -> Selection:
-    """Best of K per item (the first on ties). It is kept when its reward is above zero (rejection sampling
-    keeps successes only) and, with `rl.accept_margin` set, when its accuracy beats the item's `passage`
-    baseline by that margin. `rewards[i][s]` is item i's sample s; with `rl.reward.kind=gain` the baseline
-    was already subtracted, so the margin applies to the reward itself. A sample marked not `eligible` (the
-    forgetting guard rejected it) is never kept."""
+    """Best of K per item: on equal rewards the first, or with `likelihoods` (rl.reward.tie_break=
+    answer_logprob: how likely each sample's update made the gold answers) the likeliest. It is kept when its
+    reward is above zero (rejection sampling keeps successes only) and, with `rl.accept_margin` set, when its
+    accuracy beats the item's `passage` baseline by that margin. `rewards[i][s]` is item i's sample s; with
+    `rl.reward.kind=gain` the baseline was already subtracted, so the margin applies to the reward itself. A
+    sample marked not `eligible` (the forgetting guard rejected it) is never kept."""
     kept: list[int | None] = []
+    tied = 0  # items whose best reward more than one eligible sample reached
     for i, row in enumerate(rewards):
         candidates = [s for s in range(len(row)) if eligible is None or eligible[i][s]]
         if not candidates:
             kept.append(None)
             continue
-        best = max(candidates, key=lambda s: (row[s], -s))
+        best = max(candidates, key=lambda s: (row[s], likelihoods[i][s] if likelihoods else 0.0, -s))
+        tied += sum(row[s] == row[best] for s in candidates) > 1
         accept = row[best] > 0
         if cfg.accept_margin is not None:
             over = row[best] if cfg.reward.kind == "gain" else row[best] - baselines[i]
@@ -74,6 +78,8 @@ def select(
         # How much the K samples of one item differ: with no spread there is nothing to select.
         "reward_spread_mean": statistics.fmean(max(row) - min(row) for row in rewards),
         "all_tied_share": statistics.fmean(float(max(row) == min(row)) for row in rewards),
+        # How often the tie-break chose: items whose best reward was shared.
+        "best_tied_share": tied / len(rewards),
         "acceptance_rate": statistics.fmean(k is not None for k in kept),
     }
     if eligible is not None:

@@ -19,6 +19,7 @@ from seal import multilora, rl
 from seal.adapt import collate
 from seal.config import AdaptConfig, RewardConfig, RLConfig, SFTConfig
 from seal.grading import make_grader
+from seal.models import continuation_logprobs
 from seal.multilora import MultiLoraUpdater
 from seal.regrade import regrade_run
 from seal.rl import apply_adapter, copy_base_weights, select, sft_merge
@@ -53,6 +54,19 @@ def test_select_keeps_the_first_best_sample_above_zero_and_reports_the_spread():
     assert select(rewards, [0.2, 0.0, 0.2], margin).kept == [1, None, None]  # 0.4 - 0.2 < 0.3
     gain = RLConfig(name="rest_em", accept_margin=0.3, reward=RewardConfig(kind="gain"))
     assert select(rewards, [0.2, 0.0, 0.2], gain).kept == [1, None, 0]  # gains are compared as they are
+
+
+def test_select_breaks_ties_by_the_likelihood_it_is_given():
+    rewards = [[0.2, 0.6, 0.6], [0.4, 0.2, 0.0], [0.0, 0.0, 0.0]]
+    likelihoods = [[-1.0, -3.0, -2.0], [-5.0, -1.0, -1.0], [-1.0, -2.0, -3.0]]
+    rl_cfg = RLConfig(name="rest_em")
+    assert select(rewards, None, rl_cfg).kept == [1, 0, None]
+    chosen = select(rewards, None, rl_cfg, likelihoods=likelihoods)
+    # Only equal rewards consult the likelihood; nothing is accepted at reward 0 however likely.
+    assert chosen.kept == [2, 0, None]
+    assert chosen.diagnostics["best_tied_share"] == pytest.approx(2 / 3)  # items 1 and 3
+    eligible = [[True, True, False], [True, True, True], [True, True, True]]
+    assert select(rewards, None, rl_cfg, eligible, likelihoods).kept == [1, 0, None]
 
 
 def _completion_nll(lm, prompt: str, completion: str) -> float:
@@ -237,6 +251,51 @@ def _forgetting_run(tmp_path, monkeypatch, *overrides):
     rewards = json.loads((tmp_path / "rounds/round_1/rewards.json").read_text())
     chunks = [json.loads(p.read_text()) for p in sorted((tmp_path / "rounds/round_1/train").glob("chunk_*"))]
     return metrics, rewards, [o for c in chunks for o in c["outcomes"]]
+
+
+def test_scored_answers_break_reward_ties_and_report_each_models_gold_answer_likelihood(
+    tmp_path, monkeypatch
+):
+    # A grader that accepts every answer: every sample of a passage earns reward 1, and the tie-break chooses.
+    monkeypatch.setattr(knowledge, "make_grader", lambda *a: lambda q, g, p: True)
+    scored = ("task.score_answers=true", "rl.rounds=1")
+    with pytest.raises(ValueError, match="needs task.score_answers=true"):
+        train(make_cfg(tmp_path, *TINY, *RL_OVERRIDES, "rl.rounds=1", "rl.reward.tie_break=answer_logprob"))
+    metrics = train(make_cfg(tmp_path, *TINY, *RL_OVERRIDES, *scored, "rl.reward.tie_break=answer_logprob"))
+    rewards = json.loads((tmp_path / "rounds/round_1/rewards.json").read_text())
+    assert [r["sample"] for r in rewards if r["kept"]] != [0, 0]  # not what breaking ties by order keeps
+    for title in {r["title"] for r in rewards}:
+        samples = [r for r in rewards if r["title"] == title]
+        assert {r["reward"] for r in samples} == {1.0}
+        [kept] = [r for r in samples if r["kept"]]
+        assert kept["answer_logprob"] == max(r["answer_logprob"] for r in samples)
+    assert metrics["rl/round_1/best_tied_share"] == 1.0
+    assert metrics["rl/round_1/answer_logprob_mean"] == pytest.approx(
+        sum(r["answer_logprob"] for r in rewards) / len(rewards)
+    )
+    # Each row's score is its gold answer's mean log-probability per token under that row's model.
+    lm, cfg = load_tiny(), OmegaConf.to_object(make_cfg(tmp_path, *TINY))
+    passage = embedded_corpus().eval[0]
+    prompts = knowledge.question_prompts(lm, cfg.task, passage)
+    expected = [s / n for s, n in continuation_logprobs(lm, prompts, [q.answer for q in passage.questions])]
+    base = [json.loads(line) for line in (tmp_path / "results/base.jsonl").read_text().splitlines()]
+    assert [r["answer_logprob"] for r in base[: len(expected)]] == pytest.approx(expected, abs=1e-5)
+    for condition in ("base", "passage", "self_edit", "seal"):
+        rows = [
+            json.loads(line) for line in (tmp_path / f"results/{condition}.jsonl").read_text().splitlines()
+        ]
+        assert metrics[f"knowledge/{condition}/answer_logprob"] == pytest.approx(
+            sum(r["answer_logprob"] for r in rows) / len(rows)
+        )
+    assert len({metrics[f"knowledge/{c}/answer_logprob"] for c in ("base", "passage", "self_edit")}) == 3
+    assert metrics["rl/round_1/eval_answer_logprob"] == metrics["knowledge/seal/answer_logprob"]
+    assert "gold answer log-prob/token" in (tmp_path / "report.md").read_text()
+
+    # The same run breaking ties by order keeps every passage's first sample.
+    first = tmp_path / "first"
+    train(make_cfg(first, *TINY, *RL_OVERRIDES, *scored))
+    rewards = json.loads((first / "rounds/round_1/rewards.json").read_text())
+    assert [r["sample"] for r in rewards if r["kept"]] == [0, 0]
 
 
 def test_forgetting_penalty_subtracts_the_reasoning_drop_of_each_update(tmp_path, monkeypatch):

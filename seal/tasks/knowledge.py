@@ -14,6 +14,7 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import math
 import random
 import statistics
 import tempfile
@@ -28,7 +29,7 @@ from seal.executor import ChunkResult, WorkerLost, make_executor
 from seal.forgetting import Probe
 from seal.grading import accuracy_summary, make_grader, paired_metrics
 from seal.memory import PhaseMeter
-from seal.models import LM, generate, load_model, save_folder, setup_runtime
+from seal.models import LM, continuation_logprobs, generate, load_model, save_folder, setup_runtime
 from seal.rl import (
     RoundStore,
     base_weights,
@@ -207,6 +208,30 @@ def answer(
     else:
         rows = [a for a, passage in zip(adapters, passages, strict=True) for _ in passage.questions]
         flat = updater.generate(prompts, rows, **kwargs)
+    return by_passage(flat, passages)
+
+
+def answer_logprobs(
+    lm: LM,
+    task: TaskConfig,
+    passages: list[Passage],
+    updater: Updater | None = None,
+    adapters: list[TrainedAdapter] | None = None,
+) -> list[list[float]]:
+    """Per passage, per question: the mean log-probability per token of its gold answer after the closed-book
+    prompt (teacher-forced), under base + adapters[i] for passage i (no adapters: `lm` as it is)."""
+    prompts = [p for passage in passages for p in question_prompts(lm, task, passage)]
+    golds = [q.answer for passage in passages for q in passage.questions]
+    if adapters is None:
+        scores = continuation_logprobs(lm, prompts, golds, batch_size=task.eval_batch_size)
+    else:
+        rows = [a for a, passage in zip(adapters, passages, strict=True) for _ in passage.questions]
+        scores = updater.score(prompts, golds, rows, batch_size=task.eval_batch_size)
+    return by_passage([total / n for total, n in scores], passages)
+
+
+def by_passage(flat: list, passages: list[Passage]) -> list[list]:
+    """A flat list over all of `passages`' questions, cut into one list per passage."""
     out, at = [], 0
     for passage in passages:
         out.append(flat[at : at + len(passage.questions)])
@@ -245,9 +270,15 @@ def write_self_edits(
 
 
 def graded_rows(
-    condition: str, passage: Passage, answers: list[str] | None, grade, error: str | None = None
+    condition: str,
+    passage: Passage,
+    answers: list[str] | None,
+    grade,
+    error: str | None = None,
+    logprobs: list[float] | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per question. A failed update (answers None) counts its questions as wrong."""
+    """One record per question (with `logprobs`, its gold answer's `answer_logprob`). A failed update
+    (answers None) counts its questions as wrong."""
     rows = []
     for i, q in enumerate(passage.questions):
         prediction = answers[i] if answers is not None else ""
@@ -260,6 +291,7 @@ def graded_rows(
                 "prediction": prediction,
                 "correct": bool(answers is not None and grade(q.question, q.answer, prediction)),
                 **({"update_error": error} if error else {}),
+                **({"answer_logprob": logprobs[i]} if logprobs is not None else {}),
             }
         )
     return rows
@@ -352,6 +384,17 @@ class ChunkRunner:
                 adapt=self.cfg.adapt,
             )
         answers_of = {id(a): ans for (_, a), ans in zip(trained, answers, strict=True)}
+        logprobs_of = {}
+        if self.cfg.task.score_answers and trained:
+            with meter.phase("eval"):
+                scored = answer_logprobs(
+                    self.lm,
+                    self.cfg.task,
+                    [x.passage for x, _ in trained],
+                    self.updater,
+                    [a for _, a in trained],
+                )
+            logprobs_of = {id(a): s for (_, a), s in zip(trained, scored, strict=True)}
         probed = [a for x, a in trained if x.probe and self.probe is not None]
         probe_of = {}
         if probed:
@@ -371,14 +414,18 @@ class ChunkRunner:
                     tokens=result.tokens,
                     error=result.error,
                     probe=probe_of.get(id(adapter)),
+                    logprobs=logprobs_of.get(id(adapter)),
                 )
             )
         return ChunkResult(outcomes, dict(meter.seconds), dict(meter.peak_mb))
 
 
-def outcome(loop: InnerLoop, answers=None, loss=None, tokens=0, error=None, probe=None) -> dict[str, Any]:
+def outcome(
+    loop: InnerLoop, answers=None, loss=None, tokens=0, error=None, probe=None, logprobs=None
+) -> dict[str, Any]:
     """An inner loop's record: {key, title, condition, answers (None if the update failed), loss, tokens,
-    error, probe (the forgetting probe's results for a probed loop, else None)}."""
+    error, probe (the forgetting probe's results for a probed loop, else None), answer_logprobs (per
+    question, with task.score_answers and a successful update, else None)}."""
     return {
         "key": list(loop.key),
         "title": loop.passage.title,
@@ -388,6 +435,7 @@ def outcome(loop: InnerLoop, answers=None, loss=None, tokens=0, error=None, prob
         "tokens": tokens,
         "error": error,
         "probe": probe,
+        "answer_logprobs": logprobs,
     }
 
 
@@ -476,7 +524,8 @@ class InnerLoops:
 
 
 def outcome_rows(loop: InnerLoop, outcome: dict[str, Any], grade) -> list[dict[str, Any]]:
-    return graded_rows(loop.condition, loop.passage, outcome["answers"], grade, outcome["error"])
+    logprobs = outcome.get("answer_logprobs")  # absent from chunks cached before task.score_answers existed
+    return graded_rows(loop.condition, loop.passage, outcome["answers"], grade, outcome["error"], logprobs)
 
 
 def accuracy_of(rows: list[dict[str, Any]]) -> float:
@@ -484,8 +533,13 @@ def accuracy_of(rows: list[dict[str, Any]]) -> float:
 
 
 def condition_metrics(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy, n and its 95 % interval; with task.score_answers, the mean gold-answer log-probability per
+    token over the questions whose update succeeded."""
     summary = accuracy_summary([r["correct"] for r in rows])
-    return {f"knowledge/{name}/{key}": summary[key] for key in ("accuracy", "n", "ci95")}
+    metrics = {f"knowledge/{name}/{key}": summary[key] for key in ("accuracy", "n", "ci95")}
+    if scored := [r["answer_logprob"] for r in rows if "answer_logprob" in r]:
+        metrics[f"knowledge/{name}/answer_logprob"] = statistics.fmean(scored)
+    return metrics
 
 
 def cached_self_edits(
@@ -516,7 +570,15 @@ def cached_self_edits(
 def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, Any]:
     """Evaluate every configured condition on the evaluation passages (round 0); with `rl=rest_em`, then run
     the outer loop's rounds and evaluate the trained generator's self-edits (condition `seal`)."""
+    if cfg.rl.reward.tie_break not in ("first", "answer_logprob"):
+        raise ValueError(
+            f"unknown rl.reward.tie_break {cfg.rl.reward.tie_break!r}: expected first or answer_logprob"
+        )
+    if cfg.rl.reward.tie_break == "answer_logprob" and not cfg.task.score_answers:
+        raise ValueError("rl.reward.tie_break=answer_logprob needs task.score_answers=true")
     if cfg.task.mode != "single":
+        if cfg.task.score_answers:
+            raise ValueError("task.score_answers serves task.mode=single")
         from seal.tasks import knowledge_modes  # cpt and continual build on this module's pieces
 
         return knowledge_modes.run(cfg, lm, tracker, meter)
@@ -584,8 +646,11 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         if "base" in conditions:
             with meter.phase("eval"):
                 answers = answer(lm, cfg.task, passages, "base answers", engine=loops.engine)
+                scored = answer_logprobs(lm, cfg.task, passages) if cfg.task.score_answers else None
             rows["base"] = [
-                r for p, a in zip(passages, answers, strict=True) for r in graded_rows("base", p, a, grade)
+                r
+                for i, (p, a) in enumerate(zip(passages, answers, strict=True))
+                for r in graded_rows("base", p, a, grade, logprobs=scored[i] if scored else None)
             ]
 
         label = "external" if cfg.self_edit.source == "file" else "self_edit"
@@ -665,7 +730,11 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         if rl:
             metrics["rl/round_0/eval_accuracy"] = metrics["knowledge/self_edit/accuracy"]
             metrics["rl/round_0/eval_ci95"] = metrics["knowledge/self_edit/ci95"]
-            log_round(tracker, 0, {"rl/eval_accuracy": metrics["rl/round_0/eval_accuracy"]})
+            row = {"rl/eval_accuracy": metrics["rl/round_0/eval_accuracy"]}
+            if "knowledge/self_edit/answer_logprob" in metrics:
+                metrics["rl/round_0/eval_answer_logprob"] = metrics["knowledge/self_edit/answer_logprob"]
+                row["rl/eval_answer_logprob"] = metrics["rl/round_0/eval_answer_logprob"]
+            log_round(tracker, 0, row)
             seal_rows: list[dict[str, Any]] = []
             # The reasoning accuracy of the learner: what the forgetting guard compares to.
             learner_reasoning = metrics.get("reasoning/before/accuracy")
@@ -689,6 +758,11 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
 
 
 # ---------------------------------------------------------------- the outer loop
+
+
+def finite(value: float) -> float | None:
+    """A value for JSON: None for -inf (a failed update)."""
+    return value if math.isfinite(value) else None
 
 
 def round_passages(train: list[Passage], k: int, n: int) -> list[Passage]:
@@ -756,6 +830,12 @@ def rest_em_round(
         if guard
     }
     baselines = [accuracy.get((k, p.title, "passage"), 0.0) for p in train]
+    # The mean gold-answer log-probability after each update (task.score_answers; -inf: the update failed).
+    likelihood = {
+        tuple(o["key"]): statistics.fmean(o["answer_logprobs"]) if o.get("answer_logprobs") else -math.inf
+        for o in outcomes
+        if cfg.task.score_answers
+    }
 
     def mean_over_repeats(values: dict[tuple, float], title: str, s: int) -> float:
         return statistics.fmean(values.get((k, title, "self_edit", s, r), 0.0) for r in range(rl.repeats))
@@ -773,7 +853,16 @@ def rest_em_round(
     eligible = None
     if reward.max_reasoning_drop is not None:
         eligible = [[d <= reward.max_reasoning_drop for d in row] for row in drops]
-    chosen = select(rewards, baselines if rl.accept_margin is not None else None, rl, eligible)
+    likelihoods = None
+    if cfg.task.score_answers:
+        likelihoods = [[mean_over_repeats(likelihood, p.title, s) for s in range(rl.samples)] for p in train]
+    chosen = select(
+        rewards,
+        baselines if rl.accept_margin is not None else None,
+        rl,
+        eligible,
+        likelihoods if reward.tie_break == "answer_logprob" else None,
+    )
     prompts = self_edit_prompts(generator, cfg.self_edit, train)
     examples = [(prompts[i], edits[i * rl.samples + s]) for i, s in enumerate(chosen.kept) if s is not None]
     errors: dict[tuple, list[str]] = {}
@@ -790,6 +879,7 @@ def rest_em_round(
                 "reward": rewards[i][s],
                 "kept": chosen.kept[i] == s,
                 **({"reasoning_drop": drops[i][s]} if guard else {}),
+                **({"answer_logprob": finite(likelihoods[i][s])} if likelihoods else {}),
                 "errors": errors.get((p.title, "self_edit", s), []),
             }
             for i, p in enumerate(train)
@@ -804,6 +894,8 @@ def rest_em_round(
     diagnostics["failed_inner_loops"] = sum(o["error"] is not None for o in outcomes)
     if guard:
         diagnostics["reasoning_drop_mean"] = statistics.fmean(d for row in drops for d in row)
+    if likelihoods and (scored := [v for row in likelihoods for v in row if math.isfinite(v)]):
+        diagnostics["answer_logprob_mean"] = statistics.fmean(scored)
     if reward.kind == "gain" or rl.accept_margin is not None:
         diagnostics["passage_baseline_mean"] = statistics.fmean(baselines)
     with loops.meter.phase("sft") if examples else contextlib.nullcontext():  # no phase if nothing kept
@@ -832,9 +924,13 @@ def rest_em_round(
     store.write(k, "eval_rows.json", eval_rows)
     summary = accuracy_summary([r["correct"] for r in eval_rows])
     metrics = {f"{prefix}/eval_accuracy": summary["accuracy"], f"{prefix}/eval_ci95": summary["ci95"]}
+    if scored := [r["answer_logprob"] for r in eval_rows if "answer_logprob" in r]:
+        metrics[f"{prefix}/eval_answer_logprob"] = statistics.fmean(scored)
     metrics.update({f"{prefix}/{name}": value for name, value in diagnostics.items()})
     metrics.update(reasoning)
     row = {"rl/eval_accuracy": summary["accuracy"], **{f"rl/{n}": v for n, v in diagnostics.items()}}
+    if f"{prefix}/eval_answer_logprob" in metrics:
+        row["rl/eval_answer_logprob"] = metrics[f"{prefix}/eval_answer_logprob"]
     if reasoning:
         row["rl/reasoning_accuracy"] = reasoning[f"reasoning/round_{k}/accuracy"]
     log.info("round %d: eval accuracy %.3f, %s", k, summary["accuracy"], diagnostics)
