@@ -912,6 +912,9 @@ def wandb_report(runs: list[Run], project: str, entity: str) -> wr.Report:
         "reasoning and prior knowledge": [
             k for h, k, _ in columns if h.startswith(("reasoning/", "retention/"))
         ],
+        "knowledge: gold answer log-prob per token by condition": [
+            k for k in keys if k.startswith("knowledge/") and k.endswith("/answer_logprob")
+        ],
         "conditions compared question by question: p, Holm": [
             k for k in keys if k.startswith("paired/") and k.endswith("/p_holm")
         ],
@@ -923,6 +926,14 @@ def wandb_report(runs: list[Run], project: str, entity: str) -> wr.Report:
     ]
     if rl_curves(runs):  # the history rows of seal.tasks.knowledge.log_round
         panels.append(wr.LinePlot(title="RL: eval accuracy per round", x="rl/round", y=["rl/eval_accuracy"]))
+    if any(k.startswith("rl/round_") and k.endswith("/eval_answer_logprob") for k in keys):
+        panels.append(
+            wr.LinePlot(
+                title="RL: gold answer log-prob per token per round",
+                x="rl/round",
+                y=["rl/eval_answer_logprob"],
+            )
+        )
     runset = wr.Runset(
         entity=entity, project=project, name="compared runs", filters=expr.And(expr.Metric("ID").isin(ids))
     )

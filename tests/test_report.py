@@ -283,7 +283,8 @@ def test_wandb_report_shows_exactly_these_runs(runs_dir):
     summary = runs_dir / "sweep" / "0" / "summary.json"
     metrics = json.loads(summary.read_text())["metrics"]
     paired = {"paired/self_edit_vs_passage/p_value": 0.02, "paired/self_edit_vs_passage/p_holm": 0.06}
-    summary.write_text(json.dumps({"metrics": metrics | paired}))
+    scored = {"knowledge/self_edit/answer_logprob": -4.2, "rl/round_1/eval_answer_logprob": -4.1}
+    summary.write_text(json.dumps({"metrics": metrics | paired | scored}))
     runs = report.load_runs([runs_dir])
     built = report.wandb_report(runs, "seal", "someone")
     markdown, grid = built.blocks
@@ -297,6 +298,10 @@ def test_wandb_report_shows_exactly_these_runs(runs_dir):
     assert "knowledge/self_edit/accuracy" in titles["knowledge: accuracy by condition"].metrics
     assert "few_shot/ttt_fixed/success" in titles["few-shot: success by condition"].metrics
     assert titles["RL: eval accuracy per round"].y == ["rl/eval_accuracy"]
+    assert titles["RL: gold answer log-prob per token per round"].y == ["rl/eval_answer_logprob"]
+    assert titles["knowledge: gold answer log-prob per token by condition"].metrics == [
+        "knowledge/self_edit/answer_logprob"
+    ]
     assert titles["time per phase (s)"].metrics == ["time/load_s", "time/update_s"]
     assert titles["conditions compared question by question: p, Holm"].metrics == [
         "paired/self_edit_vs_passage/p_holm"
