@@ -544,8 +544,8 @@ PAPER_NOTES = {
 
 def measure_columns(runs: list[Run]) -> list[Column]:
     """The measures some run holds, in reading order: knowledge conditions, few-shot conditions, the
-    knowledge conditions graded again (seal.regrade), reasoning before and after the updates, prior knowledge
-    retained."""
+    knowledge conditions graded again (seal.regrade), the gold answers' log-probability per condition
+    (task.score_answers), reasoning before and after the updates, prior knowledge retained."""
     keys = dict.fromkeys(k for run in runs for k in run.metrics)
     columns = [
         (k[: -len("/accuracy")], k, k[: -len("accuracy")] + "ci95")
@@ -567,6 +567,11 @@ def measure_columns(runs: list[Run]) -> list[Column]:
         (k for k in keys if re.fullmatch(r"graded/[^/]+/[^/]+/accuracy", k)), key=grader_then_condition
     )
     columns += [(k[: -len("/accuracy")], k, k[: -len("accuracy")] + "ci95") for k in graded]
+    columns += [
+        (f"answer_logprob/{c}", f"knowledge/{c}/answer_logprob", f"knowledge/{c}/answer_logprob_ci95")
+        for c in conditions
+        if f"knowledge/{c}/answer_logprob" in keys
+    ]
     columns += [
         (f"reasoning/{when}", f"reasoning/{when}/accuracy", f"reasoning/{when}/ci95")
         for when in ("before", "after_update")
@@ -744,7 +749,13 @@ def comparison_markdown(runs: list[Run]) -> str:
         "",
         f"{len(runs)} runs, {failed} failed. Knowledge, reasoning and retention cells are the share of "
         "questions answered right; few-shot cells are the share of ARC tasks solved (pass@2). Each is "
-        "± its 95 % confidence interval. Memory is the largest phase peak; time is the sum of all phases.",
+        "± its 95 % confidence interval. Memory is the largest phase peak; time is the sum of all phases."
+        + (
+            " An answer_logprob cell is the gold answers' mean log-probability per token "
+            "(task.score_answers)."
+            if any(k.endswith("/answer_logprob") for run in runs for k in run.metrics)
+            else ""
+        ),
         "",
         *table_lines(*runs_table(runs)),
     ]

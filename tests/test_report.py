@@ -177,6 +177,7 @@ def test_compare_writes_tables_with_every_run_the_seed_means_and_the_paper(runs_
         "1.000",
     )
     assert "paper: CPT" not in text  # no run has task.mode=cpt
+    assert "answer_logprob" not in text  # no run scored its gold answers
     assert "not the paper's oracle TTT" in text
 
     # Seeds pooled: the mean ± t(0.975, 1 dof) * stdev / sqrt(2) = 12.706 * 0.0707107 / 1.4142136 = 0.635.
@@ -274,6 +275,25 @@ def test_malformed_summary_is_an_error_naming_the_file(runs_dir, tmp_path, capsy
     with pytest.raises(SystemExit) as stop:
         report.main([str(runs_dir), "--out", str(tmp_path / "out")])
     assert stop.value.code == 1 and f"{ledger}, line 3: invalid JSON" in capsys.readouterr().err
+
+
+def test_scored_runs_get_a_gold_answer_log_probability_column_per_condition(tmp_path):
+    for seed, logprob in ((0, -4.0), (1, -3.0)):
+        scored = {
+            "knowledge/passage/answer_logprob": logprob - 1,
+            "knowledge/self_edit/answer_logprob": logprob,
+        }
+        write_run(
+            tmp_path / str(seed), KNOWLEDGE, "implications", seed, knowledge_metrics(0.3, 0.4) | scored, None
+        )
+    text = report.comparison_markdown(report.load_runs([tmp_path]))
+    assert "An answer_logprob cell is the gold answers' mean log-probability per token" in text
+    runs_table, seeds_table = md_tables(text)
+    row = by_first_column(runs_table)["seed=1"]
+    assert (row["answer_logprob/passage"], row["answer_logprob/self_edit"]) == ("-4.000", "-3.000")
+    assert "answer_logprob/base" not in row  # no run scored the base model
+    # Two seeds: the mean ± 12.706 * stdev / sqrt(2) = 12.706 * 0.7071068 / 1.4142136 = 6.353.
+    assert by_first_column(seeds_table)["all runs"]["answer_logprob/self_edit"] == "-3.500 ± 6.353"
 
 
 def test_wandb_report_shows_exactly_these_runs(runs_dir):
