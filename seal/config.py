@@ -125,7 +125,7 @@ class TaskConfig:
     eval_batch_size: int = 64
     # Also score every question's gold answer under each evaluated model (teacher-forced, mean log-probability
     # per answer token): `knowledge/<condition>/answer_logprob`, a graded signal where accuracy moves in whole
-    # questions. Needed by rl.reward.tie_break=answer_logprob. task.mode=single only.
+    # questions. Needed by rl.reward.tie_break=answer_logprob. task=knowledge, task.mode=single only.
     score_answers: bool = False
     arc: ArcConfig = field(default_factory=ArcConfig)  # task=few_shot only
 

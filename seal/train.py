@@ -117,6 +117,8 @@ def train(dict_cfg: DictConfig) -> dict[str, Any]:
         for key, value, default in (
             ("executor", cfg.executor.name, "local"),
             ("generation.backend", cfg.generation.backend, "hf"),
+            ("task.score_answers", cfg.task.score_answers, False),
+            ("rl.reward.tie_break", cfg.rl.reward.tie_break, "first"),
         ):
             if value != default:
                 raise ValueError(

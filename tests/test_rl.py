@@ -261,6 +261,12 @@ def test_scored_answers_break_reward_ties_and_report_each_models_gold_answer_lik
     scored = ("task.score_answers=true", "rl.rounds=1")
     with pytest.raises(ValueError, match="needs task.score_answers=true"):
         train(make_cfg(tmp_path, *TINY, *RL_OVERRIDES, "rl.rounds=1", "rl.reward.tie_break=answer_logprob"))
+    with pytest.raises(ValueError, match="task=knowledge task.mode=cpt runs with task.score_answers=False"):
+        train(make_cfg(tmp_path, *TINY_OVERRIDES, "task.mode=cpt", "task.score_answers=true"))
+    with pytest.raises(
+        ValueError, match="task=few_shot task.mode=single runs with rl.reward.tie_break=first"
+    ):
+        train(make_cfg(tmp_path, *TINY_OVERRIDES, "task=few_shot", "rl.reward.tie_break=answer_logprob"))
     metrics = train(make_cfg(tmp_path, *TINY, *RL_OVERRIDES, *scored, "rl.reward.tie_break=answer_logprob"))
     rewards = json.loads((tmp_path / "rounds/round_1/rewards.json").read_text())
     assert [r["sample"] for r in rewards if r["kept"]] != [0, 0]  # not what breaking ties by order keeps
