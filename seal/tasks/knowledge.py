@@ -922,8 +922,8 @@ def rest_em_round(
     store.write(k, "eval_rows.json", eval_rows)
     summary = accuracy_summary([r["correct"] for r in eval_rows])
     metrics = {f"{prefix}/eval_accuracy": summary["accuracy"], f"{prefix}/eval_ci95": summary["ci95"]}
-    if scored := [r["answer_logprob"] for r in eval_rows if "answer_logprob" in r]:
-        metrics[f"{prefix}/eval_answer_logprob"] = statistics.fmean(scored)
+    if eval_scores := [r["answer_logprob"] for r in eval_rows if "answer_logprob" in r]:
+        metrics[f"{prefix}/eval_answer_logprob"] = statistics.fmean(eval_scores)
     metrics.update({f"{prefix}/{name}": value for name, value in diagnostics.items()})
     metrics.update(reasoning)
     row = {"rl/eval_accuracy": summary["accuracy"], **{f"rl/{n}": v for n, v in diagnostics.items()}}
