@@ -145,6 +145,26 @@ def test_batched_and_one_at_a_time_runs_agree(tiny_run, tmp_path):
         assert a == b
 
 
+def test_gold_answer_scores_agree_between_batched_and_one_at_a_time_adapters(tmp_path):
+    """task.score_answers: each row's score comes from its own adapter, through either updater."""
+    scores = {}
+    for name, path in (("batched", "true"), ("sequential", "false")):
+        run_dir = tmp_path / name
+        train(make_cfg(run_dir, *TINY_OVERRIDES, "task.score_answers=true", f"adapt.batch_adapters={path}"))
+        scores[name] = {
+            condition: [
+                json.loads(x)["answer_logprob"]
+                for x in (run_dir / "results" / f"{condition}.jsonl").read_text().splitlines()
+            ]
+            for condition in ("base", "passage", "self_edit")
+        }
+    for condition, batched in scores["batched"].items():
+        assert scores["sequential"][condition] == pytest.approx(batched, abs=1e-4), condition
+    # The updates moved the scores, each passage's by its own update.
+    assert scores["batched"]["passage"] != pytest.approx(scores["batched"]["base"], abs=1e-4)
+    assert scores["batched"]["self_edit"] != pytest.approx(scores["batched"]["passage"], abs=1e-4)
+
+
 def test_run_measures_reasoning_and_prior_knowledge_before_and_after_and_reports_them(tmp_path, monkeypatch):
     # The tiny model knows no general knowledge; a grader that accepts every other answer gives it some.
     calls = []
