@@ -109,3 +109,18 @@ def test_shared_squad_and_seal_evaluation_subset():
     assert split.eval[0].title == "Genghis_Khan" or split.eval[0].title.replace("_", " ") == "Genghis Khan"
     assert sum(len(p.questions) for p in split.eval) == 974
     assert not {p.context for p in split.train} & {p.context for p in split.eval}
+    # 48 articles: most titles name several paragraphs, each paragraph its own passage with its own name.
+    assert len({p.title for p in passages}) == 48 and len({p.name for p in passages}) == 2067
+    chloroplast = [p for p in passages if p.title == "Chloroplast"]
+    assert [p.name for p in chloroplast[:2]] == ["Chloroplast #1", "Chloroplast #2"]
+
+
+def test_passages_that_share_a_title_get_names_of_their_own(tmp_path):
+    items = [
+        {"title": title, "context": f"Passage {i}.", "questions": [{"question": "Q?", "answer": "A"}]}
+        for i, title in enumerate(["Tide", "Moon", "Tide", "Tide"])
+    ]
+    path = tmp_path / "passages.json"
+    path.write_text(json.dumps(items))
+    assert [p.name for p in load_json_file(path)] == ["Tide #1", "Moon", "Tide #2", "Tide #3"]
+    assert [p.name for p in embedded_corpus().eval] == [p.title for p in embedded_corpus().eval]

@@ -270,8 +270,8 @@ def test_scored_answers_break_reward_ties_and_report_each_models_gold_answer_lik
     metrics = train(make_cfg(tmp_path, *TINY, *RL_OVERRIDES, *scored, "rl.reward.tie_break=answer_logprob"))
     rewards = json.loads((tmp_path / "rounds/round_1/rewards.json").read_text())
     assert [r["sample"] for r in rewards if r["kept"]] != [0, 0]  # not what breaking ties by order keeps
-    for title in {r["title"] for r in rewards}:
-        samples = [r for r in rewards if r["title"] == title]
+    for name in {r["passage"] for r in rewards}:
+        samples = [r for r in rewards if r["passage"] == name]
         assert {r["reward"] for r in samples} == {1.0}
         [kept] = [r for r in samples if r["kept"]]
         assert kept["answer_logprob"] == max(r["answer_logprob"] for r in samples)
@@ -302,6 +302,43 @@ def test_scored_answers_break_reward_ties_and_report_each_models_gold_answer_lik
     train(make_cfg(first, *TINY, *RL_OVERRIDES, *scored))
     rewards = json.loads((first / "rounds/round_1/rewards.json").read_text())
     assert [r["sample"] for r in rewards if r["kept"]] == [0, 0]
+
+
+def test_passages_that_share_a_title_are_rewarded_and_cached_apart(tmp_path):
+    # SQuAD's paragraphs of one article share its title: here all four passages (2 to evaluate, 2 to train).
+    corpus = embedded_corpus()
+    items = [
+        {
+            "title": "Shared",
+            "context": p.context,
+            "questions": [{"question": q.question, "answer": q.answer} for q in p.questions],
+        }
+        for p in corpus.eval[:2] + corpus.train[:2]
+    ]
+    data = tmp_path / "shared.json"
+    data.write_text(json.dumps(items))
+    run_dir = tmp_path / "run"
+    overrides = (*RL_OVERRIDES, f"data.path={data}", "data.n_eval=2", "data.n_train=2", "rl.rounds=1")
+    train(make_cfg(run_dir, *TINY, *overrides, "task.score_answers=true"))
+    rewards = json.loads((run_dir / "rounds/round_1/rewards.json").read_text())
+    names = sorted({r["passage"] for r in rewards})
+    assert {r["title"] for r in rewards} == {"Shared"} and len(names) == 2
+    assert all(name.startswith("Shared #") for name in names)
+    scores = [[r["answer_logprob"] for r in rewards if r["passage"] == name] for name in names]
+    assert scores[0] != scores[1]  # each passage's rewards come from its own inner loops
+    chunks = [json.loads(p.read_text()) for p in sorted((run_dir / "rounds/round_1/train").glob("chunk_*"))]
+    keys = [tuple(o["key"]) for c in chunks for o in c["outcomes"]]
+    assert len(set(keys)) == len(keys) == 2 * 3
+
+    # A run's self-edits, fed back as external ones, are matched by name; titles alone cannot tell them apart.
+    split = knowledge.load_passages(OmegaConf.to_object(make_cfg(run_dir, *TINY, *overrides)).data)
+    written = run_dir / "results/self_edits.jsonl"
+    edits = [json.loads(line) for line in written.read_text().splitlines()]
+    assert knowledge.read_external_edits(str(written), split.eval) == [e["self_edit"] for e in edits]
+    titles_only = tmp_path / "titles.jsonl"
+    titles_only.write_text("".join(json.dumps({"title": "Shared", "self_edit": "x"}) + "\n" for _ in edits))
+    with pytest.raises(DataError, match=r"no self-edit for the evaluation passages \['Shared #"):
+        knowledge.read_external_edits(str(titles_only), split.eval)
 
 
 def test_forgetting_penalty_subtracts_the_reasoning_drop_of_each_update(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ Conditions, all on the same evaluation passages:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -59,6 +60,9 @@ class Passage:
     title: str
     context: str
     questions: tuple[Question, ...]
+    # Unique in its corpus: the title, or "title #n" (the n-th in file order) where passages share a title, as
+    # SQuAD's paragraphs of one article do. Seeds, inner-loop keys and the cache name a passage by it.
+    name: str
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,8 @@ class DataError(ValueError):
 
 
 def parse_passages(items: Any, origin: str) -> list[Passage]:
-    """Validate SEAL/SQuAD-format passages: [{"title", "context", "questions": [{"question", "answer"}]}]."""
+    """Validate SEAL/SQuAD-format passages: [{"title", "context", "questions": [{"question", "answer"}]}], and
+    name each uniquely (`Passage.name`)."""
     if not isinstance(items, list):
         raise DataError(f"{origin}: expected a JSON list of passages, got {type(items).__name__}")
     passages = []
@@ -96,8 +101,15 @@ def parse_passages(items: Any, origin: str) -> list[Passage]:
                 if not isinstance(q, dict) or not isinstance(q.get(key), str) or not q[key].strip():
                     raise DataError(f"{where}: question {j}: field {key!r} is missing or empty")
             parsed.append(Question(q["question"].strip(), q["answer"].strip()))
-        passages.append(Passage(item["title"].strip(), item["context"].strip(), tuple(parsed)))
-    return passages
+        passages.append((item["title"].strip(), item["context"].strip(), tuple(parsed)))
+    shared = {t for t, n in collections.Counter(t for t, _, _ in passages).items() if n > 1}
+    seen: collections.Counter[str] = collections.Counter()
+    named = []
+    for title, context, questions in passages:
+        seen[title] += 1
+        name = f"{title} #{seen[title]}" if title in shared else title
+        named.append(Passage(title, context, questions, name))
+    return named
 
 
 def load_json_file(path: str | Path) -> list[Passage]:
@@ -299,7 +311,9 @@ def graded_rows(
 
 def read_external_edits(path: str | None, passages: list[Passage]) -> list[str]:
     """Self-edits written elsewhere (`self_edit.source=file`): JSONL rows {"title", "self_edit"}, one per
-    evaluation passage, matched by title."""
+    evaluation passage, matched by title, or by `passage` (its unique name, as a run's
+    results/self_edits.jsonl gives it) where the row has one. A title that several evaluation passages share
+    (SQuAD's paragraphs of one article) is matched only by name."""
     if not path:
         raise DataError("self_edit.source=file needs self_edit.path=FILE (JSONL of title and self_edit)")
     file = Path(path).expanduser()
@@ -309,15 +323,19 @@ def read_external_edits(path: str | None, passages: list[Passage]) -> list[str]:
         rows = read_jsonl(file)
     except JSONLError as err:
         raise DataError(str(err)) from err
-    by_title: dict[str, str] = {}
+    by_key: dict[str, str] = {}
     for n, row in enumerate(rows, 1):
         if not all(isinstance(row.get(k), str) for k in ("title", "self_edit")):
             raise DataError(f'{file}, row {n}: expected {{"title": str, "self_edit": str}}')
-        by_title[row["title"].strip()] = row["self_edit"]
-    missing = [p.title for p in passages if p.title not in by_title]
+        by_key[row["passage"] if isinstance(row.get("passage"), str) else row["title"].strip()] = row[
+            "self_edit"
+        ]
+    shared = {t for t, n in collections.Counter(p.title for p in passages).items() if n > 1}
+    keys = [p.name if p.name in by_key or p.title in shared else p.title for p in passages]
+    missing = [key for key in keys if key not in by_key]
     if missing:
         raise DataError(f"{file}: no self-edit for the evaluation passages {missing}")
-    return [by_title[p.title] for p in passages]
+    return [by_key[key] for key in keys]
 
 
 # ---------------------------------------------------------------- inner loops
@@ -349,7 +367,7 @@ def update_job(
             cfg.self_edit.split,
             include_passage=cfg.adapt.include_passage or condition == "passage",
         ),
-        seed=derive_seed(cfg.seed, "adapter", *(key or (0, passage.title, condition))),
+        seed=derive_seed(cfg.seed, "adapter", *(key or (0, passage.name, condition))),
     )
 
 
@@ -405,7 +423,7 @@ class ChunkRunner:
         for loop, adapter in zip(chunk, adapters, strict=True):
             result = adapter.result
             if result.error:
-                log.warning("update %s on %r failed: %s", loop.condition, loop.passage.title, result.error)
+                log.warning("update %s on %r failed: %s", loop.condition, loop.passage.name, result.error)
             outcomes.append(
                 outcome(
                     loop,
@@ -558,7 +576,7 @@ def cached_self_edits(
         return [r["self_edit"] for r in saved]
     edits = write_self_edits(lm, cfg, passages, seeds, engine)
     rows = [
-        {"title": p.title, "seed": s, "self_edit": e} for p, s, e in zip(passages, seeds, edits, strict=True)
+        {"passage": p.name, "seed": s, "self_edit": e} for p, s, e in zip(passages, seeds, edits, strict=True)
     ]
     store.write(round_, name, rows)
     return edits
@@ -657,7 +675,7 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
             if label == "external":
                 edits = read_external_edits(cfg.self_edit.path, passages)
             else:
-                seeds = [derive_seed(cfg.seed, "self_edit", 0, p.title, 0) for p in passages]
+                seeds = [derive_seed(cfg.seed, "self_edit", 0, p.name, 0) for p in passages]
                 with meter.phase("generate"):
                     edits = cached_self_edits(
                         store,
@@ -671,20 +689,23 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
                     )
             tracker.results(
                 "self_edits" if label == "self_edit" else "external_edits",
-                [{"title": p.title, "self_edit": e} for p, e in zip(passages, edits, strict=True)],
+                [
+                    {"title": p.title, "passage": p.name, "self_edit": e}
+                    for p, e in zip(passages, edits, strict=True)
+                ],
             )
         updated = [c for c in conditions if c != "base"]
         # The forgetting probe measures a seeded sample of the self-edit updates (else of the passage ones).
         probed_condition = "self_edit" if "self_edit" in updated else "passage"
         n_probed = min(cfg.reasoning.after_update, len(passages)) if probe else 0
-        probed = {p.title for p in random.Random(derive_seed(cfg.seed, "probe")).sample(passages, n_probed)}
+        probed = {p.name for p in random.Random(derive_seed(cfg.seed, "probe")).sample(passages, n_probed)}
         todo = [
             InnerLoop(
                 p,
                 label if c == "self_edit" else c,
                 e if c == "self_edit" else None,
-                (0, p.title, c),
-                probe=c == probed_condition and p.title in probed,
+                (0, p.name, c),
+                probe=c == probed_condition and p.name in probed,
             )
             for p, e in zip(passages, edits, strict=True)
             for c in updated
@@ -803,19 +824,19 @@ def rest_em_round(
 
     train = round_passages(split.train, k, rl.passages_per_round)
     owners = [p for p in train for _ in range(rl.samples)]
-    seeds = [derive_seed(cfg.seed, "self_edit", k, p.title, s) for p in train for s in range(rl.samples)]
+    seeds = [derive_seed(cfg.seed, "self_edit", k, p.name, s) for p in train for s in range(rl.samples)]
     with loops.meter.phase("generate"):
         edits = cached_self_edits(
             store, k, "train_self_edits.json", generator, cfg.self_edit, owners, seeds, engine
         )
     todo = [
-        InnerLoop(p, "self_edit", edits[i * rl.samples + s], (k, p.title, "self_edit", s, r), probe=guard)
+        InnerLoop(p, "self_edit", edits[i * rl.samples + s], (k, p.name, "self_edit", s, r), probe=guard)
         for i, p in enumerate(train)
         for s in range(rl.samples)
         for r in range(rl.repeats)
     ]
     if reward.kind == "gain" or rl.accept_margin is not None:
-        todo += [InnerLoop(p, "passage", None, (k, p.title, "passage")) for p in train]
+        todo += [InnerLoop(p, "passage", None, (k, p.name, "passage")) for p in train]
     outcomes = loops.run(todo, k, "train", f"round {k} rewards")
     inner_loops = len(todo)
     accuracy = {
@@ -827,7 +848,7 @@ def rest_em_round(
         for o in outcomes
         if guard
     }
-    baselines = [accuracy.get((k, p.title, "passage"), 0.0) for p in train]
+    baselines = [accuracy.get((k, p.name, "passage"), 0.0) for p in train]
     # The mean gold-answer log-probability after each update (task.score_answers; -inf: the update failed).
     likelihood = {
         tuple(o["key"]): statistics.fmean(o["answer_logprobs"]) if o.get("answer_logprobs") else -math.inf
@@ -835,13 +856,13 @@ def rest_em_round(
         if cfg.task.score_answers
     }
 
-    def mean_over_repeats(values: dict[tuple, float], title: str, s: int) -> float:
-        return statistics.fmean(values.get((k, title, "self_edit", s, r), 0.0) for r in range(rl.repeats))
+    def mean_over_repeats(values: dict[tuple, float], name: str, s: int) -> float:
+        return statistics.fmean(values.get((k, name, "self_edit", s, r), 0.0) for r in range(rl.repeats))
 
-    drops = [[mean_over_repeats(drop, p.title, s) for s in range(rl.samples)] for p in train]
+    drops = [[mean_over_repeats(drop, p.name, s) for s in range(rl.samples)] for p in train]
     rewards = [
         [
-            mean_over_repeats(accuracy, p.title, s)
+            mean_over_repeats(accuracy, p.name, s)
             - (baselines[i] if reward.kind == "gain" else 0.0)
             - reward.forgetting_penalty * max(0.0, drops[i][s])
             for s in range(rl.samples)
@@ -853,7 +874,7 @@ def rest_em_round(
         eligible = [[d <= reward.max_reasoning_drop for d in row] for row in drops]
     likelihoods = None
     if cfg.task.score_answers:
-        likelihoods = [[mean_over_repeats(likelihood, p.title, s) for s in range(rl.samples)] for p in train]
+        likelihoods = [[mean_over_repeats(likelihood, p.name, s) for s in range(rl.samples)] for p in train]
     chosen = select(
         rewards,
         baselines if rl.accept_margin is not None else None,
@@ -873,12 +894,13 @@ def rest_em_round(
         [
             {
                 "title": p.title,
+                "passage": p.name,
                 "sample": s,
                 "reward": rewards[i][s],
                 "kept": chosen.kept[i] == s,
                 **({"reasoning_drop": drops[i][s]} if guard else {}),
                 **({"answer_logprob": finite(likelihoods[i][s])} if likelihoods else {}),
-                "errors": errors.get((p.title, "self_edit", s), []),
+                "errors": errors.get((p.name, "self_edit", s), []),
             }
             for i, p in enumerate(train)
             for s in range(rl.samples)
@@ -910,12 +932,12 @@ def rest_em_round(
             reasoning = probe.reasoning_metrics(f"reasoning/round_{k}", probe.measure(generator, prior=False))
 
     passages = split.eval
-    seeds = [derive_seed(cfg.seed, "self_edit", k, p.title, 0) for p in passages]
+    seeds = [derive_seed(cfg.seed, "self_edit", k, p.name, 0) for p in passages]
     with loops.meter.phase("generate"):
         edits = cached_self_edits(
             store, k, "eval_self_edits.json", generator, cfg.self_edit, passages, seeds, engine
         )
-    todo = [InnerLoop(p, "seal", e, (k, p.title, "self_edit")) for p, e in zip(passages, edits, strict=True)]
+    todo = [InnerLoop(p, "seal", e, (k, p.name, "self_edit")) for p, e in zip(passages, edits, strict=True)]
     outcomes = loops.run(todo, k, "eval", f"round {k} evaluation")
     inner_loops += len(todo)
     eval_rows = [r for x, o in zip(todo, outcomes, strict=True) for r in outcome_rows(x, o, grade)]

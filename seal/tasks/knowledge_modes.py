@@ -77,7 +77,7 @@ def _passages(cfg: Config) -> list[Passage]:
 
 def self_edit_seed(cfg: Config, passage: Passage) -> int:
     """Single mode's seed for a passage's self-edit, so the same model writes the same text in every mode."""
-    return derive_seed(cfg.seed, "self_edit", 0, passage.title, 0)
+    return derive_seed(cfg.seed, "self_edit", 0, passage.name, 0)
 
 
 def update_metrics(results: list[UpdateResult], meter: PhaseMeter) -> dict[str, Any]:
