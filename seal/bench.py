@@ -164,15 +164,15 @@ def bench_jobs(cfg: Config, lm: LM) -> tuple[list[Passage], list[UpdateJob]]:
     passages = load_passages(replace(cfg.data, n_eval=cfg.bench.passages, n_train=0)).eval
     per = cfg.bench.self_edits_per_passage
     owners = [p for p in passages for _ in range(per)]
-    seeds = [derive_seed(cfg.seed, "bench", p.title, i % per) for i, p in enumerate(owners)]
+    seeds = [derive_seed(cfg.seed, "bench", p.name, i % per) for i, p in enumerate(owners)]
     edits = write_self_edits(lm, cfg.self_edit, owners, seeds)
     jobs = [
         UpdateJob(
-            key=f"{p.title}#{i % per}",
+            key=f"{p.name}#{i % per}",
             sequences=training_sequences(
                 p.title, p.context, edit, cfg.self_edit.split, include_passage=cfg.adapt.include_passage
             ),
-            seed=derive_seed(cfg.seed, "bench-adapter", p.title, i % per),
+            seed=derive_seed(cfg.seed, "bench-adapter", p.name, i % per),
         )
         for i, (p, edit) in enumerate(zip(owners, edits, strict=True))
     ]
