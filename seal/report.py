@@ -924,7 +924,7 @@ def wandb_report(runs: list[Run], project: str, entity: str) -> wr.Report:
             k for h, k, _ in columns if h.startswith(("reasoning/", "retention/"))
         ],
         "knowledge: gold answer log-prob per token by condition": [
-            k for k in keys if k.startswith("knowledge/") and k.endswith("/answer_logprob")
+            k for h, k, _ in columns if h.startswith("answer_logprob/")
         ],
         "conditions compared question by question: p, Holm": [
             k for k in keys if k.startswith("paired/") and k.endswith("/p_holm")

@@ -550,13 +550,19 @@ def accuracy_of(rows: list[dict[str, Any]]) -> float:
     return sum(r["correct"] for r in rows) / len(rows) if rows else 0.0
 
 
+def answer_logprob_of(rows: list[dict[str, Any]]) -> float | None:
+    """The mean gold-answer score of the rows that have one (task.score_answers; a failed update has none)."""
+    scored = [r["answer_logprob"] for r in rows if "answer_logprob" in r]
+    return statistics.fmean(scored) if scored else None
+
+
 def condition_metrics(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy, n and its 95 % interval; with task.score_answers, the mean gold-answer log-probability per
     token over the questions whose update succeeded."""
     summary = accuracy_summary([r["correct"] for r in rows])
     metrics = {f"knowledge/{name}/{key}": summary[key] for key in ("accuracy", "n", "ci95")}
-    if scored := [r["answer_logprob"] for r in rows if "answer_logprob" in r]:
-        metrics[f"knowledge/{name}/answer_logprob"] = statistics.fmean(scored)
+    if (score := answer_logprob_of(rows)) is not None:
+        metrics[f"knowledge/{name}/answer_logprob"] = score
     return metrics
 
 
@@ -944,8 +950,8 @@ def rest_em_round(
     store.write(k, "eval_rows.json", eval_rows)
     summary = accuracy_summary([r["correct"] for r in eval_rows])
     metrics = {f"{prefix}/eval_accuracy": summary["accuracy"], f"{prefix}/eval_ci95": summary["ci95"]}
-    if eval_scores := [r["answer_logprob"] for r in eval_rows if "answer_logprob" in r]:
-        metrics[f"{prefix}/eval_answer_logprob"] = statistics.fmean(eval_scores)
+    if (score := answer_logprob_of(eval_rows)) is not None:
+        metrics[f"{prefix}/eval_answer_logprob"] = score
     metrics.update({f"{prefix}/{name}": value for name, value in diagnostics.items()})
     metrics.update(reasoning)
     row = {"rl/eval_accuracy": summary["accuracy"], **{f"rl/{n}": v for n, v in diagnostics.items()}}
