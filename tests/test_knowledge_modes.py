@@ -126,11 +126,11 @@ def test_retention_matrix_agrees_with_the_graded_rows(continual_run):
     assert len(rows) == (n + 1) * 5 * n
     flags = defaultdict(list)
     for r in rows:
-        flags[r["after_edits"], r["title"]].append(r["correct"])
+        flags[r["after_edits"], r["passage"]].append(r["correct"])
     for k, row in enumerate(matrix):
-        for title, value in zip(retention["titles"], row, strict=True):
+        for name, value in zip(retention["passages"], row, strict=True):
             assert 0.0 <= value <= 1.0
-            assert value == pytest.approx(sum(flags[k, title]) / 5), (k, title)
+            assert value == pytest.approx(sum(flags[k, name]) / 5), (k, name)
     assert len({v for row in matrix for v in row}) > 1  # the cycling grader makes the entries differ
 
     assert metrics["retention/first_after_last"] == matrix[n][0]

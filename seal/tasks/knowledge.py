@@ -298,6 +298,7 @@ def graded_rows(
             {
                 "condition": condition,
                 "title": passage.title,
+                "passage": passage.name,
                 "question": q.question,
                 "gold": q.answer,
                 "prediction": prediction,

@@ -118,7 +118,11 @@ def run_cpt(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[st
         with meter.phase("generate"):
             edits = write_self_edits(lm, cfg.self_edit, passages, [self_edit_seed(cfg, p) for p in passages])
         tracker.results(
-            "self_edits", [{"title": p.title, "self_edit": e} for p, e in zip(passages, edits, strict=True)]
+            "self_edits",
+            [
+                {"title": p.title, "passage": p.name, "self_edit": e}
+                for p, e in zip(passages, edits, strict=True)
+            ],
         )
 
     metrics: dict[str, Any] = {}
@@ -226,7 +230,9 @@ def run_continual(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> d
         if condition == "self_edit":
             with meter.phase("generate"):
                 [edit] = write_self_edits(lm, cfg.self_edit, [passage], [self_edit_seed(cfg, passage)])
-            edits.append({"title": passage.title, "after_edits": k, "self_edit": edit})
+            edits.append(
+                {"title": passage.title, "passage": passage.name, "after_edits": k, "self_edit": edit}
+            )
         with meter.phase("update"):
             [adapter] = updater.train(
                 [update_job(cfg, passage, edit, condition)], progress=f"edit {k + 1}/{len(passages)}"
@@ -235,7 +241,7 @@ def run_continual(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> d
                 updater.merge(adapter)
             else:
                 log.warning(
-                    "edit %d (%r) failed, model unchanged: %s", k + 1, passage.title, adapter.result.error
+                    "edit %d (%r) failed, model unchanged: %s", k + 1, passage.name, adapter.result.error
                 )
         results.append(adapter.result)
         evaluate(k + 1)
@@ -268,6 +274,7 @@ def run_continual(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> d
         {
             "condition": condition,
             "titles": [p.title for p in passages],
+            "passages": [p.name for p in passages],
             "questions": [len(p.questions) for p in passages],
             # accuracy[r][i]: share of passage i's questions answered correctly after the first r edits.
             "accuracy": matrix,
@@ -275,7 +282,7 @@ def run_continual(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> d
             **summary,
         },
     )
-    png = draw_retention(matrix, [p.title for p in passages], condition, tracker.run_dir / "retention.png")
+    png = draw_retention(matrix, [p.name for p in passages], condition, tracker.run_dir / "retention.png")
     if tracker.wandb_run is not None:
         import wandb
 
@@ -306,12 +313,12 @@ def retention_summary(matrix: list[list[float]]) -> dict[str, float]:
     return summary
 
 
-def draw_retention(matrix: list[list[float]], titles: list[str], condition: str, path: Path) -> Path:
+def draw_retention(matrix: list[list[float]], names: list[str], condition: str, path: Path) -> Path:
     """The retention matrix as an annotated heatmap PNG (matplotlib's Agg canvas, no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    n = len(titles)
+    n = len(names)
     fig = Figure(figsize=(2.5 + 0.7 * n, 1.5 + 0.5 * (n + 1)), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -319,7 +326,7 @@ def draw_retention(matrix: list[list[float]], titles: list[str], condition: str,
     for r, row in enumerate(matrix):
         for i, value in enumerate(row):
             ax.text(i, r, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k")
-    labels = [f"{i}: {t if len(t) <= 20 else t[:19] + '…'}" for i, t in enumerate(titles)]
+    labels = [f"{i}: {t if len(t) <= 20 else t[:19] + '…'}" for i, t in enumerate(names)]
     ax.set_xticks(range(n), labels, rotation=45, ha="right")
     ax.set_yticks(range(n + 1))
     ax.set_xlabel("passage (in edit order)")
