@@ -484,11 +484,17 @@ def label_runs(runs: list[Run]) -> None:
     groups: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:  # by the full values: two long values may share their shortened form
         groups.setdefault(tuple(repr(run.config.get(k)) for k in grouped), []).append(run)
-    for members in groups.values():
-        if len(grouped) <= LABEL_KEYS:
-            name = describe(members[0].config, grouped) or "all runs"
-        else:
-            name = " + ".join(run.label for run in members)
+    names = {
+        values: describe(members[0].config, grouped) or "all runs"
+        if len(grouped) <= LABEL_KEYS
+        else " + ".join(run.label for run in members)
+        for values, members in groups.items()
+    }
+    shared = Counter(names.values())
+    for values, members in groups.items():
+        name = names[values]
+        if shared[name] > 1:  # values that differ only past their shortened form: named in full
+            name = " ".join(f"{k}={members[0].config.get(k)}" for k in grouped)
         for run in members:
             run.group = name
 
@@ -673,10 +679,15 @@ def runs_table(runs: list[Run]) -> Rows:
 
 
 def seed_groups(runs: list[Run]) -> dict[str, list[Run]]:
-    groups: dict[str, list[Run]] = {}
+    """The runs of each configuration, one per seed: of runs that repeat a seed (the same configuration run
+    twice), the last finished one, since pooling repeats as if they were seeds would narrow the interval."""
+    groups: dict[str, dict[Any, Run]] = {}
     for run in runs:
-        groups.setdefault(run.group, []).append(run)
-    return groups
+        by_seed = groups.setdefault(run.group, {})
+        seed = repr(run.config.get("seed"))
+        if seed not in by_seed or run.error is None or by_seed[seed].error is not None:
+            by_seed[seed] = run
+    return {name: list(by_seed.values()) for name, by_seed in groups.items()}
 
 
 def seed_table(runs: list[Run]) -> Rows | None:
@@ -692,6 +703,8 @@ def seed_table(runs: list[Run]) -> Rows | None:
         seeds = f"{len(finished)}: " + ", ".join(str(run.config.get("seed")) for run in finished)
         if len(finished) < len(members):
             seeds += f" ({len(members) - len(finished)} failed)"
+        if repeats := sum(run.group == name for run in runs) - len(members):
+            seeds += f" ({repeats} repeated seed{'s' * (repeats > 1)} left out)"
         rows.append([name, seeds, *[cell(pooled(finished, key, ci)) for _, key, ci in columns]])
     rows += [[PAPER[s][0], "", *paper_cells(s, columns)] for s in references(runs)]
     header = ["configuration", "seeds", *[h for h, _, _ in columns]]
@@ -723,22 +736,27 @@ def best_run_tables(runs: list[Run]) -> list[Rows]:
         family, condition = header.split("/")[0], header.split("/")[1]
         if family not in ("knowledge", "few_shot"):
             continue
-        answered = {run.label: flags for run in runs if (flags := graded_flags(run, family, condition))}
-        if len(answered) < 2:
-            continue
-        best = max(answered, key=lambda label: sum(answered[label][1]))  # the first on a tie
-        questions, right = answered[best]
-        labels = [label for label, (asked, _) in answered.items() if label != best and asked == questions]
-        compared = with_holm([paired_comparison(right, answered[label][1]) for label in labels])
-        if not any(c["only_first"] + c["only_second"] for c in compared):
-            continue
-        n = len(questions)
-        rows = [
-            paired_row(label, (c["only_first"] - c["only_second"]) / n, c)
-            for label, c in zip(labels, compared, strict=True)
-        ]
-        columns = ["run", "best − run", "only best right", "only run right", *P_COLUMNS]
-        found.append((f"{header}: the best run, {best}, against each other", columns, rows))
+        # Only runs asked the same questions compare: one table per question set (runs on the embedded
+        # corpus and on SQuAD under one folder make two).
+        by_questions: dict[tuple[str, ...], dict[str, list[bool]]] = {}
+        for run in runs:
+            if flags := graded_flags(run, family, condition):
+                by_questions.setdefault(tuple(flags[0]), {})[run.label] = flags[1]
+        sets = [answered for answered in by_questions.values() if len(answered) > 1]
+        for answered in sets:
+            best = max(answered, key=lambda label: sum(answered[label]))  # the first on a tie
+            labels = [label for label in answered if label != best]
+            compared = with_holm([paired_comparison(answered[best], answered[label]) for label in labels])
+            if not any(c["only_first"] + c["only_second"] for c in compared):
+                continue
+            n = len(answered[best])
+            rows = [
+                paired_row(label, (c["only_first"] - c["only_second"]) / n, c)
+                for label, c in zip(labels, compared, strict=True)
+            ]
+            columns = ["run", "best − run", "only best right", "only run right", *P_COLUMNS]
+            asked = f" ({n} {'tasks' if family == 'few_shot' else 'questions'})" if len(sets) > 1 else ""
+            found.append((f"{header}{asked}: the best run, {best}, against each other", columns, rows))
     return found
 
 

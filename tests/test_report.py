@@ -403,3 +403,55 @@ def test_a_run_s_paired_table_adjusts_its_p_values_for_the_pairs_it_holds():
         ("self_edit − base", "0.625"),
         ("self_edit − passage", f"{2 * 0.0703125:.3f}"),
     ]
+
+
+def test_configurations_are_pooled_only_with_their_own_seeds(tmp_path):
+    """Two data files whose paths share their first 24 characters are two configurations, not one; and a
+    seed run twice counts once."""
+    accuracies = {("A", 0): 0.1, ("A", 1): 0.2, ("B", 0): 0.8, ("B", 1): 0.9}
+    for number, ((subset, seed), accuracy) in enumerate(accuracies.items()):
+        run = write_run(tmp_path / "runs" / str(number), KNOWLEDGE, "implications", seed, None, None)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["data"] = {"path": f"/data/squad/squad_eval_subset_{subset}.json"}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        (run / "summary.json").write_text(json.dumps({"metrics": knowledge_metrics(0.5, accuracy)}))
+    again = write_run(tmp_path / "runs" / "4", KNOWLEDGE, "implications", 1, None, None)  # B, seed 1 again
+    (again / "config.yaml").write_text((tmp_path / "runs" / "3" / "config.yaml").read_text())
+    (again / "summary.json").write_text(json.dumps({"metrics": knowledge_metrics(0.5, 0.9)}))
+
+    runs = report.load_runs([tmp_path / "runs"])
+    title, header, rows = report.seed_table(runs)
+    by_name = {row[0]: row for row in rows if not row[0].startswith("paper")}
+    assert set(by_name) == {f"data.path=/data/squad/squad_eval_subset_{s}.json" for s in "AB"}
+    column = header.index("knowledge/self_edit")
+    a, b = (by_name[f"data.path=/data/squad/squad_eval_subset_{s}.json"] for s in "AB")
+    assert a[1] == "2: 0, 1" and a[column].startswith("0.150 ± ")
+    assert b[1] == "2: 0, 1 (1 repeated seed left out)" and b[column].startswith("0.850 ± ")
+
+
+def test_runs_asked_other_questions_get_their_own_best_run_table(tmp_path):
+    """Runs on two question sets under one folder: the best is picked within each set, by accuracy."""
+    sets = {  # label -> (questions, right)
+        "embedded_a": (25, [True] * 22 + [False] * 3),
+        "embedded_b": (25, [True] * 5 + [False] * 20),
+        "squad_a": (88, [True] * 30 + [False] * 58),
+        "squad_b": (88, [True] * 10 + [False] * 78),
+    }
+    for number, (name, (n, right)) in enumerate(sets.items()):
+        run = write_run(tmp_path / "runs" / name, KNOWLEDGE, "implications", number, None, None)
+        (run / "summary.json").write_text(json.dumps({"metrics": knowledge_metrics(0.5, sum(right) / n)}))
+        prefix = name.split("_")[0]
+        rows = [{"question": f"{prefix} Q{i}", "correct": c} for i, c in enumerate(right)]
+        write_jsonl(run / "results" / "self_edit.jsonl", rows)
+    tables = report.best_run_tables(report.load_runs([tmp_path / "runs"]))
+    titles = {title: rows for title, _, rows in tables}
+    assert set(titles) == {
+        "knowledge/self_edit (25 questions): the best run, seed=0, against each other",
+        "knowledge/self_edit (88 questions): the best run, seed=2, against each other",
+    }
+    assert titles["knowledge/self_edit (25 questions): the best run, seed=0, against each other"][0][:4] == [
+        "seed=1",
+        "+0.680",
+        "17",
+        "0",
+    ]
