@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -47,6 +48,10 @@ CONDITION_ORDER = ("base", "passage", "self_edit", "external", "seal", "continua
 
 class RegradeError(Exception):
     """Answers that cannot be graded again, or a grader that failed; the message names the file."""
+
+
+class NoAnswers(RegradeError):
+    """A run without graded answers (it failed, or is a few-shot run): skipped."""
 
 
 def grader_label(name: str, f1_threshold: float = 0.5) -> str:
@@ -80,6 +85,9 @@ def answer_files(run_dir: Path) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     for path in sorted((run_dir / "results").glob("*.jsonl")):
         rows = read_rows(path)
         if rows and all(key in rows[0] for key in ANSWER_KEYS):
+            if all("after_edits" in row for row in rows):  # task.mode=continual: the run's accuracy is
+                last = max(row["after_edits"] for row in rows)  # that after its last edit
+                rows = [row for row in rows if row["after_edits"] == last]
             found[path.stem] = (path, checked(path, rows))
     return found
 
@@ -122,7 +130,7 @@ def regrade_run(run_dir: Path, grade: Callable[[str, str, str], bool], label: st
     and write graded/<label>.{jsonl,json}; returns the latter's content."""
     files = answer_files(run_dir)
     if not files:
-        raise RegradeError(f"{run_dir}: no graded answers in results/ (only the knowledge task's are graded)")
+        raise NoAnswers(f"{run_dir}: no graded answers in results/ (only the knowledge task's are graded)")
     rounds = round_files(run_dir)
     cache_path = run_dir / "graded" / f"{label}.jsonl"
     cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,19 +251,28 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as e:  # judge without its endpoint
         parser.exit(1, f"seal.regrade: error: {e}\n")
     label = grader_label(args.grader, args.f1_threshold)
-    try:
-        for path in args.paths:
-            run_dirs = find_run_dirs(path) if path.is_dir() else []
-            if not run_dirs:
-                raise RegradeError(f"{path}: holds no run directory (a folder with config.yaml)")
-            for run_dir in run_dirs:
-                graded = regrade_run(run_dir, grade, label)
-                print_tables(
-                    [t for t in (graded_table(run_dir, graded), graded_pairs_table(run_dir, graded)) if t]
-                )
-                print(f"wrote {run_dir / 'graded' / label}.json and .jsonl (a verdict per distinct answer)")
-    except (RegradeError, ReportError) as e:
-        parser.exit(1, f"seal.regrade: error: {e}\n")
+    run_dirs = []
+    for path in args.paths:
+        if not (found := find_run_dirs(path) if path.is_dir() else []):
+            reason = "holds no run directory (a folder with config.yaml)"
+            parser.exit(1, f"seal.regrade: error: {path}: {reason}\n")
+        run_dirs += found
+    failed = 0
+    for run_dir in run_dirs:  # one run's problem stops neither the others nor what they wrote
+        try:
+            graded = regrade_run(run_dir, grade, label)
+            tables = (graded_table(run_dir, graded), graded_pairs_table(run_dir, graded))
+        except NoAnswers as e:  # a failed or few-shot run: nothing to grade
+            print(f"seal.regrade: skipped {e}", file=sys.stderr)
+            continue
+        except (RegradeError, ReportError) as e:
+            print(f"seal.regrade: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print_tables([t for t in tables if t])
+        print(f"wrote {run_dir / 'graded' / label}.json and .jsonl (a verdict per distinct answer)")
+    if failed:
+        parser.exit(1, f"seal.regrade: {failed} run{'s' * (failed > 1)} not graded (see above)\n")
 
 
 if __name__ == "__main__":

@@ -206,3 +206,41 @@ def test_the_rl_curve_is_graded_again_round_by_round_each_answer_once(run_dir, t
     )
     with pytest.raises(ReportError, match="exact.json: RL round 1 lacks its accuracy and ci95"):
         compare([run_dir], tmp_path / "report")
+
+
+def test_runs_without_answers_are_skipped_and_a_broken_run_stops_no_other(run_dir, tmp_path, capsys):
+    """A failed or few-shot run holds no graded answers: skipped. A run with a malformed file is an error
+    named at the end, and the runs after it are graded all the same."""
+    for name in ("a_failed", "b_broken"):
+        (tmp_path / name / "results").mkdir(parents=True)
+        (tmp_path / name / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    (tmp_path / "b_broken" / "results" / "passage.jsonl").write_text(
+        json.dumps({"question": "Q", "gold": "G", "prediction": "P", "correct": True}) + "\n{cut"
+    )
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--grader", "exact"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "1 run not graded" in err
+    assert "skipped" in err and "a_failed: no graded answers" in err and "b_broken" in err
+    assert (run_dir / "graded" / "exact.json").is_file()  # "run" sorts after both
+
+
+def test_a_continual_run_is_graded_after_its_last_edit(tmp_path):
+    """results/continual.jsonl holds every stage of the edit sequence; the run's accuracy is the last's."""
+    run = tmp_path / "run"
+    (run / "results").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"task": {"name": "knowledge", "grader": "contains"}}))
+    rows = [
+        {
+            "after_edits": k,
+            "question": f"Q{i}",
+            "gold": GOLD,
+            "prediction": GOLD if k == 2 else "",
+            "correct": k == 2,
+        }
+        for k in range(3)
+        for i in range(4)
+    ]
+    write_jsonl(run / "results" / "continual.jsonl", rows)
+    continual = regrade_run(run, make_grader("contains"), "contains")["conditions"]["continual"]
+    assert (continual["n"], continual["accuracy"], continual["run_accuracy"]) == (4, 1.0, 1.0)
