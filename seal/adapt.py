@@ -9,6 +9,7 @@ when `merge` is called (the continual mode) or the outer loop copies in the fine
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -30,6 +31,8 @@ ADAPTER = "inner"
 # work, the optimiser step). Fitted to single-thread update times of the bench's jobs on this repository's
 # 2-core CPU: 0.45 s per step per epoch against 0.003 s per character.
 STEP_COST_CHARS = 150
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -222,6 +225,8 @@ class LoraUpdater:
         self._enable(True)
         self.peft.train()
         try:
+            if not batches:
+                raise UpdateFailed(no_rows(cfg.max_length))
             # Entered only now: the layers of a disabled adapter need no gradient, so they would be cast too.
             with self.lm.frozen_casts():
                 for epoch in range(epochs):
@@ -380,15 +385,36 @@ def make_updater(lm: LM, cfg: AdaptConfig) -> Updater:
     return MultiLoraUpdater(lm, cfg, fit_capacity(lm, cfg)) if cfg.batch_adapters else LoraUpdater(lm, cfg)
 
 
-def tokenize(lm: LM, sequences: list[str], max_length: int, prefixes: list[str] | None = None) -> list[Row]:
+def tokenize(
+    lm: LM, sequences: list[str], max_length: int | None, prefixes: list[str] | None = None
+) -> list[Row]:
     """Each training sequence as a row, ending with EOS so the model also learns where text ends; with
-    `prefixes`, each row starts with its prefix's tokens, which have no loss. Rows are cut at `max_length`."""
+    `prefixes`, each row starts with its prefix's tokens, which have no loss. Rows are cut at `max_length`
+    (None: not cut); a row left with no token to learn (its prefix alone that long) is dropped, since its
+    loss would be 0/0."""
+    if not sequences:
+        return []
     tok = lm.tokenizer
     encoded = tok([s + tok.eos_token for s in sequences], add_special_tokens=False)["input_ids"]
     if prefixes is None:
-        return [Row(ids[:max_length]) for ids in encoded]
-    heads = tok(list(prefixes), add_special_tokens=False)["input_ids"]
-    return [Row((h + ids)[:max_length], max(1, len(h))) for h, ids in zip(heads, encoded, strict=True)]
+        rows = [Row(ids[:max_length]) for ids in encoded]
+    else:
+        heads = tok(list(prefixes), add_special_tokens=False)["input_ids"]
+        rows = [Row((h + ids)[:max_length], max(1, len(h))) for h, ids in zip(heads, encoded, strict=True)]
+    kept = [r for r in rows if r.targets]
+    if len(kept) < len(rows):
+        log.warning(
+            "%d of %d training sequences dropped: no token to learn within max_length=%s",
+            len(rows) - len(kept),
+            len(rows),
+            max_length,
+        )
+    return kept
+
+
+def no_rows(max_length: int) -> str:
+    """Why a job has nothing to train on (see `tokenize`)."""
+    return f"no training sequence with a token to learn within max_length={max_length} tokens"
 
 
 def collate(rows: list[list[int]], lm: LM) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,7 +61,8 @@ def parse_grid(text: str) -> Grid | None:
     lines = []
     for line in text.strip().splitlines():
         line = line.strip()
-        if line and line.isdigit():
+        # ASCII only: str.isdigit() alone also takes '²', '①' and fullwidth digits.
+        if line and line.isascii() and line.isdigit():
             lines.append(line)
         elif lines:
             break
@@ -218,8 +219,12 @@ def parse_task(task_id: str, doc: object, solutions: object = None, where: str =
         or not isinstance(doc.get("test"), list)
     ):
         raise ArcDataError(f"{where}: expected an object with 'train' and 'test' lists")
-    if not doc["train"] or not doc["test"]:
-        raise ArcDataError(f"{where}: needs at least one demonstration and one test input")
+    # Leave-one-out, the test-time-training set's basis, needs two demonstrations (ARC tasks have 2 or more).
+    if len(doc["train"]) < 2 or not doc["test"]:
+        raise ArcDataError(
+            f"{where}: needs at least 2 demonstrations and one test input, "
+            f"got {len(doc['train'])} and {len(doc['test'])}"
+        )
     train = []
     for i, p in enumerate(doc["train"]):
         if not isinstance(p, dict):
@@ -330,8 +335,10 @@ def ttt_examples(
 ) -> list[tuple[tuple[Pair, ...], Pair]]:
     """The task's test-time-training set: leave-one-out and leave-two-out (demonstrations, target) examples,
     each also under every transform of the chosen families and under random colour permutations, with the
-    demonstration order shuffled; grids over 30x30 dropped; duplicates dropped; at most `max_examples`: the
-    plain examples first, then a sample (from `rng`) of the augmented ones."""
+    demonstration order shuffled; grids over 30x30 dropped; duplicates dropped. At most `max_examples`: when
+    there are more, half of them (rounded down) are a sample (from `rng`) of the augmented examples and the
+    rest are plain ones, leave-one-out first, in order; a kind with fewer than its share leaves the rest to
+    the other. The plain examples come first."""
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown augmentation families {unknown}: expected some of {list(FAMILIES)}")
@@ -342,7 +349,7 @@ def ttt_examples(
     for demos, target in base:
         views = transforms + [colour_permutation(rng) for _ in range(colour_permutations)]
         jobs += [(demos, target, t) for t in views]
-    examples, seen = [], set()
+    plain, augmented, seen = [], [], set()
     for demos, target, t in jobs:
         mapped = [Pair(t.apply(p.input), t.apply(p.output)) for p in (*demos, target)]
         if not fits(*(g for p in mapped for g in (p.input, p.output))):
@@ -353,12 +360,14 @@ def ttt_examples(
         example = (tuple(shown), mapped[-1])
         if example not in seen:
             seen.add(example)
-            examples.append(example)
-    if len(examples) <= max_examples:
-        return examples
-    plain = sum(1 for _, _, t in jobs if t is IDENTITY)
-    keep = min(plain, max_examples)
-    return examples[:keep] + rng.sample(examples[keep:], max_examples - keep)
+            (plain if t is IDENTITY else augmented).append(example)
+    if len(plain) + len(augmented) <= max_examples:
+        return plain + augmented
+    # Half the cap for augmented examples, so that the chosen families matter even when the plain examples
+    # alone would fill it (a task of 3 demonstrations has 9).
+    n_augmented = min(len(augmented), max_examples // 2)
+    n_plain = min(len(plain), max_examples - n_augmented)
+    return plain[:n_plain] + rng.sample(augmented, max_examples - n_plain)
 
 
 # ---------------------------------------------------------------- voting

@@ -94,10 +94,10 @@ class ArcConfig:
     train_ids: list[str] = field(default_factory=list)
     train_path: str | None = None
     train_solutions: str | None = None
-    max_length: int = 2048  # TTT sequences (demonstrations + query + answer) are cut to this many tokens
+    max_length: int = 2048  # a longer TTT example (demonstrations + query + answer), in tokens, is left out
     n_eval: int = 4  # at most this many evaluation tasks (easy: how many to generate)
     max_side: int = 10  # tasks with a larger grid are left out (CPU sizing; ARC's largest is 30)
-    max_examples: int = 24  # TTT examples per task (the paper: 250)
+    max_examples: int = 24  # TTT examples per task (the paper: 250); when capped, half are augmented ones
     colour_permutations: int = 1  # per leave-out example
     max_steps: int = 375  # cost filter: a configuration needing more optimiser steps is not run (a failure)
     views: int = 7  # inference under this many of seal.arc.VIEWS (identity first), voted
@@ -337,7 +337,7 @@ class ExecutorConfig:
     cpus_per_worker: int = 1  # also the worker's torch threads (processes: 1 only)
     gpus_per_worker: float = 0  # 1 on a GPU cluster: one replica per GPU
     # A chunk whose worker dies (killed, out of memory) is run again this many times, then recorded as failed
-    # inner loops (reward 0, not cached: a resumed run computes them again).
+    # inner loops (reward 0, not cached: a run resumed before their round finished computes them again).
     max_retries: int = 2
 
 

@@ -59,6 +59,7 @@ from seal.adapt import (
     check_applicable,
     checkpointing,
     merge_lora,
+    no_rows,
     tokenize,
 )
 from seal.config import AdaptConfig
@@ -874,7 +875,7 @@ class MultiLoraUpdater:
                     index = queue.popleft()
                     running[slot] = self._start(slot, index, jobs[index])
                     if not running[slot].plan:
-                        finish(slot, "no training sequences")
+                        finish(slot, no_rows(self.cfg.max_length))
             if not running:
                 continue
             if widen and widen(rounds):

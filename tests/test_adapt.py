@@ -2,9 +2,10 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from seal.adapt import LoraUpdater, SharedCountAdamW, UpdateJob, batched_adamw
+from seal.adapt import LoraUpdater, SharedCountAdamW, UpdateJob, batched_adamw, tokenize
 from seal.config import AdaptConfig
 from seal.models import generate, weights_checksum
+from seal.multilora import MultiLoraUpdater
 from tests.conftest import load_tiny
 
 SEQS = [
@@ -81,6 +82,27 @@ def test_non_finite_loss_is_a_recorded_failure(monkeypatch):
     with pytest.raises(ValueError, match="failed to train"):
         with up.applied(adapters[0]):
             pass
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["peft", "multilora"])
+def test_a_row_with_nothing_to_learn_within_max_length_is_dropped_not_a_nan(batched):
+    """A prefix that alone fills max_length leaves its row no learnt token: alone in a step its loss would
+    be 0/0. The row is dropped; a job left with no row fails, saying why."""
+    cfg = AdaptConfig(rank=4, alpha=8, epochs=1, lr=1e-3, batch_size=1, max_length=32)
+    lm = load_tiny()
+    up = MultiLoraUpdater(lm, cfg, capacity=2) if batched else LoraUpdater(lm, cfg)
+    long_prefix = "123456789\n" * 40
+    jobs = [
+        UpdateJob("mixed", ["121\n212"] * 2, 1, prefixes=["short prompt", long_prefix]),
+        UpdateJob("long", ["121\n212"], 2, prefixes=[long_prefix]),
+        UpdateJob("empty", [], 3),
+    ]
+    mixed, long, empty = up.train(jobs)
+    [short] = tokenize(lm, ["121\n212"], 32, ["short prompt"])
+    assert mixed.result.error is None and mixed.result.tokens == short.targets > 0
+    for failed in (long, empty):
+        assert failed.state is None
+        assert failed.result.error == "no training sequence with a token to learn within max_length=32 tokens"
 
 
 def test_out_of_memory_in_one_update_does_not_stop_the_others(monkeypatch):

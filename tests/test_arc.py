@@ -111,10 +111,38 @@ def test_ttt_examples_are_deduplicated_capped_and_drop_oversized_grids():
         ttt_examples(task, ["magic"], random.Random(0), 10)
 
 
+def test_a_capped_set_keeps_half_for_augmented_examples():
+    task = easy_tasks("flip", 1, seed=0)[0]  # 3 demonstrations: 9 plain examples, more than the cap
+    plain = ttt_examples(task, [], random.Random(0), max_examples=100, colour_permutations=0)
+    by_family = {f: ttt_examples(task, [f], random.Random(0), max_examples=8) for f in ("basic", "size")}
+    for capped in by_family.values():
+        # 4 plain examples (the 3 leave-one-out ones first), then 4 augmented ones
+        assert len(capped) == 8 and capped[:4] == plain[:4]
+        assert not set(capped[4:]) & set(plain)
+    assert by_family["basic"][4:] != by_family["size"][4:]  # the chosen families now matter
+    # No augmented example: the plain ones fill the cap. Few plain ones: the augmented ones fill it.
+    assert ttt_examples(task, [], random.Random(0), 8, colour_permutations=0) == plain[:8]
+    two = ArcTask(
+        "two", task.train[:2], task.test
+    )  # 2 plain examples (leave-two-out leaves no demonstration)
+    two_plain = ttt_examples(two, [], random.Random(0), 100, colour_permutations=0)
+    capped = ttt_examples(two, ["basic"], random.Random(0), max_examples=8)
+    assert len(two_plain) == 2 and capped[:2] == two_plain and len(set(capped)) == len(capped) == 8
+    # Repeated demonstrations make repeated plain examples: the plain share counts those kept, not built.
+    repeated = ArcTask("repeated", (task.train[0], task.train[0], task.train[1]), task.test)
+    distinct = ttt_examples(repeated, [], random.Random(0), 100, colour_permutations=0)
+    assert len(distinct) < 3 + 6
+    capped = ttt_examples(repeated, ["basic"], random.Random(0), max_examples=2 * len(distinct))
+    assert capped[: len(distinct)] == distinct and not set(capped[len(distinct) :]) & set(distinct)
+
+
 def test_grid_text_round_trips_and_bad_text_is_none():
     assert grid_text(G) == "123\n456" and parse_grid(grid_text(G)) == G
     assert parse_grid("Here it is:\n12\n34\nDone") == ((1, 2), (3, 4))
     assert parse_grid("no grid") is None and parse_grid("12\n345") is None
+    # Digits other than ASCII 0-9 (superscripts, circled, fullwidth) are not colours.
+    assert parse_grid("1\u00b2\n34") == ((3, 4),) and parse_grid("\u2460\n\u2461") is None
+    assert parse_grid("\uff11\uff12\n34") == ((3, 4),)
 
 
 def test_easy_tasks_follow_their_rule_and_repeat_by_seed():
@@ -129,16 +157,17 @@ def test_easy_tasks_follow_their_rule_and_repeat_by_seed():
     "doc, message",
     [
         ({"train": []}, "'train' and 'test' lists"),
-        ({"train": [], "test": [{"input": [[1]]}]}, "at least one demonstration"),
+        ({"train": [], "test": [{"input": [[1]]}]}, "at least 2 demonstrations"),
+        ({"train": [{"input": [[1]], "output": [[2]]}], "test": [{"input": [[1]]}]}, "got 1 and 1"),
         (
-            {"train": [{"input": [[1, 2], [3]], "output": [[1]]}], "test": [{"input": [[1]]}]},
+            {"train": [{"input": [[1, 2], [3]], "output": [[1]]}] * 2, "test": [{"input": [[1]]}]},
             "rows of different",
         ),
-        ({"train": [{"input": [[1, 12]], "output": [[1]]}], "test": [{"input": [[1]]}]}, "colours 0-9"),
+        ({"train": [{"input": [[1, 12]], "output": [[1]]}] * 2, "test": [{"input": [[1]]}]}, "colours 0-9"),
     ],
 )
 def test_a_malformed_task_is_a_clear_error(doc, message):
-    with pytest.raises(ArcDataError, match=message):
+    with pytest.raises(ArcDataError, match=f"task t1: .*{message}"):
         parse_task("t1", doc)
 
 

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from seal.arc import easy_tasks, grid_text
+from seal.adapt import UpdateJob, tokenize
+from seal.arc import ArcTask, easy_tasks, grid_text
 from seal.models import choice_scorer, continuation_logprobs
 from seal.tasks import few_shot
 from seal.tasks.few_shot import (
@@ -18,6 +19,7 @@ from seal.tasks.few_shot import (
     parse_config,
     sample_configs,
     self_edit_prompt,
+    ttt_job,
     write_constrained,
 )
 from seal.train import train
@@ -31,6 +33,8 @@ def test_the_prompt_shows_every_demonstration():
     prompt = self_edit_prompt(task)
     assert all(grid_text(p.input) in prompt and grid_text(p.output) in prompt for p in task.train)
     assert grid_text(task.test[0].output) not in prompt  # the answer is never shown
+    # An empty list still gets colour-permuted copies (task.arc.colour_permutations): the prompt says so.
+    assert "as they are" not in prompt and "colours swapped" in prompt
 
 
 def test_a_configuration_is_found_inside_prose_and_code_fences():
@@ -57,6 +61,36 @@ def test_an_invalid_configuration_says_what_is_wrong(change, message):
         parse_config(json.dumps({k: v for k, v in GOOD.items() if k != "epochs"}))
     with pytest.raises(ConfigError, match="no JSON object"):
         parse_config("I would rotate the grids.")
+
+
+MALFORMED = [
+    {"augmentations": [["basic"]]},
+    {"augmentations": [{"name": "basic"}]},
+    {"augmentations": "basic"},
+    {"loss": ["output_tokens"]},
+    {"loss": {"output_tokens": 1}},
+    {"learning_rate": 10**400},
+    {"learning_rate": float("nan")},
+    {"learning_rate": [1e-4]},
+    {"epochs": 10**400},
+    {"epochs": "2"},
+]
+
+
+@pytest.mark.parametrize("change", MALFORMED, ids=lambda c: repr(c)[:40])
+def test_a_malformed_reply_of_any_json_type_is_a_config_error(change):
+    reply = json.dumps({**GOOD, **change})
+    with pytest.raises(ConfigError):
+        parse_config(reply)
+    # A recorded rejection, never a crash of the run.
+    [got] = sample_configs(lambda items, attempt: [reply] * len(items), 1, max_tries=2)
+    assert got.config is None and len(got.errors) == 2
+
+
+def test_json_that_python_cannot_read_is_skipped():
+    for text in ('{"learning_rate": 1' + "0" * 5000 + "}", '{"augmentations": ' + "[" * 100_000):
+        with pytest.raises(ConfigError, match="no JSON object"):
+            parse_config(text)
 
 
 def test_invalid_replies_are_resampled_a_bounded_number_of_times():
@@ -99,6 +133,7 @@ def test_a_few_shot_run_writes_every_condition(few_shot_run):
         assert all(len(r["top2"]) == 1 and len(r["top2"][0]) <= 2 for r in mine if r["error"] is None)
     fixed = [r for r in records if r["condition"] == "ttt_fixed"]
     assert all(r["config"]["augmentations"] == ["basic"] and r["error"] is None for r in fixed)
+    assert metrics["few_shot/ttt_fixed/ttt_too_long"] == 0  # the puzzles are small
     # Constrained decoding (the default): every self-edit is a valid configuration at the first try.
     edits = [r for r in records if r["condition"] == "self_edit"]
     written = [json.loads(json.dumps(dataclasses.asdict(parse_config(r["self_edit"])))) for r in edits]
@@ -185,6 +220,63 @@ def test_the_cost_filter_records_a_failure_without_training(tmp_path):
 def test_unknown_conditions_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown task.conditions"):
         train(make_cfg(tmp_path, *FEW_SHOT, "task.conditions=[base]"))
+
+
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        ("task.arc.fixed.loss=outputs", ConfigError, "task.arc.fixed: loss must be one of"),
+        ("task.arc.fixed.augmentations=[basic,magic]", ConfigError, "task.arc.fixed: augmentations"),
+        ("task.arc.fixed.learning_rate=5.0", ConfigError, "task.arc.fixed: learning_rate 5.0 is outside"),
+        ("task.arc.views=0", ValueError, "task.arc.views must be from 1 to 7"),
+        ("task.arc.views=8", ValueError, "task.arc.views must be from 1 to 7"),
+        ("task.arc.max_examples=0", ValueError, "task.arc.max_examples must be at least 1"),
+    ],
+)
+def test_bad_hand_chosen_settings_are_refused_before_any_work(
+    tmp_path, monkeypatch, override, error, message
+):
+    monkeypatch.setattr(few_shot, "load_tasks", lambda *a: pytest.fail("the run started"))
+    with pytest.raises(error, match=message):
+        train(make_cfg(tmp_path, *FEW_SHOT, "task.conditions=[icl]", override))
+
+
+def test_ttt_examples_longer_than_max_length_are_left_out(tmp_path, tiny_lm):
+    task = easy_tasks("flip", 1, seed=0)[0]
+    config = TTTConfig(("basic",), "output_tokens", 1e-3, 1)
+
+    def job(max_length: int) -> tuple[UpdateJob | str, int]:
+        return ttt_job(
+            make_cfg(tmp_path, *FEW_SHOT, f"task.arc.max_length={max_length}"), tiny_lm, task, config, 0
+        )
+
+    whole, none_left_out = job(10_000)
+    lengths = sorted(len(r.ids) for r in tokenize(tiny_lm, whole.sequences, None, whole.prefixes))
+    assert none_left_out == 0 and len(lengths) == 6 and lengths[0] < lengths[-1]
+    limit = lengths[-1] - 1  # the longest examples are left out, not all of them
+    cut, left_out = job(limit)
+    rows = tokenize(tiny_lm, cut.sequences, None, cut.prefixes)
+    # Every kept example is whole: its answer grid and EOS, within the limit.
+    assert left_out == sum(n > limit for n in lengths) > 0 and len(rows) == 6 - left_out
+    assert all(len(r.ids) <= limit and r.ids[-1] == tiny_lm.tokenizer.eos_token_id for r in rows)
+    assert job(lengths[0] - 1) == (
+        f"all 6 TTT examples are longer than task.arc.max_length={lengths[0] - 1} tokens",
+        6,
+    )
+    # A task of one demonstration has no TTT set: a recorded failure, not an IndexError in the updater.
+    alone = ArcTask("alone", task.train[:1], task.test)
+    failed, _ = ttt_job(make_cfg(tmp_path, *FEW_SHOT), tiny_lm, alone, config, 0)
+    assert failed.startswith("no TTT examples: leave-one-out needs 2 demonstrations, the task has 1")
+
+
+def test_a_run_whose_examples_are_all_too_long_records_the_failures(tmp_path):
+    overrides = ("task.conditions=[icl,ttt_fixed]", "task.arc.max_length=20")
+    metrics = train(make_cfg(tmp_path, *FEW_SHOT, *overrides))
+    records = [json.loads(x) for x in (tmp_path / "results" / "few_shot.jsonl").read_text().splitlines()]
+    fixed = [r for r in records if r["condition"] == "ttt_fixed"]
+    assert all("longer than task.arc.max_length=20" in r["error"] for r in fixed)
+    assert metrics["few_shot/ttt_fixed/failed"] == 2 and metrics["few_shot/ttt_fixed/ttt_too_long"] == 2 * 6
+    assert "few_shot/icl/ttt_too_long" not in metrics  # no TTT set in icl
 
 
 def test_rest_em_fine_tunes_the_generator_on_configurations_that_solved_their_task(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from seal.adapt import TrainedAdapter, UpdateJob, Updater, make_updater
+from seal.adapt import TrainedAdapter, UpdateJob, Updater, make_updater, tokenize
 from seal.arc import (
     FAMILIES,
     VIEWS,
@@ -65,7 +65,8 @@ Each grid is written one row per line, one digit (a colour from 0 to 9) per cell
 Choose how to train on these examples. Reply with one JSON object and nothing else, with these keys:
 "augmentations": a list drawn from "basic" (rotations, flips, transposes, shifts), "size" (grids enlarged
 two times in height, width or both), "chain" (a basic change followed by an enlargement), "repeat" (grids
-tiled twice across or down); an empty list trains on the examples as they are.
+tiled twice across or down); an empty list adds none of these changes (copies with the colours swapped
+around may still be added).
 "loss": "all_tokens" to learn to reproduce the inputs as well, or "output_tokens" to learn the outputs only.
 "learning_rate": a number between 0.000001 and 0.01.
 "epochs": a whole number from 1 to 10."""
@@ -104,7 +105,9 @@ def first_json_object(text: str) -> dict:
         if char == "{":
             try:
                 value, _ = decoder.raw_decode(text, start)
-            except json.JSONDecodeError:
+            # ValueError also covers an integer too long for int() (over 4,300 digits); RecursionError, JSON
+            # nested too deep.
+            except (ValueError, RecursionError):
                 continue
             if isinstance(value, dict):
                 return value
@@ -120,14 +123,23 @@ def parse_config(text: str) -> TTTConfig:
         raise ConfigError(f"unknown keys {sorted(set(doc) - known)}: expected {sorted(known)}")
     if set(known) - set(doc):
         raise ConfigError(f"missing keys {sorted(known - set(doc))}")
+    return check_config(doc)
+
+
+def check_config(doc: dict) -> TTTConfig:
+    """A configuration from its four values, each checked for type and range: anything else raises
+    ConfigError (a reply is model-written JSON, so its values may be of any JSON type)."""
     augmentations = doc["augmentations"]
-    if not isinstance(augmentations, list) or not all(a in FAMILIES for a in augmentations):
+    if not isinstance(augmentations, list) or not all(
+        isinstance(a, str) and a in FAMILIES for a in augmentations
+    ):
         raise ConfigError(f"augmentations must be a list drawn from {list(FAMILIES)}, got {augmentations!r}")
-    if doc["loss"] not in LOSSES:
+    if not isinstance(doc["loss"], str) or doc["loss"] not in LOSSES:
         raise ConfigError(f"loss must be one of {list(LOSSES)}, got {doc['loss']!r}")
     lr = doc["learning_rate"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise ConfigError(f"learning_rate must be a number, got {lr!r}")
+    # A comparison, not math.isfinite: that overflows on a huge integer; NaN and infinities fail it too.
     if not LR_RANGE[0] <= lr <= LR_RANGE[1]:
         raise ConfigError(f"learning_rate {lr} is outside {list(LR_RANGE)}")
     epochs = doc["epochs"]
@@ -262,28 +274,50 @@ def fits_side(task: ArcTask, side: int) -> bool:
     return all(max(size(g)) <= side for g in grids)
 
 
-def ttt_job(cfg: Config, lm: LM, task: ArcTask, config: TTTConfig, seed: int) -> UpdateJob | str:
-    """The test-time-training update a configuration asks for, or why it is not run (the cost filter)."""
+def ttt_job(cfg: Config, lm: LM, task: ArcTask, config: TTTConfig, seed: int) -> tuple[UpdateJob | str, int]:
+    """The test-time-training update a configuration asks for, or why it is not run (no examples, the cost
+    filter); and how many examples were left out for being longer than `task.arc.max_length` tokens."""
     arc = cfg.task.arc
     examples = ttt_examples(
         task, config.augmentations, random.Random(seed), arc.max_examples, arc.colour_permutations
     )
-    steps = math.ceil(len(examples) / cfg.adapt.batch_size) * config.epochs
-    if steps > arc.max_steps:
-        return f"cost filter: {steps} optimiser steps > task.arc.max_steps={arc.max_steps}"
+    if not examples:
+        return f"no TTT examples: leave-one-out needs 2 demonstrations, the task has {len(task.train)}", 0
     prompts = [answer_prompt(lm, demos, target) for demos, target in examples]
     answers = [grid_text(target.output) for _, target in examples]
-    if config.loss == "output_tokens":
-        return UpdateJob(
-            task.id, answers, seed, prefixes=prompts, lr=config.learning_rate, epochs=config.epochs
+    prefixes: list[str] | None = prompts
+    sequences = answers
+    if config.loss == "all_tokens":
+        prefixes, sequences = None, [p + a for p, a in zip(prompts, answers, strict=True)]
+    # The updater would cut a longer example: part of its answer grid learnt, without the end of text.
+    lengths = [len(row.ids) for row in tokenize(lm, sequences, None, prefixes)]
+    keep = [i for i, n in enumerate(lengths) if n <= arc.max_length]
+    too_long = len(examples) - len(keep)
+    if too_long:
+        log.info(
+            "few_shot %s: %d of %d TTT examples left out (longer than task.arc.max_length=%d tokens)",
+            task.id,
+            too_long,
+            len(examples),
+            arc.max_length,
         )
-    return UpdateJob(
+    if not keep:
+        return (
+            f"all {too_long} TTT examples are longer than task.arc.max_length={arc.max_length} tokens",
+            too_long,
+        )
+    steps = math.ceil(len(keep) / cfg.adapt.batch_size) * config.epochs
+    if steps > arc.max_steps:
+        return f"cost filter: {steps} optimiser steps > task.arc.max_steps={arc.max_steps}", too_long
+    job = UpdateJob(
         task.id,
-        [p + a for p, a in zip(prompts, answers, strict=True)],
+        [sequences[i] for i in keep],
         seed,
+        prefixes=None if prefixes is None else [prefixes[i] for i in keep],
         lr=config.learning_rate,
         epochs=config.epochs,
     )
+    return job, too_long
 
 
 def predict(
@@ -353,6 +387,7 @@ class Attempts:
     sampled: list[Sampled]
     errors: list[str | None]  # why a task was not answered (no valid configuration, cost, failed update)
     ranked: list[list[list[Grid]] | None]  # per task and test input: the voted candidates
+    too_long: list[int]  # per task: TTT examples left out for being longer than task.arc.max_length
     solved: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -393,12 +428,14 @@ def attempt(
     """Test-time training of task i under sampled[i].config (no config and no replies: none, in-context
     only), then inference under views. Every task's failure is recorded; the others go on."""
     errors: list[str | None] = [None] * len(tasks)
+    too_long = [0] * len(tasks)
     jobs: dict[int, UpdateJob] = {}
     for i, (task, s) in enumerate(zip(tasks, sampled, strict=True)):
         if s.config is None and s.replies:
             errors[i] = f"no valid configuration in {len(s.replies)} tries: {s.errors[-1]}"
         elif s.config is not None:
-            job = ttt_job(cfg, lm, task, s.config, derive_seed(cfg.seed, "ttt", tag, i, task.id))
+            seed = derive_seed(cfg.seed, "ttt", tag, i, task.id)
+            job, too_long[i] = ttt_job(cfg, lm, task, s.config, seed)
             if isinstance(job, str):
                 errors[i] = job
             else:
@@ -416,7 +453,7 @@ def attempt(
     with meter.phase("eval"):
         ranked = predict(cfg, lm, updater, [tasks[i] for i in answerable], [adapters[i] for i in answerable])
     ranked_of = dict(zip(answerable, ranked, strict=True))
-    return Attempts(tasks, sampled, errors, [ranked_of.get(i) for i in range(len(tasks))])
+    return Attempts(tasks, sampled, errors, [ranked_of.get(i) for i in range(len(tasks))], too_long)
 
 
 def condition_metrics(condition: str, tried: Attempts) -> dict[str, Any]:
@@ -424,6 +461,8 @@ def condition_metrics(condition: str, tried: Attempts) -> dict[str, Any]:
     out = {f"few_shot/{condition}/{k}": summary[k] for k in ("n", "ci95")}
     out[f"few_shot/{condition}/success"] = summary["accuracy"]
     out[f"few_shot/{condition}/failed"] = sum(e is not None for e in tried.errors)
+    if any(s.config is not None for s in tried.sampled):  # some task had a TTT set
+        out[f"few_shot/{condition}/ttt_too_long"] = sum(tried.too_long)
     if any(s.replies for s in tried.sampled):
         out[f"few_shot/{condition}/valid_config_rate"] = statistics.fmean(
             s.config is not None for s in tried.sampled
@@ -445,12 +484,17 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         raise ValueError(f"unknown rl {cfg.rl.name!r}: expected none or rest_em")
     if arc.decoding not in ("constrained", "free"):
         raise ValueError(f"unknown task.arc.decoding {arc.decoding!r}: expected constrained or free")
+    if not 1 <= arc.views <= len(VIEWS):
+        raise ValueError(f"task.arc.views must be from 1 to {len(VIEWS)}, got {arc.views}")
+    if arc.max_examples < 1:
+        raise ValueError(f"task.arc.max_examples must be at least 1, got {arc.max_examples}")
+    try:  # the self-edits' checks, so that a misspelt value fails here rather than after hours of work
+        fixed = check_config(dataclasses.asdict(arc.fixed))
+    except ConfigError as err:
+        raise ConfigError(f"task.arc.fixed: {err}") from err
     tasks = load_tasks(arc)
     log.info("few_shot: %d evaluation tasks (%s)", len(tasks), arc.source)
     updater = make_updater(lm, dataclasses.replace(cfg.adapt, max_length=arc.max_length))
-    fixed = TTTConfig(
-        tuple(arc.fixed.augmentations), arc.fixed.loss, arc.fixed.learning_rate, arc.fixed.epochs
-    )
     # Each finished condition and round is saved in rounds/ (seal.rl.RoundStore): a killed run continues
     # with resume=auto (seal.train) and reads them back instead of recomputing them.
     store = RoundStore(tracker.run_dir)
