@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import load_file, save_file
 
 from seal import allocator
-from seal.adapt import checkpointing, collate, tokenize
+from seal.adapt import checkpointing, collate, no_rows, tokenize
 from seal.config import RLConfig, SFTConfig
 from seal.models import LM
 from seal.tracking import write_json_atomic
@@ -54,9 +55,10 @@ def select(
     """Best of K per item: on equal rewards the first, or with `likelihoods` (rl.reward.tie_break=
     answer_logprob: how likely each sample's update made the gold answers) the likeliest. It is kept when its
     reward is above zero (rejection sampling keeps successes only) and, with `rl.accept_margin` set, when its
-    accuracy beats the item's `passage` baseline by that margin. `rewards[i][s]` is item i's sample s; with
-    `rl.reward.kind=gain` the baseline was already subtracted, so the margin applies to the reward itself. A
-    sample marked not `eligible` (the forgetting guard rejected it) is never kept."""
+    reward (its accuracy, less any forgetting penalty) beats the item's `passage` baseline by that margin.
+    `rewards[i][s]` is item i's sample s; with `rl.reward.kind=gain` the baseline was already subtracted, so
+    the margin applies to the reward itself. A sample marked not `eligible` (the forgetting guard rejected
+    it) is never kept."""
     kept: list[int | None] = []
     tied = 0  # items whose best reward more than one eligible sample reached
     for i, row in enumerate(rewards):
@@ -118,6 +120,10 @@ def sft_train(
     mean loss. With an `accelerate.Accelerator` (seal/sft.py, under `accelerate launch`), every process takes
     its share of each batch and the gradients are averaged over the processes (DDP, or FSDP as the launch
     config says)."""
+    # The prompt is read, not learnt: the loss is on the completion (and its EOS) only.
+    rows = tokenize(generator, [c for _, c in examples], cfg.max_length, prefixes=[p for p, _ in examples])
+    if not rows:
+        raise RuntimeError(f"rl.sft: {no_rows(cfg.max_length)} (rl.sft.max_length)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft = get_peft_model(generator.model, _lora(cfg))
@@ -126,8 +132,6 @@ def sft_train(
     model = peft
     if accelerator is not None:
         model, optimizer = accelerator.prepare(peft, optimizer)
-    # The prompt is read, not learnt: the loss is on the completion (and its EOS) only.
-    rows = tokenize(generator, [c for _, c in examples], cfg.max_length, prefixes=[p for p, _ in examples])
     order_rng = random.Random(seed)
     epoch_loss = math.nan
     model.train()
@@ -268,6 +272,15 @@ class RoundStore:
         save_file({n: t.contiguous() for n, t in state.items()}, str(tmp))
         tmp.replace(path)
 
+    def discard(self, k: int, *names: str) -> None:
+        """Files or folders of round k that an earlier, unfinished attempt left and that no longer hold."""
+        for name in names:
+            path = self.dir(k) / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
     def load_adapter(self, k: int) -> dict[str, torch.Tensor] | None:
         path = self.dir(k) / "generator_adapter.safetensors"
         return load_file(str(path)) if path.is_file() else None
@@ -296,6 +309,7 @@ def train_generator(
     merged, its adapter saved for `replay_round`; then, with rl.learner=updated, the learner given the
     generator's weights. Returns the SFT loss, or None when nothing was kept (the generator is unchanged)."""
     loss = None
+    store.discard(k, "generator_adapter.safetensors")  # an unfinished attempt's, which replay would merge
     if examples and cfg.sft.launcher in LAUNCHERS:
         loss = launch_sft(store, k, examples, cfg.sft, seed)
         apply_adapter(generator, store.load_adapter(k), cfg.sft)

@@ -1,6 +1,6 @@
 """Records of a run: `metrics.jsonl` (every logged row), `summary.json`, `results/*.jsonl`, mirrored to W&B.
 
-The local files are always written; W&B only mirrors them, with the same keys and values.
+The local files are always written; W&B only mirrors them, with the same values.
 """
 
 from __future__ import annotations
@@ -63,7 +63,10 @@ class Tracker:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.step = 0
         if resume and self.metrics_path.exists():
-            self.step = len(self.rows())
+            rows = self.rows()
+            # Written back whole, so that a line cut short by a kill does not swallow the next row appended.
+            write_jsonl(self.metrics_path, rows)
+            self.step = len(rows)
         else:
             self.metrics_path.unlink(missing_ok=True)
         id_path = self.run_dir / "wandb_run_id"
@@ -125,7 +128,7 @@ class Tracker:
         return path
 
     def summary(self, metrics: dict[str, Any]) -> None:
-        """summary.json = {"metrics": {...}}; the W&B run summary gets exactly the same keys and values."""
+        """summary.json = {"metrics": {...}}; the W&B run summary gets each of them with the same value."""
         write_json_atomic(self.run_dir / "summary.json", {"metrics": metrics})
         if self.wandb_run is not None:
             self.wandb_run.summary.update(metrics)

@@ -5,13 +5,14 @@ config → model (loaded once, frozen) → task (conditions, inner loops, outer 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -19,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from seal import allocator
 from seal.config import Config, register_configs
 from seal.memory import PhaseMeter
-from seal.models import load_model, setup_runtime
+from seal.models import load_model, resolve_device, setup_runtime
 from seal.report import report
 from seal.tasks import few_shot, knowledge
-from seal.tracking import Tracker
+from seal.tracking import Tracker, write_json_atomic
 
 log = logging.getLogger(__name__)
 TASKS = {"knowledge": knowledge.run, "few_shot": few_shot.run}
@@ -67,6 +68,20 @@ def config_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return lines
 
 
+def input_digests(config: dict[str, Any]) -> dict[str, str]:
+    """The sha256 of every input file the configuration names (data, external self-edits, BIG-bench tasks,
+    ARC files), by key: a run is continued only on the files it started with."""
+    digests = {}
+    for key, value in flat(config).items():
+        if key.startswith(("paths.", "hydra.")):
+            continue
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, str) and Path(item).is_file():
+                name = f"{key}[{i}]" if isinstance(value, list) else key
+                digests[name] = hashlib.sha256(Path(item).read_bytes()).hexdigest()
+    return digests
+
+
 def check_resume(cfg: Config, config: dict[str, Any], run_dir: Path) -> bool:
     """True when `run_dir` holds a stopped (or finished) run to continue: cached inner loops and finished
     rounds are read back. Only a run of the same configuration may be continued (`config_changes`)."""
@@ -80,6 +95,16 @@ def check_resume(cfg: Config, config: dict[str, Any], run_dir: Path) -> bool:
         )
     before = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     changes = config_changes(before, config)
+    rounds = flat(before).get("rl.rounds")
+    if isinstance(rounds, int) and cfg.rl.rounds < rounds:
+        changes.append(f"rl.rounds: {rounds} -> {cfg.rl.rounds} (may only grow)")
+    if (recorded := run_dir / "inputs.json").is_file():  # absent from runs started before it was written
+        digests = input_digests(config)
+        changes += [
+            f"{key}: the file's content changed since the run started"
+            for key, digest in json.loads(recorded.read_text()).items()
+            if digests.get(key) != digest
+        ]
     if changes:
         raise ValueError(
             f"{run_dir} holds a run with another configuration (choose another hydra.run.dir):\n  "
@@ -109,10 +134,13 @@ def train(dict_cfg: DictConfig) -> dict[str, Any]:
     cfg: Config = OmegaConf.to_object(dict_cfg)  # checked against the schema in seal/config.py
     if cfg.task.name not in TASKS:
         raise ValueError(f"unknown task {cfg.task.name!r}: expected one of {sorted(TASKS)}")
-    if cfg.rl.sft.launcher not in ("local", "accelerate", "torchrun"):
-        raise ValueError(
-            f"unknown rl.sft.launcher {cfg.rl.sft.launcher!r}: expected local, accelerate or torchrun"
-        )
+    for key, value, known in (
+        ("rl.sft.launcher", cfg.rl.sft.launcher, ("local", "accelerate", "torchrun")),
+        ("rl.learner", cfg.rl.learner, ("updated", "golden")),
+        ("rl.reward.kind", cfg.rl.reward.kind, ("accuracy", "gain")),
+    ):
+        if value not in known:
+            raise ValueError(f"unknown {key} {value!r}: expected one of {list(known)}")
     if (cfg.task.name, cfg.task.mode) != ("knowledge", "single"):
         for key, value, default in (
             ("executor", cfg.executor.name, "local"),
@@ -129,13 +157,16 @@ def train(dict_cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(dict_cfg, resolve=True)
     resume = check_resume(cfg, config, run_dir)
+    # summary.json marks a finished run: one resumed (perhaps extended by rl.rounds) has not finished yet.
+    (run_dir / "summary.json").unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dict_cfg, resolve=True))
+    write_json_atomic(run_dir / "inputs.json", input_digests(config))
     setup_runtime(cfg)
     name = run_name(cfg) + (f" [{sweep[1]}]" if sweep else "")
     tracker = Tracker(run_dir, cfg.logger, config, name, resume=resume)
     failed = True
     try:
-        meter = PhaseMeter(torch.device("cuda" if cfg.model.device.startswith("cuda") else "cpu"))
+        meter = PhaseMeter(resolve_device(cfg.model.device))  # auto: the load is metered where it lands
         with meter.phase("load"):
             lm = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
         meter.device = lm.device

@@ -123,4 +123,7 @@ def test_passages_that_share_a_title_get_names_of_their_own(tmp_path):
     path = tmp_path / "passages.json"
     path.write_text(json.dumps(items))
     assert [p.name for p in load_json_file(path)] == ["Tide #1", "Moon", "Tide #2", "Tide #3"]
+    items[1]["title"] = "Tide #2"  # a title that is also the name another passage would get
+    path.write_text(json.dumps(items))
+    assert [p.name for p in load_json_file(path)] == ["Tide #1", "Tide #2", "Tide #2 (passage 2)", "Tide #3"]
     assert [p.name for p in embedded_corpus().eval] == [p.title for p in embedded_corpus().eval]

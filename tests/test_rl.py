@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from seal import multilora, rl
 from seal.adapt import collate
 from seal.config import AdaptConfig, RewardConfig, RLConfig, SFTConfig
+from seal.executor import LocalExecutor, WorkerLost
 from seal.grading import make_grader
 from seal.models import continuation_logprobs
 from seal.multilora import MultiLoraUpdater
@@ -375,6 +376,8 @@ def test_a_run_dir_with_another_config_is_not_resumed(rl_run):
     run_dir, _ = rl_run
     with pytest.raises(ValueError, match="another configuration"):
         train(make_cfg(run_dir, *TINY, *RL_OVERRIDES, "rl.samples=2"))
+    with pytest.raises(ValueError, match=r"rl.rounds: 2 -> 1 \(may only grow\)"):
+        train(make_cfg(run_dir, *TINY, *RL_OVERRIDES, "rl.rounds=1"))
     with pytest.raises(ValueError, match="resume=auto"):
         train(make_cfg(run_dir, *TINY, *RL_OVERRIDES, "resume=never"))
 
@@ -414,6 +417,9 @@ def test_self_edits_from_a_file_are_the_external_condition(tmp_path):
         json.loads(line) for line in (run_dir / "results/external_edits.jsonl").read_text().splitlines()
     ]
     assert [r["self_edit"] for r in written] == [p.context for p in passages]
+    edits.write_text(edits.read_text().replace(passages[0].context, "Nothing to learn here."))
+    with pytest.raises(ValueError, match="self_edit.path: the file's content changed since the run started"):
+        train(make_cfg(run_dir, *TINY_OVERRIDES, "self_edit.source=file", f"self_edit.path={edits}"))
     run2 = make_cfg(tmp_path / "run2", *TINY_OVERRIDES, "self_edit.source=file", f"self_edit.path={edits}")
     for content, error in (
         (json.dumps({"title": passages[0].title, "self_edit": "x"}) + "\n", "no self-edit for the eval"),
@@ -556,3 +562,49 @@ def test_on_forked_workers_a_dead_worker_s_chunk_is_retried_and_the_run_equals_t
     assert {k: v for k, v in _summary(tmp_path / "run").items() if not k.startswith("executor/")} == _summary(
         whole
     )
+
+
+def test_a_round_resumed_with_other_kept_self_edits_fine_tunes_and_evaluates_again(tmp_path, monkeypatch):
+    """Round 1's rewards are lost (a worker that kept dying: not cached) and the run is stopped in round 1's
+    evaluation. Resumed, the rewards are computed and keep other self-edits than the first attempt's
+    (none), so the fine-tuning and the evaluation's self-edits are done again: the run ends as one that was
+    never stopped."""
+    monkeypatch.setattr(knowledge, "make_grader", lambda *a: lambda question, gold, prediction: True)
+    real_map = LocalExecutor.map
+    first_attempt = True
+
+    class Stopped(Exception):
+        pass
+
+    def map_(self, work):
+        if not first_attempt:
+            yield from real_map(self, work)
+            return
+        for i, (chunk, desc) in enumerate(work):
+            if "round 1 evaluation" in desc:
+                raise Stopped
+            yield i, WorkerLost("died 3 times") if "rewards" in desc else self.runner.compute(chunk, desc)
+
+    overrides = (*TINY, "rl=rest_em", "rl.rounds=1", "rl.passages_per_round=1", "rl.samples=2")
+    overrides += ("rl.sft.epochs=1", "data.n_train=1", "reasoning=none", "task.conditions=[self_edit]")
+    whole = train(make_cfg(tmp_path / "whole", *overrides))
+    monkeypatch.setattr(LocalExecutor, "map", map_)
+    with pytest.raises(Stopped):
+        train(make_cfg(tmp_path / "stopped", *overrides))
+    stopped = tmp_path / "stopped" / "rounds" / "round_1"
+    assert json.loads((stopped / "sft_data.json").read_text()) == []  # every reward lost: nothing kept
+    first_edits = json.loads((stopped / "eval_self_edits.json").read_text())
+    first_attempt = False
+    resumed = train(make_cfg(tmp_path / "stopped", *overrides))
+    edits = json.loads((stopped / "eval_self_edits.json").read_text())
+    assert edits == json.loads((tmp_path / "whole/rounds/round_1/eval_self_edits.json").read_text())
+    assert edits != first_edits  # the fine-tuned generator's, not the unchanged one's
+    for key in ("rl/round_1/eval_accuracy", "rl/round_1/sft_loss", "knowledge/seal/accuracy"):
+        assert resumed[key] == whole[key]
+
+
+def test_a_round_that_keeps_nothing_leaves_no_adapter_of_an_earlier_attempt(tmp_path):
+    store = rl.RoundStore(tmp_path)
+    store.save_adapter(1, {"w": torch.ones(2)})  # an earlier attempt at round 1 kept a self-edit
+    assert rl.train_generator(store, 1, None, None, [], RLConfig(name="rest_em", learner="golden"), 0) is None
+    assert store.load_adapter(1) is None  # nothing to merge when the round is replayed

@@ -5,10 +5,11 @@ import json
 import pytest
 
 from seal import multilora
+from seal.config import LoggerConfig
 from seal.grading import make_grader
 from seal.regrade import regrade_run
 from seal.tasks import knowledge
-from seal.tracking import read_offline_run
+from seal.tracking import Tracker, read_offline_run
 from seal.train import train
 from tests.conftest import DEVICE, TINY_OVERRIDES, make_cfg
 
@@ -107,9 +108,18 @@ def test_nan_loss_is_recorded_and_the_run_finishes(tmp_path, monkeypatch):
     assert all("non-finite loss" in r["update_error"] for r in rows)
 
 
-def test_unknown_condition_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="unknown task.conditions"):
-        train(make_cfg(tmp_path, *TINY_OVERRIDES, "task.conditions=[base,magic]"))
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ("task.conditions=[base,magic]", "unknown task.conditions"),
+        ("rl.learner=gold", r"unknown rl.learner 'gold': expected one of \['updated', 'golden'\]"),
+        ("rl.reward.kind=gains", "unknown rl.reward.kind 'gains'"),
+        ("rl.sft.launcher=slurm", "unknown rl.sft.launcher 'slurm'"),
+    ],
+)
+def test_unknown_options_are_clear_errors(tmp_path, override, error):
+    with pytest.raises(ValueError, match=error):
+        train(make_cfg(tmp_path, *TINY_OVERRIDES, override))
 
 
 def test_wandb_offline_run_holds_the_summary(tmp_path, monkeypatch):
@@ -220,3 +230,28 @@ def test_reasoning_from_bigbench_files_in_a_run(tmp_path):
     )
     metrics = train(make_cfg(tmp_path / "run", *TINY_OVERRIDES, *overrides))
     assert metrics["reasoning/before/n"] == 5 and metrics["reasoning/before/chance"] == 0.5
+
+
+def test_a_history_line_cut_short_by_a_kill_loses_no_later_row(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "a": 1}\n{"step": 1, "a"')
+    tracker = Tracker(tmp_path, LoggerConfig(name="none"), {}, "run", resume=True)
+    tracker.log({"rl/round": 1})
+    assert tracker.rows() == [
+        {"step": 0, "a": 1},
+        {"step": 1, "time": tracker.rows()[1]["time"], "rl/round": 1},
+    ]
+    assert tracker.has_row("rl/round", 1)
+
+
+def test_a_resumed_run_holds_a_summary_only_once_it_finishes_again(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, *TINY_OVERRIDES, "task.conditions=[base]", "reasoning=none")
+    train(cfg)
+    assert (tmp_path / "summary.json").is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(knowledge, "answer", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)  # resumed (resume=auto), and stopped before it finished
+    assert not (tmp_path / "summary.json").exists()

@@ -61,7 +61,8 @@ class Passage:
     context: str
     questions: tuple[Question, ...]
     # Unique in its corpus: the title, or "title #n" (the n-th in file order) where passages share a title, as
-    # SQuAD's paragraphs of one article do. Seeds, inner-loop keys and the cache name a passage by it.
+    # SQuAD's paragraphs of one article do ("title #n (passage i)", i its index in the file, should another
+    # passage's title be "title #n"). Seeds, inner-loop keys and the cache name a passage by it.
     name: str
 
 
@@ -102,12 +103,16 @@ def parse_passages(items: Any, origin: str) -> list[Passage]:
                     raise DataError(f"{where}: question {j}: field {key!r} is missing or empty")
             parsed.append(Question(q["question"].strip(), q["answer"].strip()))
         passages.append((item["title"].strip(), item["context"].strip(), tuple(parsed)))
-    shared = {t for t, n in collections.Counter(t for t, _, _ in passages).items() if n > 1}
+    counts = collections.Counter(t for t, _, _ in passages)
+    taken = {t for t, n in counts.items() if n == 1}  # unique titles name their passages
     seen: collections.Counter[str] = collections.Counter()
     named = []
-    for title, context, questions in passages:
+    for i, (title, context, questions) in enumerate(passages):
         seen[title] += 1
-        name = f"{title} #{seen[title]}" if title in shared else title
+        name = title if counts[title] == 1 else f"{title} #{seen[title]}"
+        if counts[title] > 1 and name in taken:  # "X #2" is also another passage's own title
+            name = f"{name} (passage {i})"
+        taken.add(name)
         named.append(Passage(title, context, questions, name))
     return named
 
@@ -730,7 +735,7 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
                     }
                 ]
                 + [
-                    {"model": "after_update", "title": o["title"], **o["probe"]}
+                    {"model": "after_update", "title": o["title"], "passage": o["key"][1], **o["probe"]}
                     for o in outcomes
                     if o["probe"] is not None
                 ],
@@ -775,9 +780,9 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
                 tracker.results("seal", seal_rows)
                 metrics.update(condition_metrics("seal", seal_rows))
                 rows["seal"] = seal_rows
-            if store.reused:
-                log.info("resumed: %d inner loops read back from %s", store.reused, store.root)
-                tracker.log({"resume/reused_inner_loops": store.reused})
+        if store.reused:
+            log.info("resumed: %d inner loops read back from %s", store.reused, store.root)
+            tracker.log({"resume/reused_inner_loops": store.reused})
         metrics.update(paired_metrics(rows))
         metrics.update(loops.throughput())
         return metrics
@@ -913,7 +918,12 @@ def rest_em_round(
             for s in range(rl.samples)
         ],
     )
-    store.write(k, "sft_data.json", [{"prompt": a, "completion": b} for a, b in examples])
+    sft_data = [{"prompt": a, "completion": b} for a, b in examples]
+    if store.read(k, "sft_data.json") not in (None, sft_data):
+        # An earlier attempt at this round kept other self-edits (an inner loop that failed then was
+        # computed again): what it wrote after the fine-tuning came from another generator.
+        store.discard(k, "eval_self_edits.json", "eval")
+    store.write(k, "sft_data.json", sft_data)
     diagnostics = dict(chosen.diagnostics)
     diagnostics["self_edit_tokens_mean"] = statistics.fmean(
         len(generator.tokenizer(e, add_special_tokens=False)["input_ids"]) for e in edits
