@@ -14,6 +14,7 @@ import math
 import os
 import re
 import string
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -55,8 +56,9 @@ _ABBREVIATIONS = set("mr mrs ms dr prof st mt jr sr vs gen col capt lt".split())
 
 
 def first_sentence(text: str) -> str:
-    """The text up to its first sentence end; a full stop after initials, a title or a list's opening number
-    does not end one."""
+    """The text up to its first sentence end, or its first line's end; a full stop after initials, a title or
+    a list's opening number does not end one."""
+    text = text.strip().split("\n", 1)[0]  # an answer on a line of its own, then a recital, ends there
     for end in _SENTENCE_END.finditer(text):
         words = text[: end.start()].split()
         word = words[-1] if words else ""
@@ -100,12 +102,16 @@ def make_grader(name: str, f1_threshold: float = 0.5, judge: Judge | None = None
     raise ValueError(f"unknown task.grader {name!r}: expected contains, first_sentence, exact, f1 or judge")
 
 
+class JudgeError(ValueError):
+    """The judge endpoint failed or answered with something other than a verdict; the message says which."""
+
+
 def parse_yes_no(reply: str) -> bool:
     """The judge's verdict: its first word, yes or no; anything else is a clear error."""
     words = normalize(reply).split()
     if words and words[0] in ("yes", "no"):
         return words[0] == "yes"
-    raise ValueError(f"judge reply is neither yes nor no: {reply[:80]!r}")
+    raise JudgeError(f"judge reply is neither yes nor no: {reply[:80]!r}")
 
 
 def openai_judge_from_env() -> Judge:
@@ -128,8 +134,19 @@ def openai_judge_from_env() -> Judge:
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
         )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            reply = json.load(response)["choices"][0]["message"]["content"]
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                doc = json.load(response)
+        except urllib.error.HTTPError as e:  # the server's own explanation is in the body
+            raise JudgeError(f"judge endpoint: {e} ({e.read().decode(errors='replace')[:300]})") from e
+        except (OSError, ValueError) as e:  # unreachable, timed out, or not JSON
+            raise JudgeError(f"judge endpoint: {e}") from e
+        try:
+            reply = doc["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise JudgeError(f"judge endpoint: no reply in the response: {json.dumps(doc)[:300]}") from e
+        if not isinstance(reply, str):  # e.g. a reasoning model that spent max_tokens before answering
+            raise JudgeError(f"judge endpoint: the reply holds no text: {json.dumps(doc)[:300]}")
         return parse_yes_no(reply)
 
     return judge

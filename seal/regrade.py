@@ -125,15 +125,21 @@ def cached_verdicts(path: Path) -> dict[tuple[str, str, str], bool]:
     return {answer_key(row): bool(row["correct"]) for row in checked(path, read_rows(path))}
 
 
-def regrade_run(run_dir: Path, grade: Callable[[str, str, str], bool], label: str) -> dict[str, Any]:
+def regrade_run(
+    run_dir: Path, grade: Callable[[str, str, str], bool], label: str, reuse: bool = True
+) -> dict[str, Any]:
     """Grade every answer of the run at `run_dir` again, those of its ReST-EM rounds' evaluations included,
-    and write graded/<label>.{jsonl,json}; returns the latter's content."""
+    and write graded/<label>.{jsonl,json}; returns the latter's content. With `reuse`, the verdicts an
+    earlier regrade wrote to graded/<label>.jsonl are read back instead of asked again (a judge's); without,
+    every answer is graded afresh (a rule's verdicts cost nothing, and a changed rule's are not reused)."""
     files = answer_files(run_dir)
     if not files:
         raise NoAnswers(f"{run_dir}: no graded answers in results/ (only the knowledge task's are graded)")
     rounds = round_files(run_dir)
     cache_path = run_dir / "graded" / f"{label}.jsonl"
     cache_path.parent.mkdir(parents=True, exist_ok=True)
+    if not reuse:
+        cache_path.unlink(missing_ok=True)
     cached = cached_verdicts(cache_path)
 
     def verdicts(name: str, path: Path, rows: list[dict[str, Any]], cache: TextIO) -> list[bool]:
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     failed = 0
     for run_dir in run_dirs:  # one run's problem stops neither the others nor what they wrote
         try:
-            graded = regrade_run(run_dir, grade, label)
+            graded = regrade_run(run_dir, grade, label, reuse=args.grader == "judge")
             tables = (graded_table(run_dir, graded), graded_pairs_table(run_dir, graded))
         except NoAnswers as e:  # a failed or few-shot run: nothing to grade
             print(f"seal.regrade: skipped {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from seal.grading import (
+    JudgeError,
     accuracy_summary,
     contains,
     contains_first,
@@ -50,6 +51,10 @@ def test_first_sentence_ends_at_a_full_stop_but_not_after_initials_or_titles():
     assert first_sentence("  no end at all ") == "no end at all"
     assert first_sentence("1. Port Vellan. 2. Yarrowby.") == "1. Port Vellan."
     assert first_sentence("No. It is external.") == "No."
+    assert (
+        first_sentence("\nThe Scottish Parliament\n\nThe Presiding Officer decides.")
+        == "The Scottish Parliament"
+    )
     # A passage recited after a wrong first answer is not credited under first_sentence.
     answer = "The Scottish Parliament decides. Normally, the Presiding Officer selects members to speak."
     assert (
@@ -155,3 +160,37 @@ def test_judge_talks_to_an_openai_compatible_endpoint(monkeypatch):
     finally:
         server.shutdown()
     assert seen[0][0] == "/v1/chat/completions" and seen[0][1]["model"] == "judge-model"
+
+
+@pytest.mark.parametrize(
+    "status, reply, error",
+    [
+        (200, {"choices": [{"message": {"content": None}}]}, "the reply holds no text"),
+        (200, {"choices": []}, "no reply in the response"),
+        (200, {"error": {"message": "model not loaded"}}, "no reply in the response.*model not loaded"),
+        (400, {"error": {"message": "max_tokens too small"}}, "HTTP Error 400.*max_tokens too small"),
+        (200, {"choices": [{"message": {"content": "Maybe"}}]}, "neither yes nor no"),
+    ],
+)
+def test_a_judge_that_fails_says_why_in_a_judge_error(monkeypatch, status, reply, error):
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            data = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("SEAL_JUDGE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+        monkeypatch.setenv("SEAL_JUDGE_MODEL", "judge-model")
+        with pytest.raises(JudgeError, match=error):
+            make_grader("judge")("Where?", "Port Vellan", "Port Vellan")
+    finally:
+        server.shutdown()

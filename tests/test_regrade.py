@@ -244,3 +244,18 @@ def test_a_continual_run_is_graded_after_its_last_edit(tmp_path):
     write_jsonl(run / "results" / "continual.jsonl", rows)
     continual = regrade_run(run, make_grader("contains"), "contains")["conditions"]["continual"]
     assert (continual["n"], continual["accuracy"], continual["run_accuracy"]) == (4, 1.0, 1.0)
+
+
+def test_a_rule_based_grader_grades_afresh_and_a_judge_s_verdicts_are_read_back(run_dir):
+    """A verdict left in graded/exact.jsonl (say, by an earlier version of the rule) is not read back."""
+    stale = {"question": "Where?", "gold": GOLD, "prediction": "Vellan", "correct": True}
+    (run_dir / "graded").mkdir()
+    (run_dir / "graded" / "exact.jsonl").write_text(json.dumps(stale) + "\n")
+    main([str(run_dir), "--grader", "exact"])
+    assert (
+        json.loads((run_dir / "graded" / "exact.json").read_text())["conditions"]["passage"]["accuracy"]
+        == 0.25
+    )
+    # With reuse (the judge's way), the same line is read back and counts.
+    (run_dir / "graded" / "exact.jsonl").write_text(json.dumps(stale) + "\n")
+    assert regrade_run(run_dir, make_grader("exact"), "exact")["conditions"]["passage"]["accuracy"] == 0.5
