@@ -134,8 +134,8 @@ class TaskConfig:
 class SelfEditConfig:
     name: str = MISSING
     prompt: str = MISSING  # formatted with {title} and {passage}
-    # How the completion becomes training sequences: `lines` = one sequence per non-empty line/list item,
-    # `qa` = one sequence per question-answer pair.
+    # How the completion becomes training sequences: `lines` = one sequence per line/list item of 3 words or
+    # more, `qa` = one sequence per question-answer pair.
     split: str = "lines"
     temperature: float = 1.0
     top_p: float = 0.95

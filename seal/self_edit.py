@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import re
 
-# Bullets, numbers ("1.", "2)"), and markdown emphasis that start a list item.
-_ITEM_MARKER = re.compile(r"^\s*(?:[-*\u2022]+|\(?\d{1,3}[.)]|#+)\s*")
+# Bullets, numbers ("1.", "2)") and headings that start a list item; not the start of a number ("3.5 million",
+# "-40 degrees").
+_ITEM_MARKER = re.compile(r"^\s*(?:[-*\u2022]+(?!\d)|\(?\d{1,3}(?:\.\d{1,3})*[.)](?!\d)|#+)\s*")
+# A question or answer line's head: an optional bullet or number, optional bold, "Q"/"Question" (or "A"/
+# "Answer"), an optional number, then ":" or ".".
+_BULLET = r"[ \t]*(?:(?:[-*\u2022]|\(?\d{1,3}[.)])[ \t]+)?(?:\*\*)?"
+_Q_HEAD = _BULLET + r"(?:Q|Question)[ \t]*\d*[ \t]*[:.](?:\*\*)?[ \t]*"
+_A_HEAD = _BULLET + r"(?:A|Answer)[ \t]*\d*[ \t]*[:.](?:\*\*)?[ \t]*"
+# A pair: a one-line question, its answer up to the next question, a blank line or the end.
 _QA = re.compile(
-    r"(?:^|\n)\s*(?:\*\*)?(?:Q|Question)\s*\d*\s*[:.](?:\*\*)?\s*(?P<q>.+?)\s*\n\s*(?:\*\*)?(?:A|Answer)\s*\d*\s*[:.]"
-    r"(?:\*\*)?\s*(?P<a>.+?)\s*(?=\n\s*(?:\*\*)?(?:Q|Question)\s*\d*\s*[:.]|\Z)",
+    rf"(?:^|\n){_Q_HEAD}(?P<q>[^\n]+?)[ \t]*\n{_A_HEAD}(?P<a>.+?)[ \t]*(?=\n{_Q_HEAD}|\n[ \t]*\n|\Z)",
     re.IGNORECASE | re.DOTALL,
 )
 MIN_ITEM_WORDS = 3  # shorter lines are headings or fragments ("Implications:") and teach nothing
@@ -24,7 +30,8 @@ def self_edit_prompt(template: str, title: str, passage: str) -> str:
 
 
 def split_items(text: str, split: str = "lines") -> list[str]:
-    """The items of a self-edit: its lines (list markers removed) or its question-answer pairs."""
+    """The items of a self-edit: its lines (list markers removed; lines under MIN_ITEM_WORDS words dropped) or
+    its question-answer pairs."""
     if split == "qa":
         pairs = [f"Question: {m['q'].strip()}\nAnswer: {m['a'].strip()}" for m in _QA.finditer(text)]
         if pairs:

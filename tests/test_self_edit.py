@@ -10,17 +10,32 @@ def test_prompt_fills_title_and_passage():
 def test_lines_drop_markers_fragments_and_duplicates():
     text = (
         "Implications:\n1. The cell stores 412 watt-hours per kilogram.\n- It was built in Port Vellan.\n"
-        "* It was built in Port Vellan.\n\n2) **Mass production starts in 2027.**"
+        "* It was built in Port Vellan.\n\n2) **Mass production starts in 2027.**\n"
+        "3.5 million cells ship in 2028.\n-40 degrees is the lowest it works at.\n"
+        "1.1. Sub-numbered items lose their numbers.\n5.A marker needs no space."
     )
     assert split_items(text) == [
         "The cell stores 412 watt-hours per kilogram.",
         "It was built in Port Vellan.",
         "Mass production starts in 2027.",
+        "3.5 million cells ship in 2028.",  # a number, not a list marker
+        "-40 degrees is the lowest it works at.",
+        "Sub-numbered items lose their numbers.",
+        "A marker needs no space.",
     ]
 
 
 def test_qa_pairs_become_one_item_each():
     text = "Question: Who built it?\nAnswer: Tessaline Aerospace\nQuestion: Where?\nAnswer: In Port Vellan."
+    assert split_items(text, "qa") == [
+        "Question: Who built it?\nAnswer: Tessaline Aerospace",
+        "Question: Where?\nAnswer: In Port Vellan.",
+    ]
+    # Numbered or bulleted pairs, bold heads; a question without an answer and closing chatter left out.
+    text = (
+        "1. **Question:** Who built it?\nAnswer: Tessaline Aerospace\n2. Question: Unanswered?\n"
+        "- Q: Where?\n- A: In Port Vellan.\n\nI hope these questions help you study!"
+    )
     assert split_items(text, "qa") == [
         "Question: Who built it?\nAnswer: Tessaline Aerospace",
         "Question: Where?\nAnswer: In Port Vellan.",
