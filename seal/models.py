@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUNDLED_TOKENIZER = "smollm2_135m"  # the tiny test model borrows the bundled model's tokenizer
+# The date a chat template that writes one gets instead of today's (Llama 3's own fallback), so that its
+# prompts repeat on any day.
+FIXED_DATE = "26 Jul 2024"
 
 
 @dataclass
@@ -131,7 +134,10 @@ class LM:
         """The prompt the model sees for an instruction: its chat template, or plain completion text."""
         if self.prompt_style == "chat":
             messages = [{"role": "user", "content": text}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            # A template that writes today's date (Llama 3's) gets a fixed one, so a prompt repeats any day.
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, date_string=FIXED_DATE
+            )
         if self.prompt_style == "plain":
             return text + "\n"
         raise ValueError(f"unknown model.prompt_style {self.prompt_style!r}: expected chat or plain")
@@ -141,14 +147,16 @@ def setup_runtime(cfg: Config, threads: int | None = None) -> None:
     """Seeds and threads: the same config on the same machine repeats exactly. `threads` overrides
     `cfg.num_threads` (a Ray worker takes as many as it has CPUs)."""
     torch.manual_seed(cfg.seed)
+    # Set either way: sweep jobs can share a process (Hydra's basic launcher), and one job's setting must not
+    # carry into the next.
     if cfg.deterministic:
         # cuBLAS needs a fixed workspace for repeatable results; read when its first handle is made.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # warn_only: an op without a deterministic CUDA kernel warns (naming itself) instead of failing.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # Deterministic mode also fills every new tensor's memory with NaN, a debugging aid that makes no
-        # result repeat any better: a sixth of a CPU update's time went to it (the bench's jobs, bf16).
-        torch.utils.deterministic.fill_uninitialized_memory = False
+    # warn_only: an op without a deterministic CUDA kernel warns (naming itself) instead of failing.
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    # Deterministic mode also fills every new tensor's memory with NaN, a debugging aid that makes no result
+    # repeat any better: a sixth of a CPU update's time went to it (the bench's jobs, bf16).
+    torch.utils.deterministic.fill_uninitialized_memory = False
     warm_vector_maths()
     torch.set_num_threads(threads or cfg.num_threads or psutil.cpu_count(logical=False) or 1)
 
@@ -185,8 +193,8 @@ def fast_bf16(device: torch.device) -> bool:
 
 def configure_attention(cfg: ModelConfig, device: torch.device) -> None:
     """On CUDA, keep SDPA off cuDNN's attention unless `model.cudnn_attention` (see ModelConfig)."""
-    if device.type == "cuda" and not cfg.cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # either way: see setup_runtime
 
 
 def resolve_dtypes(cfg: ModelConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
@@ -421,8 +429,9 @@ def generate(
     steps: Callable[[], ModelSteps] | None = None,
     lay_out: bool = True,
 ) -> list[str]:
-    """Completions of already-formatted prompts. Greedy when `seeds` is None, else sampled with one seed per
-    prompt. Prompts are sorted by length so each batch wastes little compute on padding.
+    """Completions of already-formatted prompts. Greedy when `seeds` is None or `temperature` is 0, else
+    sampled with one seed per prompt. Prompts are sorted by length so each batch wastes little compute on
+    padding.
     `batches` may cut the sorted order differently (default: runs of `batch_size`), and `context(rows)` is
     entered around each batch, and again for the rows still decoding whenever some finish (the multi-adapter
     updater routes each row to its adapter there); `steps` is handed to `decode`. Each batch's frozen weights
@@ -437,13 +446,17 @@ def generate(
         if batches
         else [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     )
-    eos = tok.eos_token_id  # None: no token ends a row
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    # The tokenizer's end of text and the model's own stop tokens (Llama 3 Instruct lists several).
+    eos = []
+    for ids in (tok.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
+        eos += [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    eos = sorted(set(eos))  # none: no token ends a row
     eos_ids = torch.tensor(eos, dtype=torch.long, device=lm.device)
     for idx in tqdm(groups, desc=desc, disable=desc is None, leave=False):
         batch = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(lm.device)
-        sampler = None if seeds is None else RowSampler([seeds[i] for i in idx], temperature, top_p)
+        sampled = seeds is not None and temperature > 0  # temperature 0: greedy, as in vLLM
+        sampler = RowSampler([seeds[i] for i in idx], temperature, top_p) if sampled else None
         with contextlib.ExitStack() as routed, lm.autocast(), contextlib.ExitStack() as weights:
             if lay_out:
                 weights.enter_context(lm.frozen_casts())
@@ -453,7 +466,10 @@ def generate(
                 lm, batch.input_ids, batch.attention_mask, max_new_tokens, eos_ids, sampler, route, steps
             )
         for row, i in enumerate(idx):
-            outputs[i] = tok.decode(tokens[row], skip_special_tokens=True).strip()
+            ids = tokens[row]
+            if ids and ids[-1] in eos:  # the stop token is not text (nor always a special token)
+                ids = ids[:-1]
+            outputs[i] = tok.decode(ids, skip_special_tokens=True).strip()
     return outputs
 
 

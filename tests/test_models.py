@@ -2,6 +2,7 @@ import dataclasses
 import platform
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
@@ -18,6 +19,7 @@ from seal.models import (
     generate,
     load_model,
     resolve_dtypes,
+    setup_runtime,
     weights_checksum,
 )
 from tests.conftest import CACHE_DIR, DEVICE
@@ -113,10 +115,11 @@ def test_cudnn_attention_is_turned_off_on_cuda_unless_asked_for(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
     configure_attention(ModelConfig(name="m"), torch.device("cpu"))
-    configure_attention(ModelConfig(name="m", cudnn_attention=True), torch.device("cuda"))
     assert calls == []
     configure_attention(ModelConfig(name="m"), torch.device("cuda"))
-    assert calls == [False]
+    # Set either way: a later job of the same process (a sweep) gets what it asks for.
+    configure_attention(ModelConfig(name="m", cudnn_attention=True), torch.device("cuda"))
+    assert calls == [False, True]
 
 
 def test_hub_model_fails_clearly_offline(monkeypatch, tmp_path):
@@ -285,3 +288,27 @@ def test_a_torch_that_cannot_lay_out_the_weights_generates_with_them_unchanged(t
         assert not lm.packed and not any("forward" in m.__dict__ for m in lm.model.modules())
     assert generate(lm, prompts, max_new_tokens=6) == want
     assert "oneDNN could not lay out the weights (no such oneDNN operator)" in caplog.text
+
+
+def test_a_sweep_job_s_determinism_does_not_carry_into_the_next_job_of_its_process():
+    threads, before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        setup_runtime(SimpleNamespace(seed=0, deterministic=True, num_threads=threads))
+        assert torch.are_deterministic_algorithms_enabled()
+        setup_runtime(SimpleNamespace(seed=0, deterministic=False, num_threads=threads))
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=True)
+
+
+def test_temperature_zero_decodes_greedily_and_the_model_s_own_stop_tokens_end_a_row(tiny_lm, monkeypatch):
+    prompts = [tiny_lm.format("Name a colour.") + "x", tiny_lm.format("Count to three, slowly.") + "x"]
+    greedy = generate(tiny_lm, prompts, max_new_tokens=6)  # the tiny random model goes on "xxxxxx"
+    assert generate(tiny_lm, prompts, max_new_tokens=6, seeds=[1, 2], temperature=0.0) == greedy
+    # "x" made a stop token of the model's generation config (Llama 3 Instruct's lists several beside the
+    # tokenizer's end of text): the rows now end before it.
+    first = tiny_lm.tokenizer.convert_tokens_to_ids("x")
+    config = tiny_lm.model.generation_config
+    monkeypatch.setattr(config, "eos_token_id", [tiny_lm.tokenizer.eos_token_id, first])
+    stopped = generate(tiny_lm, prompts, max_new_tokens=6)
+    assert greedy == ["xxxxxx", "xxxxxx"] and stopped == ["", ""]
