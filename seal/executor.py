@@ -31,6 +31,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import pickle
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -135,7 +136,7 @@ class ProcessExecutor:
                     index, worker = running.pop(receive)
                     try:
                         status, payload = receive.recv()
-                    except EOFError:  # it died before sending anything
+                    except (EOFError, OSError, pickle.UnpicklingError):  # it died before or while sending
                         status, payload = "lost", None
                     receive.close()
                     worker.join()

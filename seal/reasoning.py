@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import random
 import sys
 from collections.abc import Callable
@@ -175,7 +176,9 @@ def load_bigbench(path: str | Path, limit: int = 0, seed: int = 0) -> list[Item]
     if not path.is_file():
         raise ReasoningDataError(f"{path}: no such BIG-bench task file")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ReasoningDataError(f"{path}: not UTF-8 text (byte {err.start})") from err
     except json.JSONDecodeError as err:
         raise ReasoningDataError(
             f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
@@ -183,8 +186,13 @@ def load_bigbench(path: str | Path, limit: int = 0, seed: int = 0) -> list[Item]
     if not isinstance(doc, dict) or not isinstance(doc.get("examples"), list):
         raise ReasoningDataError(f"{path}: expected a BIG-bench task object with an 'examples' list")
     name = str(doc.get("name") or path.stem)
-    before = doc.get("task_prefix", "") + doc.get("example_input_prefix", "\nQ: ")
-    after = doc.get("example_output_prefix", "\nA: ")
+    prefixes = {"task_prefix": "", "example_input_prefix": "\nQ: ", "example_output_prefix": "\nA: "}
+    for key, default in prefixes.items():
+        prefixes[key] = doc.get(key, default)
+        if not isinstance(prefixes[key], str):
+            raise ReasoningDataError(f"{path}: {key!r} must be a string, got {prefixes[key]!r}")
+    before = prefixes["task_prefix"] + prefixes["example_input_prefix"]
+    after = prefixes["example_output_prefix"]
     items = []
     for i, ex in enumerate(doc["examples"]):
         scores = ex.get("target_scores") if isinstance(ex, dict) else None
@@ -192,8 +200,10 @@ def load_bigbench(path: str | Path, limit: int = 0, seed: int = 0) -> list[Item]
             raise ReasoningDataError(f"{path}: example {i}: field 'input' is missing or not a string")
         if not isinstance(scores, dict) or len(scores) < 2:
             raise ReasoningDataError(f"{path}: example {i}: 'target_scores' needs at least two choices")
-        if not all(isinstance(v, (int, float)) for v in scores.values()):
-            raise ReasoningDataError(f"{path}: example {i}: target scores must be numbers")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in scores.values()):
+            raise ReasoningDataError(f"{path}: example {i}: target scores must be finite numbers")
+        if max(scores.values()) <= min(scores.values()):
+            raise ReasoningDataError(f"{path}: example {i}: every choice has the same target score")
         prompt = (before + ex["input"] + after).lstrip("\n")
         # Spaces that end the prompt belong to the answer's first token, as the model read them in training.
         stripped = prompt.rstrip(" ")

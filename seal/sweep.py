@@ -57,13 +57,19 @@ def read_ledger(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def summary(sweep_dir: Path) -> str:
-    """The sweep in a few lines: how many jobs finished, and each failed job's overrides and error."""
-    jobs = read_ledger(sweep_dir)
-    failed = [job for job in jobs if job["status"] != JobStatus.COMPLETED.name]
-    lines = [f"sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} jobs finished"]
+    """The sweep in a few lines: how many jobs finished, each failed job's overrides and error, and the jobs
+    that left a folder but no ledger line (killed: SIGKILL, out of memory, a scheduler's time limit). A job
+    run again into the same sweep directory (resume=auto) counts once, by its last line."""
+    jobs = {job["num"]: job for job in read_ledger(sweep_dir)}
+    folders = [int(d.name) for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+    silent = sorted(num for num in folders if num not in jobs)
+    failed = [job for job in jobs.values() if job["status"] != JobStatus.COMPLETED.name]
+    total = len(jobs) + len(silent)
+    lines = [f"sweep {sweep_dir}: {len(jobs) - len(failed)} of {total} jobs finished"]
     lines += [
         f"  job {job['num']} FAILED ({' '.join(job['overrides'])}): {job.get('error')}" for job in failed
     ]
+    lines += [f"  job {num} ENDED WITHOUT A RECORD (killed?): see {sweep_dir / str(num)}" for num in silent]
     lines.append(f"compare the jobs: python -m seal.report {sweep_dir} --out {sweep_dir}/report")
     return "\n".join(lines)
 

@@ -3,11 +3,14 @@ workers that compute with the learner's current weights, retry a chunk whose wor
 the configured tries. Whole runs on workers, with a worker killed, are in tests/test_rl.py."""
 
 import os
+import struct
 import sys
 
+import psutil
 import pytest
 import torch
 
+from seal import executor as executor_module
 from seal.config import ExecutorConfig
 from seal.executor import (
     ChunkResult,
@@ -152,3 +155,27 @@ def test_unknown_executors_and_tasks_that_do_not_run_on_ray_are_refused_at_start
         train(make_cfg(tmp_path, *TINY_OVERRIDES, "task.mode=cpt", "executor=ray"))
     with pytest.raises(ValueError, match="task=few_shot task.mode=single runs with generation.backend=hf"):
         train(make_cfg(tmp_path, *TINY_OVERRIDES, "task=few_shot", "generation.backend=vllm"))
+
+
+def test_a_worker_killed_while_sending_its_result_is_a_lost_worker_not_a_stopped_run(monkeypatch):
+    """Killed half-way through writing its result (the OOM killer, say): the parent reads a cut message."""
+    real = executor_module._compute_forked
+
+    def cut_short(send, runner, chunk, desc):
+        if chunk == ["cut"]:
+            os.write(send.fileno(), struct.pack("!i", 100_000) + b"x" * 10)  # 10 of 100,000 bytes
+            os._exit(9)
+        return real(send, runner, chunk, desc)
+
+    class Runner:
+        def compute(self, chunk, desc):
+            return ChunkResult([{"x": chunk}])
+
+    monkeypatch.setattr(executor_module, "_compute_forked", cut_short)
+    executor = make_executor(
+        ExecutorConfig(name="processes", workers=2, max_retries=1), local=Runner, remote=None, weights=None
+    )
+    results = dict(executor.map([(["cut"], "a"), ([1], "b")]))
+    assert isinstance(results[0], WorkerLost) and results[1].outcomes == [{"x": [1]}]
+    assert executor.retries == 1
+    assert not [p for p in psutil.Process().children() if p.status() == psutil.STATUS_ZOMBIE]

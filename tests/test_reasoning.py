@@ -151,12 +151,16 @@ def test_bigbench_files_load_with_their_prefixes_and_right_choices():
             "example 0: 'target_scores' needs at least two",
         ),
         ('{"examples": [{"target_scores": {"a": 1, "b": 0}}]}', "example 0: field 'input'"),
-        ('{"examples": [{"input": "q", "target_scores": {"a": "yes", "b": 0}}]}', "must be numbers"),
+        ('{"examples": [{"input": "q", "target_scores": {"a": "yes", "b": 0}}]}', "must be finite numbers"),
+        ('{"examples": [{"input": "q", "target_scores": {"a": NaN, "b": 0}}]}', "must be finite numbers"),
+        ('{"examples": [{"input": "q", "target_scores": {"a": 0, "b": 0}}]}', "the same target score"),
+        ('{"task_prefix": null, "examples": []}', "'task_prefix' must be a string, got None"),
+        (b'{"examples": [{"input": "caf\xe9"}]}', "not UTF-8 text (byte 28)"),
     ],
 )
 def test_a_malformed_bigbench_file_is_a_clear_error(tmp_path, text, message):
     path = tmp_path / "task.json"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ReasoningDataError, match=re.escape(message)):
         load_bigbench(path)
 

@@ -13,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from seal import report
+from seal.sweep import summary
 from tests.conftest import CACHE_DIR, CONF_DIR, TINY_OVERRIDES
 
 # The knowledge task on the tiny model, as a command line (the sweep runs `python -m seal.train -m`).
@@ -167,3 +168,19 @@ def test_the_slurm_submission_carries_our_parameters_and_its_job_runs_on_the_loc
         "knowledge/passage/accuracy"
         in json.loads((tmp_path / "sweep" / "0" / "summary.json").read_text())["metrics"]
     )
+
+
+def test_the_sweep_summary_counts_each_job_once_and_names_the_killed_ones(tmp_path):
+    """Job 1 failed, then succeeded when the sweep was run again into the same folder; job 2 was killed
+    before it could write its line."""
+    lines = [
+        {"num": 0, "overrides": ["seed=0"], "status": "COMPLETED"},
+        {"num": 1, "overrides": ["seed=1"], "status": "FAILED", "error": "RuntimeError: out of memory"},
+        {"num": 1, "overrides": ["seed=1"], "status": "COMPLETED"},
+    ]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for num in (0, 1, 2):
+        (tmp_path / str(num)).mkdir()
+    text = summary(tmp_path).splitlines()
+    assert text[0] == f"sweep {tmp_path}: 2 of 3 jobs finished"
+    assert text[1].startswith("  job 2 ENDED WITHOUT A RECORD") and not any("FAILED" in line for line in text)
