@@ -142,11 +142,17 @@ def train(dict_cfg: DictConfig) -> dict[str, Any]:
         if value not in known:
             raise ValueError(f"unknown {key} {value!r}: expected one of {list(known)}")
     if (cfg.task.name, cfg.task.mode) != ("knowledge", "single"):
+        # Settings only the knowledge task's single mode reads: refused elsewhere rather than ignored.
         for key, value, default in (
             ("executor", cfg.executor.name, "local"),
             ("generation.backend", cfg.generation.backend, "hf"),
             ("task.score_answers", cfg.task.score_answers, False),
             ("rl.reward.tie_break", cfg.rl.reward.tie_break, "first"),
+            ("rl.reward.kind", cfg.rl.reward.kind, "accuracy"),
+            ("rl.reward.forgetting_penalty", cfg.rl.reward.forgetting_penalty, 0.0),
+            ("rl.reward.max_reasoning_drop", cfg.rl.reward.max_reasoning_drop, None),
+            ("rl.accept_margin", cfg.rl.accept_margin, None),
+            ("rl.repeats", cfg.rl.repeats, 1),
         ):
             if value != default:
                 raise ValueError(

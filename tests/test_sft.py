@@ -71,3 +71,5 @@ def test_the_multi_gpu_launch_configs_are_valid_accelerate_configs(name, kind):
 
     config = load_config_from_file(str(Path(CONF_DIR) / "accelerate" / f"{name}.yaml"))
     assert config.distributed_type.value == kind and config.mixed_precision == "bf16" and not config.use_cpu
+    # No layer class named: the model's own _no_split_modules decide (a Llama class would fail on Qwen2).
+    assert "fsdp_transformer_layer_cls_to_wrap" not in (config.fsdp_config or {})

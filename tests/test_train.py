@@ -255,3 +255,15 @@ def test_a_resumed_run_holds_a_summary_only_once_it_finishes_again(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         train(cfg)  # resumed (resume=auto), and stopped before it finished
     assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["rl.reward.kind=gain", "rl.reward.forgetting_penalty=1", "rl.reward.max_reasoning_drop=0.1"]
+    + ["rl.accept_margin=0.1", "rl.repeats=3"],
+)
+def test_knowledge_only_reward_settings_are_refused_for_few_shot_not_ignored(tmp_path, override):
+    with pytest.raises(
+        ValueError, match=f"{override.split('=')[0]}=.* serves the inner loops of task=knowledge"
+    ):
+        train(make_cfg(tmp_path, *TINY_OVERRIDES, "task=few_shot", override))

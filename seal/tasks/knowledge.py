@@ -569,6 +569,11 @@ def condition_metrics(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     metrics = {f"knowledge/{name}/{key}": summary[key] for key in ("accuracy", "n", "ci95")}
     if (score := answer_logprob_of(rows)) is not None:
         metrics[f"knowledge/{name}/answer_logprob"] = score
+        scored = [r["answer_logprob"] for r in rows if "answer_logprob" in r]
+        if len(scored) > 1:  # the normal 95 % interval of the mean over questions
+            metrics[f"knowledge/{name}/answer_logprob_ci95"] = (
+                1.96 * statistics.stdev(scored) / len(scored) ** 0.5
+            )
     return metrics
 
 
