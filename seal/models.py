@@ -253,9 +253,11 @@ def _from_hub(name_or_path: str, cfg: ModelConfig, dtype: torch.dtype) -> tuple:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
         raise RuntimeError(
             f"could not load model {name_or_path!r} "
-            f"({'offline mode' if offline else 'no local copy, no network?'}). Give a local folder with "
-            "model.name_or_path=/path, download it first with `huggingface-cli download`,"
-            " or use the bundled model (model=smollm2_135m)."
+            f"({'offline mode' if offline else 'no local copy, no network, or a gated repository?'}): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. Give a local folder with "
+            "model.name_or_path=/path, download it first with `huggingface-cli download` (a gated model, "
+            "such as Llama's, needs its licence accepted and `huggingface-cli login`), or use the bundled "
+            "model (model=smollm2_135m)."
         ) from err
     return model, tokenizer
 
