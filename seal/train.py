@@ -76,10 +76,20 @@ def input_digests(config: dict[str, Any]) -> dict[str, str]:
         if key.startswith(("paths.", "hydra.")):
             continue
         for i, item in enumerate(value if isinstance(value, list) else [value]):
-            if isinstance(item, str) and Path(item).is_file():
+            if names_a_file(item):
                 name = f"{key}[{i}]" if isinstance(value, list) else key
                 digests[name] = hashlib.sha256(Path(item).read_bytes()).hexdigest()
     return digests
+
+
+def names_a_file(value: Any) -> bool:
+    """Whether a config value is the path of an existing file (a prompt template is text, not a path)."""
+    if not isinstance(value, str) or not value or "\n" in value:
+        return False
+    try:
+        return Path(value).is_file()
+    except OSError:  # e.g. a name longer than the file system allows
+        return False
 
 
 def check_resume(cfg: Config, config: dict[str, Any], run_dir: Path) -> bool:

@@ -1,5 +1,6 @@
 """End to end on the tiny real model: the records a run promises, determinism, failures, W&B offline."""
 
+import hashlib
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from seal.grading import make_grader
 from seal.regrade import regrade_run
 from seal.tasks import knowledge
 from seal.tracking import Tracker, read_offline_run
-from seal.train import train
+from seal.train import input_digests, train
 from tests.conftest import DEVICE, TINY_OVERRIDES, make_cfg
 
 KEYS = [f"knowledge/{c}/{m}" for c in ("base", "passage", "self_edit") for m in ("accuracy", "n", "ci95")] + [
@@ -267,3 +268,17 @@ def test_knowledge_only_reward_settings_are_refused_for_few_shot_not_ignored(tmp
         ValueError, match=f"{override.split('=')[0]}=.* serves the inner loops of task=knowledge"
     ):
         train(make_cfg(tmp_path, *TINY_OVERRIDES, "task=few_shot", override))
+
+
+def test_input_files_are_fingerprinted_and_text_is_not_taken_for_a_path(tmp_path):
+    data = tmp_path / "passages.json"
+    data.write_text("[]")
+    config = {
+        "data": {"path": str(data), "n_eval": 5},
+        "reasoning": {"paths": [str(data), str(tmp_path / "gone.json")]},
+        "self_edit": {"prompt": "x" * 300, "template": "Write about {title}\nnow."},
+        "paths": {"output_dir": str(data)},  # where a run writes: not an input
+    }
+    digests = input_digests(config)
+    assert sorted(digests) == ["data.path", "reasoning.paths[0]"]
+    assert digests["data.path"] == hashlib.sha256(b"[]").hexdigest()
