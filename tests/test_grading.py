@@ -1,3 +1,4 @@
+import contextlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -128,54 +129,16 @@ def test_judge_needs_environment(monkeypatch):
         openai_judge_from_env()
 
 
-def test_judge_talks_to_an_openai_compatible_endpoint(monkeypatch):
-    """A local stand-in server answers yes when the student's answer holds the reference."""
-    seen = []
+@contextlib.contextmanager
+def judge_endpoint(monkeypatch, respond):
+    """A local stand-in for an OpenAI-compatible server, named by the judge's environment variables:
+    `respond(path, request body)` gives the HTTP status and the JSON reply."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((self.path, body))
-            prompt = body["messages"][0]["content"]
-            ref = prompt.split("Reference answer: ")[1].split("\n")[0]
-            student = prompt.split("Student answer: ")[1].split("\n")[0]
-            reply = {"choices": [{"message": {"content": "Yes" if ref in student else "No"}}]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("SEAL_JUDGE_URL", f"http://127.0.0.1:{server.server_port}/v1")
-        monkeypatch.setenv("SEAL_JUDGE_MODEL", "judge-model")
-        grade = make_grader("judge")
-        assert grade("Where?", "Port Vellan", "It is in Port Vellan.") is True
-        assert grade("Where?", "Port Vellan", "Somewhere else.") is False
-    finally:
-        server.shutdown()
-    assert seen[0][0] == "/v1/chat/completions" and seen[0][1]["model"] == "judge-model"
-
-
-@pytest.mark.parametrize(
-    "status, reply, error",
-    [
-        (200, {"choices": [{"message": {"content": None}}]}, "the reply holds no text"),
-        (200, {"choices": []}, "no reply in the response"),
-        (200, {"error": {"message": "model not loaded"}}, "no reply in the response.*model not loaded"),
-        (400, {"error": {"message": "max_tokens too small"}}, "HTTP Error 400.*max_tokens too small"),
-        (200, {"choices": [{"message": {"content": "Maybe"}}]}, "neither yes nor no"),
-    ],
-)
-def test_a_judge_that_fails_says_why_in_a_judge_error(monkeypatch, status, reply, error):
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
+            status, reply = respond(
+                self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            )
             data = json.dumps(reply).encode()
             self.send_response(status)
             self.send_header("Content-Length", str(len(data)))
@@ -190,7 +153,40 @@ def test_a_judge_that_fails_says_why_in_a_judge_error(monkeypatch, status, reply
     try:
         monkeypatch.setenv("SEAL_JUDGE_URL", f"http://127.0.0.1:{server.server_port}/v1")
         monkeypatch.setenv("SEAL_JUDGE_MODEL", "judge-model")
-        with pytest.raises(JudgeError, match=error):
-            make_grader("judge")("Where?", "Port Vellan", "Port Vellan")
+        yield
     finally:
         server.shutdown()
+
+
+def test_judge_talks_to_an_openai_compatible_endpoint(monkeypatch):
+    """The stand-in answers yes when the student's answer holds the reference."""
+    seen = []
+
+    def respond(path, body):
+        seen.append((path, body))
+        prompt = body["messages"][0]["content"]
+        ref = prompt.split("Reference answer: ")[1].split("\n")[0]
+        student = prompt.split("Student answer: ")[1].split("\n")[0]
+        return 200, {"choices": [{"message": {"content": "Yes" if ref in student else "No"}}]}
+
+    with judge_endpoint(monkeypatch, respond):
+        grade = make_grader("judge")
+        assert grade("Where?", "Port Vellan", "It is in Port Vellan.") is True
+        assert grade("Where?", "Port Vellan", "Somewhere else.") is False
+    assert seen[0][0] == "/v1/chat/completions" and seen[0][1]["model"] == "judge-model"
+
+
+@pytest.mark.parametrize(
+    "status, reply, error",
+    [
+        (200, {"choices": [{"message": {"content": None}}]}, "the reply holds no text"),
+        (200, {"choices": []}, "no reply in the response"),
+        (200, {"error": {"message": "model not loaded"}}, "no reply in the response.*model not loaded"),
+        (400, {"error": {"message": "max_tokens too small"}}, "HTTP Error 400.*max_tokens too small"),
+        (200, {"choices": [{"message": {"content": "Maybe"}}]}, "neither yes nor no"),
+    ],
+)
+def test_a_judge_that_fails_says_why_in_a_judge_error(monkeypatch, status, reply, error):
+    with judge_endpoint(monkeypatch, lambda path, body: (status, reply)):
+        with pytest.raises(JudgeError, match=error):
+            make_grader("judge")("Where?", "Port Vellan", "Port Vellan")
