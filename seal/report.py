@@ -521,8 +521,8 @@ PAPER: dict[tuple[str, str | None], tuple[str, dict[str, tuple[str, float]]]] = 
             "seal": ("SEAL", 47.0),
         },
     ),
-    # The LoRA column of continued pretraining, as our CPT trains a LoRA adapter (the paper's full
-    # fine-tuning column: 32.7, 36.0, 50.6, 58.2).
+    # SEAL_METHOD.md's "CPT n=200 (LoRA)" column, as our CPT trains a LoRA adapter (the paper's other
+    # n = 200 CPT figures are 32.7, 36.0, 50.6 and 58.2).
     ("knowledge", "cpt"): (
         "paper: CPT n = 200 (LoRA), Qwen2.5-7B",
         {
