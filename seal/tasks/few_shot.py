@@ -282,7 +282,9 @@ def ttt_job(cfg: Config, lm: LM, task: ArcTask, config: TTTConfig, seed: int) ->
         task, config.augmentations, random.Random(seed), arc.max_examples, arc.colour_permutations
     )
     if not examples:
-        return f"no TTT examples: leave-one-out needs 2 demonstrations, the task has {len(task.train)}", 0
+        # Fewer than 2 demonstrations, or every example has a grid over 30 cells a side (`arc.fits`).
+        reason = f"leave-one-out needs 2 demonstrations, the task has {len(task.train)}"
+        return f"no TTT examples: {reason}, with grids of at most 30 cells a side", 0
     prompts = [answer_prompt(lm, demos, target) for demos, target in examples]
     answers = [grid_text(target.output) for _, target in examples]
     prefixes: list[str] | None = prompts
