@@ -14,6 +14,7 @@ import math
 import os
 import re
 import string
+import unicodedata
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -21,12 +22,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def _is_punctuation(ch: str) -> bool:
+    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
 
 
 def normalize(text: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = text.lower().translate(_PUNCT)
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces. SQuAD's removes ASCII
+    punctuation only; this one first folds compatibility forms (NFKC: a no-break space, full-width digits)
+    and removes every Unicode punctuation mark too, so that "1914–1918" (an en dash, as in SQuAD's gold
+    answers) and "1914-1918" (as a model writes it) compare equal, and "Newton’s" equals "Newton's"."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(ch for ch in text if not _is_punctuation(ch))
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 

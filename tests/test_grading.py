@@ -28,6 +28,15 @@ def test_normalize_follows_squad():
     assert normalize("The  Quorvell-Cell, a battery!") == "quorvellcell battery"
 
 
+def test_normalize_removes_unicode_punctuation_as_squad_removes_ascii():
+    # SQuAD's gold answers use en dashes and typographic apostrophes; a model writes ASCII ones.
+    assert normalize("1914\u20131918") == normalize("1914-1918") == "19141918"
+    assert normalize("Newton\u2019s \u201claws\u201d") == normalize('Newton\'s "laws"') == "newtons laws"
+    assert normalize("12\u00a0000 km") == "12 000 km"  # a no-break space is a space
+    assert contains("It ran from 1914-1918.", "1914\u20131918") == 1.0
+    assert exact_match("\uff11\uff19\uff10\uff15", "1905") == 1.0  # full-width digits
+
+
 def test_exact_and_f1():
     assert exact_match("the Port Vellan", "Port Vellan") == 1.0
     assert exact_match("Port Vellan city", "Port Vellan") == 0.0
