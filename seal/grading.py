@@ -14,6 +14,7 @@ import math
 import os
 import re
 import string
+import time
 import unicodedata
 import urllib.error
 import urllib.request
@@ -122,33 +123,53 @@ def parse_yes_no(reply: str) -> bool:
     raise JudgeError(f"judge reply is neither yes nor no: {reply[:80]!r}")
 
 
-def openai_judge_from_env() -> Judge:
+# Answers worth asking again: rate limits, overload and timeouts pass; a malformed request does not.
+RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def openai_judge_from_env(retries: int = 5, backoff_s: float = 2.0) -> Judge:
     """A judge behind any OpenAI-compatible chat endpoint, named by SEAL_JUDGE_URL (base URL, e.g.
-    http://localhost:8000/v1), SEAL_JUDGE_MODEL and optionally SEAL_JUDGE_API_KEY."""
+    http://localhost:8000/v1), SEAL_JUDGE_MODEL and optionally SEAL_JUDGE_API_KEY. A rate limit, an
+    overloaded server or a lost connection is tried again up to `retries` times, waiting as the server's
+    Retry-After says or else 2, 4, 8, ... seconds; what still fails raises a JudgeError."""
     url, model = os.environ.get("SEAL_JUDGE_URL"), os.environ.get("SEAL_JUDGE_MODEL")
     if not url or not model:
         raise RuntimeError("task.grader=judge needs SEAL_JUDGE_URL and SEAL_JUDGE_MODEL in the environment")
     key = os.environ.get("SEAL_JUDGE_API_KEY", "")
 
-    def judge(question: str, gold: str, prediction: str) -> bool:
-        body = {
-            "model": model,
-            "temperature": 0,
-            "max_tokens": 3,
-            "messages": [{"role": "user", "content": JUDGE_PROMPT.format(**locals())}],
-        }
+    def post(body: dict[str, Any]) -> Any:
         request = urllib.request.Request(
             url.rstrip("/") + "/chat/completions",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
         )
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                doc = json.load(response)
-        except urllib.error.HTTPError as e:  # the server's own explanation is in the body
-            raise JudgeError(f"judge endpoint: {e} ({e.read().decode(errors='replace')[:300]})") from e
-        except (OSError, ValueError) as e:  # unreachable, timed out, or not JSON
-            raise JudgeError(f"judge endpoint: {e}") from e
+        for attempt in range(retries + 1):
+            tries = f" (after {attempt + 1} attempts)" if attempt else ""
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return json.load(response)
+            except urllib.error.HTTPError as e:  # the server's own explanation is in the body
+                detail = e.read().decode(errors="replace")[:300]
+                if e.code not in RETRIED_STATUSES or attempt == retries:
+                    raise JudgeError(f"judge endpoint: {e} ({detail}){tries}") from e
+                wait = _retry_after(e.headers.get("Retry-After"))
+            except ValueError as e:  # not JSON
+                raise JudgeError(f"judge endpoint: {e}") from e
+            except OSError as e:  # unreachable or timed out
+                if attempt == retries:
+                    raise JudgeError(f"judge endpoint: {e}{tries}") from e
+                wait = None
+            time.sleep(backoff_s * 2**attempt if wait is None else wait)
+
+    def judge(question: str, gold: str, prediction: str) -> bool:
+        doc = post(
+            {
+                "model": model,
+                "temperature": 0,
+                "max_tokens": 3,
+                "messages": [{"role": "user", "content": JUDGE_PROMPT.format(**locals())}],
+            }
+        )
         try:
             reply = doc["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError) as e:
@@ -158,6 +179,14 @@ def openai_judge_from_env() -> Judge:
         return parse_yes_no(reply)
 
     return judge
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks for (at most a minute), or None where it gives none in seconds."""
+    try:
+        return min(60.0, max(0.0, float(value))) if value else None
+    except ValueError:  # an HTTP date: fall back to our own schedule
+        return None
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:

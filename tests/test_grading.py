@@ -141,15 +141,17 @@ def test_judge_needs_environment(monkeypatch):
 @contextlib.contextmanager
 def judge_endpoint(monkeypatch, respond):
     """A local stand-in for an OpenAI-compatible server, named by the judge's environment variables:
-    `respond(path, request body)` gives the HTTP status and the JSON reply."""
+    `respond(path, request body)` gives the HTTP status, the JSON reply and optionally headers."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
-            status, reply = respond(
+            status, reply, *headers = respond(
                 self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             )
             data = json.dumps(reply).encode()
             self.send_response(status)
+            for name, value in (headers[0] if headers else {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -199,3 +201,42 @@ def test_a_judge_that_fails_says_why_in_a_judge_error(monkeypatch, status, reply
     with judge_endpoint(monkeypatch, lambda path, body: (status, reply)):
         with pytest.raises(JudgeError, match=error):
             make_grader("judge")("Where?", "Port Vellan", "Port Vellan")
+
+
+def test_a_rate_limited_or_overloaded_judge_is_asked_again(monkeypatch):
+    """429 and 503 are tried again, after the server's Retry-After where it gives one, else after a doubling
+    wait; the verdict that finally comes is the one returned."""
+    replies = [
+        (429, {"error": {"message": "slow down"}}, {"Retry-After": "7"}),
+        (503, {"error": {"message": "overloaded"}}),
+        (200, {"choices": [{"message": {"content": "yes"}}]}),
+    ]
+    waits = []
+    monkeypatch.setattr("seal.grading.time.sleep", waits.append)
+    with judge_endpoint(monkeypatch, lambda path, body: replies.pop(0)):
+        assert openai_judge_from_env(retries=3, backoff_s=0.5)("Where?", "Port Vellan", "Port Vellan") is True
+    assert waits == [7.0, 1.0] and not replies
+
+
+def test_a_judge_that_keeps_failing_raises_after_its_last_retry(monkeypatch):
+    asked = []
+    monkeypatch.setattr("seal.grading.time.sleep", lambda s: None)
+
+    def respond(path, body):
+        asked.append(path)
+        return 500, {"error": {"message": "internal"}}
+
+    with judge_endpoint(monkeypatch, respond):
+        with pytest.raises(JudgeError, match="HTTP Error 500.*internal.*after 3 attempts"):
+            openai_judge_from_env(retries=2)("Where?", "Port Vellan", "Port Vellan")
+    assert len(asked) == 3
+
+
+def test_an_unreachable_judge_is_retried_then_named(monkeypatch):
+    waits = []
+    monkeypatch.setattr("seal.grading.time.sleep", waits.append)
+    monkeypatch.setenv("SEAL_JUDGE_URL", "http://127.0.0.1:9/v1")  # the discard port: nothing listens
+    monkeypatch.setenv("SEAL_JUDGE_MODEL", "judge-model")
+    with pytest.raises(JudgeError, match="judge endpoint.*after 3 attempts"):
+        openai_judge_from_env(retries=2, backoff_s=1.0)("Where?", "Port Vellan", "Port Vellan")
+    assert waits == [1.0, 2.0]
