@@ -222,8 +222,10 @@ def bundled_gguf_dir(package: str) -> Path:
 def cached_bundled_model(cfg: ModelConfig, cache_dir: str | Path) -> Path:
     """Dequantise the bundled GGUF once into a safetensors folder and return it (later loads take 0.1 s)."""
     target = Path(cache_dir).expanduser() / cfg.name
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _complete(target):
         return target
+    if target.exists():
+        raise RuntimeError(f"{target} holds no complete model (config.json, model.safetensors): delete it")
     source = bundled_gguf_dir(cfg.gguf_package)
     log.info("converting %s/%s to safetensors in %s (once)", source, cfg.gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file)
@@ -235,11 +237,23 @@ def cached_bundled_model(cfg: ModelConfig, cache_dir: str | Path) -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if target.exists():  # another process converted it meanwhile
-        shutil.rmtree(tmp)
-    else:
-        tmp.replace(target)
+    install(tmp, target)
     return target
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def install(tmp: Path, target: Path) -> None:
+    """Move a finished conversion into place in one rename; where another process got there first (a sweep's
+    jobs starting together), keep its copy and drop ours."""
+    try:
+        tmp.replace(target)  # fails on a folder that is already there and not empty
+    except OSError:
+        shutil.rmtree(tmp)
+        if not _complete(target):
+            raise
 
 
 def _from_hub(name_or_path: str, cfg: ModelConfig, dtype: torch.dtype) -> tuple:

@@ -312,3 +312,27 @@ def test_temperature_zero_decodes_greedily_and_the_model_s_own_stop_tokens_end_a
     monkeypatch.setattr(config, "eos_token_id", [tiny_lm.tokenizer.eos_token_id, first])
     stopped = generate(tiny_lm, prompts, max_new_tokens=6)
     assert greedy == ["xxxxxx", "xxxxxx"] and stopped == ["", ""]
+
+
+def test_a_conversion_that_loses_the_race_keeps_the_winners_copy(tmp_path):
+    """Two sweep jobs convert the bundled model at once: the second rename finds the first one's folder in
+    place, keeps it and drops its own."""
+    target, ours = tmp_path / "model", tmp_path / "model.tmp2"
+    for folder, text in ((target, "first"), (ours, "second")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+        (folder / "model.safetensors").write_text(text)
+    models.install(ours, target)
+    assert (target / "config.json").read_text() == "first" and not ours.exists()
+    (target / "model.safetensors").unlink()  # a folder someone left half-filled is no model
+    ours.mkdir()
+    (ours / "config.json").write_text("third")
+    with pytest.raises(OSError):
+        models.install(ours, target)
+
+
+def test_a_half_filled_cache_folder_is_named_not_loaded(tmp_path):
+    (tmp_path / "SmolLM2-135M-Instruct").mkdir()
+    (tmp_path / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="holds no complete model.*delete it"):
+        models.cached_bundled_model(ModelConfig(name="SmolLM2-135M-Instruct"), tmp_path)
