@@ -103,21 +103,22 @@ class Probe:
         return [graded[k * len(questions) : (k + 1) * len(questions)] for k in range(len(models))]
 
     def reasoning_metrics(self, prefix: str, results: list[dict[str, Any]]) -> dict[str, float]:
-        """`prefix`/accuracy, n, ci95 and chance, pooled over the measured models."""
+        """`prefix`/accuracy, n, ci95 and chance, pooled over the measured models (n: each item once)."""
         flags = [ok for r in results for ok in r["reasoning"]]
-        s = summary(self.items * len(results), flags)
+        s = summary(self.items * len(results), flags, repeats=len(results))
         return {f"{prefix}/{k}": s[k] for k in ("accuracy", "n", "ci95", "chance")}
 
     def retention_metrics(self, results: list[dict[str, Any]]) -> dict[str, float]:
         """retention/prior_knowledge: the share of the known questions still answered right, pooled over
-        the measured adapters (absent when the model knew none of them)."""
+        the measured adapters, each question counted once in the interval (absent when the model knew none
+        of them)."""
         metrics: dict[str, float] = {
             "retention/prior_known": len(self.known),
             "retention/prior_asked": len(self.questions),
         }
         flags = [ok for r in results for ok in r["prior"]]
         if flags:
-            s = accuracy_summary(flags)
+            s = accuracy_summary(flags, repeats=len(results))
             metrics.update(
                 {"retention/prior_knowledge": s["accuracy"], "retention/prior_knowledge_ci95": s["ci95"]}
             )

@@ -189,7 +189,7 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson_interval(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95 % Wilson score interval for a proportion (well behaved at 0 and 1, unlike the normal one)."""
     if n == 0:
         return 0.0, 0.0
@@ -199,11 +199,17 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def accuracy_summary(flags: Sequence[bool]) -> dict[str, float]:
-    """accuracy, n and ci95 (the half-width of the larger side of the Wilson interval)."""
-    n, k = len(flags), sum(bool(f) for f in flags)
-    low, high = wilson_interval(k, n)
-    acc = k / n if n else 0.0
+def accuracy_summary(flags: Sequence[bool], repeats: int = 1) -> dict[str, float]:
+    """accuracy, n and ci95 (the half-width of the larger side of the Wilson interval). `repeats` models that
+    answered the same questions (`flags` holds each one's answers in turn) pool into one accuracy, but n and
+    the interval count each question once: answers of adapted copies of one model to one question go
+    together, so counting them as independent would make the interval too narrow (this one is
+    conservative)."""
+    if repeats < 1 or len(flags) % repeats:
+        raise ValueError(f"{len(flags)} answers are not {repeats} models' answers to the same questions")
+    n, k = len(flags) // repeats, sum(bool(f) for f in flags)
+    acc = k / len(flags) if flags else 0.0
+    low, high = wilson_interval(acc * n, n)
     return {"accuracy": acc, "n": n, "ci95": max(acc - low, high - acc), "ci95_low": low, "ci95_high": high}
 
 

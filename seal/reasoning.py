@@ -261,9 +261,10 @@ def judged(items: list[Item], scores: list[tuple[float, int]], normalize: bool) 
     return [c in item.correct for c, item in zip(chosen, items, strict=True)]
 
 
-def summary(items: list[Item], correct: list[bool]) -> dict[str, float]:
-    """accuracy, n, ci95 (Wilson) and chance (the expected accuracy of a uniform guess)."""
-    out = accuracy_summary(correct)
+def summary(items: list[Item], correct: list[bool], repeats: int = 1) -> dict[str, float]:
+    """accuracy, n, ci95 (Wilson) and chance (the expected accuracy of a uniform guess); `repeats`: models
+    that answered the same items, pooled (grading.accuracy_summary)."""
+    out = accuracy_summary(correct, repeats)
     out["chance"] = sum(item.chance for item in items) / len(items) if items else 0.0
     return out
 

@@ -91,6 +91,18 @@ def test_wilson_interval():
     assert summary["accuracy"] == 0.25 and summary["n"] == 4 and summary["ci95"] > 0.25
 
 
+def test_models_answering_the_same_questions_pool_their_accuracy_but_not_their_n():
+    one = accuracy_summary([True, False, True, True])
+    alike = accuracy_summary([True, False, True, True] * 3, repeats=3)
+    assert alike["accuracy"] == one["accuracy"] == 0.75 and alike["n"] == one["n"] == 4
+    assert alike["ci95"] == one["ci95"]  # three copies of the same answers say no more than one
+    assert (
+        accuracy_summary([True, False] * 3)["ci95"] < accuracy_summary([True, False] * 3, repeats=3)["ci95"]
+    )
+    with pytest.raises(ValueError, match="not 2 models"):
+        accuracy_summary([True, False, True], repeats=2)
+
+
 def test_paired_comparison_counts_the_questions_only_one_got_right_and_tests_them_exactly():
     first = [True] * 9 + [False] + [True, False] * 5  # then 5 right by both, 5 by neither
     second = [False] * 9 + [True] + [True, False] * 5

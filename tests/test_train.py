@@ -190,6 +190,7 @@ def test_run_measures_reasoning_and_prior_knowledge_before_and_after_and_reports
     assert metrics["reasoning/before/accuracy"] == sum(before["reasoning"]) / 12
     flags = [ok for r in after for ok in r["reasoning"]]
     assert metrics["reasoning/after_update/accuracy"] == sum(flags) / len(flags)
+    assert metrics["reasoning/after_update/n"] == 12  # two adapters answered each item: counted once
     assert metrics["reasoning/forgetting"] == pytest.approx(
         metrics["reasoning/before/accuracy"] - metrics["reasoning/after_update/accuracy"]
     )
