@@ -900,8 +900,14 @@ class MultiLoraUpdater:
         """One optimiser step of every running job: their rows packed into a few passes, each a forward and
         backward, the gradients adding up. A job steps as soon as the last pass holding its rows is done, so
         its gradients are gone before the next pass makes its activations. With SEAL's one sequence a step,
-        only the gradients of the adapters in the current pass exist at once, not those of all K."""
+        only the gradients of the adapters in the current pass exist at once, not those of all K.
+
+        A job whose activations overflow spreads NaN to every job in its pass (attention mixes the pass's
+        keys and values, and 0 x inf is NaN). So a non-finite loss in a pass shared by several jobs fails no
+        job yet: the step is computed again with each of those jobs' rows in passes of their own, where a
+        non-finite loss is the job's own."""
         pending = sorted(running)  # the jobs whose step is not taken yet
+        alone: set[int] = set()  # jobs whose rows are packed apart from the others'
         while pending:
             steps = {k: running[k].plan[running[k].done] for k in pending}
             rows = [row for k in pending for row in steps[k].rows]
@@ -913,13 +919,16 @@ class MultiLoraUpdater:
             failed = [k for k in pending if not counts[k]]
             for k in failed:
                 values[k] = math.nan  # as PEFT's mean over no token
+            shared = False  # whether the failure came from a pass that held other jobs' rows too
             if not failed:
                 step_counts = torch.tensor(counts, device=self.lm.device)
-                batches = pack_rows(rows, row_slots, self.lm, self.cfg.pack_length)
+                groups = [set(pending) - alone, *({k} for k in sorted(alone.intersection(pending)))]
+                batches = [batch for group in groups for batch in self._packed_rows(rows, row_slots, group)]
                 last = {k: i for i, batch in enumerate(batches) for k in batch.present}
                 for i, batch in enumerate(batches):
                     failed = self._pass(batch, step_counts, values)
                     if failed:
+                        shared = len(batch.present) > 1
                         break
                     for k in batch.present:
                         if last[k] == i:
@@ -928,15 +937,25 @@ class MultiLoraUpdater:
                                 finish(k)
             if not failed:
                 return
-            for k in failed:
-                at = steps[k]
-                finish(k, f"non-finite loss {values[k]} at epoch {at.epoch}, step {at.offset}")
-                pending.remove(k)
+            if shared:
+                alone.update(failed)  # suspects: packed apart when the step is computed again
+            else:
+                for k in failed:
+                    at = steps[k]
+                    finish(k, f"non-finite loss {values[k]} at epoch {at.epoch}, step {at.offset}")
+                    pending.remove(k)
             # The failed rows' activations may hold NaN, and 0 x NaN is NaN in attention's backward: the
             # pending jobs' step is computed again without them, from no gradient. (The jobs that have
             # stepped already had all their rows in earlier passes, which the failed rows took no part in.)
             for k in pending:
                 running[k].optimizer.zero_grad(set_to_none=True)
+
+    def _packed_rows(self, rows: list[Row], row_slots: list[int], group: set[int]) -> list[PackedBatch]:
+        """The packed passes of the rows that belong to the slots of `group`, in their order."""
+        mine = [i for i, k in enumerate(row_slots) if k in group]
+        if not mine:
+            return []
+        return pack_rows([rows[i] for i in mine], [row_slots[i] for i in mine], self.lm, self.cfg.pack_length)
 
     @staticmethod
     def _take_step(job: _Running, step: _Step, tokens: int, loss: float) -> bool:

@@ -532,7 +532,7 @@ def test_non_finite_loss_in_one_job_leaves_the_others_untouched(sequential, monk
     def poisoned(*args):
         losses = real(*args)
         calls.append(1)
-        if len(calls) == 4:  # step 3: "one" is done, "three" and "five" are in their second epoch
+        if len(calls) >= 4:  # from step 3 ("one" is done, "three" and "five" are in their second epoch)
             return losses + torch.tensor([0.0, 0.0, float("nan")], device=losses.device)
         return losses
 
@@ -571,7 +571,7 @@ def test_a_job_steps_once_its_last_pass_is_done_and_a_later_failure_does_not_ste
 
     def losses(losses, slots, counts):
         out = real_losses(losses, slots, counts)
-        if not poisoned and (slots == 3).any():  # "lines c", in the first step, after the passage's pass
+        if (slots == 3).any():  # "lines c", wherever it is: in the first step, after the passage's pass
             poisoned.append(len(holding))
             return out + torch.tensor([0.0, 0.0, 0.0, float("nan")], device=out.device)
         return out
@@ -886,3 +886,16 @@ def test_a_model_that_scales_its_logits_trains_the_adapters_peft_trains():
     got = MultiLoraUpdater(load_tiny_granite(), AdaptConfig(**CFG), 3).train(JOBS)
     for g, w in zip(got, want, strict=True):
         assert_same_adapter(g, w)
+
+
+def test_a_job_that_diverges_fails_alone_though_its_nan_spread_through_a_shared_pass(sequential):
+    """A learning rate of 1e30 sends the first job's weights to inf after its first step; in a pass shared
+    with the others, attention spreads its NaN to every job present. The others must still train as alone."""
+    _, alone = sequential
+    diverges = UpdateJob("diverges", SEQS[:3], 7, lr=1e30)
+    updater = batched(capacity=4)
+    bad, one, three, five = updater.train([diverges, *JOBS])
+    assert bad.state is None and "non-finite loss" in bad.result.error
+    for got, want in zip((one, three, five), alone, strict=True):
+        assert got.result.error is None
+        assert_same_adapter(got, want)
