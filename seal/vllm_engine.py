@@ -13,11 +13,15 @@ leaks adapter slots in some versions (vllm-project/vllm issues 54839 and 42633).
 uses a fixed pool of ids 1..n, n = `generation.adapter_slots` (the engine's `max_loras`): a new adapter takes
 a free id, or the least recently used id that no running request holds, once the adapter before it has been
 removed from the engine.
+
+Prompts reach the engine as token ids, encoded without special tokens as `seal.models.generate` encodes
+them: the chat template writes the BOS token itself, and vLLM, given text, would add a second one.
 """
 
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import logging
 from collections.abc import Callable
@@ -29,7 +33,7 @@ from safetensors.torch import save_file
 
 from seal.adapt import TrainedAdapter
 from seal.config import AdaptConfig, Config, GenerationConfig
-from seal.models import weights_folder
+from seal.models import resolve_device, resolve_dtypes, weights_folder
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,22 @@ def waves(adapters: list[str | None], size: int) -> list[list[int]]:
     return [rows for rows in out if rows]
 
 
+# The values of `max_lora_rank` that vLLM accepts: recent versions accept these and 1, older ones refuse 1
+# (and the oldest accept only 8 to 64, so larger adapters fail there at start).
+MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def engine_lora_rank(rank: int) -> int:
+    """The engine's `max_lora_rank` for adapters of rank `rank`: the smallest value vLLM accepts that is at
+    least `rank` (an adapter of a lower rank than the engine's maximum is served as it is)."""
+    if rank > MAX_LORA_RANKS[-1]:
+        raise ValueError(
+            f"adapt.rank={rank}: vLLM serves LoRA adapters of rank at most {MAX_LORA_RANKS[-1]} "
+            "(use generation.backend=hf)"
+        )
+    return next(r for r in MAX_LORA_RANKS if r >= rank)
+
+
 def export_adapter(adapter: TrainedAdapter, cfg: AdaptConfig, folder: Path) -> str:
     """An inner-loop adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors), the format
     vLLM (and `PeftModel.from_pretrained`) loads."""
@@ -124,21 +144,40 @@ def export_adapter(adapter: TrainedAdapter, cfg: AdaptConfig, folder: Path) -> s
 
 
 class VLLMEngine:
-    """One vLLM engine on a model folder, with runtime LoRA adapters in a fixed pool of slots."""
+    """One vLLM engine on a model folder, with runtime LoRA adapters in a fixed pool of slots. `max_lora_rank`
+    is the adapters' rank (rounded up to a value vLLM accepts); `dtype` the weights' dtype ("bfloat16", or
+    "auto": the folder's); `revision` a Hub revision of `model_dir`, for its weights and its tokenizer."""
 
-    def __init__(self, model_dir: str, cfg: GenerationConfig, max_lora_rank: int, seed: int):
+    def __init__(
+        self,
+        model_dir: str,
+        cfg: GenerationConfig,
+        max_lora_rank: int,
+        seed: int,
+        *,
+        dtype: str = "auto",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ):
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        self.model_dir, self.cfg, self.max_lora_rank, self.seed = model_dir, cfg, max_lora_rank, seed
+        self.model_dir, self.cfg, self.seed = model_dir, cfg, seed
+        self.max_lora_rank = engine_lora_rank(max_lora_rank)
+        self.dtype, self.revision, self.trust_remote_code = dtype, revision, trust_remote_code
         self.llm = LLM(
             model=model_dir,
+            revision=revision,
+            tokenizer_revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
             enable_lora=True,
             max_loras=cfg.adapter_slots,
-            max_lora_rank=max_lora_rank,
+            max_lora_rank=self.max_lora_rank,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             seed=seed,
         )
+        self.tokenizer = self.llm.get_tokenizer()
         self.slots = AdapterSlots(self.llm.llm_engine, cfg.adapter_slots, LoRARequest)
 
     def generate(
@@ -162,15 +201,19 @@ class VLLMEngine:
             )
             for i in range(len(prompts))
         ]
+        # Token ids, so that vLLM adds no BOS token to a prompt whose chat template wrote one already.
+        encoded = [{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
         adapters = adapters or [None] * len(prompts)
         texts: list[str] = [""] * len(prompts)
         for rows in waves(adapters, self.slots.size):
-            requests = {
-                path: self.slots.acquire(path) for path in dict.fromkeys(adapters[i] for i in rows) if path
-            }
+            requests: dict[str, Any] = {}
             try:
+                # Inside the try: when an adapter fails to load, those acquired before it are released.
+                for path in dict.fromkeys(adapters[i] for i in rows):
+                    if path:
+                        requests[path] = self.slots.acquire(path)
                 outputs = self.llm.generate(
-                    [prompts[i] for i in rows],
+                    [encoded[i] for i in rows],
                     [params[i] for i in rows],
                     lora_request=[requests.get(adapters[i]) for i in rows],
                     use_tqdm=False,
@@ -183,14 +226,34 @@ class VLLMEngine:
         return texts
 
     def restart(self, model_dir: str) -> None:
-        """Serve other weights (the generator after a round): vLLM cannot swap a model's weights in place."""
-        cfg, rank, seed = self.cfg, self.max_lora_rank, self.seed
+        """Serve other weights (the generator after a round, saved to a local folder, so without a Hub
+        revision): vLLM cannot swap a model's weights in place. The old engine is shut down first, so that
+        the two never hold their share of the GPU at once."""
         self.close()
-        self.__init__(model_dir, cfg, rank, seed)
+        self.__init__(
+            model_dir,
+            self.cfg,
+            self.max_lora_rank,
+            self.seed,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+        )
 
     def close(self) -> None:
-        """Free the GPU memory (vLLM has no public close: drop the engine and let its workers go)."""
-        self.llm = None
+        """Free the engine's GPU memory. vLLM has no close common to its versions: shut the engine down where
+        it offers a way (`LLM.shutdown` in recent versions, else the V1 engine core's `shutdown`), drop every
+        reference to it (the adapter slots hold its LLMEngine too), collect what referred to it in cycles,
+        and hand the freed blocks of PyTorch's cache back to the GPU."""
+        llm, self.llm, self.slots, self.tokenizer = self.llm, None, None, None
+        if llm is not None:
+            shutdown = getattr(llm, "shutdown", None)
+            if shutdown is None:
+                core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+                shutdown = getattr(core, "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            del llm, shutdown
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -211,6 +274,16 @@ def open_engine(cfg: Config) -> VLLMEngine | None:
     if reason is not None:
         log.warning("generation.backend=vllm: %s; generating with transformers (backend hf) instead", reason)
         return None
+    model = cfg.model
+    # The weights' dtype as `seal.models.load_model` resolves it, so both backends run the same model.
+    dtype, _ = resolve_dtypes(model, resolve_device(model.device))
     return VLLMEngine(
-        weights_folder(cfg.model, cfg.paths.cache_dir), cfg.generation, cfg.adapt.rank, cfg.seed
+        weights_folder(model, cfg.paths.cache_dir),
+        cfg.generation,
+        cfg.adapt.rank,
+        cfg.seed,
+        dtype=str(dtype).removeprefix("torch."),
+        # A revision names a version on the Hub; the bundled model is served from a local folder.
+        revision=None if model.gguf_package else model.revision,
+        trust_remote_code=model.trust_remote_code,
     )
