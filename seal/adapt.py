@@ -23,6 +23,7 @@ from peft.tuners.lora import LoraLayer
 from tqdm import tqdm
 
 from seal.config import AdaptConfig
+from seal.memory import out_of_memory
 from seal.models import LM, continuation_logprobs, generate
 
 ADAPTER = "inner"
@@ -254,7 +255,9 @@ class LoraUpdater:
                     result.epoch_losses.append(sum(losses) / len(losses))
         except UpdateFailed as err:
             result.error = str(err)
-        except torch.OutOfMemoryError:
+        except RuntimeError as err:
+            if not out_of_memory(err):
+                raise
             result.error = "out of memory"
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

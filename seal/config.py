@@ -168,7 +168,8 @@ class AdaptConfig:
     max_adapters: int = 8
     # Fewer adapters train together when their estimated memory (seal.multilora.slot_bytes each, plus one
     # pass's activations, pass_bytes) exceeds this budget; 0 = auto: 90 % of the free GPU memory, or 80 % of
-    # the available RAM on CPU. A step that still runs out of GPU memory halves the adapters and retries.
+    # the available RAM on CPU. A step whose allocation still fails (GPU, or a CPU allocator that refuses)
+    # halves the adapters and retries.
     memory_budget_mb: float = 0
     # The batched updater packs each step's rows end to end into passes of at most this many tokens (a longer
     # row alone) and runs them one after another, adding up the gradients: the activations held for backward

@@ -27,6 +27,14 @@ import torch
 MB = 1024 * 1024
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` reports a failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's failure,
+    which torch raises as a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
+
+
 def high_water() -> int | None:
     """This process's largest RSS so far in bytes, as Linux keeps it (`VmHWM`), or None where /proc does not
     say. Read, never reset: resetting it (/proc/self/clear_refs) would also lose the peak that getrusage and

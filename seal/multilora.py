@@ -64,6 +64,7 @@ from seal.adapt import (
 )
 from seal.config import AdaptConfig
 from seal.kernels import cpu_kernels, lays_out
+from seal.memory import out_of_memory
 from seal.models import (
     LM,
     PACKABLE_ATTENTION,
@@ -885,7 +886,9 @@ class MultiLoraUpdater:
             rounds += 1
             try:
                 self._step(running, finish)
-            except torch.OutOfMemoryError:
+            except RuntimeError as err:
+                if not out_of_memory(err):
+                    raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 if len(running) == 1:

@@ -29,6 +29,13 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as seal.models.se
 # makes those products independent of the thread count. Runs leave it to the user (README, "Scaling out").
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
+# A GPU's allocator raises OutOfMemoryError; a CPU's that cannot allocate raises a plain RuntimeError.
+OUT_OF_MEMORY = [
+    torch.OutOfMemoryError("simulated"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 140737488355328 bytes."),
+]
+
+
 register_configs()
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -6,7 +6,7 @@ from seal.adapt import LoraUpdater, SharedCountAdamW, UpdateJob, batched_adamw, 
 from seal.config import AdaptConfig
 from seal.models import generate, weights_checksum
 from seal.multilora import MultiLoraUpdater
-from tests.conftest import load_tiny
+from tests.conftest import OUT_OF_MEMORY, load_tiny
 
 SEQS = [
     "Qirra Probe\nThe Qirra probe was built by Tessaline Aerospace in Port Vellan.",
@@ -105,14 +105,15 @@ def test_a_row_with_nothing_to_learn_within_max_length_is_dropped_not_a_nan(batc
         assert failed.result.error == "no training sequence with a token to learn within max_length=32 tokens"
 
 
-def test_out_of_memory_in_one_update_does_not_stop_the_others(monkeypatch):
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "cpu"])
+def test_out_of_memory_in_one_update_does_not_stop_the_others(monkeypatch, error):
     up = updater()
     real_forward, calls = up.peft.forward, []
 
     def forward(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
-            raise torch.OutOfMemoryError("simulated")
+            raise error
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(up.peft, "forward", forward)

@@ -13,7 +13,7 @@ from seal.adapt import LoraUpdater, Row, TrainedAdapter, UpdateJob, make_updater
 from seal.config import AdaptConfig
 from seal.models import LM, continuation_logprobs, generate, weights_checksum
 from seal.multilora import NO_TARGET, MultiLoraUpdater, for_device, pack, pack_rows
-from tests.conftest import DEVICE, load_tiny, load_tiny_granite
+from tests.conftest import DEVICE, OUT_OF_MEMORY, load_tiny, load_tiny_granite
 
 # The project's learning rate (adapt.lr). At ten times it, AdamW's division by the root of each gradient's
 # running square turns float32 rounding in a near-zero gradient into a step-sized difference: on an AVX-512
@@ -392,37 +392,39 @@ def test_auto_lanes_follow_the_threads_and_stay_one_where_threads_would_change_r
     assert len(MultiLoraUpdater(load_tiny(), AdaptConfig(**MIXED_CFG, lanes=3), 2)._lanes(MIXED_JOBS)) == 2
 
 
-def simulate_out_of_memory(monkeypatch, updater: MultiLoraUpdater, fail) -> list[int]:
-    """The decoder's forward raises OutOfMemoryError when fail(call number, adapters in the step) holds.
-    Returns the adapters of each call so far."""
+def simulate_out_of_memory(monkeypatch, updater: MultiLoraUpdater, fail, error=None) -> list[int]:
+    """The decoder's forward raises `error` (default: OutOfMemoryError) when fail(call number, adapters in
+    the step) holds. Returns the adapters of each call so far."""
     decoder = updater.lm.model.base_model
     real_forward, calls = decoder.forward, []
 
     def forward(*args, **kwargs):
         calls.append(len({slot for slot, _ in updater.routing.runs if slot >= 0}))
         if fail(len(calls), calls[-1]):
-            raise torch.OutOfMemoryError("simulated")
+            raise error or torch.OutOfMemoryError("simulated")
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(decoder, "forward", forward)
     return calls
 
 
-def test_out_of_memory_halves_the_slots_and_restarts_their_jobs(sequential, monkeypatch):
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "cpu"])
+def test_out_of_memory_halves_the_slots_and_restarts_their_jobs(sequential, monkeypatch, error):
     _, alone = sequential
     updater = batched(capacity=3)
     # More than one adapter in a step "does not fit".
-    adapters_seen = simulate_out_of_memory(monkeypatch, updater, lambda call, adapters: adapters > 1)
+    adapters_seen = simulate_out_of_memory(monkeypatch, updater, lambda call, adapters: adapters > 1, error)
     adapters = updater.train(JOBS)
     assert updater.slots_in_use == 1 and adapters_seen[0] == 3
     for got, want in zip(adapters, alone, strict=True):
         assert_same_adapter(got, want)
 
 
-def test_out_of_memory_with_one_slot_fails_that_job_only(sequential, monkeypatch):
+@pytest.mark.parametrize("error", OUT_OF_MEMORY, ids=["cuda", "cpu"])
+def test_out_of_memory_with_one_slot_fails_that_job_only(sequential, monkeypatch, error):
     _, alone = sequential
     updater = batched(capacity=1)
-    simulate_out_of_memory(monkeypatch, updater, lambda call, adapters: call == 1)
+    simulate_out_of_memory(monkeypatch, updater, lambda call, adapters: call == 1, error)
     one, three, five = updater.train(JOBS)
     assert one.result.error == "out of memory" and one.state is None
     assert_same_adapter(three, alone[1])
