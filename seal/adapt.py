@@ -48,6 +48,10 @@ class UpdateJob:
     lr: float | None = None
     epochs: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"update job {self.key!r}: epochs={self.epochs}, expected at least 1")
+
     def settings(self, cfg: AdaptConfig) -> tuple[float, int]:
         return (cfg.lr if self.lr is None else self.lr), (cfg.epochs if self.epochs is None else self.epochs)
 
@@ -383,6 +387,8 @@ def make_updater(lm: LM, cfg: AdaptConfig) -> Updater:
     the reference path, and the fallback where K adapters do not fit in memory)."""
     from seal.multilora import MultiLoraUpdater, fit_capacity  # it builds on this module's types
 
+    if cfg.epochs < 1:
+        raise ValueError(f"adapt.epochs={cfg.epochs}: an update needs at least one epoch")
     if cfg.compile and not cfg.batch_adapters:
         raise ValueError("adapt.compile applies to the batched updater: set adapt.batch_adapters=true")
     return MultiLoraUpdater(lm, cfg, fit_capacity(lm, cfg)) if cfg.batch_adapters else LoraUpdater(lm, cfg)

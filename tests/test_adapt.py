@@ -2,7 +2,7 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from seal.adapt import LoraUpdater, SharedCountAdamW, UpdateJob, batched_adamw, tokenize
+from seal.adapt import LoraUpdater, SharedCountAdamW, UpdateJob, batched_adamw, make_updater, tokenize
 from seal.config import AdaptConfig
 from seal.models import generate, weights_checksum
 from seal.multilora import MultiLoraUpdater
@@ -175,3 +175,10 @@ def test_shared_count_adamw_takes_the_steps_of_torch_s_fused_adamw_bit_for_bit(w
 def test_batched_adamw_falls_back_to_torch_s_optimizer_for_mixed_dtypes():
     params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]
     assert isinstance(batched_adamw(params, 1e-3, 0.0), torch.optim.AdamW)
+
+
+def test_an_update_without_an_epoch_is_refused_at_start():
+    with pytest.raises(ValueError, match="adapt.epochs=0: an update needs at least one epoch"):
+        make_updater(load_tiny(), AdaptConfig(epochs=0))
+    with pytest.raises(ValueError, match="'a': epochs=0, expected at least 1"):
+        UpdateJob("a", SEQS, 0, epochs=0)
