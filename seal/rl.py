@@ -113,6 +113,25 @@ def completion_loss(model: torch.nn.Module, generator: LM, batch: list) -> torch
         return model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
 
 
+def _share_loss(
+    model: torch.nn.Module, generator: LM, batch: list, accelerator: Any
+) -> tuple[torch.Tensor, float]:
+    """This process's share of a batch's completion loss, and the whole batch's loss (the same number in
+    every process). Process p takes rows p, p + n, ... of the batch (n processes) and computes the mean loss
+    over its c_p completion tokens; the whole batch's loss is the mean over all its C tokens, as in one
+    process, i.e. the sum over processes of loss_p * c_p / C. The gradient's all-reduce averages over the
+    processes, so each backpropagates loss_p * n * c_p / C: the average is then the one-process gradient,
+    however unevenly the rows (and their tokens) are shared. A process left without a row (a batch of
+    fewer rows than processes) still runs the batch's last row, weighted 0, so that it takes part in the
+    all-reduce and adds nothing to it."""
+    n, rank = accelerator.num_processes, accelerator.process_index
+    share = batch[rank::n]
+    fraction = sum(r.targets for r in share) / sum(r.targets for r in batch)  # c_p / C; 0 without rows
+    loss = completion_loss(model, generator, share or batch[-1:])
+    whole = accelerator.reduce(loss.detach() * fraction, "sum").item()
+    return loss * (n * fraction), whole
+
+
 def sft_train(
     generator: LM, examples: list[tuple[str, str]], cfg: SFTConfig, seed: int, accelerator: Any = None
 ) -> tuple[Any, dict[str, torch.Tensor], float]:
@@ -120,7 +139,8 @@ def sft_train(
     completion tokens only. Returns the PEFT-wrapped model, the adapter's weights (CPU) and the last epoch's
     mean loss. With an `accelerate.Accelerator` (seal/sft.py, under `accelerate launch`), every process takes
     its share of each batch and the gradients are averaged over the processes (DDP, or FSDP as the launch
-    config says)."""
+    config says), each share's loss weighted by its tokens (`_share_loss`) so that the adapter and the loss
+    are those of one process up to rounding."""
     # The prompt is read, not learnt: the loss is on the completion (and its EOS) only.
     rows = tokenize(generator, [c for _, c in examples], cfg.max_length, prefixes=[p for p, _ in examples])
     if not rows:
@@ -145,17 +165,11 @@ def sft_train(
                 losses = []
                 for at in range(0, len(order), cfg.batch_size):
                     batch = [rows[i] for i in order[at : at + cfg.batch_size]]
-                    if accelerator is not None:
-                        # Each process its share; a batch smaller than the processes repeats its last row, so
-                        # that every process takes part in the gradient's all-reduce.
-                        n, rank = accelerator.num_processes, accelerator.process_index
-                        batch = batch[rank::n] or batch[-1:]
-                    loss = completion_loss(model, generator, batch)
-                    value = (
-                        loss.item()
-                        if accelerator is None
-                        else accelerator.reduce(loss.detach(), "mean").item()
-                    )
+                    if accelerator is None:
+                        loss = completion_loss(model, generator, batch)
+                        value = loss.item()
+                    else:
+                        loss, value = _share_loss(model, generator, batch, accelerator)
                     if not math.isfinite(value):
                         raise RuntimeError(f"SFT of the generator: non-finite loss {value} at epoch {epoch}")
                     loss.backward() if accelerator is None else accelerator.backward(loss)

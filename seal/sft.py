@@ -5,8 +5,10 @@
 Each process rebuilds the generator as it was before round ROUND: the run's model (from RUN_DIR/config.yaml)
 with the adapters of the earlier rounds merged, as a resumed run does. It then fine-tunes a fresh adapter on
 RUN_DIR/rounds/round_ROUND/sft_data.json with `seal.rl.sft_train`, each process taking its share of every
-batch, and the first process saves the adapter there (generator_adapter.safetensors) with the last epoch's
-mean loss (sft_result.json). The run's process merges it, as it merges an adapter it trained itself.
+batch, weighted by its completion tokens so that the processes train the adapter one process would (up to
+rounding) however the rows divide among them. The first process saves the adapter there
+(generator_adapter.safetensors) with the last epoch's mean loss (sft_result.json). The run's process merges
+it, as it merges an adapter it trained itself.
 """
 
 from __future__ import annotations

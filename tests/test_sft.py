@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from seal.config import Config
 from seal.models import load_model
-from seal.rl import RoundStore, base_weights, sft_train, train_generator, with_free_port
+from seal.rl import RoundStore, base_weights, launch_sft, sft_train, train_generator, with_free_port
 from tests.conftest import CACHE_DIR, CONF_DIR, TINY_OVERRIDES, make_cfg
 
 EXAMPLES = [
@@ -63,6 +63,25 @@ def test_two_launched_processes_train_the_round_s_adapter_and_the_generator_merg
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) == 2 * 7  # every adapted projection of both layers, merged
     assert all(torch.equal(after[k], v) for k, v in base_weights(learner.model).items())  # rl.learner=updated
+
+
+def test_two_launched_processes_train_the_adapter_one_process_trains_however_the_rows_divide(tmp_path):
+    """Batches of 3 rows, then 1: the processes take 2 rows and 1, then 1 and none, of unequal token counts.
+    Each process's loss is weighted by its share of the batch's completion tokens, so the averaged gradient
+    and the reported loss are those of one process; only the order of the sums differs."""
+    examples = [*EXAMPLES, ("Count to two.\n", "one, two")]
+    launch = ("rl.sft.launcher=torchrun", "rl.sft.launch_args=[--nproc_per_node,'2']", "rl.sft.batch_size=3")
+    cfg, store = _run_dir(tmp_path, *launch)
+    loss = launch_sft(store, 1, examples, cfg.rl.sft, seed=7)
+    launched = store.load_adapter(1)
+    _, state, alone = sft_train(load_model(cfg.model, CACHE_DIR, seed=cfg.seed), examples, cfg.rl.sft, seed=7)
+    assert store.read(1, "sft_result.json")["processes"] == 2 and loss == pytest.approx(alone, abs=1e-5)
+    assert launched.keys() == state.keys()
+    # AdamW divides each gradient entry by its root mean square: where an entry is near 0, the rounding of
+    # the processes' sums reaches the weights (up to 1.6e-5 here; shares weighted by rows or processes, as
+    # before, were off by up to 0.1).
+    for name, tensor in state.items():
+        assert torch.allclose(launched[name], tensor, atol=1e-4), name
 
 
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP")])
