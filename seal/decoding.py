@@ -134,31 +134,43 @@ def adapted_llama_layers(model: nn.Module) -> list[nn.Module] | None:
     return layers
 
 
+def _projections(layers: list[nn.Module]) -> list[nn.Module]:
+    """The seven adapted projections of each of `layers` (as `adapted_llama_layers` returns them)."""
+    projections = [getattr(layer.self_attn, f"{n}_proj") for layer in layers for n in "qkvo"]
+    return projections + [getattr(layer.mlp, f"{n}_proj") for layer in layers for n in ("gate", "up", "down")]
+
+
 def fits(lm: Any) -> bool:
-    """Whether `LlamaSteps` can decode for `lm`: a Llama model with every projection adapted, on an x86 CPU
-    whose torch (2.5 or later) has oneDNN's packed products."""
-    return (
+    """Whether `LlamaSteps` can decode for `lm`: a Llama model with every projection adapted, its frozen
+    weights and output projection float32 (the steps compute in float32 where there is no autocast) and the
+    output projection a plain linear layer (not adapted), on an x86 CPU whose torch (2.5 or later) has
+    oneDNN's packed products."""
+    if not (
         lm.device.type == "cpu"
         and platform.machine() in ("x86_64", "AMD64")
         and TorchVersion(torch.__version__) >= "2.5"  # scaled_dot_product_attention's enable_gqa
         and torch.backends.mkldnn.is_available()
-        and adapted_llama_layers(lm.model) is not None
-    )
+    ):
+        return False
+    layers = adapted_llama_layers(lm.model)
+    head = lm.model.lm_head
+    if not layers or type(head) is not nn.Linear:
+        return False
+    weights = [head.weight] + [p.base_layer.weight for p in _projections(layers)]
+    return all(weight.dtype == torch.float32 for weight in weights)
 
 
 def fused(lm: Any, kernel: Any) -> bool:
-    """Whether `LlamaSteps` computes each layer through `kernel`'s `decode_layer`: a model `fits` computing in
-    bf16, with the kernels' AVX-512 nodes (`kernel`, as LlamaSteps gets it), no biases, head and hidden sizes
-    multiples of 16 and one epsilon for both norms of a layer."""
-    layers = adapted_llama_layers(lm.model) if kernel is not None else None
-    if not layers or lm.autocast_dtype != torch.bfloat16:
+    """Whether `LlamaSteps` computes each layer through `kernel`'s `decode_layer`: a model that `fits`
+    computing in bf16, with the kernels' AVX-512 nodes (`kernel`, as LlamaSteps gets it), no biases, head and
+    hidden sizes multiples of 16 and one epsilon for both norms of a layer."""
+    if kernel is None or lm.autocast_dtype != torch.bfloat16 or not fits(lm):
         return False
-    projections = [getattr(layer.self_attn, f"{n}_proj") for layer in layers for n in "qkvo"]
-    projections += [getattr(layer.mlp, f"{n}_proj") for layer in layers for n in ("gate", "up", "down")]
+    layers = adapted_llama_layers(lm.model)
     return (
         layers[0].self_attn.head_dim % 16 == 0
         and lm.model.config.hidden_size % 16 == 0
-        and all(p.base_layer.bias is None for p in projections)
+        and all(p.base_layer.bias is None for p in _projections(layers))
         and lm.model.lm_head.bias is None
         and all(
             layer.input_layernorm.variance_epsilon == layer.post_attention_layernorm.variance_epsilon

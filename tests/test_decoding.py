@@ -174,3 +174,32 @@ def test_a_prompt_start_shared_by_one_slot_s_rows_is_computed_once_and_changes_n
     assert len(shared) == 1 and shared[0] >= len(lm.tokenizer(start)["input_ids"]) - 1
     for once, whole in zip(logits[sharing], logits[10**9], strict=True):
         assert torch.equal(once, whole)
+
+
+def test_a_model_with_bf16_weights_and_no_autocast_decodes_through_transformers(monkeypatch):
+    """Weights in bf16 without autocast: the lean steps compute in float32 and would multiply by the bf16
+    output projection, so generation goes through the model's own forward and answers as it does."""
+    lm = dataclasses.replace(tiny_fp32(), autocast_dtype=None)
+    lm.model.to(torch.bfloat16)
+    updater = MultiLoraUpdater(lm, AdaptConfig(**CFG), 3)
+    _, three, five = updater.train(JOBS)
+    ours = updater.generate(PROMPTS, [three, None, five], max_new_tokens=4)
+    assert not decoding.fits(lm) and updater._steps() is None
+    monkeypatch.setattr(decoding, "fits", lambda lm: False)
+    assert updater.generate(PROMPTS, [three, None, five], max_new_tokens=4) == ours
+
+
+def test_a_model_with_an_adapted_output_projection_decodes_through_transformers(monkeypatch):
+    """`lm_head` among the adapted modules: the lean steps read the output projection's own weight and bias,
+    which the adapted layer does not have, so neither they nor `decode_layer` (asked under bf16 autocast with
+    a stand-in for the kernels: `fused` reads only the model) take the model, and generation goes through
+    the model's own forward."""
+    lm = tiny_fp32()
+    targets = [*AdaptConfig(**CFG).target_modules, "lm_head"]
+    updater = MultiLoraUpdater(lm, AdaptConfig(**dict(CFG, target_modules=targets)), 3)
+    assert not decoding.fused(dataclasses.replace(lm, autocast_dtype=torch.bfloat16), object())
+    assert not decoding.fits(lm) and updater._steps() is None
+    _, three, five = updater.train(JOBS)
+    ours = updater.generate(PROMPTS, [three, None, five], max_new_tokens=4)
+    monkeypatch.setattr(decoding, "fits", lambda lm: False)
+    assert updater.generate(PROMPTS, [three, None, five], max_new_tokens=4) == ours
