@@ -41,7 +41,8 @@ class Item:
 
 
 class ReasoningDataError(ValueError):
-    """A reasoning task file that cannot be read; the message names the file and the example."""
+    """Reasoning items that cannot be had: a task file that cannot be read (the message names the file and
+    the example), or settings that would give the probe no items."""
 
 
 # ---------------------------------------------------------------- the built-in suite
@@ -221,7 +222,14 @@ def load_bigbench(path: str | Path, limit: int = 0, seed: int = 0) -> list[Item]
 
 
 def load_items(cfg: ReasoningConfig) -> list[Item]:
+    """The probe's items as `cfg` sets them; never none (ReasoningDataError), as the probe's accuracies and
+    the forgetting penalty average over them."""
     if cfg.source == "builtin":
+        if cfg.per_task < 1:  # 0 means every example only for BIG-bench files
+            raise ReasoningDataError(
+                f"reasoning.per_task must be >= 1 for the builtin suite (items of each kind), "
+                f"got {cfg.per_task}"
+            )
         return builtin_suite(cfg.per_task, cfg.seed)
     if cfg.source == "bigbench":
         if not cfg.paths:

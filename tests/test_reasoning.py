@@ -13,8 +13,18 @@ import pytest
 import torch
 
 from seal import models
+from seal.config import ReasoningConfig
 from seal.models import continuation_logprobs
-from seal.reasoning import Item, ReasoningDataError, builtin_suite, choose, evaluate, load_bigbench, summary
+from seal.reasoning import (
+    Item,
+    ReasoningDataError,
+    builtin_suite,
+    choose,
+    evaluate,
+    load_bigbench,
+    load_items,
+    summary,
+)
 from tests.conftest import CACHE_DIR, DEVICE, SHARED_DATA, load_tiny_granite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +173,16 @@ def test_a_malformed_bigbench_file_is_a_clear_error(tmp_path, text, message):
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ReasoningDataError, match=re.escape(message)):
         load_bigbench(path)
+
+
+@pytest.mark.parametrize("per_task", [0, -1])
+def test_a_builtin_suite_of_no_items_is_a_clear_error(per_task):
+    """reasoning.per_task=0 means every example of a BIG-bench file, but would give the builtin suite no
+    items (and the forgetting penalty a mean of nothing): refused with the setting named."""
+    message = "reasoning.per_task must be >= 1 for the builtin suite"
+    with pytest.raises(ReasoningDataError, match=re.escape(message)):
+        load_items(ReasoningConfig(source="builtin", per_task=per_task))
+    assert len(load_items(ReasoningConfig(source="builtin", per_task=1))) == 6
 
 
 def test_evaluate_marks_the_highest_scoring_choice(tiny_lm):
