@@ -816,19 +816,25 @@ def write_csv(runs: list[Run], path: Path) -> Path:
 def condition_bars(runs: list[Run], family: str) -> tuple[plots.Bars, str] | None:
     """Per configuration, per condition: the `family` measure (knowledge accuracy, few-shot success) pooled
     over seeds, and the x axis's title. A configuration is named by the keys that vary among these runs,
-    less the seed: by the template alone when only `self_edit.name` varies."""
+    less the seed: by the template alone when only `self_edit.name` varies. Where two configurations' values
+    share their shortened form, each is named by its group (`label_runs`), so that no bar replaces another."""
     columns = [c for c in measure_columns(runs) if c[0].startswith(family + "/")]
     members = [run for run in runs if run.error is None and any(key in run.metrics for _, key, _ in columns)]
     if not members:
         return None
     keys = [k for k in varying_keys([run.config for run in members]) if k != "seed"]
-    bars: plots.Bars = {}
-    for group, repeats in seed_groups(members).items():
+    groups = seed_groups(members)
+    names = {}
+    for group, repeats in groups.items():
         if len(keys) == 1:
-            name = short(repeats[0].config.get(keys[0]))
+            names[group] = short(repeats[0].config.get(keys[0]))
         else:
-            name = describe(repeats[0].config, keys) if 1 < len(keys) <= LABEL_KEYS else group
-        bars[name] = {h.split("/")[1]: e for h, key, ci in columns if (e := pooled(repeats, key, ci))}
+            names[group] = describe(repeats[0].config, keys) if 1 < len(keys) <= LABEL_KEYS else group
+    if len(set(names.values())) < len(names):  # group names are distinct (`label_runs`)
+        names = {group: group for group in groups}
+    bars: plots.Bars = {}
+    for group, repeats in groups.items():
+        bars[names[group]] = {h.split("/")[1]: e for h, key, ci in columns if (e := pooled(repeats, key, ci))}
     if len(keys) == 1:
         return bars, keys[0]
     return bars, "configuration" if keys else "one configuration"

@@ -429,6 +429,22 @@ def test_configurations_are_pooled_only_with_their_own_seeds(tmp_path):
     assert b[1] == "2: 0, 1 (1 repeated seed left out)" and b[column].startswith("0.850 ± ")
 
 
+def test_configurations_whose_values_differ_only_past_their_shortened_form_get_a_bar_each(tmp_path):
+    """Two data files whose paths share their first 24 characters: a bar each, named by its group (the path
+    in full), where their shortened paths would name both bars alike and one would replace the other."""
+    for number, (subset, accuracy) in enumerate([("A", 0.2), ("B", 0.8)]):
+        run = write_run(tmp_path / "runs" / str(number), KNOWLEDGE, "implications", 0, None, None)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["data"] = {"path": f"/data/squad/squad_eval_subset_{subset}.json"}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        (run / "summary.json").write_text(json.dumps({"metrics": knowledge_metrics(0.5, accuracy)}))
+
+    bars, xlabel = report.condition_bars(report.load_runs([tmp_path / "runs"]), "knowledge")
+    names = [f"data.path=/data/squad/squad_eval_subset_{s}.json" for s in "AB"]
+    assert xlabel == "data.path" and list(bars) == names
+    assert [bars[name]["self_edit"] for name in names] == [(0.2, 0.21), (0.8, 0.21)]
+
+
 def test_runs_asked_other_questions_get_their_own_best_run_table(tmp_path):
     """Runs on two question sets under one folder: the best is picked within each set, by accuracy."""
     sets = {  # label -> (questions, right)
