@@ -16,9 +16,11 @@ _ITEM_MARKER = re.compile(r"^\s*(?:[-*\u2022]+(?!\d)|\(?\d{1,3}(?:\.\d{1,3})*[.)
 _BULLET = r"[ \t]*(?:(?:[-*\u2022]|\(?\d{1,3}[.)])[ \t]+)?(?:\*\*)?"
 _Q_HEAD = _BULLET + r"(?:Q|Question)[ \t]*\d*[ \t]*[:.](?:\*\*)?[ \t]*"
 _A_HEAD = _BULLET + r"(?:A|Answer)[ \t]*\d*[ \t]*[:.](?:\*\*)?[ \t]*"
-# A pair: a one-line question, its answer up to the next question, a blank line or the end.
+# A pair: a one-line question, its answer up to the next question, a blank line or the end. The answer
+# crosses neither: after an empty answer line it is not the next pair, nor what follows a blank line.
+_END = rf"\n{_Q_HEAD}|\n[ \t]*\n"
 _QA = re.compile(
-    rf"(?:^|\n){_Q_HEAD}(?P<q>[^\n]+?)[ \t]*\n{_A_HEAD}(?P<a>.+?)[ \t]*(?=\n{_Q_HEAD}|\n[ \t]*\n|\Z)",
+    rf"(?:^|\n){_Q_HEAD}(?P<q>[^\n]+?)[ \t]*\n{_A_HEAD}(?P<a>(?:(?!{_END}).)+?)[ \t]*(?={_END}|\Z)",
     re.IGNORECASE | re.DOTALL,
 )
 MIN_ITEM_WORDS = 3  # shorter lines are headings or fragments ("Implications:") and teach nothing
@@ -31,9 +33,10 @@ def self_edit_prompt(template: str, title: str, passage: str) -> str:
 
 def split_items(text: str, split: str = "lines") -> list[str]:
     """The items of a self-edit: its lines (list markers removed; lines under MIN_ITEM_WORDS words dropped) or
-    its question-answer pairs."""
+    its question-answer pairs (those with an empty question or answer left out: nothing to learn)."""
     if split == "qa":
-        pairs = [f"Question: {m['q'].strip()}\nAnswer: {m['a'].strip()}" for m in _QA.finditer(text)]
+        found = [(m["q"].strip(), m["a"].strip()) for m in _QA.finditer(text)]
+        pairs = [f"Question: {q}\nAnswer: {a}" for q, a in found if q and a]
         if pairs:
             return _unique(pairs)
         # A model that ignored the format still wrote something: fall back to its lines.

@@ -48,6 +48,22 @@ def test_qa_pairs_become_one_item_each():
         split_items("x", "words")
 
 
+def test_qa_pairs_with_an_empty_question_or_answer_are_left_out():
+    """An empty answer line teaches nothing: its pair is left out, and the answer neither runs on into the
+    next pair nor past a blank line; a blank question is left out too."""
+    paris = ["Question: Where?\nAnswer: Paris"]
+    assert split_items("Q: What year?\nA:\n\nQ: Where?\nA: Paris", "qa") == paris
+    assert split_items("Q: What year?\nA:\nQ: Where?\nA: Paris", "qa") == paris
+    assert split_items("Q: What year?\nA:  \n\nQ: Where?\nA: Paris", "qa") == paris
+    assert split_items("Q:  \nA: In 1889.\nQ: Where?\nA: Paris", "qa") == paris
+    # No pair with an answer: the lines, as for a model that ignored the format.
+    assert split_items("Q: When?\nA:\n\nI hope this helps you!", "qa") == ["I hope this helps you!"]
+    # An answer that starts on the line after its head is still an answer.
+    assert split_items("Q: What year?\nA:\nIn 1889.", "qa") == ["Question: What year?\nAnswer: In 1889."]
+    seqs = training_sequences("Tower", "It is tall.", "Q: What year?\nA:\n\nQ: Where?\nA: Paris", "qa")
+    assert seqs == ["Tower\nIt is tall.", "Tower\nQuestion: Where?\nAnswer: Paris"]
+
+
 def test_passage_always_added_and_title_prefixed():
     seqs = training_sequences("Qirra Probe", "The probe flew.", "- It flew far away.\n- It carried a camera.")
     assert seqs == [
