@@ -12,8 +12,11 @@ passage plus the self-edit, then the closed-book evaluation of that passage's qu
 
 Both run in this process with the same jobs (sequences, seeds, epochs), in `bench.rounds` rounds that take
 turns at going first (ours then naive, naive then ours, ...), so that a slow spell of a shared host falls on
-both; each method's figures are those of its median round, every round's kept in the record. Peak memory of
-one adapter against K adapters is measured in fresh child processes, so neither sees the other's heap.
+both; each method's figures are those of its median round, every round's kept in the record, and each ratio
+of ours to naive is the median of the rounds' own ratios (the two methods' figures of the same round). Peak
+memory is measured apart, each figure in a fresh child process, so that none sees another's heap: ours' update
+of 1, 4 and K adapters, and the naive reference's update of one (it trains one adapter at a time, on a model
+of its own, so one is what it holds for any K). The peaks measured in this process are kept, labelled as such.
 Results are printed and written to `bench.results_dir` as JSON, after every round as well (`complete` false
 until the last round and the memory probes are done), so a bench stopped part-way keeps its finished rounds.
 """
@@ -25,7 +28,9 @@ import logging
 import multiprocessing
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,11 +46,11 @@ from rich.table import Table
 
 from seal import allocator
 from seal.adapt import LoraUpdater, UpdateJob, UpdateResult, make_updater
-from seal.config import AdaptConfig, Config
+from seal.config import AdaptConfig, Config, ModelConfig
 from seal.executor import ChunkResult, WorkerLost, forked_workers, make_executor
 from seal.grading import make_grader
 from seal.memory import PhaseMeter
-from seal.models import LM, fast_bf16, load_model, setup_runtime
+from seal.models import LM, fast_bf16, load_model, resolve_device, setup_runtime
 from seal.multilora import balanced
 from seal.self_edit import training_sequences
 from seal.tasks.knowledge import Passage, answer, derive_seed, load_passages, write_self_edits
@@ -67,6 +72,20 @@ MEMORY_K = 4  # the memory probe compares one adapter with this many too, whatev
 # frozen, so backward computes the activations' gradient (2 more) but not the weights': 4 per weight. The
 # LoRA matrices and attention scores are left out, so the figure slightly undercounts the work done.
 FLOP_FORMULA = "update FLOPs = 4 x {params:,} matmul weights (output projection included) x trained tokens"
+# What each memory figure of the record is (written into it as `memory_figures`).
+MEMORY_FIGURES = {
+    "memory.<n>.peak_mb": "ours' update of the first n self-edits together, in a fresh process of its own",
+    "memory.naive.peak_mb": (
+        "the naive reference's update of the first self-edit (a fresh fp32 PEFT model), in a fresh process "
+        "of its own: its peak for any K, as it trains one self-edit at a time on a model of its own"
+    ),
+    "ratios.peak_mb_update": "memory.<K>.peak_mb / memory.naive.peak_mb",
+    "naive.peak_mb, ours.peak_mb": (
+        "each phase's peak in the bench's own process, in the method's first round: the naive reference's "
+        "includes the bench's model, ours' updater and the heap ours left (ours runs first), so it is no "
+        "measure of the naive reference alone"
+    ),
+}
 
 
 @dataclass
@@ -77,7 +96,9 @@ class BenchConfig:
     # median round (by self-edits per hour; of an even number, the slower middle one). On the 2-core hosts
     # the naive reference's update took 141-211 s from run to run (benchmarks/README.md). 1: once each.
     rounds: int = 3
-    memory_probe: bool = True  # peak memory of 1 vs 4 and K adapters, each in a fresh child process
+    # Peak memory of ours' update of 1 vs 4 and K adapters, and of the naive reference's of one, each in a
+    # fresh child process: the table's fresh-process peaks and their ratio come from these.
+    memory_probe: bool = True
     # The probes' epochs; 0: all of adapt.epochs. With lanes, a whole update peaks higher than its first epoch
     # does, in whichever step the lanes' largest passes meet (the bench's 4 adapters on the AVX2 CPU: 2,375
     # MB against 2,224; one adapter 1,496 against 1,454).
@@ -187,19 +208,26 @@ def correct_counts(cfg: Config, owners: list[Passage], answers: list[list[str]])
     ]
 
 
+def naive_settings(cfg: Config) -> tuple[ModelConfig, AdaptConfig]:
+    """The naive reference's model and updater settings: fp32 weights without autocast, no gradient
+    checkpointing."""
+    model = replace(cfg.model, autocast=False, dtype="float32")
+    return model, replace(cfg.adapt, gradient_checkpointing=False)
+
+
 def run_naive(cfg: Config, owners: list[Passage], jobs: list[UpdateJob]) -> dict[str, Any]:
     """A fresh fp32 PEFT model per self-edit, trained alone (no gradient checkpointing), then asked its
     questions alone."""
-    meter = PhaseMeter(torch.device("cpu"))
-    model_cfg = replace(cfg.model, autocast=False, dtype="float32")
-    adapt_cfg = replace(cfg.adapt, gradient_checkpointing=False)
+    model_cfg, adapt_cfg = naive_settings(cfg)
+    # The device the model is loaded on, from the first phase on: on CUDA every phase's peak is then allocated
+    # memory, the first load's included.
+    meter = PhaseMeter(resolve_device(model_cfg.device))
     answers: list[list[str]] = []
     results: list[UpdateResult] = []
     for passage, job in zip(owners, jobs, strict=True):
         with meter.phase("load"):
             lm = load_model(model_cfg, cfg.paths.cache_dir, seed=cfg.seed)
             updater = LoraUpdater(lm, adapt_cfg)
-        meter.device = lm.device
         with meter.phase("update"):
             adapters = updater.train([job])
         with meter.phase("eval"):
@@ -324,12 +352,18 @@ def summarise(
 # ---------------------------------------------------------------- memory of 1 vs K adapters
 
 
+def probe_config(dict_cfg: dict[str, Any]) -> BenchRunConfig:
+    """A probe's config, in its child process, set up as the bench's own."""
+    cfg: BenchRunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchRunConfig), dict_cfg))
+    setup_runtime(cfg)
+    return cfg
+
+
 def memory_probe(dict_cfg: dict[str, Any], jobs: list[UpdateJob]) -> dict[str, Any]:
     """In a child process: load the model, train `jobs` once as ours does, return the update's peak memory.
     With executor=processes the jobs train in forked workers, and the peak is this process's RSS plus the
     workers' private memory, sampled every 0.25 s."""
-    cfg: BenchRunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchRunConfig), dict_cfg))
-    setup_runtime(cfg)
+    cfg = probe_config(dict_cfg)
     lm = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
     forked = cfg.executor.name == "processes"
     meter = PhaseMeter(lm.device, interval_s=0.25 if forked else 0.01, processes=forked)
@@ -349,20 +383,57 @@ def memory_probe(dict_cfg: dict[str, Any], jobs: list[UpdateJob]) -> dict[str, A
     }
 
 
-def probe(dict_cfg: DictConfig, jobs: list[UpdateJob]) -> dict[str, Any]:
-    """`memory_probe` in a fresh process (its errors are raised here)."""
+def naive_memory_probe(dict_cfg: dict[str, Any], jobs: list[UpdateJob]) -> dict[str, Any]:
+    """In a child process: the naive reference's update of `jobs` as `run_naive` does it, a fresh fp32 PEFT
+    model for each, trained alone; the same figures as `memory_probe` (`baseline_mb`: the first model loaded
+    and wrapped, before training)."""
+    cfg = probe_config(dict_cfg)
+    model_cfg, adapt_cfg = naive_settings(cfg)
+    epochs = cfg.bench.probe_epochs or cfg.adapt.epochs
+    meter = PhaseMeter(resolve_device(model_cfg.device))
+    baseline = None
+    for job in jobs:
+        lm = load_model(model_cfg, cfg.paths.cache_dir, seed=cfg.seed)
+        updater = LoraUpdater(lm, replace(adapt_cfg, epochs=epochs))
+        with meter.phase("idle"):
+            pass
+        baseline = meter.peak_mb["idle"] if baseline is None else baseline
+        with meter.phase("update"):
+            adapters = updater.train([job])
+        failed = [a.key for a in adapters if a.result.error]
+        if failed:
+            raise RuntimeError(f"naive: updates failed, the comparison would be meaningless: {failed}")
+        del lm, updater, adapters
+    return {
+        "baseline_mb": baseline,
+        "peak_mb": meter.peak_mb["update"],
+        "update_s": round(meter.seconds["update"], 2),
+        "epochs": epochs,
+    }
+
+
+def probe(
+    dict_cfg: DictConfig,
+    jobs: list[UpdateJob],
+    measure: Callable[[dict[str, Any], list[UpdateJob]], dict[str, Any]] = memory_probe,
+) -> dict[str, Any]:
+    """`measure` (ours' `memory_probe` or `naive_memory_probe`) in a fresh process (its errors are raised
+    here)."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(memory_probe, OmegaConf.to_container(dict_cfg, resolve=True), jobs).result()
+        return pool.submit(measure, OmegaConf.to_container(dict_cfg, resolve=True), jobs).result()
 
 
 def memory_probes(dict_cfg: DictConfig, jobs: list[UpdateJob]) -> dict[str, Any]:
-    """Peak memory of the first 1, `MEMORY_K` and all K jobs' update, each `probe`d in a fresh process, and
-    each count's ratio to one adapter's (`ratios`; `ratio` is K's)."""
+    """Peak memory of ours' update of the first 1, `MEMORY_K` and all K jobs, each `probe`d in a fresh
+    process, each count's ratio to one adapter's (`ratios`; `ratio` is K's), and under `naive` the naive
+    reference's update of the first job, `probe`d the same way: one job is all it holds at once, whatever
+    K."""
     counts = sorted({1, min(MEMORY_K, len(jobs)), len(jobs)})
     memory: dict[str, Any] = {str(n): probe(dict_cfg, jobs[:n]) for n in counts}
     memory["ratios"] = {str(n): memory[str(n)]["peak_mb"] / memory["1"]["peak_mb"] for n in counts[1:]}
     memory["ratio"] = memory["ratios"].get(str(len(jobs)), 1.0)
+    memory["naive"] = probe(dict_cfg, jobs[:1], naive_memory_probe)
     return memory
 
 
@@ -377,13 +448,47 @@ def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ranked = sorted(runs, key=lambda run: run["self_edits_per_hour"])
     record = dict(ranked[(len(ranked) - 1) // 2], peak_mb=runs[0]["peak_mb"])
     record["rounds"] = [
-        {key: run[key] for key in ("seconds", "self_edits_per_hour", "update_tokens_per_s", "peak_mb")}
+        {
+            key: run[key]
+            for key in ("seconds", "self_edits_per_hour", "update_tokens_per_s", "peak_mb", "job_seconds")
+        }
         for run in runs
     ]
     record["repeatable"] = all(
         (run["final_losses"], run["answers"]) == (runs[0]["final_losses"], runs[0]["answers"]) for run in runs
     )
     return record
+
+
+def median_ratio(
+    runs: dict[str, list[dict[str, Any]]], figure: Callable[[dict[str, Any]], float]
+) -> float | None:
+    """Ours / naive of `figure`, each round's ours against the same round's naive reference: the median of the
+    rounds' ratios (of an even number, the mean of the middle two), leaving out rounds where the naive
+    reference's figure is 0 (a time rounded to 0.00 s); None where none is left."""
+    ratios = [figure(a) / figure(b) for a, b in zip(runs["ours"], runs["naive"], strict=True) if figure(b)]
+    return statistics.median(ratios) if ratios else None
+
+
+def bench_ratios(
+    runs: dict[str, list[dict[str, Any]]], memory: dict[str, Any] | None, k: int
+) -> dict[str, Any]:
+    """The table's ratios of ours to naive: those of times and rates by round (`median_ratio`); that of the
+    update's peak memory from the fresh processes of the probes (ours' `k` adapters against the naive
+    reference's one), None without them."""
+    peak = memory[str(k)]["peak_mb"] / memory["naive"]["peak_mb"] if memory else None
+    tokens = median_ratio(runs, lambda run: run["update_tokens_per_s"])
+    return {
+        "self_edits_per_hour": median_ratio(runs, lambda run: run["self_edits_per_hour"]),
+        "update_tokens_per_s": tokens,
+        "update_flops_per_s": tokens,  # the same FLOPs per token for both
+        "seconds": {
+            phase: median_ratio(runs, lambda run, phase=phase: run["seconds"][phase])
+            for phase in ("load", "update", "eval")
+        },
+        "slowest_job_update_s": median_ratio(runs, lambda run: max(run["job_seconds"])),
+        "peak_mb_update": peak,
+    }
 
 
 def bench_record(
@@ -395,25 +500,33 @@ def bench_record(
     complete: bool,
 ) -> dict[str, Any]:
     """The bench's record from the rounds run so far (`runs`, each method's in order): each method's median
-    round with its FLOP/s and MFU against each `peaks` dtype, each round's ratio and the answers the two
-    share, beside the run's `facts`; `complete` false while rounds or the memory probes are still to come."""
+    round with its FLOP/s and MFU against each `peaks` dtype, each round's ratio, the table's ratios
+    (`bench_ratios`) and the answers the two share, beside the run's `facts`; `complete` false while rounds or
+    the memory probes are still to come."""
     naive, ours = median_round(runs["naive"]), median_round(runs["ours"])
     for result in (naive, ours):
         flops = 4 * params * result["update_tokens_per_s"]
         result["update_flops_per_s"] = flops
         result["mfu"] = {dtype: flops / peak for dtype, peak in peaks.items()}
+    ratios = bench_ratios(runs, memory, facts["k"])
     return {
         **facts,
         "complete": complete,
         "naive": naive,
         "ours": ours,
         "rounds": len(runs["ours"]),
-        "speedup_self_edits_per_hour": ours["self_edits_per_hour"] / naive["self_edits_per_hour"],
+        # The headline: the median of the rounds' own ratios (`speedup_by_round`), since 2026-12-07. Before,
+        # it was the ratio of the two methods' median rounds, often different rounds; that is kept beside it.
+        "speedup_self_edits_per_hour": ratios["self_edits_per_hour"],
+        "speedup_definition": "median of speedup_by_round",
+        "speedup_of_median_rounds": ours["self_edits_per_hour"] / naive["self_edits_per_hour"],
         # each round's ours against the same round's naive reference
         "speedup_by_round": [
             a["self_edits_per_hour"] / b["self_edits_per_hour"]
             for a, b in zip(runs["ours"], runs["naive"], strict=True)
         ],
+        "ratios": ratios,
+        "memory_figures": MEMORY_FIGURES,
         "same_answers": sum(
             a == b
             for x, y in zip(naive["answers"], ours["answers"], strict=True)
@@ -431,6 +544,9 @@ def bench(dict_cfg: DictConfig) -> dict[str, Any]:
         )
     if cfg.bench.rounds < 1:
         raise ValueError(f"bench.rounds must be 1 or more, got {cfg.bench.rounds}")
+    for key in ("passages", "self_edits_per_passage"):
+        if getattr(cfg.bench, key) < 1:
+            raise ValueError(f"bench.{key} must be 1 or more, got {getattr(cfg.bench, key)}")
     setup_runtime(cfg)
     lm = load_model(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
     device = lm.device
@@ -463,13 +579,19 @@ def bench(dict_cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model.name,
         "device": str(device),
         "autocast": str(lm.autocast_dtype),
+        # what ours' products compute in (autocast's dtype, else the weights': bf16 weights on CUDA); the
+        # naive reference's, always float32
+        "ours_compute_dtype": str(lm.compute_dtype),
         # where bf16 is emulated, MFU against its peak is meaningless: ours then runs in float32, like naive
         "fast_bf16": fast_bf16(device),
         "k": len(jobs),
         "epochs": cfg.adapt.epochs,
-        # ours: in this process (local) or in this many forked workers of one thread each (processes)
+        # ours: in this process (local) or in forked workers of one thread each (processes), as many as it
+        # used: one chunk of the jobs each, so never more than K
         "executor": cfg.executor.name,
-        "workers": forked_workers(cfg.executor) if cfg.executor.name == "processes" else 1,
+        "workers": len(chunks_for(cfg, jobs)),
+        # what a peak in the table is: peak RSS on CPU, peak allocated memory on CUDA
+        "memory_measure": PhaseMeter(device).kind,
         "matmul_peak_flops_per_s": peaks,
         "flop_formula": FLOP_FORMULA.format(params=params),
         "questions": sum(len(p.questions) for p in owners),
@@ -496,6 +618,7 @@ def report(record: dict[str, Any], path: Path) -> None:
     console.print(
         f"[bold]{record['machine']['cpu']}[/] · {record['machine'].get('gpu', 'no GPU')} · "
         f"{record['machine']['threads']} threads · autocast {record['autocast']} · "
+        f"ours computes in {record['ours_compute_dtype']}, naive in torch.float32 · "
         f"ours on executor={record['executor']} ({record['workers']} process(es))"
     )
     console.print(
@@ -507,25 +630,45 @@ def report(record: dict[str, Any], path: Path) -> None:
     table.add_column("naive")
     table.add_column("ours")
     table.add_column("ours / naive")
-    naive, ours = record["naive"], record["ours"]
+    naive, ours, ratios, memory = record["naive"], record["ours"], record["ratios"], record["memory"]
 
-    def row(label: str, a: float, b: float, fmt: str, ratio: bool = True) -> None:
-        table.add_row(label, format(a, fmt), format(b, fmt), f"{b / a:.2f}x" if ratio and a else "")
+    def row(label: str, a: float, b: float, fmt: str, ratio: float | None = None) -> None:
+        table.add_row(label, format(a, fmt), format(b, fmt), "" if ratio is None else f"{ratio:.2f}x")
 
-    row("self-edits per hour", naive["self_edits_per_hour"], ours["self_edits_per_hour"], ".1f")
-    row("update tokens/s", naive["update_tokens_per_s"], ours["update_tokens_per_s"], ".1f")
-    row("update GFLOP/s", naive["update_flops_per_s"] / 1e9, ours["update_flops_per_s"] / 1e9, ".1f")
-    emulated = not record.get("fast_bf16", True)  # records written before the field: assume fast
+    for label, key, scale in (
+        ("self-edits per hour", "self_edits_per_hour", 1),
+        ("update tokens/s", "update_tokens_per_s", 1),
+        ("update GFLOP/s", "update_flops_per_s", 1e9),
+    ):
+        row(label, naive[key] / scale, ours[key] / scale, ".1f", ratios[key])
+    emulated = not record["fast_bf16"]
     for dtype in peaks:
         label = f"MFU vs {dtype} peak" + (" (emulated)" if emulated and dtype == "bfloat16" else "")
-        row(label, naive["mfu"][dtype], ours["mfu"][dtype], ".1%", ratio=False)
+        row(label, naive["mfu"][dtype], ours["mfu"][dtype], ".1%")
     for phase in ("load", "update", "eval"):
-        row(f"{phase} s", naive["seconds"].get(phase, 0), ours["seconds"].get(phase, 0), ".1f")
-    if "job_seconds" in ours:  # records written before the field lack it
-        row("slowest job's update s", max(naive["job_seconds"]), max(ours["job_seconds"]), ".1f")
-    row("peak memory, update (MB)", naive["peak_mb"]["update"], ours["peak_mb"]["update"], ".0f")
-    row("accuracy (questions right)", naive["accuracy"], ours["accuracy"], ".3f", ratio=False)
+        row(f"{phase} s", naive["seconds"][phase], ours["seconds"][phase], ".1f", ratios["seconds"][phase])
+    slowest = max(naive["job_seconds"]), max(ours["job_seconds"])
+    row("slowest job's update s", *slowest, ".1f", ratios["slowest_job_update_s"])
+    if memory:
+        fresh = memory["naive"]["peak_mb"], memory[str(record["k"])]["peak_mb"]
+        row("peak memory, update, fresh process (MB)", *fresh, ".0f", ratios["peak_mb_update"])
+    in_bench = naive["peak_mb"]["update"], ours["peak_mb"]["update"]
+    row("peak memory, update, bench's process (MB)", *in_bench, ".0f")
+    row("accuracy (questions right)", naive["accuracy"], ours["accuracy"], ".3f")
     console.print(table)
+    console.print(
+        f"ours / naive: the median of the rounds' own ratios ({record['rounds']} round(s), each round's ours "
+        "against the same round's naive reference); naive and ours: each method's median round"
+    )
+    if memory:
+        console.print(
+            "peak memory, fresh process: naive's update of the first self-edit alone, all it holds at once "
+            f"whatever K; ours' of all {record['k']} together"
+        )
+    console.print(
+        "peak memory, bench's process: each method's first round, naive's on top of the bench's model, "
+        f"ours' updater and what ours left (no measure of naive alone); peaks are {record['memory_measure']}"
+    )
     if emulated:
         console.print(
             "bf16 is emulated on this CPU (neither AVX-512 BF16 nor AMX), so ours keeps float32 unless told "
@@ -535,10 +678,12 @@ def report(record: dict[str, Any], path: Path) -> None:
         f"same answer to {record['same_answers']}/{record['questions']} questions; "
         f"correct per self-edit: naive {naive['correct']}, ours {ours['correct']}"
     )
-    if record.get("rounds", 1) > 1:  # records written before the field: one round
+    if record["rounds"] > 1:
         console.print(
             f"{record['rounds']} rounds, the figures above from each method's median one; ours / naive by "
-            "round: " + ", ".join(f"{r:.2f}x" for r in record["speedup_by_round"])
+            "round: "
+            + ", ".join(f"{r:.2f}x" for r in record["speedup_by_round"])
+            + f" (the ratio of the two median rounds: {record['speedup_of_median_rounds']:.2f}x)"
         )
         for name in ("naive", "ours"):
             seconds = "; ".join(
@@ -549,16 +694,16 @@ def report(record: dict[str, Any], path: Path) -> None:
         unrepeated = [name for name in ("naive", "ours") if not record[name]["repeatable"]]
         if unrepeated:
             console.print(f"[red]not the same losses and answers in every round: {', '.join(unrepeated)}[/]")
-    memory = record["memory"]
     if memory:
-        ratios = memory.get("ratios") or {str(record["k"]): memory["ratio"]}  # older records: K only
         others = ", ".join(
-            f"{n} adapters {memory[n]['peak_mb']:.0f} MB (ratio {r:.2f})" for n, r in ratios.items()
+            f"{n} adapters {memory[n]['peak_mb']:.0f} MB (ratio {r:.2f})" for n, r in memory["ratios"].items()
         )
         console.print(
-            f"peak memory of an update of {memory['1'].get('epochs', 1)} epoch(s), each in a fresh process: "
-            f"1 adapter {memory['1']['peak_mb']:.0f} MB, "
-            f"{others} (model loaded, idle: {memory['1']['baseline_mb']:.0f} MB)"
+            f"peak memory of an update of {memory['1']['epochs']} epoch(s), each in a fresh process: "
+            f"ours 1 adapter {memory['1']['peak_mb']:.0f} MB, "
+            f"{others} (model loaded, idle: {memory['1']['baseline_mb']:.0f} MB); "
+            f"naive 1 adapter {memory['naive']['peak_mb']:.0f} MB "
+            f"(fp32 model loaded and wrapped, idle: {memory['naive']['baseline_mb']:.0f} MB)"
         )
     console.print(f"written to {path}")
 
