@@ -16,7 +16,6 @@ import logging
 import math
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -209,30 +208,13 @@ def launch_sft(
     """Round k's SFT in processes of its own (rl.sft.launcher=accelerate or torchrun, running seal/sft.py):
     they rebuild the generator from the run's directory, train, and save the adapter into round k."""
     store.write(k, "sft_data.json", [{"prompt": a, "completion": b} for a, b in examples])
-    command = [sys.executable, "-m", LAUNCHERS[cfg.launcher], *with_free_port(cfg.launcher, cfg.launch_args)]
+    command = [sys.executable, "-m", LAUNCHERS[cfg.launcher], *cfg.launch_args]
     command += ["-m", "seal.sft", str(store.root.parent), str(k), str(seed)]
     log.info("round %d: SFT of the generator: %s", k, " ".join(command))
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return store.read(k, "sft_result.json")["loss"]
-
-
-def with_free_port(launcher: str, args: list[str]) -> list[str]:
-    """The launcher's arguments, for `accelerate launch` with a free local port for its processes' rendezvous
-    unless they (or the config file they name) give one. Left to itself accelerate takes 29500, and refuses
-    to start where another run of a sweep on the same machine holds it; torchrun on one machine picks a free
-    port itself."""
-    if launcher != "accelerate" or any("port" in a or "main_process_ip" in a for a in args):
-        return list(args)
-    files = [b for a, b in zip(args, args[1:], strict=False) if a == "--config_file"]
-    files += [a.split("=", 1)[1] for a in args if a.startswith("--config_file=")]
-    if any(Path(f).is_file() and "main_process_port" in Path(f).read_text() for f in files):
-        return list(args)
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    return ["--main_process_port", str(port), *args]
 
 
 def apply_adapter(generator: LM, state: dict[str, torch.Tensor], cfg: SFTConfig) -> None:

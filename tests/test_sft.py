@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from seal.config import Config
 from seal.models import load_model
-from seal.rl import RoundStore, base_weights, launch_sft, sft_train, train_generator, with_free_port
+from seal.rl import RoundStore, base_weights, launch_sft, sft_train, train_generator
 from tests.conftest import CACHE_DIR, CONF_DIR, TINY_OVERRIDES, make_cfg
 
 EXAMPLES = [
@@ -92,16 +92,3 @@ def test_the_multi_gpu_launch_configs_are_valid_accelerate_configs(name, kind):
     assert config.distributed_type.value == kind and config.mixed_precision == "bf16" and not config.use_cpu
     # No layer class named: the model's own _no_split_modules decide (a Llama class would fail on Qwen2).
     assert "fsdp_transformer_layer_cls_to_wrap" not in (config.fsdp_config or {})
-
-
-def test_an_accelerate_launch_takes_a_free_port_unless_it_was_given_one(tmp_path):
-    """accelerate's default port (29500) would stop a second run of a sweep on the same machine."""
-    ddp = str(Path(CONF_DIR) / "accelerate" / "ddp.yaml")
-    flag, port, *rest = with_free_port("accelerate", ["--config_file", ddp])
-    assert flag == "--main_process_port" and 1024 <= int(port) < 65536 and rest == ["--config_file", ddp]
-    given = ["--main_process_port", "31000", "--config_file", ddp]
-    assert with_free_port("accelerate", given) == given
-    config = tmp_path / "ddp.yaml"
-    config.write_text("main_process_port: 31000\n")
-    assert with_free_port("accelerate", [f"--config_file={config}"]) == [f"--config_file={config}"]
-    assert with_free_port("torchrun", ["--nproc_per_node", "2"]) == ["--nproc_per_node", "2"]
