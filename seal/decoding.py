@@ -153,10 +153,9 @@ def fits(lm: Any) -> bool:
     ):
         return False
     layers = adapted_llama_layers(lm.model)
-    head = lm.model.lm_head
-    if not layers or type(head) is not nn.Linear:
+    if not layers or type(lm.model.lm_head) is not nn.Linear:
         return False
-    weights = [head.weight] + [p.base_layer.weight for p in _projections(layers)]
+    weights = [lm.model.lm_head.weight] + [p.base_layer.weight for p in _projections(layers)]
     return all(weight.dtype == torch.float32 for weight in weights)
 
 

@@ -17,10 +17,11 @@ _BULLET = r"[ \t]*(?:(?:[-*\u2022]|\(?\d{1,3}[.)])[ \t]+)?(?:\*\*)?"
 _Q_HEAD = _BULLET + r"(?:Q|Question)[ \t]*\d*[ \t]*[:.](?:\*\*)?[ \t]*"
 _A_HEAD = _BULLET + r"(?:A|Answer)[ \t]*\d*[ \t]*[:.](?:\*\*)?[ \t]*"
 # A pair: a one-line question, its answer up to the next question, a blank line or the end. The answer
-# crosses neither: after an empty answer line it is not the next pair, nor what follows a blank line.
+# crosses neither: after an empty answer line it is not the next pair, nor what follows a blank line. Both
+# are stripped after the match: trailing blanks matched here would make a long run of them quadratic.
 _END = rf"\n{_Q_HEAD}|\n[ \t]*\n"
 _QA = re.compile(
-    rf"(?:^|\n){_Q_HEAD}(?P<q>[^\n]+?)[ \t]*\n{_A_HEAD}(?P<a>(?:(?!{_END}).)+?)[ \t]*(?={_END}|\Z)",
+    rf"(?:^|\n){_Q_HEAD}(?P<q>[^\n]+)\n{_A_HEAD}(?P<a>(?:(?!{_END}).)+?)(?={_END}|\Z)",
     re.IGNORECASE | re.DOTALL,
 )
 MIN_ITEM_WORDS = 3  # shorter lines are headings or fragments ("Implications:") and teach nothing
