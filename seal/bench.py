@@ -375,37 +375,34 @@ def memory_probe(dict_cfg: dict[str, Any], jobs: list[UpdateJob]) -> dict[str, A
         pass
     with meter.phase("update"):
         map_ours(cfg, runner, [None] * len(jobs), jobs, groups)  # type: ignore[list-item]
-    return {
-        "baseline_mb": meter.peak_mb["idle"],
-        "peak_mb": meter.peak_mb["update"],
-        "update_s": round(meter.seconds["update"], 2),
-        "epochs": epochs,
-    }
+    return probe_figures(meter, epochs)
 
 
 def naive_memory_probe(dict_cfg: dict[str, Any], jobs: list[UpdateJob]) -> dict[str, Any]:
-    """In a child process: the naive reference's update of `jobs` as `run_naive` does it, a fresh fp32 PEFT
-    model for each, trained alone; the same figures as `memory_probe` (`baseline_mb`: the first model loaded
-    and wrapped, before training)."""
+    """In a child process: the naive reference's update of one job as `run_naive` does it, on a fresh fp32
+    PEFT model; the same figures as `memory_probe` (`baseline_mb`: the model loaded and wrapped)."""
+    [job] = jobs  # the naive reference holds one at a time
     cfg = probe_config(dict_cfg)
     model_cfg, adapt_cfg = naive_settings(cfg)
     epochs = cfg.bench.probe_epochs or cfg.adapt.epochs
-    meter = PhaseMeter(resolve_device(model_cfg.device))
-    baseline = None
-    for job in jobs:
-        lm = load_model(model_cfg, cfg.paths.cache_dir, seed=cfg.seed)
-        updater = LoraUpdater(lm, replace(adapt_cfg, epochs=epochs))
-        with meter.phase("idle"):
-            pass
-        baseline = meter.peak_mb["idle"] if baseline is None else baseline
-        with meter.phase("update"):
-            adapters = updater.train([job])
-        failed = [a.key for a in adapters if a.result.error]
-        if failed:
-            raise RuntimeError(f"naive: updates failed, the comparison would be meaningless: {failed}")
-        del lm, updater, adapters
+    lm = load_model(model_cfg, cfg.paths.cache_dir, seed=cfg.seed)
+    updater = LoraUpdater(lm, replace(adapt_cfg, epochs=epochs))
+    meter = PhaseMeter(lm.device)
+    with meter.phase("idle"):
+        pass
+    with meter.phase("update"):
+        [adapter] = updater.train([job])
+    if adapter.result.error:
+        raise RuntimeError(
+            f"naive: the update failed, the comparison would be meaningless: {adapter.result.error}"
+        )
+    return probe_figures(meter, epochs)
+
+
+def probe_figures(meter: PhaseMeter, epochs: int) -> dict[str, Any]:
+    """A memory probe's record: the idle and update peaks, the update's seconds and its epochs."""
     return {
-        "baseline_mb": baseline,
+        "baseline_mb": meter.peak_mb["idle"],
         "peak_mb": meter.peak_mb["update"],
         "update_s": round(meter.seconds["update"], 2),
         "epochs": epochs,

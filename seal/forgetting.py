@@ -105,7 +105,7 @@ class Probe:
     def reasoning_metrics(self, prefix: str, results: list[dict[str, Any]]) -> dict[str, float]:
         """`prefix`/accuracy, n, ci95 and chance, pooled over the measured models (n: each item once)."""
         flags = [ok for r in results for ok in r["reasoning"]]
-        s = summary(self.items * len(results), flags, repeats=len(results))
+        s = summary(self.items, flags, repeats=len(results))
         return {f"{prefix}/{k}": s[k] for k in ("accuracy", "n", "ci95", "chance")}
 
     def retention_metrics(self, results: list[dict[str, Any]]) -> dict[str, float]:
