@@ -54,7 +54,7 @@ from seal.models import LM, fast_bf16, load_model, resolve_device, setup_runtime
 from seal.multilora import balanced
 from seal.self_edit import training_sequences
 from seal.tasks.knowledge import Passage, answer, derive_seed, load_passages, write_self_edits
-from seal.tracking import write_json_atomic
+from seal.tracking import code_version, write_json_atomic
 
 log = logging.getLogger(__name__)
 # SmolLM2-135M's shape, for `model.tiny`: random weights that cost what the real ones cost (the scripts in
@@ -573,6 +573,7 @@ def bench(dict_cfg: DictConfig) -> dict[str, Any]:
     facts = {
         "date": started.isoformat(timespec="seconds"),
         "machine": machine(),
+        "code": code_version(),  # seal's version, commit and whether the checkout had changes
         "model": cfg.model.name,
         "device": str(device),
         "autocast": str(lm.autocast_dtype),

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,38 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     tmp.replace(path)
+
+
+def code_version(root: str | Path | None = None) -> dict[str, Any]:
+    """Which code made a record: seal's version and, where `root` (seal's checkout by default) is the top of
+    a git work tree, its commit and whether tracked files differ from it (`dirty`). Commit and dirty are None
+    where there is no git, no work tree (seal installed from a wheel) or no commit yet."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    try:
+        version = metadata.version("seal")
+    except metadata.PackageNotFoundError:
+        version = None
+    info: dict[str, Any] = {"seal": version, "commit": None, "dirty": None}
+    try:
+        git = ("git", "-C", str(root))
+        head = subprocess.run(
+            git + ("rev-parse", "--show-toplevel", "HEAD"), capture_output=True, text=True, timeout=10
+        )
+        top, _, commit = head.stdout.strip().partition("\n")
+        # The work tree must be seal's own: a wheel installed in a virtual environment that lies inside
+        # some other project's checkout would otherwise report that project's commit.
+        if head.returncode == 0 and Path(top).resolve() == root.resolve():
+            status = subprocess.run(
+                git + ("status", "--porcelain", "--untracked-files=no"),
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            info["commit"] = commit
+            info["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return info
 
 
 class Tracker:

@@ -5,6 +5,7 @@ config → model (loaded once, frozen) → task (conditions, inner loops, outer 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from seal.memory import PhaseMeter
 from seal.models import load_model, resolve_device, setup_runtime
 from seal.report import report
 from seal.tasks import few_shot, knowledge
-from seal.tracking import Tracker, write_json_atomic
+from seal.tracking import Tracker, code_version, read_jsonl, write_json_atomic, write_jsonl
 
 log = logging.getLogger(__name__)
 TASKS = {"knowledge": knowledge.run, "few_shot": few_shot.run}
@@ -124,6 +125,14 @@ def check_resume(cfg: Config, config: dict[str, Any], run_dir: Path) -> bool:
     return True
 
 
+def record_code(path: Path, resume: bool) -> None:
+    """One line per start of the run in `path`: when, and which code (`code_version`). A resumed run keeps
+    the lines before it, so a run continued on other code shows which code ran which part."""
+    row = {"started": datetime.datetime.now().isoformat(timespec="seconds"), **code_version()}
+    earlier = read_jsonl(path) if resume and path.is_file() else []
+    write_jsonl(path, earlier + [row])
+
+
 def run_name(cfg: Config) -> str:
     return f"{cfg.task.name}-{cfg.model.name}-{cfg.self_edit.name}-rl_{cfg.rl.name}-seed{cfg.seed}"
 
@@ -177,6 +186,7 @@ def train(dict_cfg: DictConfig) -> dict[str, Any]:
     (run_dir / "summary.json").unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dict_cfg, resolve=True))
     write_json_atomic(run_dir / "inputs.json", input_digests(config))
+    record_code(run_dir / "code.jsonl", resume)
     setup_runtime(cfg)
     name = run_name(cfg) + (f" [{sweep[1]}]" if sweep else "")
     tracker = Tracker(run_dir, cfg.logger, config, name, resume=resume)

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from seal.bench import FLOP_FORMULA, bench, bench_record, median_round
 from seal.models import fast_bf16
+from seal.tracking import code_version
 from tests.conftest import CACHE_DIR, CONF_DIR
 
 # The tiny model's matmul weights (conf/model/tiny.yaml), counted by hand: per layer the attention's q and o
@@ -74,6 +75,7 @@ def test_bench_compares_naive_and_ours_on_the_same_self_edits(
     [path] = (tmp_path / "results").iterdir()  # written after each round, then whole: no partial file left
     written = json.loads(path.read_text())
     assert written["complete"] and written["ours"]["update_tokens"] == record["ours"]["update_tokens"]
+    assert written["code"] == code_version()  # which code was measured (code_version: tests/test_train.py)
     naive, ours = record["naive"], record["ours"]
     assert record["k"] == naive["self_edits"] == ours["self_edits"] == 2
     assert (record["executor"], record["workers"]) == (executor, chunks)

@@ -2,6 +2,9 @@
 
 import hashlib
 import json
+import subprocess
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -10,10 +13,11 @@ from seal.config import LoggerConfig
 from seal.grading import make_grader
 from seal.regrade import regrade_run
 from seal.tasks import knowledge
-from seal.tracking import Tracker, read_offline_run
-from seal.train import input_digests, train
+from seal.tracking import Tracker, code_version, read_jsonl, read_offline_run
+from seal.train import input_digests, record_code, train
 from tests.conftest import DEVICE, TINY_OVERRIDES, make_cfg
 
+ROOT = Path(__file__).resolve().parent.parent
 KEYS = [f"knowledge/{c}/{m}" for c in ("base", "passage", "self_edit") for m in ("accuracy", "n", "ci95")] + [
     f"{kind}/{p}" for p in ("generate", "update", "eval") for kind in ("time", "mem")
 ]
@@ -255,8 +259,51 @@ def test_a_resumed_run_holds_a_summary_only_once_it_finishes_again(tmp_path, mon
 
     monkeypatch.setattr(knowledge, "answer", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg)  # resumed (resume=auto), and stopped before it finished
+        train(cfg)  # started again in the same folder, and stopped before it finished
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_run_records_which_code_ran_each_start(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    [start] = read_jsonl(run_dir / "code.jsonl")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert start["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert start["seal"] == metadata.version("seal")
+    path = tmp_path / "code.jsonl"
+    path.write_text('{"started": "earlier"}\n')
+    record_code(path, resume=True)  # a resumed run keeps the lines of the starts before it
+    assert [row["started"] for row in read_jsonl(path)][0] == "earlier" and len(read_jsonl(path)) == 2
+    record_code(path, resume=False)  # a run started afresh in the folder is a new run
+    assert len(read_jsonl(path)) == 1 and read_jsonl(path)[0]["started"] != "earlier"
+
+
+def _git(repo, *args):
+    command = ["git", "-C", str(repo), "-c", "user.name=seal", "-c", "user.email=seal@example.org", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_code_version_names_the_checkout_s_commit_and_changes_and_nothing_outside_one(tmp_path):
+    repo = tmp_path / "seal"
+    (repo / "sub").mkdir(parents=True)
+    _git(repo, "init", "-q")
+    assert code_version(repo)["commit"] is None  # a work tree without a commit
+    (repo / "a.py").write_text("x = 1\n")
+    _git(repo, "add", "a.py")
+    _git(repo, "commit", "-q", "-m", "first")
+    assert code_version(repo) | {"seal": None} == {
+        "seal": None,
+        "commit": _git(repo, "rev-parse", "HEAD"),
+        "dirty": False,
+    }
+    (repo / "new.py").write_text("")  # untracked: not a change to the code that ran
+    assert code_version(repo)["dirty"] is False
+    (repo / "a.py").write_text("x = 2\n")
+    assert code_version(repo)["dirty"] is True
+    # a folder inside some other checkout (a wheel installed in a venv there) is not that checkout's code
+    assert code_version(repo / "sub")["commit"] is None
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    assert (code_version(outside)["commit"], code_version(outside)["dirty"]) == (None, None)
 
 
 @pytest.mark.parametrize(
