@@ -192,9 +192,10 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def wilson_interval(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval for a proportion (well behaved at 0 and 1, unlike the normal one)."""
+    """95 % Wilson score interval for a proportion (well behaved at 0 and 1, unlike the normal one). With no
+    answers, every proportion is possible: (0, 1)."""
     if n == 0:
-        return 0.0, 0.0
+        return 0.0, 1.0
     p = correct / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)

@@ -89,6 +89,10 @@ def test_wilson_interval():
     assert low == pytest.approx(1 - high)
     summary = accuracy_summary([True, False, False, False])
     assert summary["accuracy"] == 0.25 and summary["n"] == 4 and summary["ci95"] > 0.25
+    # no answers say nothing: not "0 % give or take 0"
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    empty = accuracy_summary([])
+    assert empty["n"] == 0 and (empty["ci95_low"], empty["ci95_high"]) == (0.0, 1.0) and empty["ci95"] == 1.0
 
 
 def test_models_answering_the_same_questions_pool_their_accuracy_but_not_their_n():
