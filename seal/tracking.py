@@ -54,6 +54,19 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def throughput_metrics(tokens: int, loops: int, update_s: float, loops_s: float) -> dict[str, float]:
+    """The throughput keys every run logs, of the inner loops computed in this run (not those read back):
+    trained tokens per second of update (`update_s`), and inner loops (an update and the evaluation of its
+    adapter: a self-edit's, the passage baseline's, an ARC task's test-time training) per hour of `loops_s`,
+    the time they took, updates and evaluations together. None computed: no keys."""
+    if not loops:
+        return {}
+    return {
+        "throughput/update_tokens_per_s": tokens / max(update_s, 1e-9),
+        "throughput/self_edits_per_hour": 3600 * loops / max(loops_s, 1e-9),
+    }
+
+
 def code_version(root: str | Path | None = None) -> dict[str, Any]:
     """Which code made a record: seal's version and, where `root` (seal's checkout by default) is the top of
     a git work tree, its commit and whether tracked files differ from it (`dirty`). Commit and dirty are None

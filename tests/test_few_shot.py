@@ -141,6 +141,10 @@ def test_a_few_shot_run_writes_every_condition(few_shot_run):
     assert metrics["few_shot/self_edit/valid_config_rate"] == 1
     assert "few-shot: ARC tasks solved" in (run_dir / "report.md").read_text()
     assert metrics["time/update_s"] > 0 and "mem/peak_update_mb" in metrics
+    # the inner loops' throughput: the 4 tasks trained (ttt_fixed and self_edit; icl trains none)
+    loops_s = 3600 * 4 / metrics["throughput/self_edits_per_hour"]
+    assert 0 < loops_s <= metrics["time/update_s"] + metrics["time/eval_s"]
+    assert metrics["throughput/update_tokens_per_s"] > 0
     # The conditions compared task by task: each against each one before it.
     conditions = ("icl", "ttt_fixed", "self_edit")
     solved = {c: [r["success"] for r in records if r["condition"] == c] for c in conditions}
@@ -164,9 +168,12 @@ def test_a_killed_few_shot_run_resumes_from_its_finished_conditions(tmp_path, mo
     ]
     tried = []
     real = few_shot.attempt
-    monkeypatch.setattr(few_shot, "attempt", lambda *a: tried.append(a[-1]) or real(*a))
+    monkeypatch.setattr(few_shot, "attempt", lambda *a: tried.append(a[6]) or real(*a))  # a[6]: the tag
     metrics = train(make_cfg(tmp_path, *FEW_SHOT))  # resume=auto continues the run in its directory
     assert tried == ["self_edit"]  # icl and ttt_fixed were read back, not recomputed
+    # the throughput keys are of what this process computed: the two self_edit tasks' TTT and answers
+    loops_s = 3600 * 2 / metrics["throughput/self_edits_per_hour"]
+    assert 0 < loops_s <= metrics["time/update_s"] + metrics["time/eval_s"]
     run_dir, uninterrupted = few_shot_run
     assert {k: v for k, v in metrics.items() if k.startswith("few_shot/")} == {
         k: v for k, v in uninterrupted.items() if k.startswith("few_shot/")

@@ -63,6 +63,13 @@ def test_cpt_trains_one_adapter_per_condition_on_all_passages(cpt_run):
     assert metrics["cpt/passage/train_sequences"] == 2
     assert metrics["cpt/self_edit/train_sequences"] == len(self_edit)
     assert metrics["adapt/failed_updates"] == 0
+    # two inner loops (each adapter's update and its answers), within the update and eval phases
+    assert (
+        0
+        < 3600 * 2 / metrics["throughput/self_edits_per_hour"]
+        <= metrics["time/update_s"] + metrics["time/eval_s"]
+    )
+    assert metrics["throughput/update_tokens_per_s"] > 0
 
 
 def test_cpt_reports_each_condition_as_single_mode_does(cpt_run):
@@ -111,6 +118,7 @@ def test_continual_merges_every_edit_into_the_base_weights(continual_run):
     assert len(checksums) == N_CONTINUAL
     assert all(before != after for before, after in checksums)
     assert metrics["adapt/failed_updates"] == 0
+    assert metrics["throughput/update_tokens_per_s"] > 0 and metrics["throughput/self_edits_per_hour"] > 0
     edits = read_jsonl(run_dir / "results" / "self_edits.jsonl")
     assert [e["after_edits"] for e in edits] == list(range(N_CONTINUAL))
 

@@ -13,7 +13,7 @@ from seal.config import LoggerConfig
 from seal.grading import make_grader
 from seal.regrade import regrade_run
 from seal.tasks import knowledge
-from seal.tracking import Tracker, code_version, read_jsonl, read_offline_run
+from seal.tracking import Tracker, code_version, read_jsonl, read_offline_run, throughput_metrics
 from seal.train import input_digests, record_code, train
 from tests.conftest import DEVICE, TINY_OVERRIDES, make_cfg
 
@@ -47,6 +47,11 @@ def test_run_writes_every_record(tiny_run):
         assert _has(summary, key), key
     assert summary["mem/device"].startswith(DEVICE)
     assert summary["knowledge/base/n"] == 10  # 2 passages x 5 questions
+    # the inner loops' throughput (4: each passage's passage and self_edit updates, each with its answers and
+    # its adapter's reasoning probe), their time within the run's phases
+    assert summary["throughput/update_tokens_per_s"] > 0
+    phases = sum(v for k, v in summary.items() if k.startswith("time/") and k.endswith("_s"))
+    assert 0 < 3600 * 4 / summary["throughput/self_edits_per_hour"] <= phases
     assert (run_dir / "config.yaml").read_text().count("tiny") >= 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["knowledge/passage/accuracy"] == summary["knowledge/passage/accuracy"]
@@ -275,6 +280,14 @@ def test_a_run_records_which_code_ran_each_start(tiny_run, tmp_path):
     assert [row["started"] for row in read_jsonl(path)][0] == "earlier" and len(read_jsonl(path)) == 2
     record_code(path, resume=False)  # a run started afresh in the folder is a new run
     assert len(read_jsonl(path)) == 1 and read_jsonl(path)[0]["started"] != "earlier"
+
+
+def test_throughput_is_of_the_inner_loops_computed_and_absent_when_none_was():
+    assert throughput_metrics(tokens=500, loops=3, update_s=2.0, loops_s=6.0) == {
+        "throughput/update_tokens_per_s": 250.0,
+        "throughput/self_edits_per_hour": 1800.0,
+    }
+    assert throughput_metrics(tokens=0, loops=0, update_s=0.0, loops_s=0.0) == {}  # all read back
 
 
 def _git(repo, *args):

@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,7 @@ from seal.memory import PhaseMeter
 from seal.models import LM, choice_scorer, generate, load_model
 from seal.rl import RoundStore, replay_round, train_generator
 from seal.tasks.knowledge import derive_seed
-from seal.tracking import Tracker
+from seal.tracking import Tracker, throughput_metrics
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +419,20 @@ class Attempts:
         ]
 
 
+@dataclass
+class Tally:
+    """The inner loops (a task's test-time training and the answers of its adapter) computed in this run,
+    for the throughput keys (`throughput_metrics`); conditions and rounds read back are not counted."""
+
+    tokens: int = 0  # trained tokens
+    loops: int = 0
+    update_s: float = 0.0
+    loops_s: float = 0.0  # the updates and evaluations of the attempts that trained adapters
+
+    def metrics(self) -> dict[str, float]:
+        return throughput_metrics(self.tokens, self.loops, self.update_s, self.loops_s)
+
+
 def attempt(
     cfg: Config,
     lm: LM,
@@ -426,9 +441,11 @@ def attempt(
     tasks: list[ArcTask],
     sampled: list[Sampled],
     tag: str,
+    tally: Tally,
 ) -> Attempts:
     """Test-time training of task i under sampled[i].config (no config and no replies: none, in-context
-    only), then inference under views. Every task's failure is recorded; the others go on."""
+    only), then inference under views. Every task's failure is recorded; the others go on. What was trained
+    is added to `tally`."""
     errors: list[str | None] = [None] * len(tasks)
     too_long = [0] * len(tasks)
     jobs: dict[int, UpdateJob] = {}
@@ -443,9 +460,12 @@ def attempt(
             else:
                 jobs[i] = job
     adapters: list[TrainedAdapter | None] = [None] * len(tasks)
+    start = time.perf_counter()
     if jobs:
         with meter.phase("update"):
             trained = updater.train(list(jobs.values()), progress=f"TTT {tag}")
+        tally.update_s += time.perf_counter() - start
+        tally.tokens += sum(adapter.result.tokens for adapter in trained)
         for i, adapter in zip(jobs, trained, strict=True):
             if adapter.result.error is None:
                 adapters[i] = adapter
@@ -454,6 +474,9 @@ def attempt(
     answerable = [i for i in range(len(tasks)) if errors[i] is None]
     with meter.phase("eval"):
         ranked = predict(cfg, lm, updater, [tasks[i] for i in answerable], [adapters[i] for i in answerable])
+    if jobs:
+        tally.loops += len(jobs)
+        tally.loops_s += time.perf_counter() - start
     ranked_of = dict(zip(answerable, ranked, strict=True))
     return Attempts(tasks, sampled, errors, [ranked_of.get(i) for i in range(len(tasks))], too_long)
 
@@ -502,12 +525,13 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
     store = RoundStore(tracker.run_dir)
     records: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
+    tally = Tally()
 
     def condition(name: str, k: int, sample: Callable[[], list[Sampled]]) -> None:
         """Condition `name` on the evaluation tasks (saved under round k), or its saved outcome."""
         done = store.read(k, f"condition_{name}.json")
         if done is None:
-            tried = attempt(cfg, lm, updater, meter, tasks, sample(), name)
+            tried = attempt(cfg, lm, updater, meter, tasks, sample(), name, tally)
             done = {"metrics": condition_metrics(name, tried), "records": tried.records(name)}
             store.write(k, f"condition_{name}.json", done)
             log.info("few_shot %s: %d of %d tasks solved", name, sum(tried.solved), len(tasks))
@@ -534,7 +558,7 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         train_tasks = load_tasks(arc, train=True)
         for k in range(1, cfg.rl.rounds + 1):
             round_metrics, round_records = rest_em_round(
-                k, cfg, lm, generator, updater, meter, train_tasks, store
+                k, cfg, lm, generator, updater, meter, train_tasks, store, tally
             )
             metrics.update(round_metrics)
             records += round_records
@@ -549,6 +573,7 @@ def run(cfg: Config, lm: LM, tracker: Tracker, meter: PhaseMeter) -> dict[str, A
         if r["condition"] in (*conditions, "seal"):
             solved.setdefault(r["condition"], []).append({"question": r["task"], "correct": r["success"]})
     metrics.update(paired_metrics(solved))
+    metrics.update(tally.metrics())
     return metrics
 
 
@@ -561,6 +586,7 @@ def rest_em_round(
     meter: PhaseMeter,
     tasks: list[ArcTask],
     store: RoundStore,
+    tally: Tally,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Round k: `rl.samples` configurations per training task from the generator, each tried by TTT; the
     generator is fine-tuned on every configuration that solved its task (the loss on the reply only) and
@@ -575,7 +601,7 @@ def rest_em_round(
     owners = [t for t in tasks for _ in range(rl.samples)]
     with meter.phase("generate"):
         sampled = write_configs(cfg, generator, owners, ("train", k))
-    tried = attempt(cfg, learner, updater, meter, owners, sampled, f"round {k}")
+    tried = attempt(cfg, learner, updater, meter, owners, sampled, f"round {k}", tally)
     solved = tried.solved
     prompts = [generator.format(self_edit_prompt(t)) for t in owners]
     examples = [(prompts[i], s.replies[-1]) for i, s in enumerate(sampled) if solved[i]]

@@ -42,7 +42,7 @@ from seal.rl import (
     train_generator,
 )
 from seal.self_edit import self_edit_prompt, training_sequences
-from seal.tracking import JSONLError, Tracker, read_jsonl
+from seal.tracking import JSONLError, Tracker, read_jsonl, throughput_metrics
 from seal.vllm_engine import VLLMEngine, export_adapter, open_engine
 
 log = logging.getLogger(__name__)
@@ -533,13 +533,9 @@ class InnerLoops:
         metrics: dict[str, float] = {}
         if self.executor.retries:
             metrics["executor/retried_chunks"] = self.executor.retries
-        if not self.computed:
-            return metrics
-        return metrics | {
-            "throughput/update_tokens_per_s": self.tokens / max(self.meter.seconds["update"], 1e-9),
-            # An inner loop = one update and the evaluation of its adapter.
-            "throughput/self_edits_per_hour": 3600 * self.computed / self.seconds,
-        }
+        return metrics | throughput_metrics(
+            self.tokens, self.computed, self.meter.seconds["update"], self.seconds
+        )
 
     def close(self) -> None:
         self.executor.close()

@@ -35,7 +35,7 @@ from seal.tasks.knowledge import (
     update_job,
     write_self_edits,
 )
-from seal.tracking import Tracker, write_json_atomic
+from seal.tracking import Tracker, throughput_metrics, write_json_atomic
 
 log = logging.getLogger(__name__)
 MODES = ("single", "cpt", "continual")
@@ -81,17 +81,20 @@ def self_edit_seed(cfg: Config, passage: Passage) -> int:
 
 
 def update_metrics(results: list[UpdateResult], meter: PhaseMeter) -> dict[str, Any]:
-    """Single mode's inner-loop keys: mean final loss per condition (an update's key is its condition),
-    failed updates, trained tokens per second of update time."""
+    """The updates' keys: mean final loss per condition (an update's key is its condition), failed updates,
+    and the throughput keys (an inner loop: each update with the evaluation of its adapter; their time: the
+    run's update and eval phases, which here also hold the base model's answers and, in continual mode,
+    the questions asked again after each edit)."""
     losses: dict[str, list[float]] = {}
     for result in results:
         if result.error is None:
             losses.setdefault(result.key, []).append(result.epoch_losses[-1])
     metrics: dict[str, Any] = {f"adapt/{c}/final_loss": sum(v) / len(v) for c, v in losses.items()}
     metrics["adapt/failed_updates"] = sum(r.error is not None for r in results)
-    tokens = sum(r.tokens for r in results)
-    metrics["throughput/update_tokens_per_s"] = tokens / max(meter.seconds["update"], 1e-9)
-    return metrics
+    seconds = meter.seconds["update"] + meter.seconds["eval"]
+    return metrics | throughput_metrics(
+        sum(r.tokens for r in results), len(results), meter.seconds["update"], seconds
+    )
 
 
 # ---------------------------------------------------------------- cpt
