@@ -340,6 +340,10 @@ class ExecutorConfig:
     # A chunk whose worker dies (killed, out of memory) is run again this many times, then recorded as failed
     # inner loops (reward 0, not cached: a run resumed before their round finished computes them again).
     max_retries: int = 2
+    # processes, ray: a worker that has not answered its chunk this many seconds after taking it (hung: a
+    # stuck file system, a deadlock) is killed and counted as one that died. 0: wait for ever. Set it well
+    # above a chunk's time (4 x adapt.max_adapters inner loops); a Ray worker's start is not counted.
+    chunk_timeout_s: float = 0
 
 
 @dataclass

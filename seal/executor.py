@@ -93,18 +93,20 @@ class LocalExecutor:
 
 class ProcessExecutor:
     """Each chunk is computed by a process forked for it, at most `workers` at once (0: one per physical
-    core). A worker that dies (killed, out of memory) has its chunk run again by a new one, up to
-    `max_retries` times; an exception in the task's code stops the run with the worker's traceback."""
+    core). A worker that dies (killed, out of memory), or is killed for taking longer than `chunk_timeout_s`,
+    has its chunk run again by a new one, up to `max_retries` times; an exception in the task's code stops
+    the run with the worker's traceback."""
 
     def __init__(self, cfg: ExecutorConfig, make_runner: Callable[[], Runner]):
-        if cfg.workers < 0 or cfg.max_retries < 0:
-            raise ValueError(f"executor.workers must be >= 0 and max_retries >= 0, got {cfg}")
+        if cfg.workers < 0 or cfg.max_retries < 0 or cfg.chunk_timeout_s < 0:
+            raise ValueError(f"executor.workers, max_retries and chunk_timeout_s must be >= 0, got {cfg}")
         if cfg.cpus_per_worker != 1 or cfg.gpus_per_worker:
             raise ValueError(
                 "executor=processes forks workers of one CPU thread each (executor.cpus_per_worker=1, "
                 "gpus_per_worker=0); for workers with several threads or a GPU, use executor=ray"
             )
         self.workers, self.max_retries = forked_workers(cfg), cfg.max_retries
+        self.timeout = cfg.chunk_timeout_s
         self.runner = make_runner()  # built here, as the local executor builds its own; workers inherit it
         self.retries = 0
 
@@ -119,7 +121,8 @@ class ProcessExecutor:
         context = multiprocessing.get_context("fork")
         waiting = collections.deque(range(len(chunks)))
         tries: collections.Counter[int] = collections.Counter()
-        running: dict[Any, tuple[int, Any]] = {}  # the parent's end of a worker's pipe -> (chunk, process)
+        # the parent's end of a worker's pipe -> (chunk, process, when it started)
+        running: dict[Any, tuple[int, Any, float]] = {}
         try:
             while waiting or running:
                 while waiting and len(running) < self.workers:
@@ -131,15 +134,21 @@ class ProcessExecutor:
                     )
                     worker.start()
                     send.close()  # the worker holds its copy: end of file here once it exits
-                    running[receive] = (index, worker)
-                for receive in wait_ready(list(running)):
-                    index, worker = running.pop(receive)
-                    try:
-                        status, payload = receive.recv()
-                    except (EOFError, OSError, pickle.UnpicklingError):  # it died before or while sending
-                        status, payload = "lost", None
+                    running[receive] = (index, worker, time.monotonic())
+                for receive, expired in self._ready(running):
+                    index, worker, _ = running.pop(receive)
+                    status, payload = "lost", None
+                    if expired:  # hung: killed, and counted as a worker that died
+                        worker.kill()
+                        log.warning("chunk %d: no answer in %g s; its worker was killed", index, self.timeout)
+                    else:
+                        try:
+                            status, payload = receive.recv()
+                        except (EOFError, OSError, pickle.UnpicklingError):  # it died before or while sending
+                            pass
                     receive.close()
                     worker.join()
+                    why = f"killed after {self.timeout:g} s without an answer" if expired else None
                     if status == "ok":
                         yield index, payload
                     elif status == "error":
@@ -148,25 +157,39 @@ class ProcessExecutor:
                         log.error(
                             "chunk %d: its worker died %d times; its inner loops fail", index, tries[index]
                         )
-                        yield (
-                            index,
-                            WorkerLost(f"worker died {tries[index]} times: exit code {worker.exitcode}"),
-                        )
+                        why = why or f"exit code {worker.exitcode}"
+                        yield index, WorkerLost(f"worker died {tries[index]} times: {why}")
                     else:
                         self.retries += 1
                         log.warning(
-                            "chunk %d: its worker died (exit code %s); try %d of %d",
+                            "chunk %d: its worker died (%s); try %d of %d",
                             index,
-                            worker.exitcode,
+                            why or f"exit code {worker.exitcode}",
                             tries[index] + 1,
                             self.max_retries + 1,
                         )
                         waiting.appendleft(index)
         finally:  # stopped early (an error, an interrupt, the caller gave up): no worker outlives the map
-            for receive, (_, worker) in running.items():
+            for receive, (_, worker, _) in running.items():
                 worker.kill()
                 worker.join()
                 receive.close()
+
+    def _ready(self, running: dict[Any, tuple[int, Any, float]]) -> list[tuple[Any, bool]]:
+        """The pipes of the workers that answered or died, with False, and of those past chunk_timeout_s
+        without either, with True; waits until there is one."""
+        timeout = None
+        if self.timeout:
+            first = min(started for _, _, started in running.values())
+            timeout = max(0.0, first + self.timeout - time.monotonic())
+        ready = wait_ready(list(running), timeout=timeout)
+        now = time.monotonic()
+        late = [
+            r
+            for r, (_, _, started) in running.items()
+            if self.timeout and r not in ready and now - started >= self.timeout
+        ]
+        return [(r, False) for r in ready] + [(r, True) for r in late]
 
     def close(self) -> None:
         pass
@@ -244,13 +267,17 @@ def connect(ray, cfg: ExecutorConfig) -> bool:
 
 
 class RayExecutor:
-    """Chunks go to `executor.workers` actors; each actor takes the next chunk as soon as it is free."""
+    """Chunks go to `executor.workers` actors; each actor takes the next chunk as soon as it is free. An actor
+    that dies, or is killed for taking longer than `chunk_timeout_s`, is restarted by Ray, and its chunk run
+    again, up to `max_retries` times."""
 
     def __init__(
         self, cfg: ExecutorConfig, make_runner: Callable[[], Runner], weights: Callable[[], Weights]
     ):
-        if cfg.workers < 1 or cfg.max_retries < 0:
-            raise ValueError(f"executor.workers must be >= 1 and max_retries >= 0, got {cfg}")
+        if cfg.workers < 1 or cfg.max_retries < 0 or cfg.chunk_timeout_s < 0:
+            raise ValueError(
+                f"executor.workers must be >= 1, max_retries and chunk_timeout_s >= 0, got {cfg}"
+            )
         self.ray = import_ray()
         self.cfg, self.make_runner, self.weights = cfg, make_runner, weights
         self.workers = cfg.workers
@@ -271,6 +298,8 @@ class RayExecutor:
             max_task_retries=0,
         )
         self.actors = [actor.remote(self.make_runner) for _ in range(self.cfg.workers)]
+        # Each worker up (its model loaded) before any chunk is timed: chunk_timeout_s counts the chunk only.
+        self.ray.get([worker.pid.remote() for worker in self.actors])
 
     def _publish(self) -> None:
         weights = {name: t.detach().cpu() for name, t in self.weights().items()}
@@ -288,30 +317,52 @@ class RayExecutor:
         waiting = collections.deque(range(len(chunks)))
         tries = collections.Counter()
         idle = list(self.actors)
-        running: dict[Any, tuple[int, Any]] = {}
+        running: dict[
+            Any, tuple[int, Any, float]
+        ] = {}  # a chunk's result -> (chunk, worker, when it started)
+        killed: set[Any] = set()  # the results of chunks whose worker was killed for taking too long
+        timeout = self.cfg.chunk_timeout_s
         while waiting or running:
             while waiting and idle:
                 index, worker = waiting.popleft(), idle.pop()
                 chunk, desc = chunks[index]
                 tries[index] += 1
-                running[worker.compute.remote(self.version, [self.ref], chunk, desc)] = (index, worker)
-            [done], _ = self.ray.wait(list(running), num_returns=1)
-            index, worker = running.pop(done)
+                ref = worker.compute.remote(self.version, [self.ref], chunk, desc)
+                running[ref] = (index, worker, time.monotonic())
+            wait_s = None  # until a result comes, or the first chunk still timed is past the timeout
+            timed = [started for ref, (_, _, started) in running.items() if ref not in killed]
+            if timeout and timed:
+                wait_s = max(0.0, min(timed) + timeout - time.monotonic())
+            done, _ = self.ray.wait(list(running), num_returns=1, timeout=wait_s)
+            if not done:  # hung: killed (Ray restarts it); its result then fails as a dead worker's does
+                now = time.monotonic()
+                for ref, (index, worker, started) in running.items():
+                    if ref not in killed and now - started >= timeout:
+                        log.warning("chunk %d: no answer in %g s; its worker was killed", index, timeout)
+                        killed.add(ref)
+                        self.ray.kill(worker, no_restart=False)
+                continue
+            [done] = done
+            index, worker, _ = running.pop(done)
             try:
                 result = self.ray.get(done)
                 idle.append(worker)
             except lost as err:
                 self._await_restart(worker)
                 idle.append(worker)
+                why = (
+                    f"killed after {timeout:g} s without an answer" if done in killed else type(err).__name__
+                )
+                killed.discard(done)
                 if tries[index] > self.cfg.max_retries:
                     log.error("chunk %d: its worker died %d times; its inner loops fail", index, tries[index])
-                    yield index, WorkerLost(f"worker died {tries[index]} times: {type(err).__name__}")
+                    yield index, WorkerLost(f"worker died {tries[index]} times: {why}")
                 else:
                     self.retries += 1
                     log.warning(
                         "chunk %d: its worker died (%s); try %d of %d",
                         index,
-                        type(err).__name__,
+                        why,
                         tries[index] + 1,
                         self.cfg.max_retries + 1,
                     )
@@ -348,6 +399,11 @@ def make_executor(
     """`local` builds the runner of this process (forked workers inherit it); `remote` (picklable) builds a
     Ray worker's, with its own model; `weights` gives the learner's current weights for the Ray workers."""
     if cfg.name == "local":
+        if cfg.chunk_timeout_s:
+            raise ValueError(
+                "executor.chunk_timeout_s needs workers to kill: executor=processes or executor=ray "
+                "(executor=local computes in this process)"
+            )
         return LocalExecutor(local())
     if cfg.name == "processes":
         return ProcessExecutor(cfg, local)

@@ -5,6 +5,7 @@ the configured tries. Whole runs on workers, with a worker killed, are in tests/
 import os
 import struct
 import sys
+import time
 
 import psutil
 import pytest
@@ -77,6 +78,32 @@ def test_forked_workers_see_the_current_weights_retry_a_dead_worker_s_chunk_and_
     assert executor.retries == 2
 
 
+class Hangs:
+    """A runner whose chunk "hang" does not answer in time (a stuck file system, a deadlock)."""
+
+    def compute(self, chunk, desc):
+        if "hang" in chunk:
+            time.sleep(90)  # finite: with the timeout broken, the test fails rather than hangs
+        return ChunkResult([{"v": chunk, "pid": os.getpid()}])
+
+
+def test_a_forked_worker_that_hangs_is_killed_after_the_timeout_retried_then_given_up():
+    cfg = ExecutorConfig(name="processes", workers=2, max_retries=1, chunk_timeout_s=2)
+    executor = make_executor(cfg, local=Hangs, remote=None, weights=None)
+    start = time.monotonic()
+    results = dict(executor.map([([1], "a"), (["hang"], "b"), ([2], "c")]))
+    took = time.monotonic() - start
+    assert results[0].outcomes[0]["v"] == [1] and results[2].outcomes[0]["v"] == [2]
+    assert isinstance(results[1], WorkerLost)
+    assert str(results[1]) == "worker died 2 times: killed after 2 s without an answer"
+    assert executor.retries == 1 and 4 <= took < 60  # two tries of 2 s each
+    assert not psutil.Process().children()  # the hung workers are gone
+    with pytest.raises(ValueError, match="chunk_timeout_s must be >= 0"):
+        ProcessExecutor(ExecutorConfig(name="processes", chunk_timeout_s=-1), Hangs)
+    with pytest.raises(ValueError, match="chunk_timeout_s needs workers to kill"):
+        make_executor(ExecutorConfig(chunk_timeout_s=5), local=Hangs, remote=None, weights=None)
+
+
 def test_a_forked_worker_s_error_stops_the_map_with_its_traceback_and_bad_settings_are_refused(monkeypatch):
     class Runner:
         def compute(self, chunk, desc):
@@ -112,6 +139,8 @@ def test_ray_workers_take_new_weights_retry_a_dead_worker_s_chunk_and_give_up_af
                 if "die" in chunk or ("die once" in chunk and not deaths.exists()):
                     deaths.write_text("x")
                     os._exit(1)
+                if "hang" in chunk:
+                    time.sleep(90)  # finite: with the timeout broken, the test fails rather than hangs
                 values = [x * self.scale for x in chunk if isinstance(x, int)]
                 return ChunkResult(
                     [{"v": values, "loads": Runner.loads, "pid": os.getpid()}], {"update": 1.0}
@@ -120,7 +149,8 @@ def test_ray_workers_take_new_weights_retry_a_dead_worker_s_chunk_and_give_up_af
         return Runner()
 
     weights = {"w": torch.ones(2)}
-    cfg = ExecutorConfig(name="ray", workers=2, cpus_per_worker=1, max_retries=1)
+    # A chunk here takes milliseconds; chunk "hang" never answers.
+    cfg = ExecutorConfig(name="ray", workers=2, cpus_per_worker=1, max_retries=1, chunk_timeout_s=5)
     executor = make_executor(cfg, local=None, remote=make_runner, weights=lambda: weights)
     try:
         first = dict(executor.map([([1, 2], "a"), ([3, "die once"], "b"), ([4], "c")]))
@@ -135,6 +165,16 @@ def test_ray_workers_take_new_weights_retry_a_dead_worker_s_chunk_and_give_up_af
         assert second[0].outcomes[0]["v"] == [10.0] and second[2].outcomes[0]["v"] == [20.0]
         assert isinstance(second[1], WorkerLost) and "worker died 2 times" in str(second[1])
         assert executor.retries == 2  # "die" was tried twice (max_retries=1), then given up
+
+        # A worker that hangs is killed after chunk_timeout_s (Ray restarts it), its chunk tried again, then
+        # given up, while the other worker computes the other chunk.
+        start = time.monotonic()
+        third = dict(executor.map([(["hang"], "g"), ([3], "h")]))
+        assert third[1].outcomes[0]["v"] == [30.0]
+        assert str(third[0]) == "worker died 2 times: killed after 5 s without an answer"
+        assert executor.retries == 3 and 10 <= time.monotonic() - start < 80
+        after = dict(executor.map([([1], "i"), ([2], "j")]))  # both workers serve again
+        assert [after[i].outcomes[0]["v"] for i in range(2)] == [[10.0], [20.0]]
     finally:
         executor.close()
     assert not ray.is_initialized()  # it started Ray, so it stopped it
