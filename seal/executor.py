@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -45,6 +46,8 @@ import torch
 from seal.config import ExecutorConfig
 
 log = logging.getLogger(__name__)
+# How long a worker killed for missing executor.chunk_timeout_s may take to exit before it is given up on.
+KILL_GRACE_S = 30.0
 
 Weights = dict[str, torch.Tensor]
 
@@ -138,6 +141,7 @@ class ProcessExecutor:
                 for receive, expired in self._ready(running):
                     index, worker, _ = running.pop(receive)
                     status, payload = "lost", None
+                    expired = expired and not receive.poll(0)  # an answer that came at the deadline stands
                     if expired:  # hung: killed, and counted as a worker that died
                         worker.kill()
                         log.warning("chunk %d: no answer in %g s; its worker was killed", index, self.timeout)
@@ -147,7 +151,7 @@ class ProcessExecutor:
                         except (EOFError, OSError, pickle.UnpicklingError):  # it died before or while sending
                             pass
                     receive.close()
-                    worker.join()
+                    _join(worker)
                     why = f"killed after {self.timeout:g} s without an answer" if expired else None
                     if status == "ok":
                         yield index, payload
@@ -172,7 +176,7 @@ class ProcessExecutor:
         finally:  # stopped early (an error, an interrupt, the caller gave up): no worker outlives the map
             for receive, (_, worker, _) in running.items():
                 worker.kill()
-                worker.join()
+                _join(worker)
                 receive.close()
 
     def _ready(self, running: dict[Any, tuple[int, Any, float]]) -> list[tuple[Any, bool]]:
@@ -193,6 +197,16 @@ class ProcessExecutor:
 
     def close(self) -> None:
         pass
+
+
+def _join(worker: Any) -> None:
+    """Wait for a worker process to end; one that a kill does not end within KILL_GRACE_S (uninterruptible
+    sleep, e.g. on a hung NFS mount) is left behind with an error in the log rather than hanging the run."""
+    worker.join(timeout=KILL_GRACE_S)
+    if worker.is_alive():
+        log.error(
+            "worker process %d did not exit %g s after it was killed; left behind", worker.pid, KILL_GRACE_S
+        )
 
 
 def forked_workers(cfg: ExecutorConfig) -> int:
@@ -282,6 +296,7 @@ class RayExecutor:
         self.cfg, self.make_runner, self.weights = cfg, make_runner, weights
         self.workers = cfg.workers
         self.actors: list[Any] = []
+        self.hung: list[Any] = []  # workers that a kill did not end (see `map`)
         self.started = False
         self.version: str | None = None
         self.ref: Any = None
@@ -310,64 +325,90 @@ class RayExecutor:
     def map(self, chunks: list[tuple[list[Any], str]]) -> Iterator[tuple[int, ChunkResult | WorkerLost]]:
         if not chunks:
             return
-        if not self.actors:
+        if not self.actors and not self.hung:  # started once; with every worker hung, an error below
             self._start()
         self._publish()
         lost = (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError)
         waiting = collections.deque(range(len(chunks)))
         tries = collections.Counter()
         idle = list(self.actors)
-        running: dict[
-            Any, tuple[int, Any, float]
-        ] = {}  # a chunk's result -> (chunk, worker, when it started)
-        killed: set[Any] = set()  # the results of chunks whose worker was killed for taking too long
         timeout = self.cfg.chunk_timeout_s
+        # a chunk's result -> (chunk, worker, deadline): its start + chunk_timeout_s, and once its worker was
+        # killed for missing that, the kill's time + KILL_GRACE_S
+        running: dict[Any, tuple[int, Any, float]] = {}
+        killed: set[Any] = set()  # the results of chunks whose worker was killed for taking too long
+
+        def lose(index: int, why: str) -> WorkerLost | None:
+            """A chunk whose worker died: queued again, or, past max_retries, its WorkerLost."""
+            if tries[index] > self.cfg.max_retries:
+                log.error("chunk %d: its worker died %d times; its inner loops fail", index, tries[index])
+                return WorkerLost(f"worker died {tries[index]} times: {why}")
+            self.retries += 1
+            log.warning(
+                "chunk %d: its worker died (%s); try %d of %d",
+                index,
+                why,
+                tries[index] + 1,
+                self.cfg.max_retries + 1,
+            )
+            waiting.appendleft(index)
+            return None
+
         while waiting or running:
+            if waiting and not idle and not running:
+                raise RuntimeError(
+                    f"all {len(self.hung)} Ray workers hung and did not exit when killed; "
+                    "chunks are left undone"
+                )
             while waiting and idle:
                 index, worker = waiting.popleft(), idle.pop()
                 chunk, desc = chunks[index]
                 tries[index] += 1
                 ref = worker.compute.remote(self.version, [self.ref], chunk, desc)
-                running[ref] = (index, worker, time.monotonic())
-            wait_s = None  # until a result comes, or the first chunk still timed is past the timeout
-            timed = [started for ref, (_, _, started) in running.items() if ref not in killed]
-            if timeout and timed:
-                wait_s = max(0.0, min(timed) + timeout - time.monotonic())
+                running[ref] = (index, worker, time.monotonic() + timeout if timeout else math.inf)
+            first = min(deadline for _, _, deadline in running.values())
+            wait_s = None if first == math.inf else max(0.0, first - time.monotonic())
             done, _ = self.ray.wait(list(running), num_returns=1, timeout=wait_s)
-            if not done:  # hung: killed (Ray restarts it); its result then fails as a dead worker's does
+            if not done:  # a deadline passed
                 now = time.monotonic()
-                for ref, (index, worker, started) in running.items():
-                    if ref not in killed and now - started >= timeout:
+                for ref, (index, worker, deadline) in list(running.items()):
+                    if now < deadline:
+                        continue
+                    if ref not in killed:  # hung: killed (Ray restarts it); its result then fails
                         log.warning("chunk %d: no answer in %g s; its worker was killed", index, timeout)
                         killed.add(ref)
                         self.ray.kill(worker, no_restart=False)
+                        running[ref] = (index, worker, now + KILL_GRACE_S)
+                        continue
+                    # Still no end (a process in uninterruptible sleep, e.g. on a hung NFS mount): the worker
+                    # is given no more chunks, and its chunk counts as one whose worker died.
+                    log.error(
+                        "chunk %d: its worker did not exit %g s after it was killed", index, KILL_GRACE_S
+                    )
+                    del running[ref]
+                    killed.discard(ref)
+                    self.actors.remove(worker)  # given no more chunks, in this map or later ones
+                    self.hung.append(worker)
+                    why = f"killed after {timeout:g} s without an answer, and did not exit"
+                    if (failed := lose(index, why)) is not None:
+                        yield index, failed
                 continue
             [done] = done
             index, worker, _ = running.pop(done)
+            was_killed = done in killed
+            killed.discard(done)
             try:
                 result = self.ray.get(done)
-                idle.append(worker)
             except lost as err:
                 self._await_restart(worker)
                 idle.append(worker)
-                why = (
-                    f"killed after {timeout:g} s without an answer" if done in killed else type(err).__name__
-                )
-                killed.discard(done)
-                if tries[index] > self.cfg.max_retries:
-                    log.error("chunk %d: its worker died %d times; its inner loops fail", index, tries[index])
-                    yield index, WorkerLost(f"worker died {tries[index]} times: {why}")
-                else:
-                    self.retries += 1
-                    log.warning(
-                        "chunk %d: its worker died (%s); try %d of %d",
-                        index,
-                        why,
-                        tries[index] + 1,
-                        self.cfg.max_retries + 1,
-                    )
-                    waiting.appendleft(index)
+                why = f"killed after {timeout:g} s without an answer" if was_killed else type(err).__name__
+                if (failed := lose(index, why)) is not None:
+                    yield index, failed
                 continue
+            if was_killed:  # it answered as it was killed: the result stands, and the worker is restarting
+                self._await_restart(worker)
+            idle.append(worker)
             yield index, result
 
     def _await_restart(self, worker: Any, attempts: int = 600) -> None:
@@ -382,9 +423,9 @@ class RayExecutor:
         raise RuntimeError(f"a Ray worker did not come back within {attempts // 2} s of dying")
 
     def close(self) -> None:
-        for worker in self.actors:
+        for worker in self.actors + self.hung:
             self.ray.kill(worker)
-        self.actors = []
+        self.actors, self.hung = [], []
         if self.started:
             self.ray.shutdown()
             self.started = False

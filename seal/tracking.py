@@ -77,10 +77,18 @@ def code_version(root: str | Path | None = None) -> dict[str, Any]:
     except metadata.PackageNotFoundError:
         version = None
     info: dict[str, Any] = {"seal": version, "commit": None, "dirty": None}
+    # git reads GIT_DIR, GIT_WORK_TREE, ... before -C (set in git hooks and some dotfile setups); without
+    # them it finds the checkout from `root`. No optional locks: runs of a sweep that start together do not
+    # contend for the index's lock.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | {"GIT_OPTIONAL_LOCKS": "0"}
     try:
         git = ("git", "-C", str(root))
         head = subprocess.run(
-            git + ("rev-parse", "--show-toplevel", "HEAD"), capture_output=True, text=True, timeout=10
+            git + ("rev-parse", "--show-toplevel", "HEAD"),
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env=env,
         )
         top, _, commit = head.stdout.strip().partition("\n")
         # The work tree must be seal's own: a wheel installed in a virtual environment that lies inside
@@ -91,11 +99,14 @@ def code_version(root: str | Path | None = None) -> dict[str, Any]:
                 capture_output=True,
                 text=True,
                 timeout=10,
+                env=env,
             )
             info["commit"] = commit
             info["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+        elif head.returncode:  # e.g. "dubious ownership" of a checkout owned by another user
+            log.debug("code_version: no commit for %s: %s", root, head.stderr.strip())
+    except (OSError, subprocess.TimeoutExpired) as err:  # no git, or a hung file system
+        log.debug("code_version: no commit for %s: %s", root, err)
     return info
 
 

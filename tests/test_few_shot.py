@@ -173,7 +173,8 @@ def test_a_killed_few_shot_run_resumes_from_its_finished_conditions(tmp_path, mo
     assert tried == ["self_edit"]  # icl and ttt_fixed were read back, not recomputed
     # the throughput keys are of what this process computed: the two self_edit tasks' TTT and answers
     loops_s = 3600 * 2 / metrics["throughput/self_edits_per_hour"]
-    assert 0 < loops_s <= metrics["time/update_s"] + metrics["time/eval_s"]
+    # within the two phases (time/* rounded to the millisecond), and the bit of Python between them
+    assert 0 < loops_s <= metrics["time/update_s"] + metrics["time/eval_s"] + 0.05
     run_dir, uninterrupted = few_shot_run
     assert {k: v for k, v in metrics.items() if k.startswith("few_shot/")} == {
         k: v for k, v in uninterrupted.items() if k.startswith("few_shot/")

@@ -67,7 +67,7 @@ def test_cpt_trains_one_adapter_per_condition_on_all_passages(cpt_run):
     assert (
         0
         < 3600 * 2 / metrics["throughput/self_edits_per_hour"]
-        <= metrics["time/update_s"] + metrics["time/eval_s"]
+        <= metrics["time/update_s"] + metrics["time/eval_s"] + 0.002  # time/* is rounded to the millisecond
     )
     assert metrics["throughput/update_tokens_per_s"] > 0
 

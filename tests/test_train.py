@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -291,11 +292,13 @@ def test_throughput_is_of_the_inner_loops_computed_and_absent_when_none_was():
 
 
 def _git(repo, *args):
-    command = ["git", "-C", str(repo), "-c", "user.name=seal", "-c", "user.email=seal@example.org", *args]
+    identity = ["-c", "user.name=seal", "-c", "user.email=seal@example.org", "-c", "commit.gpgsign=false"]
+    command = ["git", "-C", str(repo), *identity, *args]
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_code_version_names_the_checkout_s_commit_and_changes_and_nothing_outside_one(tmp_path):
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_code_version_names_the_checkout_s_commit_and_changes_and_nothing_outside_one(tmp_path, monkeypatch):
     repo = tmp_path / "seal"
     (repo / "sub").mkdir(parents=True)
     _git(repo, "init", "-q")
@@ -314,6 +317,9 @@ def test_code_version_names_the_checkout_s_commit_and_changes_and_nothing_outsid
     assert code_version(repo)["dirty"] is True
     # a folder inside some other checkout (a wheel installed in a venv there) is not that checkout's code
     assert code_version(repo / "sub")["commit"] is None
+    # git's variables of the calling environment (a git hook's GIT_DIR) do not point it at another checkout
+    monkeypatch.setenv("GIT_DIR", str(ROOT / ".git"))
+    assert code_version(repo)["commit"] == _git(repo, "--git-dir", str(repo / ".git"), "rev-parse", "HEAD")
     outside = tmp_path / "plain"
     outside.mkdir()
     assert (code_version(outside)["commit"], code_version(outside)["dirty"]) == (None, None)
