@@ -157,22 +157,10 @@ class ProcessExecutor:
                         yield index, payload
                     elif status == "error":
                         raise RuntimeError(f"chunk {index} failed in its worker process:\n{payload}")
-                    elif tries[index] > self.max_retries:
-                        log.error(
-                            "chunk %d: its worker died %d times; its inner loops fail", index, tries[index]
-                        )
-                        why = why or f"exit code {worker.exitcode}"
-                        yield index, WorkerLost(f"worker died {tries[index]} times: {why}")
                     else:
-                        self.retries += 1
-                        log.warning(
-                            "chunk %d: its worker died (%s); try %d of %d",
-                            index,
-                            why or f"exit code {worker.exitcode}",
-                            tries[index] + 1,
-                            self.max_retries + 1,
-                        )
-                        waiting.appendleft(index)
+                        why = why or f"exit code {worker.exitcode}"
+                        if (failed := lost_chunk(self, index, why, tries[index], waiting)) is not None:
+                            yield index, failed
         finally:  # stopped early (an error, an interrupt, the caller gave up): no worker outlives the map
             for receive, (_, worker, _) in running.items():
                 worker.kill()
@@ -197,6 +185,22 @@ class ProcessExecutor:
 
     def close(self) -> None:
         pass
+
+
+def lost_chunk(
+    executor: ProcessExecutor | RayExecutor, index: int, why: str, tries: int, waiting: collections.deque[int]
+) -> WorkerLost | None:
+    """A chunk whose worker died (`why`) after `tries` tries: queued again at the front of `waiting` and
+    counted in `executor.retries` (None), or, past `executor.max_retries`, its WorkerLost."""
+    if tries > executor.max_retries:
+        log.error("chunk %d: its worker died %d times; its inner loops fail", index, tries)
+        return WorkerLost(f"worker died {tries} times: {why}")
+    executor.retries += 1
+    log.warning(
+        "chunk %d: its worker died (%s); try %d of %d", index, why, tries + 1, executor.max_retries + 1
+    )
+    waiting.appendleft(index)
+    return None
 
 
 def _join(worker: Any) -> None:
@@ -294,7 +298,7 @@ class RayExecutor:
             )
         self.ray = import_ray()
         self.cfg, self.make_runner, self.weights = cfg, make_runner, weights
-        self.workers = cfg.workers
+        self.workers, self.max_retries = cfg.workers, cfg.max_retries
         self.actors: list[Any] = []
         self.hung: list[Any] = []  # workers that a kill did not end (see `map`)
         self.started = False
@@ -338,22 +342,6 @@ class RayExecutor:
         running: dict[Any, tuple[int, Any, float]] = {}
         killed: set[Any] = set()  # the results of chunks whose worker was killed for taking too long
 
-        def lose(index: int, why: str) -> WorkerLost | None:
-            """A chunk whose worker died: queued again, or, past max_retries, its WorkerLost."""
-            if tries[index] > self.cfg.max_retries:
-                log.error("chunk %d: its worker died %d times; its inner loops fail", index, tries[index])
-                return WorkerLost(f"worker died {tries[index]} times: {why}")
-            self.retries += 1
-            log.warning(
-                "chunk %d: its worker died (%s); try %d of %d",
-                index,
-                why,
-                tries[index] + 1,
-                self.cfg.max_retries + 1,
-            )
-            waiting.appendleft(index)
-            return None
-
         while waiting or running:
             if waiting and not idle and not running:
                 raise RuntimeError(
@@ -390,7 +378,7 @@ class RayExecutor:
                     self.actors.remove(worker)  # given no more chunks, in this map or later ones
                     self.hung.append(worker)
                     why = f"killed after {timeout:g} s without an answer, and did not exit"
-                    if (failed := lose(index, why)) is not None:
+                    if (failed := lost_chunk(self, index, why, tries[index], waiting)) is not None:
                         yield index, failed
                 continue
             [done] = done
@@ -403,7 +391,7 @@ class RayExecutor:
                 self._await_restart(worker)
                 idle.append(worker)
                 why = f"killed after {timeout:g} s without an answer" if was_killed else type(err).__name__
-                if (failed := lose(index, why)) is not None:
+                if (failed := lost_chunk(self, index, why, tries[index], waiting)) is not None:
                     yield index, failed
                 continue
             if was_killed:  # it answered as it was killed: the result stands, and the worker is restarting

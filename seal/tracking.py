@@ -81,26 +81,18 @@ def code_version(root: str | Path | None = None) -> dict[str, Any]:
     # them it finds the checkout from `root`. No optional locks: runs of a sweep that start together do not
     # contend for the index's lock.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | {"GIT_OPTIONAL_LOCKS": "0"}
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        command = ("git", "-C", str(root), *args)
+        return subprocess.run(command, capture_output=True, text=True, timeout=10, env=env)
+
     try:
-        git = ("git", "-C", str(root))
-        head = subprocess.run(
-            git + ("rev-parse", "--show-toplevel", "HEAD"),
-            capture_output=True,
-            text=True,
-            timeout=10,
-            env=env,
-        )
+        head = git("rev-parse", "--show-toplevel", "HEAD")
         top, _, commit = head.stdout.strip().partition("\n")
         # The work tree must be seal's own: a wheel installed in a virtual environment that lies inside
         # some other project's checkout would otherwise report that project's commit.
         if head.returncode == 0 and Path(top).resolve() == root.resolve():
-            status = subprocess.run(
-                git + ("status", "--porcelain", "--untracked-files=no"),
-                capture_output=True,
-                text=True,
-                timeout=10,
-                env=env,
-            )
+            status = git("status", "--porcelain", "--untracked-files=no")
             info["commit"] = commit
             info["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
         elif head.returncode:  # e.g. "dubious ownership" of a checkout owned by another user
